@@ -1,0 +1,80 @@
+"""One distribution: its packages, console scripts, public names and import direction."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import floxide_grpc
+from tests.conftest import Runner
+
+# Who may import whom: server -> floxide_grpc <- worker.
+FORBIDDEN = {
+    "floxide_grpc": {"floxide_server", "floxide_worker"},
+    "server": {"floxide_worker"},
+    "worker": {"floxide_server"},
+}
+# Only the server talks to etcd.
+ETCD_CLIENTS = {"aetcd", "etcd3aio", "etcd3"}
+
+
+def test_server_and_worker_install_under_their_package_names(repo_root: Path) -> None:
+    import floxide_server  # noqa: PLC0415
+    import floxide_worker  # noqa: PLC0415
+
+    assert Path(floxide_server.__file__).parent == repo_root / "server" / "floxide_server"
+    assert Path(floxide_worker.__file__).parent == repo_root / "worker" / "floxide_worker"
+
+
+def test_no_generic_top_level_packages(repo_root: Path) -> None:
+    config = tomllib.loads((repo_root / "pyproject.toml").read_text())
+    found = config["tool"]["setuptools"]["packages"]["find"]
+    assert found["include"] == ["floxide_grpc*", "floxide_server*", "floxide_worker*"]
+    assert not (repo_root / "server" / "__init__.py").exists()
+    assert not (repo_root / "worker" / "__init__.py").exists()
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {name.split(".")[0] for name in names}
+
+
+@pytest.mark.parametrize("directory", sorted(FORBIDDEN))
+def test_imports_run_one_way(repo_root: Path, directory: str) -> None:
+    forbidden = FORBIDDEN[directory] | (ETCD_CLIENTS if directory != "server" else set())
+    for path in sorted((repo_root / directory).rglob("*.py")):
+        wrong = _imported_modules(path) & forbidden
+        assert not wrong, f"{path.relative_to(repo_root)} imports {sorted(wrong)}"
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        ("floxide", ["version"], f"floxide-grpc {floxide_grpc.__version__} (protocol 1)"),
+        ("floxide-server", ["--version"], f"floxide-server {floxide_grpc.__version__}"),
+        ("floxide-worker", ["--version"], f"floxide-worker {floxide_grpc.__version__}"),
+    ],
+)
+def test_console_scripts_are_installed(
+    run: Runner, script: str, args: list[str], expected: str
+) -> None:
+    result = run(Path(sys.executable).parent / script, *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_public_api_is_pinned() -> None:
+    assert floxide_grpc.__all__ == sorted(floxide_grpc.__all__)
+    assert floxide_grpc.__all__ == ["PROTOCOL_VERSION", "__version__"]
+    for name in floxide_grpc.__all__:
+        assert hasattr(floxide_grpc, name)
