@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66loxide/v1/work_item.proto\x12\nfloxide.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x07Payload\x12&\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x14.floxide.v1.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"}\n\tNodeError\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.floxide.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\x12\x15\n\rnon_retryable\x18\x05 \x01(\x08\";\n\nGroupFrame\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04size\x18\x03 \x01(\r\"=\n\x07ItemRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\"\xb8\x02\n\x08WorkItem\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\"\n\x05input\x18\x05 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12+\n\x0bgroup_stack\x18\x07 \x03(\x0b\x32\x16.floxide.v1.GroupFrame\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x08 \x01(\t\x12\x10\n\x08workflow\x18\t \x01(\t\x12\x16\n\x0eparent_item_id\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rjoin_group_id\x18\x0c \x01(\t\"\xc2\x02\n\nTransition\x12+\n\x04next\x18\x01 \x01(\x0b\x32\x1b.floxide.v1.Transition.NextH\x00\x12\x32\n\x08next_all\x18\x02 \x01(\x0b\x32\x1e.floxide.v1.Transition.NextAllH\x00\x12+\n\x04hold\x18\x03 \x01(\x0b\x32\x1b.floxide.v1.Transition.HoldH\x00\x12&\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x15.floxide.v1.NodeErrorH\x00\x1a:\n\x04Next\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\r\n\x05route\x18\x02 \x01(\t\x1a/\n\x07NextAll\x12$\n\x07outputs\x18\x01 \x03(\x0b\x32\x13.floxide.v1.Payload\x1a\x06\n\x04HoldB\t\n\x07outcome\"\x84\x01\n\x10\x43ontextOperation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12+\n\x08strategy\x18\x02 \x01(\x0e\x32\x19.floxide.v1.MergeStrategy\x12\"\n\x05value\x18\x03 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t*7\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_JSON\x10\x01*\xca\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45RROR_KIND_GENERIC\x10\x01\x12\x16\n\x12\x45RROR_KIND_TIMEOUT\x10\x02\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x03\x12\x1a\n\x16\x45RROR_KIND_WORKER_LOST\x10\x04\x12\x1c\n\x18\x45RROR_KIND_INVALID_INPUT\x10\x05\x12\x1d\n\x19\x45RROR_KIND_INVALID_OUTPUT\x10\x06*\x9f\x02\n\rMergeStrategy\x12\x1e\n\x1aMERGE_STRATEGY_UNSPECIFIED\x10\x00\x12\x1a\n\x16MERGE_STRATEGY_REPLACE\x10\x01\x12\x19\n\x15MERGE_STRATEGY_APPEND\x10\x02\x12\x16\n\x12MERGE_STRATEGY_ADD\x10\x03\x12\x16\n\x12MERGE_STRATEGY_MAX\x10\x04\x12\x16\n\x12MERGE_STRATEGY_MIN\x10\x05\x12\x18\n\x14MERGE_STRATEGY_UNION\x10\x06\x12\x1d\n\x19MERGE_STRATEGY_DEEP_MERGE\x10\x07\x12\x18\n\x14MERGE_STRATEGY_FIXED\x10\x08\x12\x1c\n\x18MERGE_STRATEGY_EVENT_LOG\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66loxide/v1/work_item.proto\x12\nfloxide.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x07Payload\x12&\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x14.floxide.v1.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"}\n\tNodeError\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.floxide.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\x12\x15\n\rnon_retryable\x18\x05 \x01(\x08\"N\n\nGroupFrame\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x11\n\tjoin_node\x18\x04 \x01(\t\"=\n\x07ItemRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\"\xb8\x02\n\x08WorkItem\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\"\n\x05input\x18\x05 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12+\n\x0bgroup_stack\x18\x07 \x03(\x0b\x32\x16.floxide.v1.GroupFrame\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x08 \x01(\t\x12\x10\n\x08workflow\x18\t \x01(\t\x12\x16\n\x0eparent_item_id\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rjoin_group_id\x18\x0c \x01(\t\"\xc2\x02\n\nTransition\x12+\n\x04next\x18\x01 \x01(\x0b\x32\x1b.floxide.v1.Transition.NextH\x00\x12\x32\n\x08next_all\x18\x02 \x01(\x0b\x32\x1e.floxide.v1.Transition.NextAllH\x00\x12+\n\x04hold\x18\x03 \x01(\x0b\x32\x1b.floxide.v1.Transition.HoldH\x00\x12&\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x15.floxide.v1.NodeErrorH\x00\x1a:\n\x04Next\x12#\n\x06output\x18\x01 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\r\n\x05route\x18\x02 \x01(\t\x1a/\n\x07NextAll\x12$\n\x07outputs\x18\x01 \x03(\x0b\x32\x13.floxide.v1.Payload\x1a\x06\n\x04HoldB\t\n\x07outcome\"\x84\x01\n\x10\x43ontextOperation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12+\n\x08strategy\x18\x02 \x01(\x0e\x32\x19.floxide.v1.MergeStrategy\x12\"\n\x05value\x18\x03 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t*7\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_JSON\x10\x01*\xca\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45RROR_KIND_GENERIC\x10\x01\x12\x16\n\x12\x45RROR_KIND_TIMEOUT\x10\x02\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x03\x12\x1a\n\x16\x45RROR_KIND_WORKER_LOST\x10\x04\x12\x1c\n\x18\x45RROR_KIND_INVALID_INPUT\x10\x05\x12\x1d\n\x19\x45RROR_KIND_INVALID_OUTPUT\x10\x06*\x9f\x02\n\rMergeStrategy\x12\x1e\n\x1aMERGE_STRATEGY_UNSPECIFIED\x10\x00\x12\x1a\n\x16MERGE_STRATEGY_REPLACE\x10\x01\x12\x19\n\x15MERGE_STRATEGY_APPEND\x10\x02\x12\x16\n\x12MERGE_STRATEGY_ADD\x10\x03\x12\x16\n\x12MERGE_STRATEGY_MAX\x10\x04\x12\x16\n\x12MERGE_STRATEGY_MIN\x10\x05\x12\x18\n\x14MERGE_STRATEGY_UNION\x10\x06\x12\x1d\n\x19MERGE_STRATEGY_DEEP_MERGE\x10\x07\x12\x18\n\x14MERGE_STRATEGY_FIXED\x10\x08\x12\x1c\n\x18MERGE_STRATEGY_EVENT_LOG\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'floxide_grpc._proto.floxide.v1.work_item_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=1166
-  _globals['_ENCODING']._serialized_end=1221
-  _globals['_ERRORKIND']._serialized_start=1224
-  _globals['_ERRORKIND']._serialized_end=1426
-  _globals['_MERGESTRATEGY']._serialized_start=1429
-  _globals['_MERGESTRATEGY']._serialized_end=1716
+  _globals['_ENCODING']._serialized_start=1185
+  _globals['_ENCODING']._serialized_end=1240
+  _globals['_ERRORKIND']._serialized_start=1243
+  _globals['_ERRORKIND']._serialized_end=1445
+  _globals['_MERGESTRATEGY']._serialized_start=1448
+  _globals['_MERGESTRATEGY']._serialized_end=1735
   _globals['_PAYLOAD']._serialized_start=75
   _globals['_PAYLOAD']._serialized_end=138
   _globals['_NODEERROR']._serialized_start=140
   _globals['_NODEERROR']._serialized_end=265
   _globals['_GROUPFRAME']._serialized_start=267
-  _globals['_GROUPFRAME']._serialized_end=326
-  _globals['_ITEMREF']._serialized_start=328
-  _globals['_ITEMREF']._serialized_end=389
-  _globals['_WORKITEM']._serialized_start=392
-  _globals['_WORKITEM']._serialized_end=704
-  _globals['_TRANSITION']._serialized_start=707
-  _globals['_TRANSITION']._serialized_end=1029
-  _globals['_TRANSITION_NEXT']._serialized_start=903
-  _globals['_TRANSITION_NEXT']._serialized_end=961
-  _globals['_TRANSITION_NEXTALL']._serialized_start=963
-  _globals['_TRANSITION_NEXTALL']._serialized_end=1010
-  _globals['_TRANSITION_HOLD']._serialized_start=1012
-  _globals['_TRANSITION_HOLD']._serialized_end=1018
-  _globals['_CONTEXTOPERATION']._serialized_start=1032
-  _globals['_CONTEXTOPERATION']._serialized_end=1164
+  _globals['_GROUPFRAME']._serialized_end=345
+  _globals['_ITEMREF']._serialized_start=347
+  _globals['_ITEMREF']._serialized_end=408
+  _globals['_WORKITEM']._serialized_start=411
+  _globals['_WORKITEM']._serialized_end=723
+  _globals['_TRANSITION']._serialized_start=726
+  _globals['_TRANSITION']._serialized_end=1048
+  _globals['_TRANSITION_NEXT']._serialized_start=922
+  _globals['_TRANSITION_NEXT']._serialized_end=980
+  _globals['_TRANSITION_NEXTALL']._serialized_start=982
+  _globals['_TRANSITION_NEXTALL']._serialized_end=1029
+  _globals['_TRANSITION_HOLD']._serialized_start=1031
+  _globals['_TRANSITION_HOLD']._serialized_end=1037
+  _globals['_CONTEXTOPERATION']._serialized_start=1051
+  _globals['_CONTEXTOPERATION']._serialized_end=1183
 # @@protoc_insertion_point(module_scope)

@@ -218,22 +218,28 @@ class GroupFrame(_message.Message):
     GROUP_ID_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    JOIN_NODE_FIELD_NUMBER: _builtins.int
     group_id: _builtins.str
     """Identifies the fan-out group, unique within its run."""
     index: _builtins.int
     """This branch's position in the group, from 0 to size - 1. A join receives outputs in this order."""
     size: _builtins.int
     """How many branches the group has."""
+    join_node: _builtins.str
+    """The join node where the group's branches arrive, found when the group is made (the first
+    join reachable from the fan-out's targets); empty when the branches never join.
+    """
     def __init__(
         self,
         *,
         group_id: _builtins.str = ...,
         index: _builtins.int = ...,
         size: _builtins.int = ...,
+        join_node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "index", b"index", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "index", b"index", "join_node", b"join_node", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,8 +33,9 @@ class _NodeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeKind.Val
     NODE_KIND_TASK: _NodeKind.ValueType  # 1
     """A step a worker runs on one input."""
     NODE_KIND_JOIN: _NodeKind.ValueType  # 2
-    """A step a worker runs once per fan-out group, on the JSON array of all the group's outputs in
-    index order (null where a branch held), when the group's last branch arrives.
+    """A step a worker runs once per fan-out group, on the JSON array of the group's outputs in
+    index order (a branch that held adds nothing), when the group's last branch arrives. Reached
+    outside any fan-out, it runs on a list of its one input.
     """
     NODE_KIND_SUBWORKFLOW: _NodeKind.ValueType  # 3
     """A nested workflow, run by the server as a child run; its output is this node's output."""
@@ -47,8 +48,9 @@ NODE_KIND_UNSPECIFIED: NodeKind.ValueType  # 0
 NODE_KIND_TASK: NodeKind.ValueType  # 1
 """A step a worker runs on one input."""
 NODE_KIND_JOIN: NodeKind.ValueType  # 2
-"""A step a worker runs once per fan-out group, on the JSON array of all the group's outputs in
-index order (null where a branch held), when the group's last branch arrives.
+"""A step a worker runs once per fan-out group, on the JSON array of the group's outputs in
+index order (a branch that held adds nothing), when the group's last branch arrives. Reached
+outside any fan-out, it runs on a list of its one input.
 """
 NODE_KIND_SUBWORKFLOW: NodeKind.ValueType  # 3
 """A nested workflow, run by the server as a child run; its output is this node's output."""
