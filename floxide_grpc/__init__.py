@@ -1,12 +1,77 @@
 """floxide-grpc: distributed workflows over gRPC, with etcd as the only state.
 
-The SDK shared by the orchestrator server and the workers. The wire contracts live in
-``proto/floxide/v1``; their generated code, in ``floxide_grpc._proto``, is private.
+The SDK shared by the orchestrator server and the workers, and a local runner for development
+and tests. The wire contracts live in ``proto/floxide/v1``; their generated code, in
+``floxide_grpc._proto``, is private: this package's API speaks Python types.
 """
 
 from importlib.metadata import version as _version
 
-__all__ = ["PROTOCOL_VERSION", "__version__"]
+from floxide_grpc.context import Merge, NodeContext
+from floxide_grpc.errors import (
+    AlreadyCompleted,
+    ContextError,
+    FloxideError,
+    InvalidArgument,
+    InvalidDefinition,
+    InvalidPayload,
+    InvalidTransition,
+    NodeNotFound,
+    NotFound,
+    NotStarted,
+    RunCancelled,
+    RunFailed,
+    RunStuck,
+    WorkflowNotFound,
+)
+from floxide_grpc.graph import Graph
+from floxide_grpc.helpers import batch, split
+from floxide_grpc.node import Node, node, subworkflow
+from floxide_grpc.retry import Backoff, RetryPolicy
+from floxide_grpc.runner import LocalRunner
+from floxide_grpc.stores import CheckpointStore, FileCheckpointStore, InMemoryCheckpointStore
+from floxide_grpc.transition import Abort, ErrorKind, Hold, Next, NextAll, Transition
+from floxide_grpc.workflow import Workflow
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Abort",
+    "AlreadyCompleted",
+    "Backoff",
+    "CheckpointStore",
+    "ContextError",
+    "ErrorKind",
+    "FileCheckpointStore",
+    "FloxideError",
+    "Graph",
+    "Hold",
+    "InMemoryCheckpointStore",
+    "InvalidArgument",
+    "InvalidDefinition",
+    "InvalidPayload",
+    "InvalidTransition",
+    "LocalRunner",
+    "Merge",
+    "Next",
+    "NextAll",
+    "Node",
+    "NodeContext",
+    "NodeNotFound",
+    "NotFound",
+    "NotStarted",
+    "RetryPolicy",
+    "RunCancelled",
+    "RunFailed",
+    "RunStuck",
+    "Transition",
+    "Workflow",
+    "WorkflowNotFound",
+    "__version__",
+    "batch",
+    "node",
+    "split",
+    "subworkflow",
+]
 
 __version__: str = _version("floxide-grpc")
 """The installed distribution's version."""

@@ -73,8 +73,61 @@ def test_console_scripts_are_installed(
     assert result.stdout.strip() == expected
 
 
+PUBLIC_API = [
+    "PROTOCOL_VERSION",
+    "Abort",
+    "AlreadyCompleted",
+    "Backoff",
+    "CheckpointStore",
+    "ContextError",
+    "ErrorKind",
+    "FileCheckpointStore",
+    "FloxideError",
+    "Graph",
+    "Hold",
+    "InMemoryCheckpointStore",
+    "InvalidArgument",
+    "InvalidDefinition",
+    "InvalidPayload",
+    "InvalidTransition",
+    "LocalRunner",
+    "Merge",
+    "Next",
+    "NextAll",
+    "Node",
+    "NodeContext",
+    "NodeNotFound",
+    "NotFound",
+    "NotStarted",
+    "RetryPolicy",
+    "RunCancelled",
+    "RunFailed",
+    "RunStuck",
+    "Transition",
+    "Workflow",
+    "WorkflowNotFound",
+    "__version__",
+    "batch",
+    "node",
+    "split",
+    "subworkflow",
+]
+
+
 def test_public_api_is_pinned() -> None:
-    assert floxide_grpc.__all__ == sorted(floxide_grpc.__all__)
-    assert floxide_grpc.__all__ == ["PROTOCOL_VERSION", "__version__"]
-    for name in floxide_grpc.__all__:
-        assert hasattr(floxide_grpc, name)
+    assert floxide_grpc.__all__ == PUBLIC_API
+    for name in PUBLIC_API:
+        assert hasattr(floxide_grpc, name), name
+
+
+def test_public_modules_declare_all() -> None:
+    import importlib  # noqa: PLC0415
+    import pkgutil  # noqa: PLC0415
+
+    for info in pkgutil.walk_packages(floxide_grpc.__path__, "floxide_grpc."):
+        if "._proto" in info.name or info.name.endswith(".cli"):
+            continue
+        module = importlib.import_module(info.name)
+        assert hasattr(module, "__all__"), info.name
+        for name in module.__all__:
+            assert hasattr(module, name), f"{info.name}.{name}"

@@ -1,0 +1,442 @@
+"""The local runner: a workflow run to completion in this process.
+
+floxide's ``run``, ``run_with_checkpoint`` and ``resume``. Items run one at a time in queue
+order, so a run is deterministic; the same :mod:`~floxide_grpc.routing` as the server decides what
+comes next, and the same :func:`~floxide_grpc.context.apply` merges the context. With a checkpoint
+store, the whole state (context, pending items, half-arrived joins, attempt counts) is saved after
+every step, *before* the next step starts: a process killed at any instant resumes from the last
+completed step and reaches the same output as an uninterrupted run (the step in flight runs
+again, as it would on a lost worker).
+
+Retries wait in-process here (the server makes them durable timers); a node's timeout applies
+to each attempt; cancelling the run cancels the node in flight, which sees it on its context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from floxide_grpc import codec
+from floxide_grpc._proto.floxide.v1 import (
+    checkpoint_pb2,
+    records_pb2,
+    work_item_pb2,
+)
+from floxide_grpc.context import NodeContext, Operation, apply
+from floxide_grpc.errors import (
+    AlreadyCompleted,
+    FloxideError,
+    InvalidPayload,
+    InvalidTransition,
+    NotStarted,
+    RunCancelled,
+    RunFailed,
+    RunStuck,
+)
+from floxide_grpc.graph import Graph
+from floxide_grpc.node import NodeKind, NodeSpec
+from floxide_grpc.routing import Step, arrive, route, route_failure, start_item
+from floxide_grpc.stores.checkpoint import CheckpointStore, check_run_id
+from floxide_grpc.transition import Abort, ErrorKind, Hold, Next, NextAll
+from floxide_grpc.workflow import Workflow
+
+__all__ = ["LocalRunner"]
+
+Checkpoint = checkpoint_pb2.Checkpoint
+WorkItem = work_item_pb2.WorkItem
+NodeError = work_item_pb2.NodeError
+
+DEFAULT_NAMESPACE = "default"
+
+
+class _Failure(Exception):
+    """An attempt failed; carries the ``NodeError`` to record."""
+
+    def __init__(self, error: NodeError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _error(kind: str, message: str, exc: BaseException | None = None) -> NodeError:
+    error = NodeError(kind=ErrorKind.to_proto(kind), message=message)
+    if exc is not None:
+        error.error_type = type(exc).__name__
+        error.details = "".join(traceback.format_exception(exc))[-4096:]
+    return error
+
+
+class LocalRunner:
+    """Runs one workflow in this process.
+
+    Args:
+        workflow: The workflow to run.
+        namespace: The namespace recorded in checkpoints.
+
+    Attributes:
+        errors: Every failed attempt of the last run, in order.
+        context: The context of the last run as it ended (a dict).
+    """
+
+    def __init__(self, workflow: Workflow, *, namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.workflow = workflow
+        self.namespace = namespace
+        self.graph = Graph(workflow.definition())
+        self.errors: list[records_pb2.ErrorRecord] = []
+        self.context: dict[str, Any] = {}
+        self._cancel = asyncio.Event()
+
+    def cancel(self) -> None:
+        """Cancel the run in progress; idempotent.
+
+        The node in flight is cancelled (it sees ``ctx.cancelled``) and the run raises
+        :class:`RunCancelled`.
+        """
+        self._cancel.set()
+
+    async def run(self, input: Any, *, context: Mapping[str, Any] | None = None) -> Any:
+        """Run to completion and return the output, with no checkpoints.
+
+        Raises:
+            InvalidPayload: the input does not fit the start node (nothing ran).
+            RunFailed: an item failed for good and its node has no fallback.
+            RunCancelled: :meth:`cancel` was called.
+            RunStuck: no work was left but no terminal node was reached.
+        """
+        state = self._new(str(uuid.uuid4()), input, context)
+        return await self._drive(state, None)
+
+    async def run_with_checkpoint(
+        self,
+        input: Any,
+        store: CheckpointStore,
+        run_id: str,
+        *,
+        context: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Run, saving a checkpoint after every step; continue from one if ``run_id`` has it.
+
+        Raises:
+            AlreadyCompleted: the run's checkpoint says it already finished.
+            InvalidPayload, RunFailed, RunCancelled, RunStuck: as :meth:`run`.
+        """
+        check_run_id(run_id)
+        saved = await store.load(run_id)
+        if saved is not None:
+            return await self._continue(saved, store)
+        state = self._new(run_id, input, context)
+        await store.save(run_id, state)
+        return await self._drive(state, store)
+
+    async def resume(self, store: CheckpointStore, run_id: str) -> Any:
+        """Continue a checkpointed run from its last completed step.
+
+        A failed run is resumed too: its failed item runs again with its attempt count kept.
+
+        Raises:
+            NotStarted: ``run_id`` has no checkpoint.
+            AlreadyCompleted: the run already completed or was cancelled.
+            RunFailed, RunCancelled, RunStuck: as :meth:`run`.
+        """
+        saved = await store.load(check_run_id(run_id))
+        if saved is None:
+            raise NotStarted(f"run {run_id!r} has no checkpoint")
+        return await self._continue(saved, store)
+
+    async def _continue(self, saved: Checkpoint, store: CheckpointStore) -> Any:
+        if saved.status in (records_pb2.RUN_STATUS_COMPLETED, records_pb2.RUN_STATUS_CANCELLED):
+            status = records_pb2.RunStatus.Name(saved.status).removeprefix("RUN_STATUS_").lower()
+            raise AlreadyCompleted(f"run {saved.run_id!r} is already {status}")
+        if saved.definition_hash and saved.definition_hash != self.graph.definition_hash:
+            raise AlreadyCompleted(
+                f"run {saved.run_id!r} was checkpointed by another definition of "
+                f"{saved.workflow!r}; it cannot resume with this one"
+            )
+        if saved.status == records_pb2.RUN_STATUS_FAILED and saved.pending:
+            saved.pending[0].attempt += 1  # the failed item runs again; attempts never go back
+        saved.status = records_pb2.RUN_STATUS_RUNNING
+        saved.ClearField("error")
+        return await self._drive(saved, store)
+
+    def _new(self, run_id: str, value: Any, context: Mapping[str, Any] | None) -> Checkpoint:
+        start = self.workflow.spec(self.graph.definition.start)
+        where = f"workflow {self.workflow.name!r} input"
+        payload = codec.to_payload(
+            codec.convert(codec.to_builtins(value, where=where), start.input_type, where=where),
+            where=where,
+        )
+        initial = self.workflow.context.initial(context)
+        definition_hash = self.graph.definition_hash
+        state = Checkpoint(
+            namespace=self.namespace,
+            run_id=run_id,
+            workflow=self.workflow.name,
+            definition_hash=definition_hash,
+            context=codec.to_payload(initial, where="context"),
+            status=records_pb2.RUN_STATUS_RUNNING,
+        )
+        state.pending.append(
+            start_item(
+                self.graph.definition,
+                namespace=self.namespace,
+                run_id=run_id,
+                definition_hash=definition_hash,
+                input=payload,
+            )
+        )
+        return state
+
+    async def _drive(self, state: Checkpoint, store: CheckpointStore | None) -> Any:
+        """Run items until the run completes, fails or is cancelled; save after every step."""
+        self.errors = []
+        run = _RunState(state, store)
+        self.context = run.context
+        while run.pending:
+            item = run.pending[0]
+            try:
+                if self._cancel.is_set():
+                    raise RunCancelled(f"run {state.run_id!r} was cancelled")
+                step = await self._step(item, run.context)
+            except RunCancelled:
+                await run.finish(
+                    records_pb2.RUN_STATUS_CANCELLED, _error(ErrorKind.CANCELLED, "run cancelled")
+                )
+                raise
+            except _Failure as failure:
+                fallback = await self._failed(run, item, failure)
+                if fallback is None:
+                    continue  # retried: the same item runs again
+                step = fallback
+            output = run.advance(item, step)
+            if output is not None:
+                await run.finish(records_pb2.RUN_STATUS_COMPLETED, output=output)
+                where = f"workflow {self.workflow.name!r} output"
+                return codec.from_payload(output, self.workflow.output_type, where=where)
+            await run.save()
+        error = _error(ErrorKind.GENERIC, "no work left and no terminal node reached")
+        await run.finish(records_pb2.RUN_STATUS_FAILED, error)
+        raise RunStuck(
+            f"run {state.run_id!r} of {self.workflow.name!r} ran out of work without reaching "
+            "a terminal node (a branch held outside any join?)"
+        )
+
+    async def _step(self, item: WorkItem, context: dict[str, Any]) -> Step:
+        """Run one attempt of ``item``, route its transition, apply its context operations.
+
+        Raises:
+            _Failure: the attempt failed, or its transition or operations were refused.
+            RunCancelled: the run was cancelled meanwhile.
+        """
+        transition, operations = await self._attempt(item, context)
+        try:
+            step = route(self.graph, item, transition)
+            apply(context, operations, self.workflow.context)
+        except FloxideError as exc:
+            raise _Failure(_failure_of(exc)) from exc
+        return step
+
+    async def _failed(self, run: _RunState, item: WorkItem, failure: _Failure) -> Step | None:
+        """Record a failed attempt; retry it (``None``), else take the fallback edge.
+
+        Raises:
+            RunFailed: no retry is left and the node has no fallback.
+        """
+        error = failure.error
+        self._record(item, error)
+        policy = self.workflow.spec(item.node).retry
+        kind = ErrorKind.from_proto(error.kind)
+        if policy and policy.should_retry(kind, item.attempt, non_retryable=error.non_retryable):
+            wait = policy.backoff_for(item.attempt)
+            item.attempt += 1
+            run.state.sequence += 1
+            await run.save()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait.total_seconds()):
+                    await self._cancel.wait()  # a cancel cuts the wait short
+            return None
+        fallback = route_failure(self.graph, item)
+        if fallback is not None:
+            return fallback
+        await run.finish(records_pb2.RUN_STATUS_FAILED, error)
+        raise RunFailed(
+            f"run {run.state.run_id!r} failed: node {item.node!r} attempt {item.attempt}: "
+            f"{error.message}",
+            node=item.node,
+            kind=kind,
+            attempts=item.attempt,
+        ) from failure.__cause__
+
+    def _record(self, item: WorkItem, error: NodeError) -> None:
+        record = records_pb2.ErrorRecord(
+            namespace=item.namespace,
+            run_id=item.run_id,
+            item_id=item.item_id,
+            node=item.node,
+            attempt=item.attempt,
+            error=error,
+        )
+        record.occurred_at.GetCurrentTime()
+        self.errors.append(record)
+
+    async def _attempt(
+        self, item: WorkItem, context: Mapping[str, Any]
+    ) -> tuple[work_item_pb2.Transition, list[Operation]]:
+        """Run one attempt of an item; return its transition and context operations.
+
+        Raises:
+            _Failure: the attempt failed (bad input, an exception, a timeout, an abort, an
+                output that does not fit).
+            RunCancelled: the run was cancelled meanwhile.
+        """
+        spec = self.workflow.spec(item.node)
+        where = f"node {item.node!r}"
+        try:
+            value = codec.from_payload(item.input, spec.input_type, where=f"{where} input")
+        except InvalidPayload as exc:
+            raise _Failure(_error(ErrorKind.INVALID_INPUT, str(exc), exc)) from exc
+        ctx = NodeContext(
+            self.workflow.context,
+            context,
+            run_id=item.run_id,
+            item_id=item.item_id,
+            node=item.node,
+            attempt=item.attempt,
+            cancelled=self._cancel,
+        )
+        result = await self._invoke(spec, ctx, value)
+        return self._transition(spec, item, result), ctx.operations
+
+    async def _invoke(self, spec: NodeSpec, ctx: NodeContext, value: Any) -> Any:
+        if spec.kind is NodeKind.SUBWORKFLOW:
+            assert spec.subworkflow is not None
+            child = LocalRunner(spec.subworkflow, namespace=self.namespace)
+            call = child.run(value)
+        else:
+            call = spec.invoke(ctx, value)
+        task = asyncio.ensure_future(call)
+        cancelled = asyncio.ensure_future(self._cancel.wait())
+        timeout = spec.timeout.total_seconds() if spec.timeout else None
+        try:
+            done, _ = await asyncio.wait(
+                {task, cancelled}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            cancelled.cancel()
+        if task not in done:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            if self._cancel.is_set():
+                raise RunCancelled("cancelled")
+            raise _Failure(
+                _error(ErrorKind.TIMEOUT, f"node {spec.name!r} timed out after {spec.timeout}")
+            )
+        try:
+            return task.result()
+        except FloxideError as exc:
+            if isinstance(exc, RunFailed | RunCancelled | RunStuck):  # a child run's outcome
+                raise _Failure(_error(ErrorKind.GENERIC, str(exc), exc)) from exc
+            raise _Failure(_failure_of(exc)) from exc
+        except asyncio.CancelledError as exc:
+            raise _Failure(
+                _error(ErrorKind.CANCELLED, f"node {spec.name!r} was cancelled", exc)
+            ) from exc
+        except Exception as exc:
+            raise _Failure(_error(ErrorKind.GENERIC, f"{type(exc).__name__}: {exc}", exc)) from exc
+
+    def _transition(self, spec: NodeSpec, item: WorkItem, result: Any) -> work_item_pb2.Transition:
+        """Turn a node's return value into a wire transition, validating outputs."""
+        where = f"node {item.node!r} output"
+        if isinstance(result, Abort):
+            kind = result.kind if result.kind in ErrorKind.ALL else ErrorKind.GENERIC
+            error = _error(kind, result.message)
+            error.non_retryable = result.non_retryable
+            raise _Failure(error)
+        if isinstance(result, Hold):
+            return work_item_pb2.Transition(hold=work_item_pb2.Transition.Hold())
+        try:
+            if isinstance(result, NextAll):
+                outputs = [self._output(spec, value, where)[0] for value in result.outputs]
+                return work_item_pb2.Transition(
+                    next_all=work_item_pb2.Transition.NextAll(outputs=outputs)
+                )
+            next_ = result if isinstance(result, Next) else Next(result)
+            payload, variant = self._output(spec, next_.output, where)
+            label = next_.route
+            if label is None and variant in self.graph.node(item.node).routes:
+                label = variant
+            return work_item_pb2.Transition(
+                next=work_item_pb2.Transition.Next(output=payload, route=label or "")
+            )
+        except (InvalidPayload, InvalidTransition) as exc:
+            raise _Failure(_error(ErrorKind.INVALID_OUTPUT, str(exc), exc)) from exc
+
+    @staticmethod
+    def _output(spec: NodeSpec, value: Any, where: str) -> tuple[work_item_pb2.Payload, str]:
+        builtins = codec.to_builtins(value, where=where)
+        variant = type(value).__name__
+        expected = spec.variants.get(variant, spec.output_type)
+        codec.convert(builtins, expected, where=where)
+        return codec.to_payload(builtins, where=where), variant
+
+
+class _RunState:
+    """A run in progress: its checkpoint, with the context, queue and groups unpacked."""
+
+    def __init__(self, state: Checkpoint, store: CheckpointStore | None) -> None:
+        self.state = state
+        self.store = store
+        self.context: dict[str, Any] = codec.from_payload(state.context, where="context")
+        self.pending: deque[WorkItem] = deque(state.pending)
+        self.groups = {g.group_id: g for g in state.groups}
+
+    def advance(self, item: WorkItem, step: Step) -> work_item_pb2.Payload | None:
+        """Replace ``item`` (the queue's head) by what its step caused; the run's output if any."""
+        self.pending.popleft()
+        self.pending.extend(step.items)
+        for arrival in step.arrivals:
+            group, join = arrive(self.groups.get(arrival.frame.group_id), arrival, item)
+            self.groups[group.group_id] = group
+            if join is not None:
+                del self.groups[group.group_id]
+                self.pending.append(join)
+        self.state.sequence += 1
+        return step.output
+
+    async def save(self) -> None:
+        """Pack the state into the checkpoint and store it (the first terminal output wins)."""
+        state = self.state
+        state.ClearField("pending")
+        state.pending.extend(self.pending)
+        state.ClearField("groups")
+        state.groups.extend(self.groups.values())
+        state.context.CopyFrom(codec.to_payload(self.context, where="context"))
+        state.updated_at.GetCurrentTime()
+        if self.store is not None:
+            await self.store.save(state.run_id, state)
+
+    async def finish(
+        self,
+        status: records_pb2.RunStatus.ValueType,
+        error: NodeError | None = None,
+        output: work_item_pb2.Payload | None = None,
+    ) -> None:
+        """Record the run's end; a completed run drops what remains queued."""
+        self.state.status = status
+        if error is not None:
+            self.state.error.CopyFrom(error)
+        if output is not None:
+            self.state.output.CopyFrom(output)
+            self.pending.clear()
+            self.groups.clear()
+        await self.save()
+
+
+def _failure_of(exc: FloxideError) -> NodeError:
+    kind = ErrorKind.INVALID_OUTPUT if isinstance(exc, InvalidTransition) else ErrorKind.GENERIC
+    return _error(kind, str(exc), exc)

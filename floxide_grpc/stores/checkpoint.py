@@ -1,0 +1,103 @@
+"""Checkpoint stores: save and load the state of a local run, keyed by run id.
+
+floxide's ``CheckpointStore`` trait, async. The file store writes atomically (a temporary file in
+the same directory, fsync, rename, fsync of the directory), so a process killed at any instant
+leaves either the previous checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from floxide_grpc._proto.floxide.v1 import checkpoint_pb2
+from floxide_grpc.errors import InvalidArgument
+
+__all__ = ["CheckpointStore", "FileCheckpointStore", "InMemoryCheckpointStore"]
+
+Checkpoint = checkpoint_pb2.Checkpoint
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """Refuse run ids that are empty, too long or not safe as a file or key name.
+
+    Raises:
+        InvalidArgument: naming the id.
+    """
+    if not _RUN_ID.match(run_id) or run_id in (".", ".."):
+        raise InvalidArgument(f"run id {run_id!r}: use 1 to 128 letters, digits, '_', '-' and '.'")
+    return run_id
+
+
+class CheckpointStore(Protocol):
+    """Where a local run's checkpoints live."""
+
+    async def save(self, run_id: str, checkpoint: Checkpoint) -> None:
+        """Store ``checkpoint`` as the latest of ``run_id``, replacing any earlier one."""
+
+    async def load(self, run_id: str) -> Checkpoint | None:
+        """The latest checkpoint of ``run_id``, or ``None`` if there is none."""
+
+
+class InMemoryCheckpointStore:
+    """Checkpoints in a dict, copied in and out (for tests and development)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+
+    async def save(self, run_id: str, checkpoint: Checkpoint) -> None:
+        """Store a copy of ``checkpoint``."""
+        self._data[check_run_id(run_id)] = checkpoint.SerializeToString()
+
+    async def load(self, run_id: str) -> Checkpoint | None:
+        """A copy of the latest checkpoint, or ``None``."""
+        data = self._data.get(check_run_id(run_id))
+        return None if data is None else Checkpoint.FromString(data)
+
+
+class FileCheckpointStore:
+    """One file per run in a directory, each replaced atomically on save."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def path(self, run_id: str) -> Path:
+        """The file holding ``run_id``'s checkpoint."""
+        return self.directory / f"{check_run_id(run_id)}.checkpoint"
+
+    async def save(self, run_id: str, checkpoint: Checkpoint) -> None:
+        """Write the checkpoint durably: temp file, fsync, rename, fsync the directory."""
+        await asyncio.to_thread(self._write, self.path(run_id), checkpoint.SerializeToString())
+
+    async def load(self, run_id: str) -> Checkpoint | None:
+        """Read the checkpoint, or ``None`` if the run has none."""
+        path = self.path(run_id)
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+        return Checkpoint.FromString(data)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
