@@ -22,7 +22,8 @@ def split(fn: Callable[[Any], Sequence[Any]], *, name: str | None = None) -> Nod
     ``fn``'s input annotation is the node's input type; the element type of its returned
     sequence is the output type of each branch.
     """
-    spec = as_spec(fn)
+    default = getattr(fn, "__name__", "")
+    spec = as_spec(fn, name=name or (default if default.isidentifier() else "split"))
     args = typing.get_args(spec.output_type)
     item_type = args[0] if args else codec.ANY
 
@@ -31,7 +32,7 @@ def split(fn: Callable[[Any], Sequence[Any]], *, name: str | None = None) -> Nod
         return NextAll(list(outputs))
 
     return NodeSpec(
-        name=name or spec.name,
+        name=spec.name,
         call=call,
         is_async=True,
         input_type=spec.input_type,
@@ -52,7 +53,7 @@ def batch(inner: Any, batch_size: int, *, name: str | None = None) -> NodeSpec:
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-    spec = as_spec(inner)
+    spec = as_spec(inner, name=name)
     limit = asyncio.Semaphore(batch_size)
 
     async def one(ctx: NodeContext, value: Any) -> list[Any]:

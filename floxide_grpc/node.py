@@ -151,7 +151,7 @@ def _output_type(hint: Any) -> Any:
         elif member not in (Hold, Abort):
             outputs.append(member)
     if not outputs:
-        return type(None)
+        return codec.ANY  # only Hold or Abort: nothing is ever sent on
     if codec.ANY in outputs:
         return codec.ANY
     unique = list(dict.fromkeys(outputs))
@@ -187,17 +187,19 @@ def _description(obj: Any) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def as_spec(obj: Any) -> NodeSpec:
+def as_spec(obj: Any, *, name: str | None = None) -> NodeSpec:
     """Turn a :class:`NodeSpec`, a :class:`Node` instance or a plain function into a spec.
+
+    ``name`` overrides the default name (the function's, or the class's in snake case).
 
     Raises:
         InvalidDefinition: ``obj`` is none of these, or its signature does not fit.
     """
     if isinstance(obj, NodeSpec):
-        return obj
+        return obj.with_settings(name=name)
     if isinstance(obj, Node):
         cls = type(obj)
-        name = _snake(cls.__name__)
+        name = name or _snake(cls.__name__)
         call, input_type, output_type, is_async = _spec_from_callable(obj.process, name)
         config = (
             codec.to_builtins(obj, where=f"node {name!r} config")
@@ -214,7 +216,7 @@ def as_spec(obj: Any) -> NodeSpec:
             description=_description(cls),
         )
     if callable(obj) and (inspect.isfunction(obj) or inspect.ismethod(obj)):
-        name = obj.__name__
+        name = name or obj.__name__
         call, input_type, output_type, is_async = _spec_from_callable(obj, name)
         return NodeSpec(
             name=name,

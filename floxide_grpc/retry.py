@@ -22,6 +22,9 @@ from floxide_grpc.transition import ErrorKind
 
 __all__ = ["Backoff", "RetryPolicy"]
 
+_LONGEST_WAIT = 365 * 24 * 3600.0
+"""Waits are capped at a year, so that an uncapped exponential policy never overflows."""
+
 
 class Backoff(enum.Enum):
     """How the wait grows from one attempt to the next."""
@@ -69,17 +72,15 @@ class RetryPolicy:
     def backoff_for(self, attempt: int, rand: Callable[[], float] = random.random) -> timedelta:
         """The wait after failed attempt ``attempt`` (1-based), capped, then jittered."""
         n = max(attempt, 1)
-        if self.backoff is Backoff.FIXED:
-            wait = self.initial_backoff
-        elif self.backoff is Backoff.LINEAR:
-            wait = self.initial_backoff * n
-        else:
-            wait = self.initial_backoff * (2 ** min(n - 1, 62))
+        factor = {Backoff.FIXED: 1.0, Backoff.LINEAR: float(n)}.get(
+            self.backoff, 2.0 ** min(n - 1, 1023)
+        )
+        seconds = min(self.initial_backoff.total_seconds() * factor, _LONGEST_WAIT)
         if self.max_backoff is not None:
-            wait = min(wait, self.max_backoff)
+            seconds = min(seconds, self.max_backoff.total_seconds())
         if self.jitter:
-            wait = wait * rand()
-        return wait
+            seconds *= rand()
+        return timedelta(seconds=seconds)
 
     def should_retry(self, kind: str, attempt: int, *, non_retryable: bool = False) -> bool:
         """Whether failed attempt ``attempt`` (1-based) of error kind ``kind`` gets another try."""

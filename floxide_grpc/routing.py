@@ -5,12 +5,13 @@ route identically. Payload bytes pass through untouched: a join's input is assem
 its arrivals' JSON texts, never by decoding them.
 
 Fan-out and join. A transition that makes several items (``NextAll``, or ``Next`` to several
-targets) opens a *group*: each new item carries a :class:`GroupFrame` ``(group, index, size,
-join_node)`` pushed on its group stack, where ``join_node`` is the first join reachable from the
-targets. An item whose successor is its top group's join node does not make an item: it
-*arrives* in the group (``Hold`` arrives with no value). When all ``size`` branches have arrived,
-:func:`arrive` makes the join item, whose input is the list of the outputs in index order and
-whose stack is the group's parent stack. Nested fan-outs join innermost first.
+targets) opens a *group*: each new item carries a :class:`GroupFrame` ``(group, index, size)``
+pushed on its group stack. An item whose successor is a join node does not make an item: it
+*arrives* in its top group. ``Hold`` arrives with no value, at the frame's ``join_node`` (the
+first join reachable from the fan-out, the only place a held branch can be counted). When all
+``size`` branches have arrived, :func:`arrive` makes the join item, whose input is the list of the
+outputs in index order and whose stack is the group's parent stack: nested fan-outs join
+innermost first.
 
 Ids are derived, not drawn: a successor's id is a hash of its parent's id and its position, a
 group's id a hash of the item that opened it. A step routed twice (a worker that ran a node
@@ -42,14 +43,16 @@ class Arrival:
     """A branch reaching its group's join.
 
     Attributes:
-        frame: The group frame the branch carried (group, index, size, join node).
+        frame: The group frame the branch carried (group, index, size).
         output: The branch's output; ``None`` when it held.
         parent_stack: The group stack the join item will carry.
+        join_node: The join reached; for a held branch, the frame's guess.
     """
 
     frame: GroupFrame
     output: Payload | None
     parent_stack: tuple[GroupFrame, ...]
+    join_node: str
 
 
 @dataclasses.dataclass
@@ -108,7 +111,7 @@ def route(graph: Graph, item: WorkItem, transition: work_item_pb2.Transition) ->
     if outcome == "hold":
         stack = tuple(item.group_stack)
         if stack and stack[-1].join_node:
-            return Step(arrivals=[Arrival(stack[-1], None, stack[:-1])])
+            return Step(arrivals=[Arrival(stack[-1], None, stack[:-1], stack[-1].join_node)])
         return Step()
     raise InvalidTransition(f"node {item.node!r}: transition {outcome or 'unset'} is not a success")
 
@@ -191,12 +194,12 @@ def _deliver(
     item_id: str,
     step: Step,
 ) -> None:
-    """Make ``target``'s item, or an arrival when ``target`` is the top group's join."""
-    if stack and stack[-1].join_node == target:
-        step.arrivals.append(Arrival(stack[-1], value, stack[:-1]))
-        return
+    """Make ``target``'s item, or an arrival in the top group when ``target`` is a join."""
     if graph.node(target).kind == workflow_pb2.NODE_KIND_JOIN:
-        value = join_input([value])  # a join outside its group: a group of one
+        if stack:
+            step.arrivals.append(Arrival(stack[-1], value, stack[:-1], target))
+            return
+        value = join_input([value])  # a join outside any fan-out: a group of one
     step.items.append(_item(parent, target, value, stack, item_id))
 
 
@@ -253,10 +256,13 @@ def arrive(
     else:
         updated.group_id = frame.group_id
         updated.size = frame.size
-        updated.join_node = frame.join_node
         updated.parent_stack.extend(arrival.parent_stack)
     if any(a.index == frame.index for a in updated.arrivals):
         return updated, None
+    if arrival.output is not None and all(a.held for a in updated.arrivals):
+        updated.join_node = arrival.join_node  # the first branch to reach a join names it
+    elif not updated.join_node:
+        updated.join_node = arrival.join_node
     entry = updated.arrivals.add(index=frame.index, held=arrival.output is None)
     if arrival.output is not None:
         entry.output.CopyFrom(arrival.output)

@@ -157,6 +157,8 @@ class LocalRunner:
                 f"run {saved.run_id!r} was checkpointed by another definition of "
                 f"{saved.workflow!r}; it cannot resume with this one"
             )
+        for item in saved.pending:
+            self.workflow.spec(item.node)  # NodeNotFound before anything runs
         if saved.status == records_pb2.RUN_STATUS_FAILED and saved.pending:
             saved.pending[0].attempt += 1  # the failed item runs again; attempts never go back
         saved.status = records_pb2.RUN_STATUS_RUNNING

@@ -226,8 +226,9 @@ class GroupFrame(_message.Message):
     size: _builtins.int
     """How many branches the group has."""
     join_node: _builtins.str
-    """The join node where the group's branches arrive, found when the group is made (the first
-    join reachable from the fan-out's targets); empty when the branches never join.
+    """Where a branch that holds is counted: the first join node reachable from the fan-out's
+    targets, found when the group is made; empty when none is. A branch that reaches a join node
+    arrives at that node, which becomes the group's join.
     """
     def __init__(
         self,

@@ -1,0 +1,285 @@
+"""The local runner: floxide's run semantics, and bad input refused without changing anything."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import pytest
+
+from floxide_grpc import (
+    Abort,
+    AlreadyCompleted,
+    Hold,
+    InMemoryCheckpointStore,
+    InvalidArgument,
+    InvalidPayload,
+    LocalRunner,
+    Merge,
+    Next,
+    NextAll,
+    NodeContext,
+    NodeNotFound,
+    NotStarted,
+    RunFailed,
+    RunStuck,
+    Workflow,
+    batch,
+    node,
+    split,
+)
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@node
+def inc(x: int) -> int:
+    return x + 1
+
+
+@node
+def to_text(x: int) -> str:
+    return f"#{x}"
+
+
+def test_first_terminal_output_wins_and_the_rest_is_dropped() -> None:
+    ran: list[str] = []
+
+    @node
+    def fast(x: int) -> str:
+        ran.append("fast")
+        return "fast"
+
+    @node
+    def slow(x: int) -> int:
+        ran.append("slow")
+        return x
+
+    @node
+    def after_slow(x: int) -> str:
+        ran.append("after_slow")
+        return "slow"
+
+    flow = Workflow("race", start=inc).edge(inc, [fast, slow]).edge(slow, after_slow)
+    assert run(flow.run(1)) == "fast"
+    assert ran == ["fast"]  # queue order: fast completes the run before slow runs
+
+
+def test_nested_fan_outs_join_exactly() -> None:
+    @node
+    def rows(n: int) -> NextAll[int]:
+        return NextAll(list(range(n)))
+
+    @node
+    def cells(row: int) -> NextAll[int]:
+        return NextAll([row * 10 + c for c in range(3)])
+
+    @node(join=True)
+    def row_sum(values: list[int]) -> int:
+        return sum(values)
+
+    @node(join=True)
+    def table(sums: list[int]) -> list[int]:
+        return sums
+
+    flow = Workflow("grid", start=rows).edge(rows, cells).edge(cells, inc)
+    flow.edge(inc, row_sum).edge(row_sum, table)
+    assert run(flow.run(3)) == [0 + 1 + 1 + 2 + 1 + 1, 10 * 3 + 3 + 3, 20 * 3 + 3 + 3]
+
+
+def test_hold_in_a_branch_arrives_without_a_value() -> None:
+    @node
+    def fan(n: int) -> NextAll[int]:
+        return NextAll(list(range(n)))
+
+    @node
+    def evens(x: int) -> int | Hold:
+        return x if x % 2 == 0 else Hold()
+
+    @node(join=True)
+    def collect(xs: list[int]) -> list[int]:
+        return xs
+
+    flow = Workflow("filter", start=fan).edge(fan, evens).edge(evens, collect)
+    assert run(flow.run(7)) == [0, 2, 4, 6]
+
+
+def test_context_operations_apply_once_per_step() -> None:
+    @dataclass
+    class Tally:
+        seen: Annotated[int, Merge.ADD] = 0
+
+    @node
+    def count(ctx: NodeContext, x: int) -> int:
+        ctx.add("seen", 1)
+        seen: int = ctx.state.seen
+        return x + seen
+
+    flow = Workflow("tally", start=count, context=Tally)
+    runner = LocalRunner(flow)
+    assert run(runner.run(10)) == 11
+    assert runner.context == {"seen": 1}
+
+
+def test_split_and_batch_helpers() -> None:
+    chunks = split(lambda text: text.split(","), name="chunks")
+
+    @node
+    def shout(word: str) -> str:
+        return word.upper()
+
+    @node(join=True)
+    def gather(words: list[str]) -> list[str]:
+        return words
+
+    flow = Workflow("split", start=chunks).edge(chunks, shout).edge(shout, gather)
+    assert run(flow.run("a,b,c")) == ["A", "B", "C"]
+
+    @node
+    def halve(x: int) -> int | Hold:
+        return x // 2 if x % 2 == 0 else Hold()
+
+    batched = batch(halve, 2)
+    assert run(Workflow("batch", start=batched).run([2, 3, 4, 8])) == [1, 2, 4]
+
+    @node
+    def refuse(x: int) -> Abort:
+        return Abort("no")
+
+    with pytest.raises(RunFailed, match="batch element aborted: no"):
+        run(Workflow("batch_abort", start=batch(refuse, 2)).run([1]))
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_input_not_matching_the_start_node_is_refused_before_anything_runs() -> None:
+    store = InMemoryCheckpointStore()
+    flow = Workflow("typed", start=inc)
+    with pytest.raises(InvalidPayload, match="workflow 'typed' input: Expected `int`, got `str`"):
+        run(flow.run_with_checkpoint("one", store, "r1"))
+    assert run(store.load("r1")) is None
+
+
+def test_an_output_with_nan_fails_the_attempt_as_invalid_output() -> None:
+    @node
+    def ratio(x: int) -> float:
+        return float("nan")
+
+    runner = LocalRunner(Workflow("nan", start=ratio))
+    with pytest.raises(
+        RunFailed, match="node 'ratio' output: NaN and Infinity are not valid JSON"
+    ) as caught:
+        run(runner.run(1))
+    assert caught.value.kind == "INVALID_OUTPUT"
+    assert runner.errors[0].error.kind == work_item_pb2.ERROR_KIND_INVALID_OUTPUT
+
+
+def test_an_output_not_matching_its_type_fails_the_attempt() -> None:
+    @node
+    def liar(x: int) -> int:
+        return "not a number"  # type: ignore[return-value]
+
+    with pytest.raises(RunFailed, match="node 'liar' output: Expected `int`, got `str`"):
+        run(Workflow("liar", start=liar).run(1))
+
+
+def test_a_node_writing_a_context_field_with_another_strategy_fails_its_attempt() -> None:
+    @dataclass
+    class Tally:
+        seen: Annotated[int, Merge.ADD] = 0
+
+    @node
+    def wrong(ctx: NodeContext, x: int) -> int:
+        ctx.set("seen", 5)
+        return x
+
+    runner = LocalRunner(Workflow("wrong", start=wrong, context=Tally))
+    with pytest.raises(RunFailed, match="context field 'seen' is declared ADD, not REPLACE"):
+        run(runner.run(1))
+    assert runner.context == {"seen": 0}
+
+
+def test_an_undeclared_route_fails_the_attempt() -> None:
+    @node
+    def pick(x: int) -> Next[int]:
+        return Next(x, route="sideways")
+
+    flow = Workflow("routes", start=pick).route(pick, {"up": inc})
+    with pytest.raises(RunFailed, match="returned route 'sideways', which has no edge"):
+        run(flow.run(1))
+
+
+def test_a_payload_that_is_not_json_fails_its_item() -> None:
+    store = InMemoryCheckpointStore()
+    flow = Workflow("bytes", start=inc).edge(inc, to_text)
+    checkpoint = LocalRunner(flow)._new("r1", 1, None)
+    checkpoint.pending[0].input.data = b"{broken"
+    run(store.save("r1", checkpoint))
+    with pytest.raises(RunFailed, match="node 'inc' input: not valid JSON"):
+        run(flow.resume(store, "r1"))
+
+
+def test_a_checkpoint_naming_an_unknown_node_is_refused() -> None:
+    store = InMemoryCheckpointStore()
+    flow = Workflow("known", start=inc)
+    checkpoint = LocalRunner(flow)._new("r1", 1, None)
+    checkpoint.pending[0].node = "ghost"
+    run(store.save("r1", checkpoint))
+    with pytest.raises(NodeNotFound, match="workflow 'known' has no node 'ghost'"):
+        run(flow.resume(store, "r1"))
+    assert run(store.load("r1")) == checkpoint
+
+
+def test_resume_semantics_follow_floxide() -> None:
+    store = InMemoryCheckpointStore()
+    flow = Workflow("resume", start=inc).edge(inc, to_text)
+    with pytest.raises(NotStarted):
+        run(flow.resume(store, "never"))
+    assert run(flow.run_with_checkpoint(1, store, "r1")) == "#2"
+    with pytest.raises(AlreadyCompleted):
+        run(flow.resume(store, "r1"))
+    with pytest.raises(AlreadyCompleted):
+        run(flow.run_with_checkpoint(1, store, "r1"))
+
+
+def test_a_failed_run_resumes_with_its_attempt_count_kept() -> None:
+    calls: list[int] = []
+
+    @node
+    def flaky(ctx: NodeContext, x: int) -> int:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
+            raise RuntimeError("down")
+        return x
+
+    store = InMemoryCheckpointStore()
+    flow = Workflow("flaky", start=flaky)
+    with pytest.raises(RunFailed):
+        run(flow.run_with_checkpoint(5, store, "r1"))
+    saved = run(store.load("r1"))
+    assert saved.status == records_pb2.RUN_STATUS_FAILED and saved.pending[0].attempt == 1
+    assert run(flow.resume(store, "r1")) == 5
+    assert calls == [1, 2]
+
+
+def test_a_run_that_never_reaches_a_terminal_is_stuck() -> None:
+    @node
+    def drop(x: int) -> Hold:
+        return Hold()
+
+    with pytest.raises(RunStuck, match="ran out of work"):
+        run(Workflow("stuck", start=drop).edge(drop, inc).run(1))
+
+
+def test_run_ids_are_checked() -> None:
+    with pytest.raises(InvalidArgument, match=r"run id '\.\./escape'"):
+        run(
+            Workflow("ids", start=inc).run_with_checkpoint(
+                1, InMemoryCheckpointStore(), "../escape"
+            )
+        )
