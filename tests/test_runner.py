@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from floxide_grpc import (
     Abort,
     AlreadyCompleted,
+    FileCheckpointStore,
     Hold,
     InMemoryCheckpointStore,
     InvalidArgument,
@@ -19,6 +21,7 @@ from floxide_grpc import (
     Merge,
     Next,
     NextAll,
+    Node,
     NodeContext,
     NodeNotFound,
     NotStarted,
@@ -283,3 +286,36 @@ def test_run_ids_are_checked() -> None:
                 1, InMemoryCheckpointStore(), "../escape"
             )
         )
+
+
+def test_a_declared_cycle_loops_until_a_routed_terminal_arm() -> None:
+    @node
+    def step(x: int) -> Next[int]:
+        return Next(x * 2, route="done" if x * 2 >= 20 else "again")
+
+    flow = Workflow("loop", start=step, allow_cycles=True).route(
+        step, {"again": step, "done": None}
+    )
+    assert run(flow.run(3)) == 24
+
+
+def test_class_nodes_carry_their_config() -> None:
+    @dataclass
+    class Scale(Node[int, int]):
+        factor: int
+
+        async def process(self, ctx: NodeContext, x: int) -> int:
+            return x * self.factor
+
+    flow = Workflow("scale", start=Scale(4))
+    assert run(flow.run(5)) == 20
+
+
+def test_file_store_replaces_checkpoints_atomically(tmp_path: Path) -> None:
+    store = FileCheckpointStore(tmp_path / "checkpoints")
+    flow = Workflow("files", start=inc).edge(inc, to_text)
+    assert run(flow.run_with_checkpoint(1, store, "r1")) == "#2"
+    saved = run(store.load("r1"))
+    assert saved.status == records_pb2.RUN_STATUS_COMPLETED and saved.sequence == 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["r1.checkpoint"]
+    assert run(store.load("other")) is None
