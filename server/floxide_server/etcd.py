@@ -1,0 +1,404 @@
+"""etcd, behind the store's :class:`~floxide_server.store.kv.KV` interface: the only module that
+talks to etcd.
+
+It uses the etcd API bindings that ``aetcd`` ships (``aetcd.rpc``: etcd's own protos, generated)
+and calls the stubs directly, because each asyncio client falls short where we need it: aetcd's
+watches die when etcd restarts and it takes one endpoint; etcd3aio retries every RPC on timeout,
+transactions included; neither builds nested transactions. This module owns:
+
+- **failover** across ``--etcd a,b,c``: one channel per endpoint, the next one on UNAVAILABLE;
+- **transactions that apply once** although their reply may be lost. Each is wrapped as
+  ``if token missing: (the transaction, writing token=branch) else: get token``, under a unique
+  token key (on a lease, so tokens expire). A lost reply is retried with the same token on any
+  endpoint: if the first attempt was applied, the retry reads which branch ran instead of
+  applying it again; so a lost reply never becomes a double effect or a false "claim lost";
+- **watches that survive** a restart or a failover: they resume from the last revision + 1, and
+  raise :class:`~floxide_server.store.kv.Compacted` when that revision is gone;
+- **leases** (grant, keep-alive over one stream, revoke).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from aetcd import rpc
+
+from floxide_server.store.kv import (
+    Compacted,
+    Compare,
+    Delete,
+    Event,
+    Get,
+    KeyValue,
+    KVUnavailable,
+    Op,
+    Put,
+    Request,
+    Target,
+    Txn,
+    TxnResult,
+    prefix_end,
+)
+
+__all__ = ["EtcdKV"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TOKEN_PREFIX = b"/floxide/v1/txn/"
+"""Where transaction tokens live (each on the client's token lease, so they expire)."""
+TOKEN_TTL = 600
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,  # "leader changed", "raft: stopped"
+}
+_TARGETS = {
+    Target.VERSION: rpc.Compare.VERSION,
+    Target.CREATE: rpc.Compare.CREATE,
+    Target.MOD: rpc.Compare.MOD,
+    Target.VALUE: rpc.Compare.VALUE,
+}
+_FIELDS = {
+    Target.VERSION: "version",
+    Target.CREATE: "create_revision",
+    Target.MOD: "mod_revision",
+    Target.VALUE: "value",
+}
+_OPS = {
+    Op.EQUAL: rpc.Compare.EQUAL,
+    Op.NOT_EQUAL: rpc.Compare.NOT_EQUAL,
+    Op.GREATER: rpc.Compare.GREATER,
+    Op.LESS: rpc.Compare.LESS,
+}
+
+
+def _kv(message: Any) -> KeyValue:
+    return KeyValue(
+        message.key,
+        message.value,
+        message.create_revision,
+        message.mod_revision,
+        message.version,
+        message.lease,
+    )
+
+
+class EtcdKV:
+    """A :class:`KV` on an etcd cluster.
+
+    Args:
+        endpoints: ``host:port`` of each member to use, tried in turn.
+        timeout: The deadline of one RPC, in seconds.
+        retry_for: How long an operation keeps trying other endpoints before it raises
+            :class:`KVUnavailable`.
+    """
+
+    def __init__(
+        self, endpoints: Sequence[str], *, timeout: float = 5.0, retry_for: float = 10.0
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._current = 0
+        self._token_lease = 0
+        self._token_lock = asyncio.Lock()
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _channel(self) -> grpc.aio.Channel:
+        endpoint = self.endpoints[self._current % len(self.endpoints)]
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                endpoint,
+                options=[
+                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                    ("grpc.keepalive_time_ms", 10_000),
+                    ("grpc.keepalive_timeout_ms", 5_000),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1_000),
+                ],
+            )
+            self._channels[endpoint] = channel
+        return channel
+
+    def _fail_over(self) -> None:
+        self._current += 1
+
+    async def _call(self, make: Callable[[grpc.aio.Channel], Coroutine[Any, Any, T]]) -> T:
+        """Call on the current endpoint, moving to the next on a retryable failure."""
+        deadline = time.monotonic() + self.retry_for
+        pause = 0.05
+        while True:
+            try:
+                return await make(self._channel())
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRYABLE or self._closed:
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise KVUnavailable(
+                        f"etcd unreachable at {self.endpoints}: {exc.details()}"
+                    ) from exc
+                log.debug("etcd call failed on %s: %s", self.endpoints, exc.details())
+            self._fail_over()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get(self, key: bytes) -> KeyValue | None:
+        """The key, or ``None`` (a linearizable read)."""
+        response = await self._call(
+            lambda ch: rpc.KVStub(ch).Range(rpc.RangeRequest(key=key), timeout=self.timeout)
+        )
+        return _kv(response.kvs[0]) if response.kvs else None
+
+    async def range(
+        self, prefix: bytes, *, start: bytes | None = None, limit: int = 0, reverse: bool = False
+    ) -> tuple[list[KeyValue], int]:
+        """Keys under ``prefix`` in key order (descending with ``reverse``), and the revision."""
+        end = prefix_end(prefix)
+        if reverse:
+            key, range_end = prefix, (start + b"\0" if start is not None else end)
+            order = rpc.RangeRequest.DESCEND
+        else:
+            key, range_end = (start if start is not None else prefix), end
+            order = rpc.RangeRequest.ASCEND
+        request = rpc.RangeRequest(
+            key=key,
+            range_end=range_end,
+            limit=limit,
+            sort_order=order,
+            sort_target=rpc.RangeRequest.KEY,
+        )
+        response = await self._call(lambda ch: rpc.KVStub(ch).Range(request, timeout=self.timeout))
+        return [_kv(kv) for kv in response.kvs], response.header.revision
+
+    # -- transactions --------------------------------------------------------------------------
+
+    async def txn(self, txn: Txn) -> TxnResult:
+        """Run a guarded transaction exactly once, even when its reply is lost."""
+        token = TOKEN_PREFIX + uuid.uuid4().hex.encode()
+        while True:
+            lease = await self._ensure_token_lease()
+            wrapped = rpc.TxnRequest(
+                compare=[_compare(Compare.missing(token))],
+                success=[
+                    rpc.RequestOp(
+                        request_txn=_txn_request(
+                            txn,
+                            success_extra=[
+                                rpc.RequestOp(
+                                    request_put=rpc.PutRequest(key=token, value=b"1", lease=lease)
+                                )
+                            ],
+                            failure_extra=[
+                                rpc.RequestOp(
+                                    request_put=rpc.PutRequest(key=token, value=b"0", lease=lease)
+                                )
+                            ],
+                        )
+                    )
+                ],
+                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=token))],
+            )
+            try:
+                response = await self._call(
+                    lambda ch: rpc.KVStub(ch).Txn(wrapped, timeout=self.timeout)  # noqa: B023
+                )
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+                if "lease not found" in details and not await self.keep_alive(lease):
+                    self._token_lease = 0  # expired while we could not renew it: take another
+                    continue
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                    raise ValueError(details.removeprefix("etcdserver: ")) from exc
+                raise
+            if response.succeeded:
+                inner = response.responses[0].response_txn
+                return _txn_result(inner, response.header.revision, drop_token=True)
+            # A retry found the token: the first attempt was applied; report its branch.
+            kvs = response.responses[0].response_range.kvs
+            if not kvs:  # pragma: no cover - the token exists, or the compare would have held
+                raise KVUnavailable("transaction token vanished")
+            return TxnResult(kvs[0].value == b"1", kvs[0].mod_revision, None)
+
+    async def _ensure_token_lease(self) -> int:
+        async with self._token_lock:
+            if not self._token_lease:
+                self._token_lease = await self.grant(TOKEN_TTL)
+                if self._keepalive_task is None or self._keepalive_task.done():
+                    self._keepalive_task = asyncio.create_task(self._renew_tokens())
+            return self._token_lease
+
+    async def _renew_tokens(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(TOKEN_TTL / 3)
+            with contextlib.suppress(grpc.aio.AioRpcError, KVUnavailable):
+                if self._token_lease and not await self.keep_alive(self._token_lease):
+                    self._token_lease = 0
+
+    # -- leases --------------------------------------------------------------------------------
+
+    async def grant(self, ttl: int) -> int:
+        """Grant a lease of ``ttl`` seconds."""
+        response = await self._call(
+            lambda ch: rpc.LeaseStub(ch).LeaseGrant(
+                rpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout
+            )
+        )
+        return int(response.ID)
+
+    async def keep_alive(self, lease: int) -> int:
+        """Renew a lease once; its TTL, or 0 when it has ended."""
+
+        async def once(channel: grpc.aio.Channel) -> int:
+            call = rpc.LeaseStub(channel).LeaseKeepAlive(timeout=self.timeout)
+            try:
+                await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
+                response = await call.read()
+            finally:
+                call.cancel()
+            if response is grpc.aio.EOF:
+                raise KVUnavailable("keep-alive stream closed")
+            return int(response.TTL)
+
+        return max(await self._call(once), 0)
+
+    async def revoke(self, lease: int) -> None:
+        """End a lease now, deleting its keys; an unknown lease is not an error."""
+        try:
+            await self._call(
+                lambda ch: rpc.LeaseStub(ch).LeaseRevoke(
+                    rpc.LeaseRevokeRequest(ID=lease), timeout=self.timeout
+                )
+            )
+        except grpc.aio.AioRpcError as exc:
+            if "lease not found" not in (exc.details() or ""):
+                raise
+
+    # -- watches -------------------------------------------------------------------------------
+
+    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[Event]:
+        """Changes under ``prefix`` from ``start_revision``, resuming across failures.
+
+        Raises:
+            Compacted: the next revision to deliver has been compacted away.
+        """
+        next_revision = start_revision
+        pause = 0.05
+        while True:
+            call = rpc.WatchStub(self._channel()).Watch()
+            try:
+                await call.write(
+                    rpc.WatchRequest(
+                        create_request=rpc.WatchCreateRequest(
+                            key=prefix, range_end=prefix_end(prefix), start_revision=next_revision
+                        )
+                    )
+                )
+                async for response in call:
+                    if response.compact_revision:
+                        raise Compacted(response.compact_revision)
+                    if response.canceled:
+                        raise KVUnavailable(f"watch canceled: {response.cancel_reason}")
+                    pause = 0.05
+                    for event in response.events:
+                        kv = _kv(event.kv)
+                        next_revision = kv.mod_revision + 1
+                        yield Event(event.type == rpc.Event.DELETE, kv)
+                raise KVUnavailable("watch stream ended")
+            except (grpc.aio.AioRpcError, KVUnavailable) as exc:
+                if self._closed:
+                    return
+                log.info("etcd watch on %r broke (%s); resuming at %d", prefix, exc, next_revision)
+                self._fail_over()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+            finally:
+                call.cancel()
+
+    # -- health --------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Return when a member answers a linearizable read; else raise :class:`KVUnavailable`."""
+        try:
+            await self.get(b"/floxide/v1/ping")
+        except grpc.aio.AioRpcError as exc:
+            raise KVUnavailable(str(exc.details())) from exc
+
+    async def close(self) -> None:
+        """Close the channels and stop renewing the token lease."""
+        self._closed = True
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive_task
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+def _compare(compare: Compare) -> Any:
+    message = rpc.Compare(key=compare.key, target=_TARGETS[compare.target], result=_OPS[compare.op])
+    setattr(message, _FIELDS[compare.target], compare.value)
+    return message
+
+
+def _request(request: Request) -> Any:
+    if isinstance(request, Put):
+        return rpc.RequestOp(
+            request_put=rpc.PutRequest(key=request.key, value=request.value, lease=request.lease)
+        )
+    if isinstance(request, Delete):
+        end = prefix_end(request.key) if request.prefix else b""
+        return rpc.RequestOp(
+            request_delete_range=rpc.DeleteRangeRequest(key=request.key, range_end=end)
+        )
+    if isinstance(request, Get):
+        end = prefix_end(request.key) if request.prefix else b""
+        return rpc.RequestOp(request_range=rpc.RangeRequest(key=request.key, range_end=end))
+    return rpc.RequestOp(request_txn=_txn_request(request))
+
+
+def _txn_request(
+    txn: Txn, success_extra: Sequence[Any] = (), failure_extra: Sequence[Any] = ()
+) -> Any:
+    return rpc.TxnRequest(
+        compare=[_compare(c) for c in txn.compares],
+        success=[_request(r) for r in txn.success] + list(success_extra),
+        failure=[_request(r) for r in txn.failure] + list(failure_extra),
+    )
+
+
+def _txn_result(response: Any, revision: int, *, drop_token: bool = False) -> TxnResult:
+    responses: list[object] = []
+    for op in response.responses:
+        kind = op.WhichOneof("response")
+        if kind == "response_put":
+            responses.append(None)
+        elif kind == "response_delete_range":
+            responses.append(int(op.response_delete_range.deleted))
+        elif kind == "response_range":
+            responses.append([_kv(kv) for kv in op.response_range.kvs])
+        elif kind == "response_txn":
+            responses.append(_txn_result(op.response_txn, revision))
+    if drop_token:
+        responses.pop()  # the put of the transaction's token
+    return TxnResult(bool(response.succeeded), revision, responses)

@@ -1,0 +1,85 @@
+"""Test helpers: waiting on conditions with deadlines, and a TCP proxy that fails on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.05
+) -> T:
+    """Await ``probe`` until it returns something truthy; fail when ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+        await asyncio.sleep(interval)
+
+
+class TcpProxy:
+    """A loopback TCP proxy in the test's event loop that can swallow replies or cut links.
+
+    With ``blackhole`` set, bytes from the client still reach the server but the server's
+    replies are dropped: a request is applied and its reply is lost.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.blackhole = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> TcpProxy:
+        """Listen on a free loopback port."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._links.update({writer, up_writer})
+        await asyncio.gather(
+            self._pipe(reader, up_writer, lambda: False),
+            self._pipe(up_reader, writer, lambda: self.blackhole),
+            return_exceptions=True,
+        )
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, drop: Callable[[], bool]
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if not drop():
+                    writer.write(data)
+                    await writer.drain()
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def cut(self) -> None:
+        """Close every open link (new connections are still accepted)."""
+        for writer in list(self._links):
+            with contextlib.suppress(Exception):
+                writer.close()
+        self._links.clear()
+
+    async def stop(self) -> None:
+        """Cut every link and stop listening."""
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

@@ -1,0 +1,180 @@
+"""The key-value interface behaves the same in memory and on a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.etcd import EtcdKV
+from floxide_server.store.kv import KV, Compare, Delete, Get, Put, Txn
+
+from tests.helpers import TcpProxy, eventually
+
+
+async def put(kv: KV, key: bytes, value: bytes, lease: int = 0) -> int:
+    return (await kv.txn(Txn([], [Put(key, value, lease)]))).revision
+
+
+async def test_put_get_and_versions(kv: KV, prefix: bytes) -> None:
+    key = prefix + b"a"
+    assert await kv.get(key) is None
+    first = await put(kv, key, b"1")
+    second = await put(kv, key, b"2")
+    got = await kv.get(key)
+    assert got is not None
+    assert (got.value, got.version, got.create_revision, got.mod_revision) == (
+        b"2",
+        2,
+        first,
+        second,
+    )
+
+
+async def test_compare_and_swap_runs_one_branch(kv: KV, prefix: bytes) -> None:
+    key = prefix + b"counter"
+    created = await kv.txn(Txn([Compare.missing(key)], [Put(key, b"0")], [Get(key)]))
+    assert created.succeeded and created.responses == [None]
+    again = await kv.txn(Txn([Compare.missing(key)], [Put(key, b"0")], [Get(key)]))
+    assert not again.succeeded
+    assert again.responses is not None
+    [kvs] = again.responses
+    assert [kv.value for kv in kvs] == [b"0"]  # type: ignore[attr-defined]
+    got = await kv.get(key)
+    assert got is not None
+    swapped = await kv.txn(Txn([Compare.modified_at(key, got.mod_revision)], [Put(key, b"1")]))
+    stale = await kv.txn(Txn([Compare.modified_at(key, got.mod_revision)], [Put(key, b"2")]))
+    assert swapped.succeeded and not stale.succeeded
+    assert (await kv.get(key)).value == b"1"  # type: ignore[union-attr]
+
+
+async def test_nested_transactions_guard_each_part(kv: KV, prefix: bytes) -> None:
+    a, b, c = prefix + b"a", prefix + b"b", prefix + b"c"
+    await put(kv, a, b"x")
+    result = await kv.txn(
+        Txn(
+            [],
+            [
+                Txn([Compare.exists(a)], [Put(b, b"ok")]),
+                Txn([Compare.missing(a)], [Put(c, b"never")], [Get(a)]),
+            ],
+        )
+    )
+    assert result.succeeded and result.responses is not None
+    first, second = result.responses
+    assert first.succeeded and not second.succeeded  # type: ignore[attr-defined]
+    assert (await kv.get(b)) is not None and await kv.get(c) is None
+
+
+async def test_one_key_written_twice_in_a_branch_is_refused(kv: KV, prefix: bytes) -> None:
+    key = prefix + b"dup"
+    with pytest.raises(ValueError, match="duplicate key"):
+        await kv.txn(Txn([], [Put(key, b"1"), Txn([], [Put(key, b"2")])]))
+    assert await kv.get(key) is None
+
+
+async def test_range_orders_limits_and_pages(kv: KV, prefix: bytes) -> None:
+    for name in (b"b", b"a", b"d", b"c"):
+        await put(kv, prefix + name, name)
+    await put(kv, prefix[:-1] + b"x/outside", b"no")
+    keys, _ = await kv.range(prefix)
+    assert [k.value for k in keys] == [b"a", b"b", b"c", b"d"]
+    page, _ = await kv.range(prefix, start=prefix + b"b", limit=2)
+    assert [k.value for k in page] == [b"b", b"c"]
+    newest, _ = await kv.range(prefix, reverse=True, limit=3)
+    assert [k.value for k in newest] == [b"d", b"c", b"b"]
+    older, _ = await kv.range(prefix, reverse=True, start=prefix + b"b")
+    assert [k.value for k in older] == [b"b", b"a"]
+    deleted = await kv.txn(Txn([], [Delete(prefix, prefix=True)]))
+    assert deleted.responses == [4]
+    assert (await kv.range(prefix))[0] == []
+
+
+async def test_watch_replays_from_a_revision_then_follows(kv: KV, prefix: bytes) -> None:
+    start = await put(kv, prefix + b"1", b"one")
+    await kv.txn(Txn([], [Delete(prefix + b"1")]))
+    seen: list[tuple[bool, bytes]] = []
+    stream = kv.watch(prefix, start)
+
+    async def collect() -> None:
+        async for event in stream:
+            seen.append((event.deleted, event.kv.key))
+            if len(seen) == 3:
+                return
+
+    task = asyncio.create_task(collect())
+    await put(kv, prefix + b"2", b"two")
+    await asyncio.wait_for(task, 10)
+    assert seen == [(False, prefix + b"1"), (True, prefix + b"1"), (False, prefix + b"2")]
+
+
+async def test_an_expired_lease_deletes_its_keys(kv: KV, prefix: bytes) -> None:
+    lease = await kv.grant(2)
+    key = prefix + b"session"
+    revision = await put(kv, key, b"alive", lease)
+    assert await kv.keep_alive(lease) == 2
+    deleted = asyncio.Event()
+
+    async def watch() -> None:
+        async for event in kv.watch(prefix, revision + 1):
+            if event.deleted and event.kv.key == key:
+                deleted.set()
+                return
+
+    task = asyncio.create_task(watch())
+    await asyncio.wait_for(deleted.wait(), 15)  # etcd may renew a lease on leader change
+    await task
+    assert await kv.get(key) is None
+    assert await kv.keep_alive(lease) == 0
+    await kv.revoke(lease)  # idempotent
+
+
+async def test_a_revoked_lease_deletes_its_keys_at_once(kv: KV, prefix: bytes) -> None:
+    lease = await kv.grant(60)
+    await put(kv, prefix + b"k", b"v", lease)
+    await kv.revoke(lease)
+    assert await kv.get(prefix + b"k") is None
+    with pytest.raises(ValueError, match="lease not found"):
+        await put(kv, prefix + b"k", b"v", lease)
+
+
+async def test_a_lost_reply_is_applied_once_and_reported_truthfully(
+    etcd: EmbeddedEtcd, prefix: bytes
+) -> None:
+    """A Txn applied by etcd whose reply never arrives: no double effect, no false failure."""
+    proxy = await TcpProxy(etcd.client_port).start()
+    kv = EtcdKV([f"127.0.0.1:{proxy.port}", etcd.endpoint], timeout=1.0)
+    key = prefix + b"counter"
+    try:
+        await put(kv, key, b"0")  # connects through the proxy
+        got = await kv.get(key)
+        assert got is not None
+        proxy.blackhole = True  # etcd applies what follows; its reply is swallowed
+        result = await kv.txn(Txn([Compare.modified_at(key, got.mod_revision)], [Put(key, b"1")]))
+        assert result.succeeded  # not a false "compare failed" from the retry
+        assert result.responses is None  # recovered from the token
+        now = await kv.get(key)
+        assert now is not None and (now.value, now.version) == (b"1", 2)  # applied exactly once
+    finally:
+        await kv.close()
+        await proxy.stop()
+
+
+async def test_an_unreachable_etcd_raises_unavailable() -> None:
+    from floxide_server.embedded import free_port  # noqa: PLC0415
+    from floxide_server.store.kv import KVUnavailable  # noqa: PLC0415
+
+    kv = EtcdKV([f"127.0.0.1:{free_port()}"], timeout=0.3, retry_for=1.0)
+    try:
+        with pytest.raises(KVUnavailable):
+            await kv.ping()
+    finally:
+        await kv.close()
+
+
+async def test_eventually_helper_fails_at_its_deadline() -> None:
+    async def never() -> bool:
+        return False
+
+    with pytest.raises(AssertionError, match="not met within"):
+        await eventually(never, timeout=0.1)
