@@ -177,4 +177,4 @@ async def test_eventually_helper_fails_at_its_deadline() -> None:
         return False
 
     with pytest.raises(AssertionError, match="not met within"):
-        await eventually(never, timeout=0.1)
+        await eventually(never, within=0.1)

@@ -7,7 +7,6 @@ newer, and passes ``--etcd``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -45,6 +44,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return b'"health":"true"' in response.read()
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 @dataclasses.dataclass
@@ -119,10 +126,8 @@ class EmbeddedEtcd:
             if self.process is not None and self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
                 raise RuntimeError(f"etcd exited with {self.process.returncode}: {err[-2000:]}")
-            with contextlib.suppress(urllib.error.URLError, OSError):
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if b'"health":"true"' in response.read():
-                        return
+            if _healthy(url):
+                return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"etcd not healthy at {url} after {timeout}s")
             time.sleep(0.05)

@@ -1,6 +1,6 @@
-"""etcd, behind the store's :class:`~floxide_server.store.kv.KV` interface: the only module that
-talks to etcd.
+"""etcd behind the store's :class:`~floxide_server.store.kv.KV` interface.
 
+The only module that talks to etcd.
 It uses the etcd API bindings that ``aetcd`` ships (``aetcd.rpc``: etcd's own protos, generated)
 and calls the stubs directly, because each asyncio client falls short where we need it: aetcd's
 watches die when etcd restarts and it takes one endpoint; etcd3aio retries every RPC on timeout,

@@ -12,16 +12,16 @@ T = TypeVar("T")
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.05
+    probe: Callable[[], Awaitable[T]], *, within: float = 10.0, interval: float = 0.05
 ) -> T:
-    """Await ``probe`` until it returns something truthy; fail when ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
+    """Await ``probe`` until it returns something truthy; fail ``within`` seconds."""
+    deadline = time.monotonic() + within
     while True:
         result = await probe()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+            raise AssertionError(f"condition not met within {within}s (last: {result!r})")
         await asyncio.sleep(interval)
 
 

@@ -220,7 +220,7 @@ class KV(Protocol):
     async def range(
         self, prefix: bytes, *, start: bytes | None = None, limit: int = 0, reverse: bool = False
     ) -> tuple[list[KeyValue], int]:
-        """Keys under ``prefix`` in key order (from ``start``, at most ``limit``), and the revision."""
+        """Keys under ``prefix`` in key order (from ``start``, at most ``limit``); the revision."""
 
     async def txn(self, txn: Txn) -> TxnResult:
         """Run a guarded transaction atomically."""
