@@ -15,7 +15,11 @@ mapping in the client translate them (domain code never imports grpc)::
     │   ├── InvalidTransition         (a transition with no edge to follow)
     │   └── ContextError              (undeclared field, another strategy than the declared one)
     ├── FailedPrecondition            FAILED_PRECONDITION
-    │   └── AlreadyCompleted          (resume of a finished run)
+    │   ├── AlreadyCompleted          (resume of a finished run)
+    │   └── ClaimLost                 (a result whose claim or session no longer stands)
+    ├── AlreadyExists                 ALREADY_EXISTS (idempotency key reused, result applied)
+    ├── ResourceExhausted             RESOURCE_EXHAUSTED (over a size limit)
+    ├── Unavailable                   UNAVAILABLE  (etcd unreachable; retry with backoff)
     ├── RunFailed                     ABORTED      (an item failed for good with no fallback)
     ├── RunCancelled                  CANCELLED
     └── RunStuck                      FAILED_PRECONDITION (no work left and no terminal output)
@@ -27,6 +31,8 @@ import enum
 
 __all__ = [
     "AlreadyCompleted",
+    "AlreadyExists",
+    "ClaimLost",
     "ContextError",
     "FailedPrecondition",
     "FloxideError",
@@ -37,10 +43,12 @@ __all__ = [
     "NodeNotFound",
     "NotFound",
     "NotStarted",
+    "ResourceExhausted",
     "RunCancelled",
     "RunFailed",
     "RunStuck",
     "StatusCode",
+    "Unavailable",
     "WorkflowNotFound",
 ]
 
@@ -119,6 +127,28 @@ class FailedPrecondition(FloxideError):
 
 class AlreadyCompleted(FailedPrecondition):
     """Raised when resuming a run that has already finished (floxide's ``AlreadyCompleted``)."""
+
+
+class ClaimLost(FailedPrecondition):
+    """Raised when a result's claim no longer stands, or its worker's session has ended."""
+
+
+class AlreadyExists(FloxideError):
+    """Raised when an idempotency key is reused for another request, or a result was applied."""
+
+    code = StatusCode.ALREADY_EXISTS
+
+
+class ResourceExhausted(FloxideError):
+    """Raised when a payload, context or definition is over its size limit."""
+
+    code = StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(FloxideError):
+    """Raised when the server cannot reach etcd (or is shutting down): retry with backoff."""
+
+    code = StatusCode.UNAVAILABLE
 
 
 class RunFailed(FloxideError):

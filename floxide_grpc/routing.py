@@ -236,7 +236,11 @@ def join_input(outputs: Sequence[Payload]) -> Payload:
 
 
 def arrive(
-    group: checkpoint_pb2.JoinGroup | None, arrival: Arrival, parent: WorkItem
+    group: checkpoint_pb2.JoinGroup | None,
+    arrival: Arrival,
+    parent: WorkItem,
+    *,
+    inline: bool = True,
 ) -> tuple[checkpoint_pb2.JoinGroup, WorkItem | None]:
     """Record an arrival in its group; make the join item when it is the last.
 
@@ -244,6 +248,10 @@ def arrive(
         group: The group's record so far, or ``None`` for its first arrival.
         arrival: The branch arriving.
         parent: The item whose transition caused the arrival (for the run's ids).
+        inline: Keep outputs in the group and give the join item its input (the local runner).
+            Without it, outputs are stored apart and the join item only names its group: its
+            input is assembled when it is dispatched (the server, where 100 outputs can pass
+            etcd's request size).
 
     Returns:
         The updated group record, and the join item when every branch has arrived. An index that
@@ -264,7 +272,7 @@ def arrive(
     elif not updated.join_node:
         updated.join_node = arrival.join_node
     entry = updated.arrivals.add(index=frame.index, held=arrival.output is None)
-    if arrival.output is not None:
+    if arrival.output is not None and inline:
         entry.output.CopyFrom(arrival.output)
     if len(updated.arrivals) < updated.size:
         return updated, None
@@ -272,9 +280,11 @@ def arrive(
     join = _item(
         parent,
         updated.join_node,
-        join_input(outputs),
+        join_input(outputs) if inline else Payload(),
         list(updated.parent_stack),
         derive_id(updated.group_id, "join"),
     )
+    if not inline:
+        join.ClearField("input")
     join.join_group_id = updated.group_id
     return updated, join

@@ -1,0 +1,147 @@
+"""Every key the server writes, in one place.
+
+Everything lives under ``/floxide/v1/ns/{namespace}/``. What belongs to one run lives under its
+own prefix (``run/{run}/``), so retention removes it with one range delete; the run's record is
+apart (``runinfo/{run}``) so that listing runs reads records only. Run ids are time-ordered
+(UUIDv7), so ``runinfo/`` and ``queue/`` are in creation order. No key is rewritten by every step
+of a run: items, context operations and join arrivals each have a key of their own.
+
+| key | value | why |
+|---|---|---|
+| ``wf/def/{hash}`` | RegisteredWorkflow | definitions are immutable, by content hash |
+| ``wf/cur/{name}`` | hash | the definition new runs of a name use |
+| ``idem/{sha256(key)}`` | run id + request fingerprint | StartRun idempotency, per namespace |
+| ``runinfo/{run}`` | RunRecord | status, output, error; listed newest first |
+| ``run/{run}/status`` | status name | the small key every step's Txn compares |
+| ``run/{run}/ctx/init`` | JSON object | the context a run started with |
+| ``run/{run}/ctx/ops/{item}`` | StepResult | an item's context operations, folded in order |
+| ``run/{run}/item/{item}`` | WorkItemState | each item's state, attempts, last error |
+| ``run/{run}/group/{group}`` | JoinGroup | a fan-out group and the indexes arrived |
+| ``run/{run}/group/{group}/out/{index}`` | GroupArrival | one branch's output, not copied |
+| ``run/{run}/err/{item}/{attempt}`` | ErrorRecord | every failed attempt |
+| ``queue/{run}/{item}`` | WorkItem (no input) | ready to dispatch; deleted by the claim |
+| ``timer/{due_ms}/{run}/{item}`` | WorkItem (no input) | a durable retry, fired by any replica |
+| ``session/{lease}`` | WorkerRecord | a worker stream; the only key on a lease |
+| ``claim/{lease}/{run}/{item}`` | attempt | its create revision is the fencing token |
+| ``checkpoint/{run}`` | Checkpoint | checkpoints of local runs (CheckpointStoreService) |
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+__all__ = ["ROOT", "Keys"]
+
+ROOT = b"/floxide/v1/ns/"
+
+
+def _b(text: str) -> bytes:
+    return text.encode()
+
+
+class Keys:
+    """The keys of one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.prefix = ROOT + _b(namespace) + b"/"
+
+    # workflows
+    def workflow_def(self, definition_hash: str) -> bytes:
+        """A registered definition."""
+        return self.prefix + b"wf/def/" + _b(definition_hash)
+
+    def workflow_current(self, name: str) -> bytes:
+        """The hash new runs of ``name`` use."""
+        return self.prefix + b"wf/cur/" + _b(name)
+
+    @property
+    def workflows(self) -> bytes:
+        """Prefix of every workflow name's current hash."""
+        return self.prefix + b"wf/cur/"
+
+    # runs
+    def idempotency(self, key: str) -> bytes:
+        """A StartRun idempotency key (hashed: keys may hold any characters)."""
+        return self.prefix + b"idem/" + _b(hashlib.sha256(_b(key)).hexdigest())
+
+    def run_info(self, run_id: str) -> bytes:
+        """A run's record."""
+        return self.prefix + b"runinfo/" + _b(run_id)
+
+    @property
+    def run_infos(self) -> bytes:
+        """Prefix of every run record."""
+        return self.prefix + b"runinfo/"
+
+    def run(self, run_id: str) -> bytes:
+        """Prefix of everything a run owns."""
+        return self.prefix + b"run/" + _b(run_id) + b"/"
+
+    def status(self, run_id: str) -> bytes:
+        """A run's status name, compared by every step."""
+        return self.run(run_id) + b"status"
+
+    def context_init(self, run_id: str) -> bytes:
+        """A run's initial context."""
+        return self.run(run_id) + b"ctx/init"
+
+    def context_ops(self, run_id: str, item_id: str = "") -> bytes:
+        """One item's context operations (or, without ``item_id``, their prefix)."""
+        return self.run(run_id) + b"ctx/ops/" + _b(item_id)
+
+    def item(self, run_id: str, item_id: str = "") -> bytes:
+        """An item's state (or, without ``item_id``, the prefix of every item)."""
+        return self.run(run_id) + b"item/" + _b(item_id)
+
+    def group(self, run_id: str, group_id: str) -> bytes:
+        """A fan-out group's record."""
+        return self.run(run_id) + b"group/" + _b(group_id)
+
+    def group_output(self, run_id: str, group_id: str, index: int) -> bytes:
+        """One branch's arrival in its group."""
+        return self.group(run_id, group_id) + b"/out/" + _b(f"{index:08d}")
+
+    def group_outputs(self, run_id: str, group_id: str) -> bytes:
+        """Prefix of a group's arrivals, in index order."""
+        return self.group(run_id, group_id) + b"/out/"
+
+    def error(self, run_id: str, item_id: str = "", attempt: int | None = None) -> bytes:
+        """A failed attempt (or a prefix: a run's errors, or an item's)."""
+        key = self.run(run_id) + b"err/"
+        if item_id:
+            key += _b(item_id) + b"/"
+            if attempt is not None:
+                key += _b(f"{attempt:08d}")
+        return key
+
+    # dispatch
+    def queue(self, run_id: str = "", item_id: str = "") -> bytes:
+        """A ready item (or a prefix: every ready item, or a run's)."""
+        key = self.prefix + b"queue/"
+        if run_id:
+            key += _b(run_id) + b"/" + _b(item_id)
+        return key
+
+    def timer(self, due_ms: int = -1, run_id: str = "", item_id: str = "") -> bytes:
+        """A retry timer (or, with no arguments, the prefix of every timer, due first)."""
+        key = self.prefix + b"timer/"
+        if due_ms >= 0:
+            key += _b(f"{due_ms:013d}/{run_id}/{item_id}")
+        return key
+
+    def session(self, lease: int | None = None) -> bytes:
+        """A worker session (or the prefix of every session)."""
+        key = self.prefix + b"session/"
+        return key if lease is None else key + _b(f"{lease:016x}")
+
+    def claim(self, lease: int, run_id: str = "", item_id: str = "") -> bytes:
+        """A claim of an item by a session (or the prefix of a session's claims)."""
+        key = self.prefix + b"claim/" + _b(f"{lease:016x}") + b"/"
+        if run_id:
+            key += _b(run_id) + b"/" + _b(item_id)
+        return key
+
+    def checkpoint(self, run_id: str) -> bytes:
+        """A local run's checkpoint."""
+        return self.prefix + b"checkpoint/" + _b(run_id)

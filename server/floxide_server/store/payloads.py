@@ -1,0 +1,160 @@
+"""Checks on what clients and workers send: sizes, JSON, JSON Schemas, names and page tokens.
+
+Every check runs before anything is written, so a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import functools
+import json
+import re
+from typing import Any
+
+import jsonschema
+
+from floxide_grpc._proto.floxide.v1 import work_item_pb2
+from floxide_grpc.errors import InvalidArgument, InvalidPayload, ResourceExhausted
+
+__all__ = [
+    "Limits",
+    "check_name",
+    "decode_page_token",
+    "encode_page_token",
+    "namespace_of",
+    "page_size",
+    "parse_json",
+    "validate",
+    "validator",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Size limits. etcd takes 1.5 MiB a request and 128 operations a transaction by default.
+
+    Attributes:
+        max_payload_bytes: The largest payload (input, output, context operation value).
+        max_context_bytes: The largest context, as JSON.
+        max_definition_bytes: The largest workflow definition, encoded.
+        max_txn_ops: etcd's ``--max-txn-ops``.
+    """
+
+    max_payload_bytes: int = 256 * 1024
+    max_context_bytes: int = 1024 * 1024
+    max_definition_bytes: int = 1024 * 1024
+    max_txn_ops: int = 128
+
+
+def namespace_of(namespace: str) -> str:
+    """The namespace a request names ("" means "default").
+
+    Raises:
+        InvalidArgument: the name is not 1 to 128 letters, digits, '_', '-' and '.'.
+    """
+    namespace = namespace or "default"
+    if not _NAME.match(namespace):
+        raise InvalidArgument(f"namespace {namespace!r}: use letters, digits, '_', '-' and '.'")
+    return namespace
+
+
+def check_name(what: str, value: str) -> str:
+    """Refuse an empty or malformed id or name (run id, item id, workflow name...).
+
+    Raises:
+        InvalidArgument: naming ``what``.
+    """
+    if not _ID.match(value):
+        raise InvalidArgument(f"{what} {value!r} is missing or malformed")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(payload: work_item_pb2.Payload, limit: int, where: str) -> Any:
+    """Check a payload's encoding and size, and parse its JSON.
+
+    Raises:
+        InvalidPayload: not JSON-encoded, or not valid JSON (NaN and Infinity included).
+        ResourceExhausted: over ``limit`` bytes.
+    """
+    if payload.encoding != work_item_pb2.ENCODING_JSON:
+        raise InvalidPayload(f"{where}: payload encoding must be ENCODING_JSON")
+    if len(payload.data) > limit:
+        raise ResourceExhausted(f"{where}: {len(payload.data)} bytes is over the limit of {limit}")
+    try:
+        return json.loads(payload.data, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidPayload(f"{where}: not valid JSON: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=4096)
+def validator(schema: str) -> jsonschema.protocols.Validator | None:
+    """A compiled validator for a JSON Schema text (``None`` for the empty schema).
+
+    Raises:
+        InvalidArgument: the text is not JSON or not a valid JSON Schema.
+    """
+    if not schema:
+        return None
+    try:
+        document = json.loads(schema)
+        cls = jsonschema.validators.validator_for(document, default=jsonschema.Draft202012Validator)
+        cls.check_schema(document)
+    except (ValueError, jsonschema.SchemaError) as exc:
+        raise InvalidArgument(f"invalid JSON Schema: {exc}") from exc
+    return cls(document)
+
+
+def validate(value: Any, schema: str, where: str) -> None:
+    """Validate a value against a JSON Schema text.
+
+    Raises:
+        InvalidPayload: naming the path of the first error.
+    """
+    checker = validator(schema)
+    if checker is None:
+        return
+    error = jsonschema.exceptions.best_match(checker.iter_errors(value))
+    if error is not None:
+        path = "$" + "".join(
+            f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
+        )
+        raise InvalidPayload(f"{where}: {error.message} - at `{path}`")
+
+
+def page_size(requested: int) -> int:
+    """0 means 100; more than 1000 means 1000.
+
+    Raises:
+        InvalidArgument: negative.
+    """
+    if requested < 0:
+        raise InvalidArgument(f"page_size must not be negative, not {requested}")
+    return 100 if requested == 0 else min(requested, 1000)
+
+
+def encode_page_token(last: str) -> str:
+    """An opaque token for the page after ``last``."""
+    return base64.urlsafe_b64encode(last.encode()).decode()
+
+
+def decode_page_token(token: str) -> str | None:
+    """The position a page token stands for (``None`` for the first page).
+
+    Raises:
+        InvalidArgument: the token was not made by this server.
+    """
+    if not token:
+        return None
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgument(f"page_token {token!r} is malformed") from exc

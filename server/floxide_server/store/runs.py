@@ -1,0 +1,997 @@
+"""Runs in the store: start, observe and control runs; enqueue, claim and complete their items.
+
+Every state transition is one guarded transaction (DESIGN invariant 2):
+
+- **start**: the run record, its status key, initial context, first item and its queue entry,
+  and the idempotency key, if the key is new;
+- **claim**: delete the queue entry, write the claim ``claim/{lease}/{run}/{item}`` (its create
+  revision is the fencing token) and mark the item in progress, if the entry still exists, the
+  session's key still exists and the run is RUNNING;
+- **complete**: delete the claim, mark the item done, write its context operations, its
+  successors and their queue entries, its join arrival (and the join item when it is the last),
+  or the run's output, if the claim was created at the token's revision, the session lives and
+  the run is not finished; or, for a failed attempt, a durable retry timer, a fallback, or the
+  run's failure.
+
+Nothing is trusted that a compare does not check: a result races its session's expiry, a
+cancel, a pause or another replica, and loses cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from floxide_grpc._proto.floxide.v1 import (
+    checkpoint_pb2,
+    records_pb2,
+    work_item_pb2,
+    worker_service_pb2,
+)
+from floxide_grpc.context import Operation, apply
+from floxide_grpc.errors import (
+    AlreadyExists,
+    ClaimLost,
+    ContextError,
+    FailedPrecondition,
+    FloxideError,
+    InvalidArgument,
+    InvalidPayload,
+    NodeNotFound,
+    NotFound,
+    ResourceExhausted,
+)
+from floxide_grpc.retry import RetryPolicy
+from floxide_grpc.routing import Step, arrive, join_input, route, route_failure, start_item
+from floxide_grpc.transition import ErrorKind
+from floxide_server.store import payloads
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Op, Put, Request, Target, Txn
+from floxide_server.store.workflows import Definition, WorkflowStore
+
+__all__ = ["Claim", "Completion", "RunStore", "new_run_id"]
+
+RunStatus = records_pb2.RunStatus
+ItemStatus = records_pb2.ItemStatus
+RUNNING = records_pb2.RUN_STATUS_RUNNING
+PAUSED = records_pb2.RUN_STATUS_PAUSED
+FINAL = (records_pb2.RUN_STATUS_COMPLETED, records_pb2.RUN_STATUS_CANCELLED)
+FINISHED = (*FINAL, records_pb2.RUN_STATUS_FAILED)
+WAITING = (records_pb2.ITEM_STATUS_PENDING, records_pb2.ITEM_STATUS_WAITING_RETRY)
+_ATTEMPTS_ON_CONFLICT = 16
+
+
+_last_id = [0, 0]  # the millisecond and sequence of the last id made here
+
+
+def new_run_id() -> str:
+    """A UUIDv7 (RFC 9562), monotonic within this process: keys of runs sort by creation."""
+    ms = time.time_ns() // 1_000_000
+    last_ms, sequence = _last_id
+    if ms <= last_ms:
+        ms, sequence = last_ms, sequence + 1
+        if sequence >= 1 << 12:  # 4096 ids in one millisecond: borrow the next one
+            ms, sequence = ms + 1, secrets.randbits(11)
+    else:
+        sequence = secrets.randbits(11)
+    _last_id[:] = [ms, sequence]
+    value = (
+        (ms & (2**48 - 1)) << 80 | 0x7 << 76 | sequence << 64 | 0b10 << 62 | secrets.randbits(62)
+    )
+    return str(uuid.UUID(int=value))
+
+
+def _status_name(status: int) -> bytes:
+    return RunStatus.Name(status).removeprefix("RUN_STATUS_").encode()  # type: ignore[arg-type]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _stamp(message: Any, field: str, ms: int) -> None:
+    getattr(message, field).FromMilliseconds(ms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """An item claimed by a session: what the worker receives.
+
+    Attributes:
+        token: The fencing token the worker sends back with its result.
+        item: The item, with its input (a join's list of outputs, assembled now).
+        context: The run's context as of the claim.
+        deadline_ms: When the attempt times out (0: no timeout).
+    """
+
+    token: str
+    item: work_item_pb2.WorkItem
+    context: work_item_pb2.Payload
+    deadline_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """How a result was taken.
+
+    Applied (``code`` 0), or applied as a failed attempt because it was invalid (``code``
+    INVALID_ARGUMENT or RESOURCE_EXHAUSTED, and why).
+    """
+
+    code: int = 0
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Token:
+    lease: int
+    revision: int
+    attempt: int
+    run_id: str
+    item_id: str
+
+    def __str__(self) -> str:
+        return f"{self.lease:x}:{self.revision}:{self.attempt}:{self.run_id}:{self.item_id}"
+
+    @classmethod
+    def parse(cls, token: str) -> _Token:
+        try:
+            lease, revision, attempt, run_id, item_id = token.split(":")
+            return cls(int(lease, 16), int(revision), int(attempt), run_id, item_id)
+        except ValueError as exc:
+            raise InvalidArgument(f"claim token {token!r} is malformed") from exc
+
+
+class RunStore:
+    """Runs, items, context, errors and metrics of every namespace, on a :class:`KV`."""
+
+    def __init__(self, kv: KV, workflows: WorkflowStore, limits: payloads.Limits) -> None:
+        self.kv = kv
+        self.workflows = workflows
+        self.limits = limits
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def get(self, namespace: str, run_id: str) -> records_pb2.RunRecord:
+        """A run's record.
+
+        Raises:
+            NotFound: no such run.
+        """
+        found = await self.kv.get(Keys(namespace).run_info(payloads.check_name("run id", run_id)))
+        if found is None:
+            raise NotFound(f"run {run_id!r} not found in namespace {namespace!r}")
+        return records_pb2.RunRecord.FromString(found.value)
+
+    async def _state(
+        self, keys: Keys, run_id: str, item_id: str
+    ) -> tuple[KeyValue, records_pb2.WorkItemState]:
+        found = await self.kv.get(keys.item(run_id, item_id))
+        if found is None:
+            raise NotFound(f"item {item_id!r} of run {run_id!r} not found")
+        return found, records_pb2.WorkItemState.FromString(found.value)
+
+    async def list_runs(
+        self,
+        namespace: str,
+        statuses: Sequence[int],
+        workflow: str,
+        size: int,
+        token: str,
+    ) -> tuple[list[records_pb2.RunRecord], str]:
+        """Runs newest first, filtered by status and workflow; a page and the next token."""
+        keys = Keys(namespace)
+        for status in statuses:
+            if status not in RunStatus.values() or status == records_pb2.RUN_STATUS_UNSPECIFIED:
+                raise InvalidArgument(f"unknown run status {status} in the filter")
+        size = payloads.page_size(size)
+        after = payloads.decode_page_token(token)
+        start = keys.run_info(after) if after else None
+        found: list[records_pb2.RunRecord] = []
+        while len(found) < size:
+            batch, _ = await self.kv.range(
+                keys.run_infos, start=start, limit=size + 1, reverse=True
+            )
+            batch = [kv for kv in batch if after is None or kv.key != keys.run_info(after)]
+            if not batch:
+                break
+            for kv in batch:
+                record = records_pb2.RunRecord.FromString(kv.value)
+                if (not statuses or record.status in statuses) and (
+                    not workflow or record.workflow == workflow
+                ):
+                    found.append(record)
+            after = records_pb2.RunRecord.FromString(batch[-1].value).run_id
+            start = keys.run_info(after)
+        page = found[:size]
+        more = len(found) > size or (
+            len(page) == size and bool(await self._older(keys, page[-1].run_id))
+        )
+        return page, payloads.encode_page_token(page[-1].run_id) if more and page else ""
+
+    async def _older(self, keys: Keys, run_id: str) -> bool:
+        batch, _ = await self.kv.range(
+            keys.run_infos, start=keys.run_info(run_id), limit=2, reverse=True
+        )
+        return any(kv.key != keys.run_info(run_id) for kv in batch)
+
+    async def items(
+        self,
+        namespace: str,
+        run_id: str,
+        statuses: Sequence[int] = (),
+        size: int = 0,
+        token: str = "",
+    ) -> tuple[list[records_pb2.WorkItemState], str]:
+        """A run's items with their states, filtered by status; a page and the next token."""
+        await self.get(namespace, run_id)
+        keys = Keys(namespace)
+        size = payloads.page_size(size)
+        after = payloads.decode_page_token(token)
+        start = keys.item(run_id, after) + b"\0" if after else None
+        found: list[records_pb2.WorkItemState] = []
+        last = ""
+        while len(found) <= size:
+            batch, _ = await self.kv.range(keys.item(run_id), start=start, limit=size + 1)
+            if not batch:
+                break
+            for kv in batch:
+                state = records_pb2.WorkItemState.FromString(kv.value)
+                last = state.item.item_id
+                if not statuses or state.status in statuses:
+                    found.append(state)
+                if len(found) > size:
+                    break
+            start = keys.item(run_id, last) + b"\0"
+        page = found[:size]
+        return page, payloads.encode_page_token(page[-1].item.item_id) if len(found) > size else ""
+
+    async def pending(
+        self, namespace: str, run_id: str, size: int = 0, token: str = ""
+    ) -> tuple[list[work_item_pb2.WorkItem], str]:
+        """Items waiting for dispatch or a retry timer."""
+        states, next_token = await self.items(namespace, run_id, WAITING, size, token)
+        return [s.item for s in states], next_token
+
+    async def errors(
+        self, namespace: str, run_id: str, size: int = 0, token: str = ""
+    ) -> tuple[list[records_pb2.ErrorRecord], str]:
+        """A run's failed attempts, oldest first."""
+        await self.get(namespace, run_id)
+        keys = Keys(namespace)
+        found, _ = await self.kv.range(keys.error(run_id))
+        records = sorted(
+            (records_pb2.ErrorRecord.FromString(kv.value) for kv in found),
+            key=lambda r: (r.occurred_at.ToMilliseconds(), r.item_id, r.attempt),
+        )
+        size = payloads.page_size(size)
+        offset = int(payloads.decode_page_token(token) or 0)
+        page = records[offset : offset + size]
+        more = offset + size < len(records)
+        return page, payloads.encode_page_token(str(offset + size)) if more else ""
+
+    async def metrics(self, namespace: str, run_id: str) -> records_pb2.RunMetrics:
+        """Counts derived from the run's items and errors (no counter key is ever rewritten)."""
+        await self.get(namespace, run_id)
+        keys = Keys(namespace)
+        metrics = records_pb2.RunMetrics(namespace=namespace, run_id=run_id)
+        items, _ = await self.kv.range(keys.item(run_id))
+        for kv in items:
+            state = records_pb2.WorkItemState.FromString(kv.value)
+            metrics.total_work_items += 1
+            metrics.retries += max(state.attempts - 1, 0)
+            match state.status:
+                case records_pb2.ITEM_STATUS_COMPLETED:
+                    metrics.completed += 1
+                case records_pb2.ITEM_STATUS_PERMANENTLY_FAILED:
+                    metrics.failed += 1
+                case records_pb2.ITEM_STATUS_PENDING:
+                    metrics.pending += 1
+                case records_pb2.ITEM_STATUS_IN_PROGRESS:
+                    metrics.in_progress += 1
+                case records_pb2.ITEM_STATUS_WAITING_RETRY:
+                    metrics.waiting_retry += 1
+        errors, _ = await self.kv.range(keys.error(run_id))
+        metrics.worker_lost = sum(
+            records_pb2.ErrorRecord.FromString(kv.value).error.kind
+            == work_item_pb2.ERROR_KIND_WORKER_LOST
+            for kv in errors
+        )
+        return metrics
+
+    async def context(self, namespace: str, run_id: str) -> dict[str, Any]:
+        """The run's context now: its initial value and every item's operations, in order."""
+        record = await self.get(namespace, run_id)
+        return await self._context(Keys(namespace), record)
+
+    async def _context(self, keys: Keys, record: records_pb2.RunRecord) -> dict[str, Any]:
+        definition = await self.workflows.get(keys.namespace, record.definition_hash)
+        init = await self.kv.get(keys.context_init(record.run_id))
+        context: dict[str, Any] = json.loads(init.value) if init is not None else {}
+        ops, _ = await self.kv.range(keys.context_ops(record.run_id))
+        for kv in sorted(ops, key=lambda kv: kv.mod_revision):
+            stored = worker_service_pb2.StepResult.FromString(kv.value)
+            apply(
+                context,
+                [Operation.from_proto(op) for op in stored.context_operations],
+                definition.context,
+            )
+        return context
+
+    # -- starting and controlling ------------------------------------------------------------
+
+    async def start(
+        self,
+        namespace: str,
+        workflow: str,
+        definition_hash: str,
+        input: work_item_pb2.Payload,
+        idempotency_key: str,
+        context: work_item_pb2.Payload | None,
+    ) -> tuple[records_pb2.RunRecord, bool]:
+        """Start a run, or return the one this idempotency key started.
+
+        Raises:
+            WorkflowNotFound: unknown workflow or hash.
+            InvalidPayload: the input or context does not fit its schema.
+            ResourceExhausted: a payload is over the limit.
+            AlreadyExists: the idempotency key started a run with another request.
+        """
+        keys = Keys(namespace)
+        record = await self.workflows.record(namespace, workflow, definition_hash)
+        definition = await self.workflows.get(namespace, record.definition_hash)
+        start = definition.graph.node(definition.definition.start)
+        value = payloads.parse_json(input, self.limits.max_payload_bytes, "input")
+        payloads.validate(
+            value, start.input_schema, f"workflow {workflow!r} input (node {start.name!r})"
+        )
+        overrides: dict[str, Any] = {}
+        if context is not None and context.data:
+            overrides = payloads.parse_json(context, self.limits.max_context_bytes, "context")
+            if not isinstance(overrides, dict):
+                raise InvalidPayload("context: must be a JSON object")
+        try:
+            initial = definition.context.initial(overrides)
+        except ContextError as exc:
+            raise InvalidPayload(str(exc)) from exc
+        context_bytes = json.dumps(initial, separators=(",", ":"), allow_nan=False).encode()
+        if len(context_bytes) > self.limits.max_context_bytes:
+            raise ResourceExhausted(f"context of {len(context_bytes)} bytes is over the limit")
+        if len(idempotency_key) > 256:
+            raise InvalidArgument("idempotency_key is longer than 256 characters")
+        fingerprint = hashlib.sha256(
+            b"\0".join(
+                [workflow.encode(), record.definition_hash.encode(), input.data, context_bytes]
+            )
+        ).hexdigest()
+        run_id = new_run_id()
+        now = _now_ms()
+        run = records_pb2.RunRecord(
+            namespace=namespace,
+            run_id=run_id,
+            workflow=workflow,
+            definition_hash=record.definition_hash,
+            status=RUNNING,
+            input=input,
+            idempotency_key=idempotency_key,
+        )
+        _stamp(run, "created_at", now)
+        _stamp(run, "updated_at", now)
+        first = start_item(
+            definition.definition,
+            namespace=namespace,
+            run_id=run_id,
+            definition_hash=record.definition_hash,
+            input=input,
+        )
+        _stamp(first, "created_at", now)
+        writes: list[Request] = [
+            Put(keys.run_info(run_id), run.SerializeToString()),
+            Put(keys.status(run_id), _status_name(RUNNING)),
+            Put(keys.context_init(run_id), context_bytes),
+            *self._new_items(keys, [first]),
+        ]
+        if not idempotency_key:
+            await self.kv.txn(Txn([], writes))
+            return run, True
+        idem = keys.idempotency(idempotency_key)
+        stamp = f"{run_id}\n{fingerprint}".encode()
+        result = await self.kv.txn(Txn([Compare.missing(idem)], [Put(idem, stamp), *writes]))
+        if result.succeeded:
+            return run, True
+        existing = await self.kv.get(idem)
+        if existing is None:  # pragma: no cover - idempotency keys live as long as their run
+            raise AlreadyExists(f"idempotency key {idempotency_key!r} is being reused")
+        existing_run, existing_fingerprint = existing.value.decode().split("\n")
+        if existing_fingerprint != fingerprint:
+            raise AlreadyExists(
+                f"idempotency key {idempotency_key!r} already started run {existing_run} "
+                "with another workflow or input"
+            )
+        return await self.get(namespace, existing_run), False
+
+    def _new_items(self, keys: Keys, items: Sequence[work_item_pb2.WorkItem]) -> list[Request]:
+        """Writes that create pending items and their queue entries."""
+        writes: list[Request] = []
+        for item in items:
+            state = records_pb2.WorkItemState(item=item, status=records_pb2.ITEM_STATUS_PENDING)
+            state.updated_at.CopyFrom(item.created_at)
+            entry = work_item_pb2.WorkItem()
+            entry.CopyFrom(item)
+            entry.ClearField("input")
+            writes.append(Put(keys.item(item.run_id, item.item_id), state.SerializeToString()))
+            writes.append(Put(keys.queue(item.run_id, item.item_id), entry.SerializeToString()))
+        return writes
+
+    async def _set_status(
+        self,
+        namespace: str,
+        run_id: str,
+        allowed: Sequence[int],
+        status: int,
+        verb: str,
+        *,
+        extra: Sequence[Request] = (),
+        error: work_item_pb2.NodeError | None = None,
+    ) -> records_pb2.RunRecord:
+        """Move a run from one of ``allowed`` to ``status`` in one guarded Txn."""
+        keys = Keys(namespace)
+        for _ in range(_ATTEMPTS_ON_CONFLICT):
+            found = await self.kv.get(keys.run_info(payloads.check_name("run id", run_id)))
+            if found is None:
+                raise NotFound(f"run {run_id!r} not found in namespace {namespace!r}")
+            run = records_pb2.RunRecord.FromString(found.value)
+            if run.status == status and status == PAUSED:
+                return run  # pausing a paused run changes nothing
+            if run.status not in allowed:
+                state = RunStatus.Name(run.status).removeprefix("RUN_STATUS_").lower()
+                raise FailedPrecondition(f"cannot {verb} run {run_id!r}: it is {state}")
+            run.status = status  # type: ignore[assignment]
+            now = _now_ms()
+            _stamp(run, "updated_at", now)
+            if status in FINISHED:
+                _stamp(run, "finished_at", now)
+            else:
+                run.ClearField("finished_at")
+            if error is not None:
+                run.error.CopyFrom(error)
+            elif status == RUNNING:
+                run.ClearField("error")
+            result = await self.kv.txn(
+                Txn(
+                    [Compare.modified_at(keys.run_info(run_id), found.mod_revision)],
+                    [
+                        Put(keys.run_info(run_id), run.SerializeToString()),
+                        Put(keys.status(run_id), _status_name(status)),
+                        *extra,
+                    ],
+                )
+            )
+            if result.succeeded:
+                return run
+        raise FailedPrecondition(f"run {run_id!r} is changing too fast to {verb}; try again")
+
+    async def cancel(self, namespace: str, run_id: str, reason: str) -> records_pb2.RunRecord:
+        """Cancel a running, paused or failed run: nothing of it is dispatched again.
+
+        Raises:
+            NotFound: no such run.
+            FailedPrecondition: the run already completed or was cancelled.
+        """
+        keys = Keys(namespace)
+        error = work_item_pb2.NodeError(
+            kind=work_item_pb2.ERROR_KIND_CANCELLED, message=reason or "cancelled by request"
+        )
+        run = await self._set_status(
+            namespace,
+            run_id,
+            (RUNNING, PAUSED, records_pb2.RUN_STATUS_FAILED),
+            records_pb2.RUN_STATUS_CANCELLED,
+            "cancel",
+            extra=[Delete(keys.queue(run_id, ""), prefix=True)],
+            error=error,
+        )
+        await self._settle_leftovers(keys, run_id, records_pb2.ITEM_STATUS_CANCELLED)
+        return run
+
+    async def pause(self, namespace: str, run_id: str) -> records_pb2.RunRecord:
+        """Stop dispatching a running run's items; held items finish and are recorded."""
+        return await self._set_status(namespace, run_id, (RUNNING,), PAUSED, "pause")
+
+    async def resume(self, namespace: str, run_id: str) -> records_pb2.RunRecord:
+        """Resume a paused run, or a failed one by re-queueing its failed items.
+
+        Raises:
+            NotFound: no such run.
+            FailedPrecondition: the run is running, completed or cancelled.
+        """
+        keys = Keys(namespace)
+        found = await self.get(namespace, run_id)
+        requeue: list[Request] = []
+        if found.status == records_pb2.RUN_STATUS_FAILED:
+            graph = (await self.workflows.get(namespace, found.definition_hash)).graph
+            states, _ = await self.kv.range(keys.item(run_id))
+            for kv in states:
+                state = records_pb2.WorkItemState.FromString(kv.value)
+                failed = state.status in (
+                    records_pb2.ITEM_STATUS_PERMANENTLY_FAILED,
+                    records_pb2.ITEM_STATUS_FAILED,
+                )
+                if failed and not graph.fallback.get(state.item.node):  # a fallback took over
+                    state.item.attempt = state.attempts + 1  # attempts are never lowered
+                    state.status = records_pb2.ITEM_STATUS_PENDING
+                    requeue.append(Put(kv.key, state.SerializeToString()))
+                    entry = work_item_pb2.WorkItem()
+                    entry.CopyFrom(state.item)
+                    entry.ClearField("input")
+                    requeue.append(
+                        Put(keys.queue(run_id, state.item.item_id), entry.SerializeToString())
+                    )
+        return await self._set_status(
+            namespace,
+            run_id,
+            (PAUSED, records_pb2.RUN_STATUS_FAILED),
+            RUNNING,
+            "resume",
+            extra=requeue,
+        )
+
+    async def _settle_leftovers(self, keys: Keys, run_id: str, status: int) -> None:
+        """Mark what still waits in a finished run (best effort, in bounded batches)."""
+        states, _ = await self.kv.range(keys.item(run_id))
+        writes: list[Request] = []
+        for kv in states:
+            state = records_pb2.WorkItemState.FromString(kv.value)
+            if state.status in WAITING:
+                state.status = status  # type: ignore[assignment]
+                writes.append(Put(kv.key, state.SerializeToString()))
+        for start in range(0, len(writes), self.limits.max_txn_ops - 4):
+            await self.kv.txn(
+                Txn(
+                    [
+                        Compare(
+                            keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, _status_name(RUNNING)
+                        )
+                    ],
+                    writes[start : start + self.limits.max_txn_ops - 4],
+                )
+            )
+
+    # -- the queue -----------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        namespace: str,
+        run_id: str,
+        node: str,
+        input: work_item_pb2.Payload,
+        request_id: str,
+    ) -> tuple[work_item_pb2.WorkItem, bool]:
+        """Add an item for a node to a running run, once per request id.
+
+        Raises:
+            NotFound: no such run or node.
+            InvalidPayload: the input does not fit the node.
+            FailedPrecondition: the run is not running.
+        """
+        keys = Keys(namespace)
+        payloads.check_name("request_id", request_id)
+        run = await self.get(namespace, run_id)
+        definition = await self.workflows.get(namespace, run.definition_hash)
+        try:
+            target = definition.graph.node(node)
+        except NodeNotFound as exc:
+            raise NotFound(str(exc)) from exc
+        value = payloads.parse_json(input, self.limits.max_payload_bytes, "input")
+        payloads.validate(value, target.input_schema, f"node {node!r} input")
+        from floxide_grpc.routing import derive_id  # noqa: PLC0415
+
+        item = work_item_pb2.WorkItem(
+            namespace=namespace,
+            run_id=run_id,
+            item_id=derive_id("enqueue", request_id),
+            node=node,
+            input=input,
+            attempt=1,
+            definition_hash=run.definition_hash,
+            workflow=run.workflow,
+        )
+        _stamp(item, "created_at", _now_ms())
+        result = await self.kv.txn(
+            Txn(
+                [
+                    Compare.missing(keys.item(run_id, item.item_id)),
+                    Compare.value_is(keys.status(run_id), _status_name(RUNNING)),
+                ],
+                self._new_items(keys, [item]),
+            )
+        )
+        if result.succeeded:
+            return item, True
+        existing = await self.kv.get(keys.item(run_id, item.item_id))
+        if existing is None:
+            raise FailedPrecondition(f"run {run_id!r} is not running")
+        return records_pb2.WorkItemState.FromString(existing.value).item, False
+
+    async def ready(self, namespace: str, limit: int = 0) -> list[work_item_pb2.WorkItem]:
+        """Queue entries in run order (inputs not included)."""
+        found, _ = await self.kv.range(Keys(namespace).queue(), limit=limit)
+        return [work_item_pb2.WorkItem.FromString(kv.value) for kv in found]
+
+    async def claim(self, namespace: str, lease: int, run_id: str, item_id: str) -> Claim | None:
+        """Claim a queued item for a session.
+
+        Returns:
+            The claim, or ``None`` if another session got it first, the run is not running, or
+            the session has ended.
+        """
+        keys = Keys(namespace)
+        found, state = await self._state(keys, run_id, item_id)
+        if state.status != records_pb2.ITEM_STATUS_PENDING:
+            return None
+        attempt = max(state.item.attempt, 1)
+        state.status = records_pb2.ITEM_STATUS_IN_PROGRESS
+        state.attempts = attempt
+        state.session_id = f"{lease:x}"
+        now = _now_ms()
+        _stamp(state, "updated_at", now)
+        claim_key = keys.claim(lease, run_id, item_id)
+        result = await self.kv.txn(
+            Txn(
+                [
+                    Compare.exists(keys.queue(run_id, item_id)),
+                    Compare.exists(keys.session(lease)),
+                    Compare.value_is(keys.status(run_id), _status_name(RUNNING)),
+                    Compare.modified_at(found.key, found.mod_revision),
+                ],
+                [
+                    Delete(keys.queue(run_id, item_id)),
+                    Put(claim_key, str(attempt).encode()),
+                    Put(found.key, state.SerializeToString()),
+                ],
+            )
+        )
+        if not result.succeeded:
+            return None
+        revision = result.revision
+        if result.responses is None:  # recovered from a lost reply: read the claim's revision
+            claim = await self.kv.get(claim_key)
+            if claim is None:
+                return None
+            revision = claim.create_revision
+        run = await self.get(namespace, run_id)
+        definition = await self.workflows.get(namespace, run.definition_hash)
+        item = state.item
+        if item.join_group_id:
+            outputs, _ = await self.kv.range(keys.group_outputs(run_id, item.join_group_id))
+            arrivals = [checkpoint_pb2.GroupArrival.FromString(kv.value) for kv in outputs]
+            item.input.CopyFrom(join_input([a.output for a in arrivals if not a.held]))
+        context = await self._context(keys, run)
+        node = definition.graph.node(item.node)
+        deadline = now + node.timeout.ToMilliseconds() if node.HasField("timeout") else 0
+        return Claim(
+            token=str(_Token(lease, revision, attempt, run_id, item_id)),
+            item=item,
+            context=work_item_pb2.Payload(
+                encoding=work_item_pb2.ENCODING_JSON,
+                data=json.dumps(context, separators=(",", ":")).encode(),
+            ),
+            deadline_ms=deadline,
+        )
+
+    # -- completing ----------------------------------------------------------------------------
+
+    async def complete(
+        self,
+        namespace: str,
+        token: str,
+        transition: work_item_pb2.Transition,
+        operations: Sequence[work_item_pb2.ContextOperation] = (),
+    ) -> Completion:
+        """Apply a claimed item's result once, fenced by its token.
+
+        Returns:
+            How it was taken: applied, or applied as a failed attempt because it was invalid.
+
+        Raises:
+            InvalidArgument: the token is malformed.
+            ClaimLost: the claim no longer stands or its session ended; nothing changed.
+            AlreadyExists: this result was already applied; nothing changed.
+        """
+        claim = _Token.parse(token)
+        keys = Keys(namespace)
+        for _ in range(_ATTEMPTS_ON_CONFLICT):
+            state_kv, state = await self._state(keys, claim.run_id, claim.item_id)
+            claim_kv = await self.kv.get(keys.claim(claim.lease, claim.run_id, claim.item_id))
+            if claim_kv is None or claim_kv.create_revision != claim.revision:
+                if (
+                    state.status == records_pb2.ITEM_STATUS_COMPLETED
+                    and state.attempts == claim.attempt
+                ):
+                    raise AlreadyExists(f"the result of item {claim.item_id!r} was already applied")
+                raise ClaimLost(
+                    f"the claim on item {claim.item_id!r} of run {claim.run_id!r} no longer stands"
+                )
+            run = await self.get(namespace, claim.run_id)
+            definition = await self.workflows.get(namespace, run.definition_hash)
+            plan = await self._plan(keys, definition, run, state, claim, transition, operations)
+            guards = [
+                Compare.created_at(claim_kv.key, claim.revision),
+                Compare.exists(keys.session(claim.lease)),
+                *(
+                    Compare(keys.status(claim.run_id), Target.VALUE, Op.NOT_EQUAL, _status_name(s))
+                    for s in FINISHED
+                ),
+                Compare.modified_at(state_kv.key, state_kv.mod_revision),
+                *plan.guards,
+            ]
+            result = await self.kv.txn(Txn(guards, [Delete(claim_kv.key), *plan.writes]))
+            if result.succeeded:
+                if plan.finished:
+                    await self._settle_leftovers(
+                        keys, claim.run_id, records_pb2.ITEM_STATUS_CANCELLED
+                    )
+                return plan.completion
+            # Who moved? A lost claim or session, or a finished run, is final; a group's
+            # counter moved by another replica is retried.
+            if await self.kv.get(keys.session(claim.lease)) is None:
+                raise ClaimLost(f"the session of claim on item {claim.item_id!r} has ended")
+            status = await self.kv.get(keys.status(claim.run_id))
+            if status is not None and status.value in {_status_name(s) for s in FINISHED}:
+                await self.kv.txn(
+                    Txn([Compare.created_at(claim_kv.key, claim.revision)], [Delete(claim_kv.key)])
+                )
+                raise ClaimLost(
+                    f"run {claim.run_id!r} is {status.value.decode().lower()}: result dropped"
+                )
+        raise ClaimLost(f"item {claim.item_id!r}: too much contention, the result was not applied")
+
+    async def _plan(
+        self,
+        keys: Keys,
+        definition: Definition,
+        run: records_pb2.RunRecord,
+        state: records_pb2.WorkItemState,
+        claim: _Token,
+        transition: work_item_pb2.Transition,
+        operations: Sequence[work_item_pb2.ContextOperation],
+    ) -> _Plan:
+        item = state.item
+        plan = _Plan()
+        now = _now_ms()
+        if transition.WhichOneof("outcome") != "abort":
+            try:
+                step = self._route_success(definition, item, transition, operations)
+            except FloxideError as exc:
+                kind = work_item_pb2.ERROR_KIND_INVALID_OUTPUT
+                error = work_item_pb2.NodeError(kind=kind, message=str(exc))
+                plan.completion = Completion(exc.code.value, str(exc))
+                await self._plan_failure(keys, definition, run, state, error, plan, now)
+                return plan
+            state.status = records_pb2.ITEM_STATUS_COMPLETED
+            _stamp(state, "updated_at", now)
+            plan.writes.append(Put(keys.item(item.run_id, item.item_id), state.SerializeToString()))
+            if operations:
+                stored = worker_service_pb2.StepResult(
+                    run_id=item.run_id,
+                    item_id=item.item_id,
+                    attempt=claim.attempt,
+                    context_operations=operations,
+                )
+                plan.writes.append(
+                    Put(keys.context_ops(item.run_id, item.item_id), stored.SerializeToString())
+                )
+            await self._plan_step(keys, run, item, step, plan, now)
+            return plan
+        await self._plan_failure(keys, definition, run, state, transition.abort, plan, now)
+        return plan
+
+    def _route_success(
+        self,
+        definition: Definition,
+        item: work_item_pb2.WorkItem,
+        transition: work_item_pb2.Transition,
+        operations: Sequence[work_item_pb2.ContextOperation],
+    ) -> Step:
+        node = definition.graph.node(item.node)
+        outputs = (
+            [transition.next.output]
+            if transition.WhichOneof("outcome") == "next"
+            else list(transition.next_all.outputs)
+            if transition.WhichOneof("outcome") == "next_all"
+            else []
+        )
+        where = f"node {node.name!r} output"
+        for output in outputs:
+            value = payloads.parse_json(output, self.limits.max_payload_bytes, where)
+            payloads.validate(value, node.output_schema, where)
+        for operation in operations:
+            parsed = Operation.from_proto(operation)
+            definition.context.check(parsed)
+            payloads.parse_json(
+                operation.value, self.limits.max_payload_bytes, f"context field {operation.field!r}"
+            )
+        step = route(definition.graph, item, transition)
+        return step
+
+    async def _plan_step(
+        self,
+        keys: Keys,
+        run: records_pb2.RunRecord,
+        item: work_item_pb2.WorkItem,
+        step: Step,
+        plan: _Plan,
+        now: int,
+    ) -> None:
+        new_items = list(step.items)
+        groups: dict[str, tuple[KeyValue | None, checkpoint_pb2.JoinGroup | None]] = {}
+        for arrival in step.arrivals:
+            group_id = arrival.frame.group_id
+            if group_id not in groups:
+                found = await self.kv.get(keys.group(run.run_id, group_id))
+                groups[group_id] = (
+                    found,
+                    checkpoint_pb2.JoinGroup.FromString(found.value) if found else None,
+                )
+            found, group = groups[group_id]
+            group, join = arrive(group, arrival, item, inline=False)
+            groups[group_id] = (found, group)
+            out = checkpoint_pb2.GroupArrival(
+                index=arrival.frame.index, held=arrival.output is None
+            )
+            if arrival.output is not None:
+                out.output.CopyFrom(arrival.output)
+            out_key = keys.group_output(run.run_id, group_id, arrival.frame.index)
+            plan.guards.append(Compare.missing(out_key))
+            plan.writes.append(Put(out_key, out.SerializeToString()))
+            if join is not None:
+                new_items.append(join)
+        for group_id, (found, group) in groups.items():
+            assert group is not None
+            group_key = keys.group(run.run_id, group_id)
+            plan.guards.append(Compare.modified_at(group_key, found.mod_revision if found else 0))
+            plan.writes.append(Put(group_key, group.SerializeToString()))
+        for new in new_items:
+            _stamp(new, "created_at", now)
+        plan.writes.extend(self._new_items(keys, new_items))
+        if step.output is not None:
+            run.status = records_pb2.RUN_STATUS_COMPLETED
+            run.output.CopyFrom(step.output)
+            _stamp(run, "finished_at", now)
+            _stamp(run, "updated_at", now)
+            plan.writes.append(Put(keys.run_info(run.run_id), run.SerializeToString()))
+            plan.writes.append(Put(keys.status(run.run_id), _status_name(run.status)))
+            plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
+            plan.finished = True
+
+    async def _plan_failure(
+        self,
+        keys: Keys,
+        definition: Definition,
+        run: records_pb2.RunRecord,
+        state: records_pb2.WorkItemState,
+        error: work_item_pb2.NodeError,
+        plan: _Plan,
+        now: int,
+    ) -> None:
+        item = state.item
+        node = definition.graph.node(item.node)
+        kind = (
+            ErrorKind.from_proto(error.kind)
+            if error.kind in work_item_pb2.ErrorKind.values()
+            else ErrorKind.GENERIC
+        )
+        record = records_pb2.ErrorRecord(
+            namespace=keys.namespace,
+            run_id=run.run_id,
+            item_id=item.item_id,
+            node=item.node,
+            attempt=state.attempts,
+            error=error,
+        )
+        _stamp(record, "occurred_at", now)
+        plan.writes.append(
+            Put(keys.error(run.run_id, item.item_id, state.attempts), record.SerializeToString())
+        )
+        state.last_error.CopyFrom(error)
+        _stamp(state, "updated_at", now)
+        policy = (
+            RetryPolicy.from_proto(node.retry_policy) if node.HasField("retry_policy") else None
+        )
+        item_key = keys.item(run.run_id, item.item_id)
+        if policy is not None and policy.should_retry(
+            kind, state.attempts, non_retryable=error.non_retryable
+        ):
+            due = now + int(policy.backoff_for(state.attempts).total_seconds() * 1000)
+            state.status = records_pb2.ITEM_STATUS_WAITING_RETRY
+            _stamp(state, "retry_at", due)
+            entry = work_item_pb2.WorkItem()
+            entry.CopyFrom(item)
+            entry.ClearField("input")
+            plan.writes.append(Put(item_key, state.SerializeToString()))
+            plan.writes.append(
+                Put(keys.timer(due, run.run_id, item.item_id), entry.SerializeToString())
+            )
+            return
+        state.status = records_pb2.ITEM_STATUS_PERMANENTLY_FAILED
+        state.ClearField("retry_at")
+        plan.writes.append(Put(item_key, state.SerializeToString()))
+        fallback = route_failure(definition.graph, item)
+        if fallback is not None:
+            await self._plan_step(keys, run, item, fallback, plan, now)
+            return
+        run.status = records_pb2.RUN_STATUS_FAILED
+        run.error.CopyFrom(error)
+        _stamp(run, "finished_at", now)
+        _stamp(run, "updated_at", now)
+        plan.writes.append(Put(keys.run_info(run.run_id), run.SerializeToString()))
+        plan.writes.append(Put(keys.status(run.run_id), _status_name(run.status)))
+        plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
+
+    # -- timers --------------------------------------------------------------------------------
+
+    async def fire_timers(self, namespace: str, now_ms: int | None = None) -> int:
+        """Make due retries pending again (any replica may call it); returns how many fired."""
+        keys = Keys(namespace)
+        now_ms = _now_ms() if now_ms is None else now_ms
+        due, _ = await self.kv.range(keys.timer(), limit=256)
+        fired = 0
+        for timer in due:
+            due_ms = int(timer.key[len(keys.timer()) :].split(b"/")[0])
+            if due_ms > now_ms:
+                break
+            entry = work_item_pb2.WorkItem.FromString(timer.value)
+            status = await self.kv.get(keys.status(entry.run_id))
+            if status is not None and status.value == _status_name(PAUSED):
+                continue  # fires after resume
+            try:
+                state_kv, state = await self._state(keys, entry.run_id, entry.item_id)
+            except NotFound:
+                await self.kv.txn(Txn([], [Delete(timer.key)]))
+                continue
+            if (
+                status is None
+                or status.value != _status_name(RUNNING)
+                or state.status != records_pb2.ITEM_STATUS_WAITING_RETRY
+            ):
+                await self.kv.txn(Txn([Compare.exists(timer.key)], [Delete(timer.key)]))
+                continue
+            state.status = records_pb2.ITEM_STATUS_PENDING
+            state.item.attempt = state.attempts + 1
+            state.ClearField("retry_at")
+            _stamp(state, "updated_at", now_ms)
+            queued = work_item_pb2.WorkItem()
+            queued.CopyFrom(state.item)
+            queued.ClearField("input")
+            result = await self.kv.txn(
+                Txn(
+                    [
+                        Compare.exists(timer.key),
+                        Compare.value_is(keys.status(entry.run_id), _status_name(RUNNING)),
+                        Compare.modified_at(state_kv.key, state_kv.mod_revision),
+                    ],
+                    [
+                        Delete(timer.key),
+                        Put(state_kv.key, state.SerializeToString()),
+                        Put(keys.queue(entry.run_id, entry.item_id), queued.SerializeToString()),
+                    ],
+                )
+            )
+            fired += result.succeeded
+        return fired
+
+
+@dataclasses.dataclass
+class _Plan:
+    """The compares and writes of one completion, and what it means."""
+
+    guards: list[Compare] = dataclasses.field(default_factory=list)
+    writes: list[Request] = dataclasses.field(default_factory=list)
+    completion: Completion = dataclasses.field(default_factory=Completion)
+    finished: bool = False

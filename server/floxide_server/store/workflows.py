@@ -1,0 +1,175 @@
+"""Workflow definitions in the store: registered by content hash, validated, cached."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from floxide_grpc._proto.floxide.v1 import workflow_pb2
+from floxide_grpc.context import ContextSchema
+from floxide_grpc.errors import (
+    FloxideError,
+    InvalidDefinition,
+    ResourceExhausted,
+    WorkflowNotFound,
+)
+from floxide_grpc.graph import Graph
+from floxide_server.store import payloads
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import KV, Compare, Put, Txn
+
+__all__ = ["Definition", "WorkflowStore"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Definition:
+    """A registered definition, indexed: its graph and its context schema."""
+
+    hash: str
+    graph: Graph
+    context: ContextSchema
+
+    @property
+    def definition(self) -> workflow_pb2.WorkflowDefinition:
+        """The definition proto."""
+        return self.graph.definition
+
+
+def _check(definition: workflow_pb2.WorkflowDefinition, limits: payloads.Limits) -> Definition:
+    """Validate a definition from any language; raises InvalidDefinition naming the fault."""
+    size = definition.ByteSize()
+    if size > limits.max_definition_bytes:
+        raise ResourceExhausted(
+            f"workflow {definition.name!r}: definition of {size} bytes is over the limit of "
+            f"{limits.max_definition_bytes}"
+        )
+    graph = Graph(definition)
+    graph.validate()
+    for node in definition.nodes:
+        for which, schema in (("input", node.input_schema), ("output", node.output_schema)):
+            try:
+                payloads.validator(schema)
+            except FloxideError as exc:
+                raise InvalidDefinition(
+                    f"workflow {definition.name!r}: node {node.name!r} {which} schema: {exc}"
+                ) from exc
+        if node.HasField("retry_policy"):
+            from floxide_grpc.retry import RetryPolicy  # noqa: PLC0415
+
+            RetryPolicy.from_proto(node.retry_policy)
+    context = ContextSchema.from_proto(definition.context_fields)
+    return Definition(graph.definition_hash, graph, context)
+
+
+class WorkflowStore:
+    """Register, read and list definitions; keep parsed definitions in memory by hash."""
+
+    def __init__(self, kv: KV, limits: payloads.Limits) -> None:
+        self.kv = kv
+        self.limits = limits
+        self._cache: dict[tuple[str, str], Definition] = {}
+
+    async def register(
+        self, namespace: str, definition: workflow_pb2.WorkflowDefinition
+    ) -> tuple[str, bool]:
+        """Validate and store a definition (and its subworkflows); make it the name's current.
+
+        Returns:
+            The content hash, and whether this hash was new.
+
+        Raises:
+            InvalidDefinition: naming the node at fault.
+            ResourceExhausted: the definition is too large.
+        """
+        keys = Keys(namespace)
+        parsed = _check(definition, self.limits)
+        created = False
+        for child in [*definition.subworkflows, definition]:
+            child_hash = parsed.hash if child is definition else Graph(child).definition_hash
+            record = workflow_pb2.RegisteredWorkflow(
+                namespace=namespace, name=child.name, definition_hash=child_hash, definition=child
+            )
+            record.registered_at.FromMilliseconds(int(time.time() * 1000))
+            def_key = keys.workflow_def(child_hash)
+            result = await self.kv.txn(
+                Txn(
+                    [Compare.missing(def_key)],
+                    [
+                        Put(def_key, record.SerializeToString()),
+                        Put(keys.workflow_current(child.name), child_hash.encode()),
+                    ],
+                    [Put(keys.workflow_current(child.name), child_hash.encode())],
+                )
+            )
+            if child is definition:
+                created = result.succeeded
+        self._cache[(namespace, parsed.hash)] = parsed
+        return parsed.hash, created
+
+    async def record(
+        self, namespace: str, name: str, definition_hash: str = ""
+    ) -> workflow_pb2.RegisteredWorkflow:
+        """A registered definition by name (its current one) or by hash.
+
+        Raises:
+            WorkflowNotFound: no such workflow or hash.
+        """
+        keys = Keys(namespace)
+        if not definition_hash:
+            current = await self.kv.get(
+                keys.workflow_current(payloads.check_name("workflow", name))
+            )
+            if current is None:
+                raise WorkflowNotFound(
+                    f"workflow {name!r} is not registered in namespace {namespace!r}"
+                )
+            definition_hash = current.value.decode()
+        found = await self.kv.get(keys.workflow_def(definition_hash))
+        if found is None:
+            raise WorkflowNotFound(f"workflow {name!r} has no definition {definition_hash!r}")
+        record = workflow_pb2.RegisteredWorkflow.FromString(found.value)
+        if name and record.name != name:
+            raise WorkflowNotFound(f"definition {definition_hash!r} is not of workflow {name!r}")
+        return record
+
+    async def get(self, namespace: str, definition_hash: str) -> Definition:
+        """A parsed definition by hash (read once, then cached: definitions never change).
+
+        Raises:
+            WorkflowNotFound: no such hash.
+        """
+        cached = self._cache.get((namespace, definition_hash))
+        if cached is not None:
+            return cached
+        record = await self.record(namespace, "", definition_hash)
+        parsed = Definition(
+            definition_hash,
+            Graph(record.definition),
+            ContextSchema.from_proto(record.definition.context_fields),
+        )
+        self._cache[(namespace, definition_hash)] = parsed
+        return parsed
+
+    async def list_workflows(
+        self, namespace: str, size: int, token: str
+    ) -> tuple[list[workflow_pb2.RegisteredWorkflow], str]:
+        """The namespace's workflows by name, each with its current hash (no definition)."""
+        keys = Keys(namespace)
+        size = payloads.page_size(size)
+        after = payloads.decode_page_token(token)
+        start = keys.workflow_current(after) + b"\0" if after else None
+        found, _ = await self.kv.range(keys.workflows, start=start, limit=size + 1)
+        result = []
+        for kv in found[:size]:
+            name = kv.key[len(keys.workflows) :].decode()
+            record = await self.kv.get(keys.workflow_def(kv.value.decode()))
+            entry = workflow_pb2.RegisteredWorkflow(
+                namespace=namespace, name=name, definition_hash=kv.value.decode()
+            )
+            if record is not None:
+                entry.registered_at.CopyFrom(
+                    workflow_pb2.RegisteredWorkflow.FromString(record.value).registered_at
+                )
+            result.append(entry)
+        more = len(found) > size
+        return result, payloads.encode_page_token(result[-1].name) if more and result else ""

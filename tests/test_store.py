@@ -1,0 +1,417 @@
+"""The stores' behaviour, on the in-memory KV and on a real etcd: one suite, both backends."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated, Any
+
+import pytest
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import KV, Put, Txn
+from floxide_server.store.payloads import Limits
+from floxide_server.store.runs import Claim, RunStore
+from floxide_server.store.workflows import WorkflowStore
+
+from floxide_grpc import (
+    AlreadyExists,
+    Backoff,
+    ClaimLost,
+    FailedPrecondition,
+    InvalidDefinition,
+    InvalidPayload,
+    Merge,
+    NextAll,
+    NotFound,
+    ResourceExhausted,
+    RetryPolicy,
+    Workflow,
+    WorkflowNotFound,
+    node,
+)
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+
+Payload = work_item_pb2.Payload
+Transition = work_item_pb2.Transition
+
+
+def js(value: Any) -> Payload:
+    return Payload(encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(value).encode())
+
+
+def nxt(value: Any) -> Transition:
+    return Transition(next=Transition.Next(output=js(value)))
+
+
+def fan(*values: Any) -> Transition:
+    return Transition(next_all=Transition.NextAll(outputs=[js(v) for v in values]))
+
+
+def abort(message: str) -> Transition:
+    return Transition(
+        abort=work_item_pb2.NodeError(kind=work_item_pb2.ERROR_KIND_GENERIC, message=message)
+    )
+
+
+@dataclass
+class Tally:
+    total: Annotated[int, Merge.ADD] = 0
+
+
+@node
+def inc(x: int) -> int:
+    return x + 1
+
+
+@node
+def show(x: int) -> str:
+    return str(x)
+
+
+@node
+def split(n: int) -> NextAll[int]:
+    return NextAll(list(range(n)))
+
+
+@node(join=True)
+def gather(xs: list[int]) -> int:
+    return sum(xs)
+
+
+@node(
+    retry=RetryPolicy(
+        max_attempts=2,
+        initial_backoff=timedelta(milliseconds=1),
+        backoff=Backoff.FIXED,
+        jitter=False,
+    )
+)
+def flaky(x: int) -> int:
+    return x
+
+
+@node
+def rescue(x: int) -> str:
+    return "rescued"
+
+
+def chain() -> Workflow:
+    return Workflow("chain", start=inc, context=Tally).edge(inc, show)
+
+
+@dataclass
+class Stores:
+    kv: KV
+    namespace: str
+    workflows: WorkflowStore
+    runs: RunStore
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace)
+
+    async def register(self, flow: Workflow) -> str:
+        definition_hash, _ = await self.workflows.register(self.namespace, flow.definition())
+        return definition_hash
+
+    async def start(self, workflow: str, value: Any, key: str = "") -> records_pb2.RunRecord:
+        run, _ = await self.runs.start(self.namespace, workflow, "", js(value), key, None)
+        return run
+
+    async def session(self, ttl: int = 30) -> int:
+        lease = await self.kv.grant(ttl)
+        await self.kv.txn(Txn([], [Put(self.keys.session(lease), b"worker", lease)]))
+        return lease
+
+    async def claim_next(self, lease: int) -> Claim:
+        ready = await self.runs.ready(self.namespace)
+        assert ready, "nothing is ready"
+        claim = await self.runs.claim(self.namespace, lease, ready[0].run_id, ready[0].item_id)
+        assert claim is not None
+        return claim
+
+    async def state(self, run_id: str) -> dict[str, tuple[int, int]]:
+        items, _ = await self.runs.items(self.namespace, run_id)
+        return {s.item.node: (s.status, s.attempts) for s in items}
+
+
+@pytest.fixture
+async def stores(kv: KV) -> AsyncIterator[Stores]:
+    limits = Limits(max_payload_bytes=4096)
+    workflows = WorkflowStore(kv, limits)
+    yield Stores(kv, f"ns-{uuid.uuid4().hex[:12]}", workflows, RunStore(kv, workflows, limits))
+
+
+# -- workflows ---------------------------------------------------------------------------------
+
+
+async def test_register_is_idempotent_by_content_hash(stores: Stores) -> None:
+    first = await stores.workflows.register(stores.namespace, chain().definition())
+    again = await stores.workflows.register(stores.namespace, chain().definition())
+    assert first[1] and not again[1] and first[0] == again[0]
+    record = await stores.workflows.record(stores.namespace, "chain")
+    assert record.definition_hash == first[0] and record.definition == chain().definition()
+    listed, token = await stores.workflows.list_workflows(stores.namespace, 0, "")
+    assert [(w.name, w.definition_hash) for w in listed] == [("chain", first[0])] and token == ""
+
+
+async def test_an_invalid_definition_is_refused_and_nothing_is_stored(stores: Stores) -> None:
+    definition = chain().definition()
+    definition.edges[0].targets[0] = "nowhere"
+    with pytest.raises(InvalidDefinition, match="edge from 'inc' to unknown node 'nowhere'"):
+        await stores.workflows.register(stores.namespace, definition)
+    definition = chain().definition()
+    definition.nodes[0].input_schema = '{"type": 12}'
+    with pytest.raises(InvalidDefinition, match="node 'inc' input schema"):
+        await stores.workflows.register(stores.namespace, definition)
+    assert await stores.workflows.list_workflows(stores.namespace, 0, "") == ([], "")
+
+
+# -- starting ----------------------------------------------------------------------------------
+
+
+async def test_start_queues_the_first_item(stores: Stores) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    assert run.status == records_pb2.RUN_STATUS_RUNNING
+    assert (await stores.runs.get(stores.namespace, run.run_id)) == run
+    assert [(i.node, i.run_id) for i in await stores.runs.ready(stores.namespace)] == [
+        ("inc", run.run_id)
+    ]
+    assert await stores.state(run.run_id) == {"inc": (records_pb2.ITEM_STATUS_PENDING, 0)}
+
+
+async def test_idempotency_key_returns_the_same_run_or_refuses_other_input(stores: Stores) -> None:
+    await stores.register(chain())
+    first, created = await stores.runs.start(stores.namespace, "chain", "", js(1), "order-9", None)
+    again, created_again = await stores.runs.start(
+        stores.namespace, "chain", "", js(1), "order-9", None
+    )
+    assert created and not created_again and again.run_id == first.run_id
+    with pytest.raises(AlreadyExists, match="idempotency key 'order-9' already started run"):
+        await stores.runs.start(stores.namespace, "chain", "", js(2), "order-9", None)
+    runs, _ = await stores.runs.list_runs(stores.namespace, [], "", 0, "")
+    assert [r.run_id for r in runs] == [first.run_id]
+
+
+async def test_bad_starts_are_refused_and_change_nothing(stores: Stores) -> None:
+    await stores.register(chain())
+    with pytest.raises(WorkflowNotFound, match="workflow 'nope' is not registered"):
+        await stores.start("nope", 1)
+    with pytest.raises(InvalidPayload, match="'one' is not of type 'integer'"):
+        await stores.start("chain", "one")
+    with pytest.raises(InvalidPayload, match="not valid JSON"):
+        await stores.runs.start(
+            stores.namespace, "chain", "", Payload(encoding=work_item_pb2.ENCODING_JSON, data=b"{x"), "", None
+        )
+    with pytest.raises(ResourceExhausted, match="over the limit of 4096"):
+        await stores.runs.start(stores.namespace, "chain", "", js("x" * 5000), "", None)
+    with pytest.raises(InvalidPayload, match="context field 'missing' is not declared"):
+        await stores.runs.start(stores.namespace, "chain", "", js(1), "", js({"missing": 1}))
+    assert await stores.runs.list_runs(stores.namespace, [], "", 0, "") == ([], "")
+    assert await stores.runs.ready(stores.namespace) == []
+
+
+# -- claiming and completing ---------------------------------------------------------------------
+
+
+async def test_a_chain_runs_to_completion_with_context_operations(stores: Stores) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    lease = await stores.session()
+    claim = await stores.claim_next(lease)
+    assert claim.item.node == "inc" and json.loads(claim.item.input.data) == 1
+    assert json.loads(claim.context.data) == {"total": 0}
+    add = work_item_pb2.ContextOperation(
+        field="total", strategy=work_item_pb2.MERGE_STRATEGY_ADD, value=js(5)
+    )
+    assert (await stores.runs.complete(stores.namespace, claim.token, nxt(2), [add])).code == 0
+    claim = await stores.claim_next(lease)
+    assert claim.item.node == "show" and json.loads(claim.context.data) == {"total": 5}
+    await stores.runs.complete(stores.namespace, claim.token, nxt("2"))
+    done = await stores.runs.get(stores.namespace, run.run_id)
+    assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == "2"
+    assert await stores.runs.context(stores.namespace, run.run_id) == {"total": 5}
+    metrics = await stores.runs.metrics(stores.namespace, run.run_id)
+    assert (metrics.total_work_items, metrics.completed, metrics.pending) == (2, 2, 0)
+
+
+async def test_results_are_fenced_by_claim_and_session(stores: Stores) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    lease = await stores.session()
+    claim = await stores.claim_next(lease)
+    await stores.runs.complete(stores.namespace, claim.token, nxt(2))
+    with pytest.raises(AlreadyExists, match="already applied"):
+        await stores.runs.complete(stores.namespace, claim.token, nxt(2))
+    forged = claim.token.replace(":1:", ":9:")
+    with pytest.raises(ClaimLost):
+        await stores.runs.complete(stores.namespace, forged, nxt(2))
+    second = await stores.claim_next(lease)
+    await stores.kv.revoke(lease)  # the worker's session ends before it reports
+    with pytest.raises(ClaimLost):
+        await stores.runs.complete(stores.namespace, second.token, nxt("2"))
+    assert (
+        await stores.runs.get(stores.namespace, run.run_id)
+    ).status == records_pb2.RUN_STATUS_RUNNING
+    assert (await stores.state(run.run_id))["show"] == (records_pb2.ITEM_STATUS_IN_PROGRESS, 1)
+    assert await stores.runs.claim(stores.namespace, lease, run.run_id, second.item.item_id) is None
+
+
+async def test_only_one_session_wins_a_claim(stores: Stores) -> None:
+    await stores.register(chain())
+    await stores.start("chain", 1)
+    first, second = await stores.session(), await stores.session()
+    [item] = await stores.runs.ready(stores.namespace)
+    won = await stores.runs.claim(stores.namespace, first, item.run_id, item.item_id)
+    lost = await stores.runs.claim(stores.namespace, second, item.run_id, item.item_id)
+    assert won is not None and lost is None
+
+
+async def test_a_fan_out_joins_once_in_index_order(stores: Stores) -> None:
+    await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("fan", 3)
+    lease = await stores.session()
+    await stores.runs.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, fan(10, 20, 30)
+    )
+    branches = [await stores.claim_next(lease) for _ in range(3)]
+    for claim in reversed(branches):  # arrive out of order
+        value = json.loads(claim.item.input.data) + 1
+        await stores.runs.complete(stores.namespace, claim.token, nxt(value))
+    join = await stores.claim_next(lease)
+    assert join.item.node == "gather" and json.loads(join.item.input.data) == [11, 21, 31]
+    await stores.runs.complete(stores.namespace, join.token, nxt(63))
+    done = await stores.runs.get(stores.namespace, run.run_id)
+    assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == 63
+
+
+async def test_an_invalid_output_is_recorded_as_a_failed_attempt(stores: Stores) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    claim = await stores.claim_next(await stores.session())
+    completion = await stores.runs.complete(stores.namespace, claim.token, nxt("not a number"))
+    assert completion.code == 3 and "is not of type 'integer'" in completion.message
+    failed = await stores.runs.get(stores.namespace, run.run_id)
+    assert failed.status == records_pb2.RUN_STATUS_FAILED
+    errors, _ = await stores.runs.errors(stores.namespace, run.run_id)
+    assert [(e.node, e.attempt, e.error.kind) for e in errors] == [
+        ("inc", 1, work_item_pb2.ERROR_KIND_INVALID_OUTPUT)
+    ]
+
+
+async def test_a_failed_attempt_waits_on_a_durable_timer_then_falls_back(stores: Stores) -> None:
+    flow = Workflow("retry", start=flaky).edge(flaky, show).on_failure(flaky, rescue)
+    await stores.register(flow)
+    run = await stores.start("retry", 1)
+    lease = await stores.session()
+    await stores.runs.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, abort("down")
+    )
+    assert (await stores.state(run.run_id))["flaky"] == (records_pb2.ITEM_STATUS_WAITING_RETRY, 1)
+    assert await stores.runs.ready(stores.namespace) == []
+    assert await stores.runs.fire_timers(stores.namespace, now_ms=0) == 0  # not due yet
+    assert await stores.runs.fire_timers(stores.namespace, now_ms=10**13) == 1
+    retry = await stores.claim_next(lease)
+    assert retry.item.attempt == 2
+    await stores.runs.complete(stores.namespace, retry.token, abort("still down"))
+    assert (await stores.state(run.run_id))["flaky"] == (
+        records_pb2.ITEM_STATUS_PERMANENTLY_FAILED,
+        2,
+    )
+    fallback = await stores.claim_next(lease)
+    assert fallback.item.node == "rescue" and json.loads(fallback.item.input.data) == 1
+    await stores.runs.complete(stores.namespace, fallback.token, nxt("rescued"))
+    done = await stores.runs.get(stores.namespace, run.run_id)
+    assert json.loads(done.output.data) == "rescued"
+    metrics = await stores.runs.metrics(stores.namespace, run.run_id)
+    assert (metrics.retries, metrics.failed) == (1, 1)
+
+
+async def test_a_failed_run_resumes_with_attempts_kept(stores: Stores) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    lease = await stores.session()
+    await stores.runs.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, abort("boom")
+    )
+    failed = await stores.runs.get(stores.namespace, run.run_id)
+    assert failed.status == records_pb2.RUN_STATUS_FAILED and failed.error.message == "boom"
+    resumed = await stores.runs.resume(stores.namespace, run.run_id)
+    assert resumed.status == records_pb2.RUN_STATUS_RUNNING
+    claim = await stores.claim_next(lease)
+    assert claim.item.attempt == 2
+    with pytest.raises(FailedPrecondition, match="it is running"):
+        await stores.runs.resume(stores.namespace, run.run_id)
+
+
+async def test_pause_stops_dispatch_and_resume_continues(stores: Stores) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    lease = await stores.session()
+    paused = await stores.runs.pause(stores.namespace, run.run_id)
+    assert paused.status == records_pb2.RUN_STATUS_PAUSED
+    assert (
+        await stores.runs.pause(stores.namespace, run.run_id)
+    ).status == records_pb2.RUN_STATUS_PAUSED
+    [item] = await stores.runs.ready(stores.namespace)
+    assert await stores.runs.claim(stores.namespace, lease, item.run_id, item.item_id) is None
+    await stores.runs.resume(stores.namespace, run.run_id)
+    assert await stores.runs.claim(stores.namespace, lease, item.run_id, item.item_id) is not None
+
+
+async def test_cancel_stops_the_run_and_refuses_late_results(stores: Stores) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    claim = await stores.claim_next(await stores.session())
+    cancelled = await stores.runs.cancel(stores.namespace, run.run_id, "no longer needed")
+    assert cancelled.status == records_pb2.RUN_STATUS_CANCELLED
+    with pytest.raises(ClaimLost, match="is cancelled"):
+        await stores.runs.complete(stores.namespace, claim.token, nxt(2))
+    assert await stores.runs.ready(stores.namespace) == []
+    with pytest.raises(FailedPrecondition, match=r"cannot cancel run .* it is cancelled"):
+        await stores.runs.cancel(stores.namespace, run.run_id, "again")
+    with pytest.raises(NotFound):
+        await stores.runs.cancel(stores.namespace, str(uuid.uuid4()), "")
+
+
+async def test_list_runs_pages_newest_first_and_filters(stores: Stores) -> None:
+    await stores.register(chain())
+    runs = [await stores.start("chain", n) for n in range(5)]
+    await stores.runs.cancel(stores.namespace, runs[1].run_id, "")
+    page, token = await stores.runs.list_runs(stores.namespace, [], "", 2, "")
+    assert [r.run_id for r in page] == [runs[4].run_id, runs[3].run_id] and token
+    rest, end = await stores.runs.list_runs(stores.namespace, [], "", 10, token)
+    assert [r.run_id for r in rest] == [r.run_id for r in reversed(runs[:3])] and end == ""
+    cancelled, _ = await stores.runs.list_runs(
+        stores.namespace, [records_pb2.RUN_STATUS_CANCELLED], "", 0, ""
+    )
+    assert [r.run_id for r in cancelled] == [runs[1].run_id]
+    assert (await stores.runs.list_runs(stores.namespace, [], "other", 0, ""))[0] == []
+
+
+async def test_enqueue_is_idempotent_and_checks_its_input(stores: Stores) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    item, created = await stores.runs.enqueue(stores.namespace, run.run_id, "show", js(7), "req-1")
+    again, created_again = await stores.runs.enqueue(
+        stores.namespace, run.run_id, "show", js(7), "req-1"
+    )
+    assert created and not created_again and item.item_id == again.item_id
+    with pytest.raises(NotFound, match="has no node 'ghost'"):
+        await stores.runs.enqueue(stores.namespace, run.run_id, "ghost", js(7), "req-2")
+    with pytest.raises(InvalidPayload):
+        await stores.runs.enqueue(stores.namespace, run.run_id, "show", js("x"), "req-3")
+    pending, _ = await stores.runs.pending(stores.namespace, run.run_id)
+    assert sorted(i.node for i in pending) == ["inc", "show"]
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a" * 200])
+async def test_malformed_ids_are_refused(stores: Stores, bad: str) -> None:
+    from floxide_grpc import InvalidArgument  # noqa: PLC0415
+
+    with pytest.raises(InvalidArgument):
+        await stores.runs.get(stores.namespace, bad)
