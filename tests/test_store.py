@@ -204,9 +204,8 @@ async def test_bad_starts_are_refused_and_change_nothing(stores: Stores) -> None
     with pytest.raises(InvalidPayload, match="'one' is not of type 'integer'"):
         await stores.start("chain", "one")
     with pytest.raises(InvalidPayload, match="not valid JSON"):
-        await stores.runs.start(
-            stores.namespace, "chain", "", Payload(encoding=work_item_pb2.ENCODING_JSON, data=b"{x"), "", None
-        )
+        broken = Payload(encoding=work_item_pb2.ENCODING_JSON, data=b"{x")
+        await stores.runs.start(stores.namespace, "chain", "", broken, "", None)
     with pytest.raises(ResourceExhausted, match="over the limit of 4096"):
         await stores.runs.start(stores.namespace, "chain", "", js("x" * 5000), "", None)
     with pytest.raises(InvalidPayload, match="context field 'missing' is not declared"):
