@@ -55,7 +55,7 @@ from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Op, Put, Request, Target, Txn
 from floxide_server.store.workflows import Definition, WorkflowStore
 
-__all__ = ["Claim", "Completion", "RunStore", "new_run_id"]
+__all__ = ["FINISHED", "Claim", "Completion", "RunStore", "new_run_id", "status_name"]
 
 RunStatus = records_pb2.RunStatus
 ItemStatus = records_pb2.ItemStatus
@@ -87,7 +87,8 @@ def new_run_id() -> str:
     return str(uuid.UUID(int=value))
 
 
-def _status_name(status: int) -> bytes:
+def status_name(status: int) -> bytes:
+    """The value of a run's status key."""
     return RunStatus.Name(status).removeprefix("RUN_STATUS_").encode()  # type: ignore[arg-type]
 
 
@@ -393,7 +394,7 @@ class RunStore:
         _stamp(first, "created_at", now)
         writes: list[Request] = [
             Put(keys.run_info(run_id), run.SerializeToString()),
-            Put(keys.status(run_id), _status_name(RUNNING)),
+            Put(keys.status(run_id), status_name(RUNNING)),
             Put(keys.context_init(run_id), context_bytes),
             *self._new_items(keys, [first]),
         ]
@@ -468,7 +469,7 @@ class RunStore:
                     [Compare.modified_at(keys.run_info(run_id), found.mod_revision)],
                     [
                         Put(keys.run_info(run_id), run.SerializeToString()),
-                        Put(keys.status(run_id), _status_name(status)),
+                        Put(keys.status(run_id), status_name(status)),
                         *extra,
                     ],
                 )
@@ -556,7 +557,7 @@ class RunStore:
                 Txn(
                     [
                         Compare(
-                            keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, _status_name(RUNNING)
+                            keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, status_name(RUNNING)
                         )
                     ],
                     writes[start : start + self.limits.max_txn_ops - 4],
@@ -607,7 +608,7 @@ class RunStore:
             Txn(
                 [
                     Compare.missing(keys.item(run_id, item.item_id)),
-                    Compare.value_is(keys.status(run_id), _status_name(RUNNING)),
+                    Compare.value_is(keys.status(run_id), status_name(RUNNING)),
                 ],
                 self._new_items(keys, [item]),
             )
@@ -647,7 +648,7 @@ class RunStore:
                 [
                     Compare.exists(keys.queue(run_id, item_id)),
                     Compare.exists(keys.session(lease)),
-                    Compare.value_is(keys.status(run_id), _status_name(RUNNING)),
+                    Compare.value_is(keys.status(run_id), status_name(RUNNING)),
                     Compare.modified_at(found.key, found.mod_revision),
                 ],
                 [
@@ -725,7 +726,7 @@ class RunStore:
                 Compare.created_at(claim_kv.key, claim.revision),
                 Compare.exists(keys.session(claim.lease)),
                 *(
-                    Compare(keys.status(claim.run_id), Target.VALUE, Op.NOT_EQUAL, _status_name(s))
+                    Compare(keys.status(claim.run_id), Target.VALUE, Op.NOT_EQUAL, status_name(s))
                     for s in FINISHED
                 ),
                 Compare.modified_at(state_kv.key, state_kv.mod_revision),
@@ -743,7 +744,7 @@ class RunStore:
             if await self.kv.get(keys.session(claim.lease)) is None:
                 raise ClaimLost(f"the session of claim on item {claim.item_id!r} has ended")
             status = await self.kv.get(keys.status(claim.run_id))
-            if status is not None and status.value in {_status_name(s) for s in FINISHED}:
+            if status is not None and status.value in {status_name(s) for s in FINISHED}:
                 await self.kv.txn(
                     Txn([Compare.created_at(claim_kv.key, claim.revision)], [Delete(claim_kv.key)])
                 )
@@ -866,7 +867,7 @@ class RunStore:
             _stamp(run, "finished_at", now)
             _stamp(run, "updated_at", now)
             plan.writes.append(Put(keys.run_info(run.run_id), run.SerializeToString()))
-            plan.writes.append(Put(keys.status(run.run_id), _status_name(run.status)))
+            plan.writes.append(Put(keys.status(run.run_id), status_name(run.status)))
             plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
             plan.finished = True
 
@@ -931,7 +932,7 @@ class RunStore:
         _stamp(run, "finished_at", now)
         _stamp(run, "updated_at", now)
         plan.writes.append(Put(keys.run_info(run.run_id), run.SerializeToString()))
-        plan.writes.append(Put(keys.status(run.run_id), _status_name(run.status)))
+        plan.writes.append(Put(keys.status(run.run_id), status_name(run.status)))
         plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
 
     # -- timers --------------------------------------------------------------------------------
@@ -948,7 +949,7 @@ class RunStore:
                 break
             entry = work_item_pb2.WorkItem.FromString(timer.value)
             status = await self.kv.get(keys.status(entry.run_id))
-            if status is not None and status.value == _status_name(PAUSED):
+            if status is not None and status.value == status_name(PAUSED):
                 continue  # fires after resume
             try:
                 state_kv, state = await self._state(keys, entry.run_id, entry.item_id)
@@ -957,7 +958,7 @@ class RunStore:
                 continue
             if (
                 status is None
-                or status.value != _status_name(RUNNING)
+                or status.value != status_name(RUNNING)
                 or state.status != records_pb2.ITEM_STATUS_WAITING_RETRY
             ):
                 await self.kv.txn(Txn([Compare.exists(timer.key)], [Delete(timer.key)]))
@@ -973,7 +974,7 @@ class RunStore:
                 Txn(
                     [
                         Compare.exists(timer.key),
-                        Compare.value_is(keys.status(entry.run_id), _status_name(RUNNING)),
+                        Compare.value_is(keys.status(entry.run_id), status_name(RUNNING)),
                         Compare.modified_at(state_kv.key, state_kv.mod_revision),
                     ],
                     [

@@ -1,0 +1,244 @@
+"""``OrchestratorService``: validate the request, delegate to the stores, build the response.
+
+Errors are raised as :mod:`floxide_grpc.errors` and become statuses in
+:class:`floxide_server.errors.ErrorInterceptor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from floxide_grpc._proto.floxide.v1 import (
+    orchestrator_service_pb2 as pb,
+)
+from floxide_grpc._proto.floxide.v1 import (
+    orchestrator_service_pb2_grpc,
+    records_pb2,
+    work_item_pb2,
+)
+from floxide_grpc.errors import Unavailable
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import KV
+from floxide_server.store.payloads import check_name, namespace_of
+from floxide_server.store.runs import FINISHED, RunStore
+from floxide_server.store.workflows import WorkflowStore
+from floxide_server.watch import RESYNC, Watches
+
+__all__ = ["OrchestratorService", "list_workers"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def list_workers(
+    kv: KV, namespace: str, stale_after_ms: int
+) -> list[records_pb2.WorkerRecord]:
+    """The namespace's live sessions, with liveness judged from their last heartbeat."""
+    found, _ = await kv.range(Keys(namespace).session())
+    now = time.time_ns() // 1_000_000
+    workers = []
+    for kv_entry in found:
+        record = records_pb2.WorkerRecord.FromString(kv_entry.value)
+        age = now - record.last_heartbeat.ToMilliseconds()
+        record.liveness = (
+            records_pb2.LIVENESS_STATUS_ALIVE
+            if age <= stale_after_ms
+            else records_pb2.LIVENESS_STATUS_STALE
+        )
+        workers.append(record)
+    return workers
+
+
+class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServicer):
+    """The orchestrator API over the stores."""
+
+    def __init__(
+        self,
+        kv: KV,
+        workflows: WorkflowStore,
+        runs: RunStore,
+        watches: Watches,
+        stopping: asyncio.Event,
+        stale_after_ms: int = 15_000,
+    ) -> None:
+        self.kv = kv
+        self.workflows = workflows
+        self.runs = runs
+        self.watches = watches
+        self.stopping = stopping
+        self.stale_after_ms = stale_after_ms
+
+    async def RegisterWorkflow(
+        self, request: pb.RegisterWorkflowRequest, context: Context
+    ) -> pb.RegisterWorkflowResponse:
+        """Validate and store a definition."""
+        definition_hash, created = await self.workflows.register(
+            namespace_of(request.namespace), request.definition
+        )
+        return pb.RegisterWorkflowResponse(definition_hash=definition_hash, created=created)
+
+    async def GetWorkflow(
+        self, request: pb.GetWorkflowRequest, context: Context
+    ) -> pb.GetWorkflowResponse:
+        """A registered definition, by name or hash."""
+        record = await self.workflows.record(
+            namespace_of(request.namespace), request.name, request.definition_hash
+        )
+        return pb.GetWorkflowResponse(workflow=record)
+
+    async def ListWorkflows(
+        self, request: pb.ListWorkflowsRequest, context: Context
+    ) -> pb.ListWorkflowsResponse:
+        """Workflows by name with their current hash."""
+        found, token = await self.workflows.list_workflows(
+            namespace_of(request.namespace), request.page_size, request.page_token
+        )
+        return pb.ListWorkflowsResponse(workflows=found, next_page_token=token)
+
+    async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
+        """Start a run (idempotent by key)."""
+        run, created = await self.runs.start(
+            namespace_of(request.namespace),
+            check_name("workflow", request.workflow),
+            request.definition_hash,
+            request.input,
+            request.idempotency_key,
+            request.context if request.HasField("context") else None,
+        )
+        return pb.StartRunResponse(run=run, created=created)
+
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
+        """A run's record."""
+        return pb.GetRunResponse(
+            run=await self.runs.get(namespace_of(request.namespace), request.run_id)
+        )
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
+        """Runs newest first, filtered."""
+        runs, token = await self.runs.list_runs(
+            namespace_of(request.namespace),
+            list(request.statuses),
+            request.workflow,
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListRunsResponse(runs=runs, next_page_token=token)
+
+    async def CancelRun(
+        self, request: pb.CancelRunRequest, context: Context
+    ) -> pb.CancelRunResponse:
+        """Cancel a run."""
+        run = await self.runs.cancel(
+            namespace_of(request.namespace), request.run_id, request.reason
+        )
+        return pb.CancelRunResponse(run=run)
+
+    async def PauseRun(self, request: pb.PauseRunRequest, context: Context) -> pb.PauseRunResponse:
+        """Pause a run."""
+        return pb.PauseRunResponse(
+            run=await self.runs.pause(namespace_of(request.namespace), request.run_id)
+        )
+
+    async def ResumeRun(
+        self, request: pb.ResumeRunRequest, context: Context
+    ) -> pb.ResumeRunResponse:
+        """Resume a paused or failed run."""
+        return pb.ResumeRunResponse(
+            run=await self.runs.resume(namespace_of(request.namespace), request.run_id)
+        )
+
+    async def ListRunErrors(
+        self, request: pb.ListRunErrorsRequest, context: Context
+    ) -> pb.ListRunErrorsResponse:
+        """A run's failed attempts."""
+        errors, token = await self.runs.errors(
+            namespace_of(request.namespace), request.run_id, request.page_size, request.page_token
+        )
+        return pb.ListRunErrorsResponse(errors=errors, next_page_token=token)
+
+    async def GetRunMetrics(
+        self, request: pb.GetRunMetricsRequest, context: Context
+    ) -> pb.GetRunMetricsResponse:
+        """A run's counts."""
+        metrics = await self.runs.metrics(namespace_of(request.namespace), request.run_id)
+        return pb.GetRunMetricsResponse(metrics=metrics)
+
+    async def GetRunContext(
+        self, request: pb.GetRunContextRequest, context: Context
+    ) -> pb.GetRunContextResponse:
+        """A run's context now."""
+        value = await self.runs.context(namespace_of(request.namespace), request.run_id)
+        return pb.GetRunContextResponse(context=_json(value))
+
+    async def ListPendingWork(
+        self, request: pb.ListPendingWorkRequest, context: Context
+    ) -> pb.ListPendingWorkResponse:
+        """A run's waiting items."""
+        items, token = await self.runs.pending(
+            namespace_of(request.namespace), request.run_id, request.page_size, request.page_token
+        )
+        return pb.ListPendingWorkResponse(items=items, next_page_token=token)
+
+    async def ListWorkItems(
+        self, request: pb.ListWorkItemsRequest, context: Context
+    ) -> pb.ListWorkItemsResponse:
+        """A run's items and their states."""
+        items, token = await self.runs.items(
+            namespace_of(request.namespace),
+            request.run_id,
+            list(request.statuses),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListWorkItemsResponse(items=items, next_page_token=token)
+
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: Context
+    ) -> pb.ListWorkersResponse:
+        """The namespace's worker sessions."""
+        workers = await list_workers(self.kv, namespace_of(request.namespace), self.stale_after_ms)
+        return pb.ListWorkersResponse(workers=workers)
+
+    async def WaitForCompletion(
+        self, request: pb.WaitForCompletionRequest, context: Context
+    ) -> AsyncIterator[pb.WaitForCompletionResponse]:
+        """The run now, then at every change of status, until it is finished."""
+        namespace = namespace_of(request.namespace)
+        keys = Keys(namespace)
+        key = keys.run_info(check_name("run id", request.run_id))
+        updates = await self.watches.open(keys.run_infos)  # one watch per namespace, shared
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            run = await self.runs.get(namespace, request.run_id)  # after subscribing: no gap
+            yield pb.WaitForCompletionResponse(run=run)
+            last_status = run.status
+            while run.status not in FINISHED:
+                change = asyncio.ensure_future(updates.next())
+                done, _ = await asyncio.wait({change, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    change.cancel()
+                    raise Unavailable("the server is shutting down: wait again, on any replica")
+                event = change.result()
+                if event is RESYNC:
+                    run = await self.runs.get(namespace, request.run_id)
+                elif event.kv.key == key and not event.deleted:
+                    run = records_pb2.RunRecord.FromString(event.kv.value)
+                else:
+                    continue
+                if run.status != last_status:
+                    last_status = run.status
+                    yield pb.WaitForCompletionResponse(run=run)
+        finally:
+            stop.cancel()
+            updates.close()
+
+
+def _json(value: object) -> work_item_pb2.Payload:
+    return work_item_pb2.Payload(
+        encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(value, separators=(",", ":")).encode()
+    )
