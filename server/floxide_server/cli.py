@@ -1,22 +1,95 @@
-"""The ``floxide-server`` command."""
+"""The ``floxide-server`` command: an orchestrator replica on etcd (a cluster, or embedded)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from floxide_grpc import __version__
+from floxide_server.app import Server, ServerConfig
+from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.etcd import EtcdKV
 
 app = typer.Typer(name="floxide-server", add_completion=False)
+log = logging.getLogger("floxide_server")
+
+DEFAULT_PORT = 50051
+
+
+async def serve(
+    endpoints: list[str], config: ServerConfig, ready_file: Path | None, grace: timedelta
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    kv = EtcdKV(endpoints)
+    server = Server(kv, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        port = await server.start()
+        if ready_file is not None:
+            await asyncio.to_thread(ready_file.write_text, f"{config.host}:{port}\n")
+        log.info("serving floxide.v1 on %s:%d (etcd %s)", config.host, port, ",".join(endpoints))
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.stop(grace)
+        await kv.close()
 
 
 @app.command()
 def run(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    etcd: Annotated[
+        str, typer.Option(help="etcd endpoints host:port[,...]; none: an embedded etcd.")
+    ] = "",
+    host: Annotated[str, typer.Option(help="The address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to bind; 0 picks a free one.")] = DEFAULT_PORT,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="The embedded etcd's data directory (kept); default: a temporary one."),
+    ] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="Write host:port here once serving.")
+    ] = None,
+    grace: Annotated[
+        float, typer.Option(help="Seconds to finish calls in flight on shutdown.")
+    ] = 10.0,
+    server_id: Annotated[str, typer.Option(help="This replica's name.")] = "",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
-    """Start the floxide-grpc server."""
+    """Serve the floxide-grpc orchestrator: its services, health and reflection."""
     if version:
         typer.echo(f"floxide-server {__version__}")
         return
-    typer.echo("floxide-server: not built yet; the contracts are in proto/floxide/v1", err=True)
-    raise typer.Exit(code=2)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = ServerConfig(host=host, port=port)
+    if server_id:
+        config = ServerConfig(host=host, port=port, server_id=server_id)
+    embedded: EmbeddedEtcd | None = None
+    endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
+    if not endpoints:
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        embedded = EmbeddedEtcd(data_dir=data_dir, name="floxide").start()
+        endpoints = [embedded.endpoint]
+        log.info("embedded etcd (development only) at %s", embedded.endpoint)
+    try:
+        asyncio.run(serve(endpoints, config, ready_file, timedelta(seconds=grace)))
+    finally:
+        if embedded is not None:
+            with contextlib.suppress(Exception):
+                embedded.stop(keep_data=data_dir is not None)
 
 
 def main() -> None:

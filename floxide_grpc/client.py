@@ -1,0 +1,408 @@
+"""The orchestrator client: start, follow and control runs on a floxide-grpc server.
+
+Every call has a deadline; calls that fail with UNAVAILABLE (the server restarting, etcd
+electing a leader) are retried with backoff; ``start_run`` always sends an idempotency key (one
+is made up when the caller gives none), so a retried start never starts two runs. gRPC statuses
+come back as the :mod:`floxide_grpc.errors` they stand for. :class:`SyncOrchestratorClient` is a
+thin blocking wrapper for scripts and shells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from floxide_grpc import codec
+from floxide_grpc._proto.floxide.v1 import (
+    orchestrator_service_pb2 as pb,
+)
+from floxide_grpc._proto.floxide.v1 import (
+    orchestrator_service_pb2_grpc,
+    records_pb2,
+    work_item_pb2,
+    workflow_pb2,
+)
+from floxide_grpc.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FloxideError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RunCancelled,
+    RunFailed,
+    StatusCode,
+    Unavailable,
+)
+from floxide_grpc.records import ErrorInfo, ItemInfo, RunInfo, RunMetrics, RunStatus, WorkerInfo
+from floxide_grpc.workflow import Workflow
+
+__all__ = ["OrchestratorClient", "SyncOrchestratorClient", "error_from_status"]
+
+T = TypeVar("T")
+
+_ERRORS: dict[StatusCode, type[FloxideError]] = {
+    StatusCode.NOT_FOUND: NotFound,
+    StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    StatusCode.ALREADY_EXISTS: AlreadyExists,
+    StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def error_from_status(exc: grpc.aio.AioRpcError) -> FloxideError:
+    """The SDK error a gRPC status stands for (the server's message kept)."""
+    code = StatusCode(exc.code().value[0])
+    error = _ERRORS.get(code, FloxideError)(exc.details() or code.name)
+    error.code = code
+    return error
+
+
+def _payload(value: Any, where: str) -> work_item_pb2.Payload:
+    return codec.to_payload(value, where=where)
+
+
+class OrchestratorClient:
+    """An async client of one server (or a load balancer in front of several).
+
+    Args:
+        target: ``host:port`` of the server.
+        namespace: The namespace of every call.
+        timeout: The deadline of one call, in seconds.
+        retries: How many times a call failing with UNAVAILABLE is tried again.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        namespace: str = "default",
+        timeout: float = 10.0,
+        retries: int = 5,
+    ) -> None:
+        self.target = target
+        self.namespace = namespace
+        self.timeout = timeout
+        self.retries = retries
+        self._channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ],
+        )
+        self._stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(self._channel)
+
+    async def close(self) -> None:
+        """Close the channel. Idempotent."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> OrchestratorClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        pause = 0.1
+        for attempt in range(self.retries + 1):
+            try:
+                return await method(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise error_from_status(exc) from exc
+            await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+            pause = min(pause * 2, 2.0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- workflows -------------------------------------------------------------------------
+
+    async def register_workflow(self, workflow: Workflow | workflow_pb2.WorkflowDefinition) -> str:
+        """Register a workflow (idempotent); returns its definition hash."""
+        definition = workflow.definition() if isinstance(workflow, Workflow) else workflow
+        response = await self._call(
+            self._stub.RegisterWorkflow,
+            pb.RegisterWorkflowRequest(namespace=self.namespace, definition=definition),
+        )
+        return response.definition_hash
+
+    async def get_workflow(
+        self, name: str, definition_hash: str = ""
+    ) -> workflow_pb2.RegisteredWorkflow:
+        """A registered definition (the current one of ``name`` unless a hash is given)."""
+        response = await self._call(
+            self._stub.GetWorkflow,
+            pb.GetWorkflowRequest(
+                namespace=self.namespace, name=name, definition_hash=definition_hash
+            ),
+        )
+        return response.workflow
+
+    async def list_workflows(self) -> list[tuple[str, str]]:
+        """Every workflow's name and current hash."""
+        found: list[tuple[str, str]] = []
+        token = ""
+        while True:
+            response = await self._call(
+                self._stub.ListWorkflows,
+                pb.ListWorkflowsRequest(namespace=self.namespace, page_token=token),
+            )
+            found += [(w.name, w.definition_hash) for w in response.workflows]
+            token = response.next_page_token
+            if not token:
+                return found
+
+    # -- runs ------------------------------------------------------------------------------
+
+    async def start_run(
+        self,
+        workflow: str | Workflow,
+        input: Any,
+        *,
+        idempotency_key: str | None = None,
+        definition_hash: str = "",
+        context: Mapping[str, Any] | None = None,
+    ) -> tuple[RunInfo, bool]:
+        """Start a run; returns it and whether it was created (``False``: the key's earlier run)."""
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        request = pb.StartRunRequest(
+            namespace=self.namespace,
+            workflow=name,
+            definition_hash=definition_hash,
+            input=_payload(input, "input"),
+            idempotency_key=idempotency_key or str(uuid.uuid4()),
+        )
+        if context is not None:
+            request.context.CopyFrom(_payload(dict(context), "context"))
+        response = await self._call(self._stub.StartRun, request)
+        return RunInfo.from_proto(response.run), response.created
+
+    async def get_run(self, run_id: str) -> RunInfo:
+        """A run's record."""
+        response = await self._call(
+            self._stub.GetRun, pb.GetRunRequest(namespace=self.namespace, run_id=run_id)
+        )
+        return RunInfo.from_proto(response.run)
+
+    async def list_runs(
+        self,
+        *,
+        statuses: tuple[RunStatus, ...] = (),
+        workflow: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[RunInfo], str]:
+        """One page of runs, newest first, and the token of the next page ("" on the last)."""
+        response = await self._call(
+            self._stub.ListRuns,
+            pb.ListRunsRequest(
+                namespace=self.namespace,
+                statuses=[s.to_proto() for s in statuses],
+                workflow=workflow,
+                page_size=page_size,
+                page_token=page_token,
+            ),
+        )
+        return [RunInfo.from_proto(r) for r in response.runs], response.next_page_token
+
+    async def cancel_run(self, run_id: str, reason: str = "") -> RunInfo:
+        """Cancel a run."""
+        response = await self._call(
+            self._stub.CancelRun,
+            pb.CancelRunRequest(namespace=self.namespace, run_id=run_id, reason=reason),
+        )
+        return RunInfo.from_proto(response.run)
+
+    async def pause_run(self, run_id: str) -> RunInfo:
+        """Pause a run."""
+        response = await self._call(
+            self._stub.PauseRun, pb.PauseRunRequest(namespace=self.namespace, run_id=run_id)
+        )
+        return RunInfo.from_proto(response.run)
+
+    async def resume_run(self, run_id: str) -> RunInfo:
+        """Resume a paused or failed run."""
+        response = await self._call(
+            self._stub.ResumeRun, pb.ResumeRunRequest(namespace=self.namespace, run_id=run_id)
+        )
+        return RunInfo.from_proto(response.run)
+
+    async def run_errors(self, run_id: str) -> list[ErrorInfo]:
+        """Every failed attempt of a run, oldest first."""
+        found: list[ErrorInfo] = []
+        token = ""
+        while True:
+            response = await self._call(
+                self._stub.ListRunErrors,
+                pb.ListRunErrorsRequest(namespace=self.namespace, run_id=run_id, page_token=token),
+            )
+            found += [ErrorInfo.from_proto(e) for e in response.errors]
+            token = response.next_page_token
+            if not token:
+                return found
+
+    async def run_metrics(self, run_id: str) -> RunMetrics:
+        """A run's counts."""
+        response = await self._call(
+            self._stub.GetRunMetrics,
+            pb.GetRunMetricsRequest(namespace=self.namespace, run_id=run_id),
+        )
+        return RunMetrics.from_proto(response.metrics)
+
+    async def run_context(self, run_id: str) -> dict[str, Any]:
+        """A run's context now."""
+        response = await self._call(
+            self._stub.GetRunContext,
+            pb.GetRunContextRequest(namespace=self.namespace, run_id=run_id),
+        )
+        value: dict[str, Any] = json.loads(response.context.data)
+        return value
+
+    async def work_items(self, run_id: str, *, pending_only: bool = False) -> list[ItemInfo]:
+        """A run's items with their states (only those waiting, with ``pending_only``)."""
+        found: list[ItemInfo] = []
+        token = ""
+        statuses = (
+            [records_pb2.ITEM_STATUS_PENDING, records_pb2.ITEM_STATUS_WAITING_RETRY]
+            if pending_only
+            else []
+        )
+        while True:
+            response = await self._call(
+                self._stub.ListWorkItems,
+                pb.ListWorkItemsRequest(
+                    namespace=self.namespace,
+                    run_id=run_id,
+                    statuses=statuses,
+                    page_token=token,
+                ),
+            )
+            found += [ItemInfo.from_proto(s) for s in response.items]
+            token = response.next_page_token
+            if not token:
+                return found
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The namespace's worker sessions."""
+        response = await self._call(
+            self._stub.ListWorkers, pb.ListWorkersRequest(namespace=self.namespace)
+        )
+        return [WorkerInfo.from_proto(w) for w in response.workers]
+
+    async def watch_run(self, run_id: str) -> AsyncIterator[RunInfo]:
+        """The run now, then at every change of status, until it is finished.
+
+        A stream broken by a server going away (UNAVAILABLE) is opened again, on whatever the
+        target resolves to, up to ``retries`` times in a row.
+        """
+        failures = 0
+        last: RunStatus | None = None
+        while True:
+            call = self._stub.WaitForCompletion(
+                pb.WaitForCompletionRequest(namespace=self.namespace, run_id=run_id)
+            )
+            try:
+                async for response in call:
+                    failures = 0
+                    run = RunInfo.from_proto(response.run)
+                    if run.status != last:
+                        last = run.status
+                        yield run
+                    if run.status.finished:
+                        return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
+                    raise error_from_status(exc) from exc
+                failures += 1
+                await asyncio.sleep(0.1 * 2**failures)
+
+    async def wait_for_completion(self, run_id: str, timeout: float | None = None) -> RunInfo:
+        """Wait until a run is completed, failed or cancelled; returns its final record.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        async with asyncio.timeout(timeout):
+            async for run in self.watch_run(run_id):
+                if run.status.finished:
+                    return run
+        return await self.get_run(run_id)
+
+    async def run(
+        self, workflow: str | Workflow, input: Any, *, timeout: float | None = None
+    ) -> Any:
+        """Start a run, wait for it, and return its output.
+
+        Raises:
+            RunFailed: the run failed.
+            RunCancelled: the run was cancelled.
+        """
+        started, _ = await self.start_run(workflow, input)
+        final = await self.wait_for_completion(started.run_id, timeout)
+        if final.status is RunStatus.COMPLETED:
+            return final.output
+        if final.status is RunStatus.CANCELLED:
+            raise RunCancelled(f"run {final.run_id} was cancelled: {final.error}")
+        raise RunFailed(f"run {final.run_id} failed: {final.error}", node="", kind="", attempts=0)
+
+
+class SyncOrchestratorClient:
+    """The same client, blocking: each method runs the async one on a private event loop."""
+
+    def __init__(self, target: str, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="floxide-client", daemon=True
+        )
+        self._thread.start()
+        self._client: OrchestratorClient = self._run(self._make(target, options))
+
+    @staticmethod
+    async def _make(target: str, options: dict[str, Any]) -> OrchestratorClient:
+        return OrchestratorClient(target, **options)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._client, name)
+        if not asyncio.iscoroutinefunction(method):
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._run(method(*args, **kwargs))
+
+        return call
+
+    def close(self) -> None:
+        """Close the client and stop its loop. Idempotent."""
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def __enter__(self) -> SyncOrchestratorClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,176 @@
+"""Python views of the server's records: what the client returns instead of protobuf messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import json
+from typing import Any
+
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+
+__all__ = ["ErrorInfo", "ItemInfo", "RunInfo", "RunMetrics", "RunStatus", "WorkerInfo"]
+
+
+class RunStatus(enum.StrEnum):
+    """The state of a run."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PAUSED = "paused"
+
+    @classmethod
+    def from_proto(cls, value: int) -> RunStatus:
+        """Read a ``floxide.v1.RunStatus``.
+
+        Raises:
+            ValueError: the value is unspecified or unknown to this SDK.
+        """
+        return cls(records_pb2.RunStatus.Name(value).removeprefix("RUN_STATUS_").lower())  # type: ignore[arg-type]
+
+    def to_proto(self) -> records_pb2.RunStatus.ValueType:
+        """The ``floxide.v1.RunStatus`` value."""
+        return records_pb2.RunStatus.Value(f"RUN_STATUS_{self.name}")
+
+    @property
+    def finished(self) -> bool:
+        """Whether waiting for the run ends here (completed, failed or cancelled)."""
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+def _time(stamp: Any, present: bool) -> datetime.datetime | None:
+    return stamp.ToDatetime(tzinfo=datetime.UTC) if present else None
+
+
+def _json(payload: work_item_pb2.Payload) -> Any:
+    return json.loads(payload.data) if payload.data else None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """A run as the server records it."""
+
+    run_id: str
+    namespace: str
+    workflow: str
+    definition_hash: str
+    status: RunStatus
+    input: Any
+    output: Any
+    error: str | None
+    created_at: datetime.datetime | None
+    finished_at: datetime.datetime | None
+
+    @classmethod
+    def from_proto(cls, record: records_pb2.RunRecord) -> RunInfo:
+        """Read a ``floxide.v1.RunRecord``."""
+        return cls(
+            run_id=record.run_id,
+            namespace=record.namespace,
+            workflow=record.workflow,
+            definition_hash=record.definition_hash,
+            status=RunStatus.from_proto(record.status),
+            input=_json(record.input),
+            output=_json(record.output) if record.HasField("output") else None,
+            error=record.error.message if record.HasField("error") else None,
+            created_at=_time(record.created_at, record.HasField("created_at")),
+            finished_at=_time(record.finished_at, record.HasField("finished_at")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMetrics:
+    """Counts of a run's items."""
+
+    total_work_items: int
+    completed: int
+    failed: int
+    retries: int
+    pending: int
+    in_progress: int
+    waiting_retry: int
+    worker_lost: int
+
+    @classmethod
+    def from_proto(cls, metrics: records_pb2.RunMetrics) -> RunMetrics:
+        """Read a ``floxide.v1.RunMetrics``."""
+        return cls(**{f.name: getattr(metrics, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorInfo:
+    """One failed attempt."""
+
+    item_id: str
+    node: str
+    attempt: int
+    kind: str
+    message: str
+    occurred_at: datetime.datetime | None
+
+    @classmethod
+    def from_proto(cls, record: records_pb2.ErrorRecord) -> ErrorInfo:
+        """Read a ``floxide.v1.ErrorRecord``."""
+        return cls(
+            item_id=record.item_id,
+            node=record.node,
+            attempt=record.attempt,
+            kind=work_item_pb2.ErrorKind.Name(record.error.kind).removeprefix("ERROR_KIND_"),
+            message=record.error.message,
+            occurred_at=_time(record.occurred_at, record.HasField("occurred_at")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemInfo:
+    """A work item and its state."""
+
+    item_id: str
+    node: str
+    status: str
+    attempts: int
+    last_error: str | None
+
+    @classmethod
+    def from_proto(cls, state: records_pb2.WorkItemState) -> ItemInfo:
+        """Read a ``floxide.v1.WorkItemState``."""
+        return cls(
+            item_id=state.item.item_id,
+            node=state.item.node,
+            status=records_pb2.ItemStatus.Name(state.status).removeprefix("ITEM_STATUS_").lower(),
+            attempts=state.attempts,
+            last_error=state.last_error.message if state.HasField("last_error") else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """A connected worker session."""
+
+    session_id: str
+    worker_id: str
+    status: str
+    liveness: str
+    slots: int
+    in_flight: int
+    last_heartbeat: datetime.datetime | None
+
+    @classmethod
+    def from_proto(cls, record: records_pb2.WorkerRecord) -> WorkerInfo:
+        """Read a ``floxide.v1.WorkerRecord``."""
+        return cls(
+            session_id=record.session_id,
+            worker_id=record.worker_id,
+            status=records_pb2.WorkerStatus.Name(record.status)
+            .removeprefix("WORKER_STATUS_")
+            .lower(),
+            liveness=records_pb2.LivenessStatus.Name(record.liveness)
+            .removeprefix("LIVENESS_STATUS_")
+            .lower(),
+            slots=record.slots,
+            in_flight=len(record.current_items),
+            last_heartbeat=_time(record.last_heartbeat, record.HasField("last_heartbeat")),
+        )
