@@ -194,7 +194,7 @@ class Workflow:
         return unique[0] if len(unique) == 1 else typing.Union[tuple(unique)]  # noqa: UP007
 
     def definition(self) -> workflow_pb2.WorkflowDefinition:
-        """The validated ``floxide.v1.WorkflowDefinition`` (built once, then cached).
+        """The validated ``floxide.v1.WorkflowDefinition``: a copy of one built once and cached.
 
         Raises:
             InvalidDefinition: the workflow is malformed; the message names the node at fault.
@@ -205,7 +205,9 @@ class Workflow:
             graph.validate()
             self._check_types(graph)
             self._definition = definition
-        return self._definition
+        copy = workflow_pb2.WorkflowDefinition()
+        copy.CopyFrom(self._definition)  # callers may change theirs; the cached one stays valid
+        return copy
 
     def graph(self) -> Graph:
         """The validated definition as a :class:`Graph`."""

@@ -7,6 +7,8 @@ newer, and passes ``--etcd``.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
@@ -44,6 +46,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child: be sent SIGTERM when the parent dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _healthy(url: str) -> bool:
@@ -109,6 +118,7 @@ class EmbeddedEtcd:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
         )
         self.wait_healthy(timeout)
         log.info("embedded etcd %s serving at %s (data in %s)", self.name, client, self.data_dir)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -83,3 +86,50 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+def start_server(
+    *args: str, ready_file: str, timeout: float = 60.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``floxide-server`` as a process on a free port; return it and its address once ready.
+
+    Its log goes to ``{ready_file}.log`` (a pipe nobody reads could fill up and block it).
+
+    Raises:
+        AssertionError: it exited, or was not ready within ``timeout`` seconds.
+    """
+    path = Path(ready_file)
+    path.unlink(missing_ok=True)
+    log = Path(f"{ready_file}.log")
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "floxide-server"),
+                "--port",
+                "0",
+                "--ready-file",
+                ready_file,
+                *args,
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().endswith("\n")):
+        if process.poll() is not None:
+            raise AssertionError(
+                f"floxide-server exited with {process.returncode}: {log.read_text()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"floxide-server was not ready in time: {log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    return process, path.read_text().strip()
+
+
+def stop_server(process: subprocess.Popen[bytes], sig: int, timeout: float = 30.0) -> int:
+    """Signal a server process and wait for it; its exit code."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
+    return process.wait(timeout=timeout)

@@ -811,7 +811,7 @@ class ListWorkItemsResponse(_message.Message):
     """Pass as page_token for the next page; empty on the last page."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[_records_pb2.WorkItemState]:
-        """The items with their states, in creation order."""
+        """The items with their states, in item id order."""
 
     def __init__(
         self,

@@ -1,0 +1,272 @@
+"""Every orchestrator RPC over a real socket, against a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import grpc
+import pytest
+from floxide_server.app import SERVICE_NAMES, Server, ServerConfig
+from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.etcd import EtcdKV
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import Put, Txn
+from floxide_server.store.payloads import Limits
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from floxide_grpc import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    Merge,
+    NotFound,
+    ResourceExhausted,
+    Workflow,
+    node,
+)
+from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2 as pb
+from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2_grpc, records_pb2, work_item_pb2
+from floxide_grpc.client import OrchestratorClient
+from floxide_grpc.records import RunStatus
+
+
+@dataclass
+class Totals:
+    seen: Annotated[int, Merge.ADD] = 0
+
+
+@node
+def double(x: int) -> int:
+    return x * 2
+
+
+@node
+def show(x: int) -> str:
+    return str(x)
+
+
+FLOW = Workflow("doubler", start=double, context=Totals).edge(double, show)
+
+
+@dataclass
+class Stack:
+    server: Server
+    client: OrchestratorClient
+    namespace: str
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+@pytest.fixture
+async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[Stack]:
+    kv = EtcdKV([etcd.endpoint])
+    server = Server(
+        kv, ServerConfig(port=0, limits=Limits(max_payload_bytes=2048), max_message_bytes=64 * 1024)
+    )
+    await server.start()
+    namespace = f"ns-{uuid.uuid4().hex[:10]}"
+    client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
+    try:
+        yield Stack(server, client, namespace)
+    finally:
+        await client.close()
+        await server.stop()
+        await kv.close()
+
+
+async def run_to_completion(stack: Stack, run_id: str, steps: list[Any]) -> None:
+    """Play a worker: claim each queued item in turn and complete it with the next output."""
+    runs, kv = stack.server.runs, stack.server.kv
+    lease = await kv.grant(30)
+    worker = records_pb2.WorkerRecord(
+        session_id=f"{lease:x}", worker_id="test-worker", namespace=stack.namespace, slots=1
+    )
+    worker.last_heartbeat.GetCurrentTime()
+    await kv.txn(
+        Txn([], [Put(Keys(stack.namespace).session(lease), worker.SerializeToString(), lease)])
+    )
+    for output in steps:
+        [item] = [i for i in await runs.ready(stack.namespace) if i.run_id == run_id]
+        claim = await runs.claim(stack.namespace, lease, item.run_id, item.item_id)
+        assert claim is not None
+        payload = work_item_pb2.Payload(
+            encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(output).encode()
+        )
+        transition = work_item_pb2.Transition(next=work_item_pb2.Transition.Next(output=payload))
+        await runs.complete(stack.namespace, claim.token, transition)
+
+
+async def test_register_get_and_list_workflows(stack: Stack) -> None:
+    definition_hash = await stack.client.register_workflow(FLOW)
+    assert await stack.client.register_workflow(FLOW) == definition_hash
+    registered = await stack.client.get_workflow("doubler")
+    assert registered.definition_hash == definition_hash
+    assert registered.definition == FLOW.definition()
+    assert await stack.client.list_workflows() == [("doubler", definition_hash)]
+    with pytest.raises(NotFound, match="workflow 'nope' is not registered"):
+        await stack.client.get_workflow("nope")
+
+
+async def test_an_invalid_definition_is_invalid_argument_naming_the_node(stack: Stack) -> None:
+    definition = FLOW.definition()
+    definition.edges[0].targets[0] = "ghost"
+    with pytest.raises(InvalidArgument, match="edge from 'double' to unknown node 'ghost'"):
+        await stack.client.register_workflow(definition)
+    assert await stack.client.list_workflows() == []
+
+
+async def test_start_get_list_and_idempotency(stack: Stack) -> None:
+    await stack.client.register_workflow(FLOW)
+    run, created = await stack.client.start_run("doubler", 21, idempotency_key="k1")
+    again, created_again = await stack.client.start_run("doubler", 21, idempotency_key="k1")
+    assert created and not created_again and again.run_id == run.run_id
+    assert run.status is RunStatus.RUNNING and run.input == 21
+    with pytest.raises(AlreadyExists, match="idempotency key 'k1'"):
+        await stack.client.start_run("doubler", 22, idempotency_key="k1")
+    other, _ = await stack.client.start_run("doubler", 5)
+    listed, token = await stack.client.list_runs()
+    assert [r.run_id for r in listed] == [other.run_id, run.run_id] and token == ""
+    page, token = await stack.client.list_runs(page_size=1)
+    assert [r.run_id for r in page] == [other.run_id] and token
+    assert (await stack.client.get_run(run.run_id)).workflow == "doubler"
+
+
+async def test_bad_starts_get_clear_statuses_and_change_nothing(stack: Stack) -> None:
+    await stack.client.register_workflow(FLOW)
+    with pytest.raises(NotFound, match="workflow 'missing' is not registered"):
+        await stack.client.start_run("missing", 1)
+    with pytest.raises(InvalidArgument, match="'one' is not of type 'integer'"):
+        await stack.client.start_run("doubler", "one")
+    with pytest.raises(ResourceExhausted, match="over the limit of 2048"):
+        await stack.client.start_run("doubler", "x" * 3000)
+    with pytest.raises(InvalidArgument, match="context field 'nope' is not declared"):
+        await stack.client.start_run("doubler", 1, context={"nope": 1})
+    with pytest.raises(NotFound, match=r"run .* not found"):
+        await stack.client.get_run(str(uuid.uuid4()))
+    assert (await stack.client.list_runs())[0] == []
+
+
+async def test_an_oversized_grpc_message_is_refused(stack: Stack) -> None:
+    channel = grpc.aio.insecure_channel(stack.target)
+    stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
+    huge = work_item_pb2.Payload(
+        encoding=work_item_pb2.ENCODING_JSON, data=b'"' + b"x" * 100_000 + b'"'
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.StartRun(
+            pb.StartRunRequest(namespace=stack.namespace, workflow="doubler", input=huge)
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await channel.close()
+    assert (await stack.client.list_runs())[0] == []
+
+
+async def test_a_run_completes_and_its_records_are_readable(stack: Stack) -> None:
+    await stack.client.register_workflow(FLOW)
+    run, _ = await stack.client.start_run("doubler", 21)
+    waiting = asyncio.create_task(stack.client.wait_for_completion(run.run_id, timeout=30))
+    await run_to_completion(stack, run.run_id, [42, "42"])
+    done = await waiting
+    assert done.status is RunStatus.COMPLETED and done.output == "42"
+    metrics = await stack.client.run_metrics(run.run_id)
+    assert (metrics.total_work_items, metrics.completed) == (2, 2)
+    assert await stack.client.run_context(run.run_id) == {"seen": 0}
+    items = await stack.client.work_items(run.run_id)
+    assert sorted((i.node, i.status, i.attempts) for i in items) == [
+        ("double", "completed", 1),
+        ("show", "completed", 1),
+    ]
+    assert await stack.client.work_items(run.run_id, pending_only=True) == []
+    assert await stack.client.run_errors(run.run_id) == []
+    [worker] = await stack.client.workers()
+    assert (worker.worker_id, worker.liveness, worker.slots) == ("test-worker", "alive", 1)
+
+
+async def test_wait_streams_each_status_until_final(stack: Stack) -> None:
+    await stack.client.register_workflow(FLOW)
+    run, _ = await stack.client.start_run("doubler", 1)
+    seen: list[RunStatus] = []
+
+    async def follow() -> None:
+        async for update in stack.client.watch_run(run.run_id):
+            seen.append(update.status)
+            if update.status is RunStatus.RUNNING and len(seen) == 1:
+                await stack.client.pause_run(run.run_id)
+            elif update.status is RunStatus.PAUSED:
+                await stack.client.cancel_run(run.run_id, "enough")
+
+    await asyncio.wait_for(follow(), 30)
+    assert seen == [RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.CANCELLED]
+
+
+async def test_control_of_runs_and_its_preconditions(stack: Stack) -> None:
+    await stack.client.register_workflow(FLOW)
+    run, _ = await stack.client.start_run("doubler", 1)
+    with pytest.raises(FailedPrecondition, match=r"cannot resume run .* it is running"):
+        await stack.client.resume_run(run.run_id)
+    assert (await stack.client.pause_run(run.run_id)).status is RunStatus.PAUSED
+    assert (await stack.client.resume_run(run.run_id)).status is RunStatus.RUNNING
+    pending = await stack.client.work_items(run.run_id, pending_only=True)
+    assert [i.node for i in pending] == ["double"]
+    cancelled = await stack.client.cancel_run(run.run_id, "no longer needed")
+    assert cancelled.status is RunStatus.CANCELLED and cancelled.error == "no longer needed"
+    with pytest.raises(FailedPrecondition, match=r"cannot cancel run .* it is cancelled"):
+        await stack.client.cancel_run(run.run_id)
+    with pytest.raises(NotFound):
+        await stack.client.pause_run(str(uuid.uuid4()))
+
+
+async def test_malformed_requests_are_invalid_argument(stack: Stack) -> None:
+    with pytest.raises(InvalidArgument, match="run id '' is missing or malformed"):
+        await stack.client.get_run("")
+    with pytest.raises(InvalidArgument, match="page_token"):
+        await stack.client.list_runs(page_token="%%%")
+    bad = OrchestratorClient(stack.target, namespace="bad namespace!", retries=0)
+    with pytest.raises(InvalidArgument, match="namespace 'bad namespace!'"):
+        await bad.list_workflows()
+    await bad.close()
+
+
+async def test_health_is_serving_and_reflection_lists_the_services(stack: Stack) -> None:
+    channel = grpc.aio.insecure_channel(stack.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", *SERVICE_NAMES):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = reflect.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    response = await call.read()
+    await call.done_writing()
+    names = {s.name for s in response.list_services_response.service}
+    assert {
+        "floxide.v1.OrchestratorService",
+        "floxide.v1.WorkerService",
+        "grpc.health.v1.Health",
+    } <= names
+    await channel.close()
+
+
+async def test_shutdown_ends_waits_with_unavailable(stack: Stack) -> None:
+    await stack.client.register_workflow(FLOW)
+    run, _ = await stack.client.start_run("doubler", 1)
+    channel = grpc.aio.insecure_channel(stack.target)
+    stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
+    call = stub.WaitForCompletion(
+        pb.WaitForCompletionRequest(namespace=stack.namespace, run_id=run.run_id)
+    )
+    first = await call.read()
+    assert isinstance(first, pb.WaitForCompletionResponse) and first.run.run_id == run.run_id
+    await stack.server.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    await channel.close()

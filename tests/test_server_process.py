@@ -1,0 +1,111 @@
+"""floxide-server as a real process: embedded etcd, health, SIGKILL and restart, etcd lost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+from floxide_server.app import Server, ServerConfig
+from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.etcd import EtcdKV
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from floxide_grpc import Unavailable, Workflow, node
+from floxide_grpc.client import OrchestratorClient
+from floxide_grpc.records import RunStatus
+from tests.helpers import eventually, start_server, stop_server
+
+
+@node
+def add_one(x: int) -> int:
+    return x + 1
+
+
+FLOW = Workflow("adder", start=add_one)
+
+
+async def health_of(target: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
+        except grpc.aio.AioRpcError:
+            return -1
+        return int(response.status)
+
+
+async def has_health(target: str, status: int) -> bool:
+    return await health_of(target) == status
+
+
+async def test_server_with_no_etcd_serves_on_an_embedded_one(tmp_path: Path) -> None:
+    process, target = start_server(ready_file=str(tmp_path / "ready"))
+    try:
+        assert await health_of(target) == health_pb2.HealthCheckResponse.SERVING
+        async with OrchestratorClient(target, retries=0) as client:
+            await client.register_workflow(FLOW)
+            run, _ = await client.start_run("adder", 1)
+            assert (await client.get_run(run.run_id)).status is RunStatus.RUNNING
+    finally:
+        assert stop_server(process, signal.SIGTERM) == 0
+
+
+async def test_a_server_killed_and_restarted_serves_the_same_state(tmp_path: Path) -> None:
+    data = tmp_path / "etcd-data"
+    process, target = start_server("--data-dir", str(data), ready_file=str(tmp_path / "ready"))
+    try:
+        async with OrchestratorClient(target, retries=0) as client:
+            definition_hash = await client.register_workflow(FLOW)
+            kept, _ = await client.start_run("adder", 1, idempotency_key="kept")
+            cancelled, _ = await client.start_run("adder", 2)
+            await client.cancel_run(cancelled.run_id, "test")
+            before = (await client.list_runs())[0]
+            pending_before = await client.work_items(kept.run_id, pending_only=True)
+    finally:
+        stop_server(process, signal.SIGKILL)
+    # The embedded etcd dies with its parent, releasing its data directory for the restart.
+    process, target = start_server("--data-dir", str(data), ready_file=str(tmp_path / "ready"))
+    try:
+        async with OrchestratorClient(target, retries=3) as client:
+            assert await client.list_workflows() == [("adder", definition_hash)]
+            after = (await client.list_runs())[0]
+            assert [(r.run_id, r.status) for r in after] == [(r.run_id, r.status) for r in before]
+            assert await client.work_items(kept.run_id, pending_only=True) == pending_before
+            again, created = await client.start_run("adder", 1, idempotency_key="kept")
+            assert again.run_id == kept.run_id and not created
+    finally:
+        assert stop_server(process, signal.SIGTERM) == 0
+
+
+async def test_losing_etcd_is_unavailable_and_not_serving_until_it_returns(tmp_path: Path) -> None:
+    etcd = EmbeddedEtcd(data_dir=tmp_path / "etcd", name="flaky").start()
+    kv = EtcdKV([etcd.endpoint], timeout=1.0, retry_for=1.0)
+    server = Server(kv, ServerConfig(port=0))
+    await server.start()
+    target = f"127.0.0.1:{server.port}"
+    client = OrchestratorClient(target, retries=0, timeout=5)
+    try:
+        await client.register_workflow(FLOW)
+        assert await health_of(target) == health_pb2.HealthCheckResponse.SERVING
+        await asyncio.to_thread(etcd.stop, keep_data=True)
+        with pytest.raises(Unavailable, match="unavailable"):
+            await client.list_workflows()
+
+        await eventually(
+            lambda: has_health(target, health_pb2.HealthCheckResponse.NOT_SERVING), within=15
+        )
+        await asyncio.to_thread(etcd.start)  # same ports, same data
+
+        await eventually(
+            lambda: has_health(target, health_pb2.HealthCheckResponse.SERVING), within=30
+        )
+        assert [name for name, _ in await client.list_workflows()] == ["adder"]
+    finally:
+        await client.close()
+        await server.stop()
+        await kv.close()
+        etcd.stop()
