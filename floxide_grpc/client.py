@@ -30,41 +30,14 @@ from floxide_grpc._proto.floxide.v1 import (
     work_item_pb2,
     workflow_pb2,
 )
-from floxide_grpc.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    FloxideError,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    RunCancelled,
-    RunFailed,
-    StatusCode,
-    Unavailable,
-)
+from floxide_grpc.errors import RunCancelled, RunFailed
 from floxide_grpc.records import ErrorInfo, ItemInfo, RunInfo, RunMetrics, RunStatus, WorkerInfo
+from floxide_grpc.status import error_from_status
 from floxide_grpc.workflow import Workflow
 
-__all__ = ["OrchestratorClient", "SyncOrchestratorClient", "error_from_status"]
+__all__ = ["OrchestratorClient", "SyncOrchestratorClient"]
 
 T = TypeVar("T")
-
-_ERRORS: dict[StatusCode, type[FloxideError]] = {
-    StatusCode.NOT_FOUND: NotFound,
-    StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    StatusCode.ALREADY_EXISTS: AlreadyExists,
-    StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    StatusCode.UNAVAILABLE: Unavailable,
-}
-
-
-def error_from_status(exc: grpc.aio.AioRpcError) -> FloxideError:
-    """The SDK error a gRPC status stands for (the server's message kept)."""
-    code = StatusCode(exc.code().value[0])
-    error = _ERRORS.get(code, FloxideError)(exc.details() or code.name)
-    error.code = code
-    return error
 
 
 def _payload(value: Any, where: str) -> work_item_pb2.Payload:

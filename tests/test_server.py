@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import grpc
 import pytest
-from floxide_server.app import SERVICE_NAMES, Server, ServerConfig
-from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.etcd import EtcdKV
-from floxide_server.store.keys import Keys
-from floxide_server.store.kv import Put, Txn
-from floxide_server.store.payloads import Limits
+from floxide_server.app import SERVICE_NAMES
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -31,9 +24,10 @@ from floxide_grpc import (
     node,
 )
 from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2 as pb
-from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2_grpc, records_pb2, work_item_pb2
+from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2_grpc, work_item_pb2
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
+from tests.conftest import Stack, run_to_completion
 
 
 @dataclass
@@ -52,56 +46,6 @@ def show(x: int) -> str:
 
 
 FLOW = Workflow("doubler", start=double, context=Totals).edge(double, show)
-
-
-@dataclass
-class Stack:
-    server: Server
-    client: OrchestratorClient
-    namespace: str
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-
-@pytest.fixture
-async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[Stack]:
-    kv = EtcdKV([etcd.endpoint])
-    server = Server(
-        kv, ServerConfig(port=0, limits=Limits(max_payload_bytes=2048), max_message_bytes=64 * 1024)
-    )
-    await server.start()
-    namespace = f"ns-{uuid.uuid4().hex[:10]}"
-    client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
-    try:
-        yield Stack(server, client, namespace)
-    finally:
-        await client.close()
-        await server.stop()
-        await kv.close()
-
-
-async def run_to_completion(stack: Stack, run_id: str, steps: list[Any]) -> None:
-    """Play a worker: claim each queued item in turn and complete it with the next output."""
-    runs, kv = stack.server.runs, stack.server.kv
-    lease = await kv.grant(30)
-    worker = records_pb2.WorkerRecord(
-        session_id=f"{lease:x}", worker_id="test-worker", namespace=stack.namespace, slots=1
-    )
-    worker.last_heartbeat.GetCurrentTime()
-    await kv.txn(
-        Txn([], [Put(Keys(stack.namespace).session(lease), worker.SerializeToString(), lease)])
-    )
-    for output in steps:
-        [item] = [i for i in await runs.ready(stack.namespace) if i.run_id == run_id]
-        claim = await runs.claim(stack.namespace, lease, item.run_id, item.item_id)
-        assert claim is not None
-        payload = work_item_pb2.Payload(
-            encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(output).encode()
-        )
-        transition = work_item_pb2.Transition(next=work_item_pb2.Transition.Next(output=payload))
-        await runs.complete(stack.namespace, claim.token, transition)
 
 
 async def test_register_get_and_list_workflows(stack: Stack) -> None:

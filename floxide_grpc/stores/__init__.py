@@ -4,6 +4,12 @@ from floxide_grpc.stores.checkpoint import (
     CheckpointStore,
     FileCheckpointStore,
     InMemoryCheckpointStore,
+    RemoteCheckpointStore,
 )
 
-__all__ = ["CheckpointStore", "FileCheckpointStore", "InMemoryCheckpointStore"]
+__all__ = [
+    "CheckpointStore",
+    "FileCheckpointStore",
+    "InMemoryCheckpointStore",
+    "RemoteCheckpointStore",
+]

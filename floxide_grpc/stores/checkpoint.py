@@ -14,10 +14,18 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from floxide_grpc._proto.floxide.v1 import checkpoint_pb2
-from floxide_grpc.errors import InvalidArgument
+import grpc
 
-__all__ = ["CheckpointStore", "FileCheckpointStore", "InMemoryCheckpointStore"]
+from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, store_service_pb2, store_service_pb2_grpc
+from floxide_grpc.errors import InvalidArgument
+from floxide_grpc.status import error_from_status
+
+__all__ = [
+    "CheckpointStore",
+    "FileCheckpointStore",
+    "InMemoryCheckpointStore",
+    "RemoteCheckpointStore",
+]
 
 Checkpoint = checkpoint_pb2.Checkpoint
 
@@ -101,3 +109,45 @@ class FileCheckpointStore:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+class RemoteCheckpointStore:
+    """Checkpoints on a floxide-grpc server (its ``CheckpointStoreService``, kept in etcd).
+
+    Lets a local run outlive its machine: resume it anywhere that reaches the server.
+    """
+
+    def __init__(self, target: str, *, namespace: str = "default", timeout: float = 10.0) -> None:
+        self.namespace = namespace
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = store_service_pb2_grpc.CheckpointStoreServiceStub(self._channel)
+
+    async def save(self, run_id: str, checkpoint: Checkpoint) -> None:
+        """Store ``checkpoint`` as the latest of ``run_id``."""
+        copy = Checkpoint()
+        copy.CopyFrom(checkpoint)
+        copy.namespace, copy.run_id = self.namespace, check_run_id(run_id)
+        try:
+            await self._stub.SaveCheckpoint(
+                store_service_pb2.SaveCheckpointRequest(checkpoint=copy), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_status(exc) from exc
+
+    async def load(self, run_id: str) -> Checkpoint | None:
+        """The latest checkpoint of ``run_id``, or ``None``."""
+        request = store_service_pb2.LoadCheckpointRequest(
+            namespace=self.namespace, run_id=check_run_id(run_id)
+        )
+        try:
+            response = await self._stub.LoadCheckpoint(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise error_from_status(exc) from exc
+        return response.checkpoint
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()

@@ -235,6 +235,7 @@ class RunInfoStoreService(store_service_pb2_grpc.RunInfoStoreServiceServicer):
     ) -> AsyncIterator[pb.WatchRunInfosResponse]:
         """Run records as they change."""
         updates = await self.watches.open(Keys(namespace_of(request.namespace)).run_infos)
+        await context.send_initial_metadata(())  # tells the caller the watch is in place
         try:
             while True:
                 event = await updates.next()

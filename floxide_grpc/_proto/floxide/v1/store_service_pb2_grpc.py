@@ -531,7 +531,8 @@ class RunInfoStoreServiceServicer:
 
     def WatchRunInfos(self, request, context):
         """Streams the namespace's run records as they change (no snapshot first), optionally filtered
-        by workflow. It runs until the caller cancels it or the server shuts down (UNAVAILABLE).
+        by workflow. The response headers arrive once the watch is in place: changes after them are
+        all delivered. It runs until the caller cancels it or the server shuts down (UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

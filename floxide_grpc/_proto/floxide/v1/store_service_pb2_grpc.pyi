@@ -245,7 +245,8 @@ class RunInfoStoreServiceStub:
     """Lists run records, newest first, optionally filtered by status."""
     WatchRunInfos: _grpc.UnaryStreamMultiCallable[_store_service_pb2.WatchRunInfosRequest, _store_service_pb2.WatchRunInfosResponse]
     """Streams the namespace's run records as they change (no snapshot first), optionally filtered
-    by workflow. It runs until the caller cancels it or the server shuts down (UNAVAILABLE).
+    by workflow. The response headers arrive once the watch is in place: changes after them are
+    all delivered. It runs until the caller cancels it or the server shuts down (UNAVAILABLE).
     """
 
 @_typing.type_check_only
@@ -259,7 +260,8 @@ class RunInfoStoreServiceAsyncStub(RunInfoStoreServiceStub):
     """Lists run records, newest first, optionally filtered by status."""
     WatchRunInfos: _aio.UnaryStreamMultiCallable[_store_service_pb2.WatchRunInfosRequest, _store_service_pb2.WatchRunInfosResponse]  # type: ignore[assignment]
     """Streams the namespace's run records as they change (no snapshot first), optionally filtered
-    by workflow. It runs until the caller cancels it or the server shuts down (UNAVAILABLE).
+    by workflow. The response headers arrive once the watch is in place: changes after them are
+    all delivered. It runs until the caller cancels it or the server shuts down (UNAVAILABLE).
     """
 
 class RunInfoStoreServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -288,7 +290,8 @@ class RunInfoStoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_store_service_pb2.WatchRunInfosResponse], _abc.AsyncIterator[_store_service_pb2.WatchRunInfosResponse]]:
         """Streams the namespace's run records as they change (no snapshot first), optionally filtered
-        by workflow. It runs until the caller cancels it or the server shuts down (UNAVAILABLE).
+        by workflow. The response headers arrive once the watch is in place: changes after them are
+        all delivered. It runs until the caller cancels it or the server shuts down (UNAVAILABLE).
         """
 
 def add_RunInfoStoreServiceServicer_to_server(servicer: RunInfoStoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
