@@ -1,21 +1,38 @@
-"""The ``floxide`` command: run and inspect floxide-grpc workflows from a shell."""
+"""The ``floxide`` command: run workflows locally, and start, follow and control runs on a server.
+
+Server commands take ``--server host:port`` (or ``FLOXIDE_SERVER``) and ``--namespace`` (or
+``FLOXIDE_NAMESPACE``); their errors are printed as ``error: ...`` with exit code 1.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import importlib
 import importlib.util
+import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from floxide_grpc import PROTOCOL_VERSION, __version__, codec
+from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import FloxideError
+from floxide_grpc.graph import Graph
+from floxide_grpc.records import RunInfo, RunStatus
 from floxide_grpc.runner import LocalRunner
 from floxide_grpc.workflow import Workflow
+
+T = TypeVar("T")
+console = Console()
+DEFAULT_SERVER = "127.0.0.1:50051"
 
 app = typer.Typer(
     name="floxide",
@@ -25,9 +42,55 @@ app = typer.Typer(
 )
 
 
+@dataclasses.dataclass
+class _Target:
+    server: str
+    namespace: str
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    ctx: typer.Context,
+    server: Annotated[
+        str, typer.Option(envvar="FLOXIDE_SERVER", help="The server's host:port.")
+    ] = DEFAULT_SERVER,
+    namespace: Annotated[
+        str, typer.Option(envvar="FLOXIDE_NAMESPACE", help="The namespace.")
+    ] = "default",
+) -> None:
     """Run and inspect floxide-grpc workflows."""
+    ctx.obj = _Target(server, namespace)
+
+
+def _remote(ctx: typer.Context, call: Callable[[OrchestratorClient], Awaitable[T]]) -> T:
+    """Run one client call against the server; print a server error and exit 1."""
+    target: _Target = ctx.obj
+
+    async def go() -> T:
+        async with OrchestratorClient(target.server, namespace=target.namespace) as client:
+            return await call(client)
+
+    try:
+        return asyncio.run(go())
+    except FloxideError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+
+
+def _print_run(run: RunInfo) -> None:
+    table = Table(show_header=False, box=None)
+    for name, value in (
+        ("run", run.run_id),
+        ("workflow", run.workflow),
+        ("status", run.status.value),
+        ("input", json.dumps(run.input)),
+        ("output", json.dumps(run.output) if run.status is RunStatus.COMPLETED else ""),
+        ("error", run.error or ""),
+        ("created", str(run.created_at or "")),
+        ("finished", str(run.finished_at or "")),
+    ):
+        table.add_row(f"[bold]{name}[/]", value)
+    console.print(table)
 
 
 @app.command()
@@ -82,6 +145,144 @@ def run(
         raise typer.Exit(code=1) from exc
 
 
+@app.command()
+def runs(
+    ctx: typer.Context,
+    status: Annotated[
+        list[RunStatus] | None, typer.Option(help="Only runs in this state (repeatable).")
+    ] = None,
+    workflow: Annotated[str, typer.Option(help="Only runs of this workflow.")] = "",
+    limit: Annotated[int, typer.Option(help="How many runs to list.")] = 20,
+) -> None:
+    """List runs, newest first."""
+    found, _ = _remote(
+        ctx, lambda c: c.list_runs(statuses=tuple(status or ()), workflow=workflow, page_size=limit)
+    )
+    table = Table("run", "workflow", "status", "created", "finished")
+    for run in found:
+        table.add_row(
+            run.run_id,
+            run.workflow,
+            run.status.value,
+            str(run.created_at or ""),
+            str(run.finished_at or ""),
+        )
+    console.print(table)
+
+
+@app.command()
+def status(ctx: typer.Context, run_id: str) -> None:
+    """Show one run."""
+    _print_run(_remote(ctx, lambda c: c.get_run(run_id)))
+
+
+def _progress(run: RunInfo, metrics: Any) -> Table:
+    table = Table(
+        "run", "status", "items", "completed", "in progress", "pending", "failed", "retries"
+    )
+    table.add_row(
+        run.run_id,
+        run.status.value,
+        str(metrics.total_work_items),
+        str(metrics.completed),
+        str(metrics.in_progress),
+        str(metrics.pending + metrics.waiting_retry),
+        str(metrics.failed),
+        str(metrics.retries),
+    )
+    return table
+
+
+@app.command()
+def start(
+    ctx: typer.Context,
+    workflow: str,
+    input: Annotated[str, typer.Option("--input", "-i", help="The run's input, as JSON.")] = "null",
+    wait: Annotated[
+        bool, typer.Option(help="Follow the run to its end, with a live view.")
+    ] = False,
+    idempotency_key: Annotated[str, typer.Option(help="Start at most one run per key.")] = "",
+) -> None:
+    """Start a run of a registered workflow."""
+    try:
+        value = json.loads(input)
+    except ValueError as exc:
+        typer.echo(f"error: --input: not valid JSON: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+
+    async def go(client: OrchestratorClient) -> RunInfo:
+        run, _ = await client.start_run(workflow, value, idempotency_key=idempotency_key or None)
+        if not wait:
+            return run
+        with Live(_progress(run, await client.run_metrics(run.run_id)), console=console) as live:
+            watcher = client.watch_run(run.run_id)
+            while not run.status.finished:
+                update = asyncio.ensure_future(anext(watcher))
+                done, _ = await asyncio.wait({update}, timeout=0.5)
+                if done:
+                    run = update.result()
+                else:
+                    update.cancel()
+                live.update(_progress(run, await client.run_metrics(run.run_id)))
+        return run
+
+    run = _remote(ctx, go)
+    _print_run(run)
+    if wait and run.status is not RunStatus.COMPLETED:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def cancel(ctx: typer.Context, run_id: str, reason: str = "") -> None:
+    """Cancel a run."""
+    _print_run(_remote(ctx, lambda c: c.cancel_run(run_id, reason)))
+
+
+@app.command()
+def pause(ctx: typer.Context, run_id: str) -> None:
+    """Pause a run."""
+    _print_run(_remote(ctx, lambda c: c.pause_run(run_id)))
+
+
+@app.command()
+def resume(ctx: typer.Context, run_id: str) -> None:
+    """Resume a paused or failed run."""
+    _print_run(_remote(ctx, lambda c: c.resume_run(run_id)))
+
+
+@app.command()
+def errors(ctx: typer.Context, run_id: str) -> None:
+    """List a run's failed attempts."""
+    table = Table("item", "node", "attempt", "kind", "message", "at")
+    for error in _remote(ctx, lambda c: c.run_errors(run_id)):
+        table.add_row(
+            error.item_id,
+            error.node,
+            str(error.attempt),
+            error.kind,
+            error.message,
+            str(error.occurred_at or ""),
+        )
+    console.print(table)
+
+
+@app.command()
+def workers(ctx: typer.Context) -> None:
+    """List the connected workers."""
+    table = Table("session", "worker", "status", "liveness", "slots", "in flight", "last heartbeat")
+    for worker in _remote(ctx, lambda c: c.workers()):
+        table.add_row(
+            worker.session_id,
+            worker.worker_id,
+            worker.status,
+            worker.liveness,
+            str(worker.slots),
+            str(worker.in_flight),
+            str(worker.last_heartbeat or ""),
+        )
+    console.print(table)
+
+
 class GraphFormat(enum.StrEnum):
     """Drawing formats."""
 
@@ -91,17 +292,22 @@ class GraphFormat(enum.StrEnum):
 
 @app.command()
 def graph(
-    target: Annotated[str, typer.Argument(help="FILE.py[:NAME] or MODULE[:NAME].")],
+    ctx: typer.Context,
+    target: Annotated[
+        str, typer.Argument(help="A registered workflow's name, or FILE.py[:NAME] / MODULE:NAME.")
+    ],
     format: Annotated[GraphFormat, typer.Option("--format", "-f")] = GraphFormat.MERMAID,
 ) -> None:
     """Print a workflow's graph as Mermaid or Graphviz DOT."""
-    workflow = load_workflow(target)
-    try:
-        drawing = workflow.to_dot() if format is GraphFormat.DOT else workflow.to_mermaid()
-    except FloxideError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from exc
-    typer.echo(drawing, nl=False)
+    if target.endswith(".py") or ":" in target:
+        try:
+            drawn = load_workflow(target).graph()
+        except FloxideError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=1) from exc
+    else:
+        drawn = Graph(_remote(ctx, lambda c: c.get_workflow(target)).definition)
+    typer.echo(drawn.to_dot() if format is GraphFormat.DOT else drawn.to_mermaid(), nl=False)
 
 
 def main() -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import Runner
+from floxide_grpc import Workflow, node
+from tests.conftest import Runner, Stack, run_to_completion
+from tests.helpers import eventually
 
 FLOXIDE = Path(sys.executable).parent / "floxide"
 
@@ -49,3 +54,73 @@ def test_graph_draws_mermaid_and_dot(run: Runner) -> None:
     dot = run(FLOXIDE, "graph", "examples/branching.py", "--format", "dot")
     assert dot.returncode == 0, dot.stderr
     assert '"review" -> "open_account" [label="Approved"];' in dot.stdout
+
+
+# -- commands against a server ------------------------------------------------------------------
+
+
+async def floxide(stack: Stack, *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(FLOXIDE),
+        "--server",
+        stack.target,
+        "--namespace",
+        stack.namespace,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@node
+def triple(x: int) -> int:
+    return x * 3
+
+
+TRIPLE = Workflow("triple", start=triple)
+
+
+async def test_server_commands_start_list_show_and_control_runs(stack: Stack) -> None:
+    await stack.client.register_workflow(TRIPLE)
+    code, out, err = await floxide(stack, "start", "triple", "--input", "4")
+    assert code == 0, err
+    run_id = next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("run"))
+    code, out, _ = await floxide(stack, "runs")
+    assert code == 0 and run_id in out and "running" in out
+    code, out, _ = await floxide(stack, "pause", run_id)
+    assert code == 0 and "paused" in out
+    code, out, _ = await floxide(stack, "resume", run_id)
+    assert code == 0 and "running" in out
+    code, out, _ = await floxide(stack, "cancel", run_id, "--reason", "done with it")
+    assert code == 0 and "cancelled" in out and "done with it" in out
+    code, out, _ = await floxide(stack, "errors", run_id)
+    assert code == 0
+    code, out, _ = await floxide(stack, "workers")
+    assert code == 0 and "session" in out
+    code, out, _ = await floxide(stack, "graph", "triple")
+    assert code == 0 and out == TRIPLE.to_mermaid()
+
+
+async def test_start_wait_follows_the_run_to_its_output(stack: Stack) -> None:
+    await stack.client.register_workflow(TRIPLE)
+    cli = asyncio.create_task(floxide(stack, "start", "triple", "--input", "5", "--wait"))
+
+    async def queued() -> list[Any]:
+        return await stack.server.runs.ready(stack.namespace)
+
+    [item] = await eventually(queued, within=30)
+    await run_to_completion(stack, item.run_id, [15])
+    code, out, err = await cli
+    assert code == 0, err
+    assert "completed" in out and "15" in out
+
+
+async def test_server_command_errors_are_clear(stack: Stack) -> None:
+    code, _, err = await floxide(stack, "status", "01a213b2-0000-7000-8000-000000000000")
+    assert code == 1 and "error: run '01a213b2-0000-7000-8000-000000000000' not found" in err
+    code, _, err = await floxide(stack, "start", "nothing", "--input", "1")
+    assert code == 1 and "error: workflow 'nothing' is not registered" in err
