@@ -214,3 +214,24 @@ async def test_shutdown_ends_waits_with_unavailable(stack: Stack) -> None:
         await call.read()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     await channel.close()
+
+
+async def test_pending_work_and_errors_of_a_failed_attempt(stack: Stack) -> None:
+    await stack.client.register_workflow(FLOW)
+    run, _ = await stack.client.start_run("doubler", 1)
+    channel = grpc.aio.insecure_channel(stack.target)
+    stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
+    pending = await stub.ListPendingWork(
+        pb.ListPendingWorkRequest(namespace=stack.namespace, run_id=run.run_id)
+    )
+    assert [i.node for i in pending.items] == ["double"]
+    await run_to_completion(stack, run.run_id, ["not a number"])  # breaks double's output schema
+    errors = await stack.client.run_errors(run.run_id)
+    assert [(e.node, e.attempt, e.kind) for e in errors] == [("double", 1, "INVALID_OUTPUT")]
+    assert "is not of type 'integer'" in errors[0].message
+    assert (await stack.client.get_run(run.run_id)).status is RunStatus.FAILED
+    pending = await stub.ListPendingWork(
+        pb.ListPendingWorkRequest(namespace=stack.namespace, run_id=run.run_id)
+    )
+    assert list(pending.items) == []
+    await channel.close()

@@ -12,6 +12,7 @@ from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from floxide_grpc import Unavailable, Workflow, node
 from floxide_grpc.client import OrchestratorClient
@@ -46,6 +47,13 @@ async def test_server_with_no_etcd_serves_on_an_embedded_one(tmp_path: Path) -> 
     process, target = start_server(ready_file=str(tmp_path / "ready"))
     try:
         assert await health_of(target) == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            listed = await call.read()
+            await call.done_writing()
+        names = {s.name for s in listed.list_services_response.service}
+        assert {"floxide.v1.OrchestratorService", "floxide.v1.CheckpointStoreService"} <= names
         async with OrchestratorClient(target, retries=0) as client:
             await client.register_workflow(FLOW)
             run, _ = await client.start_run("adder", 1)
