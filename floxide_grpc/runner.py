@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import traceback
 import uuid
 from collections import deque
 from collections.abc import Mapping
@@ -28,22 +27,22 @@ from floxide_grpc._proto.floxide.v1 import (
     records_pb2,
     work_item_pb2,
 )
-from floxide_grpc.context import NodeContext, Operation, apply
+from floxide_grpc.context import Operation, apply
 from floxide_grpc.errors import (
     AlreadyCompleted,
     FloxideError,
-    InvalidPayload,
     InvalidTransition,
     NotStarted,
     RunCancelled,
     RunFailed,
     RunStuck,
 )
+from floxide_grpc.execute import AttemptFailed, attempt, node_error
 from floxide_grpc.graph import Graph
-from floxide_grpc.node import NodeKind, NodeSpec
+from floxide_grpc.node import NodeSpec
 from floxide_grpc.routing import Step, arrive, route, route_failure, start_item
 from floxide_grpc.stores.checkpoint import CheckpointStore, check_run_id
-from floxide_grpc.transition import Abort, ErrorKind, Hold, Next, NextAll
+from floxide_grpc.transition import ErrorKind
 from floxide_grpc.workflow import Workflow
 
 __all__ = ["LocalRunner"]
@@ -53,22 +52,6 @@ WorkItem = work_item_pb2.WorkItem
 NodeError = work_item_pb2.NodeError
 
 DEFAULT_NAMESPACE = "default"
-
-
-class _Failure(Exception):
-    """An attempt failed; carries the ``NodeError`` to record."""
-
-    def __init__(self, error: NodeError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-def _error(kind: str, message: str, exc: BaseException | None = None) -> NodeError:
-    error = NodeError(kind=ErrorKind.to_proto(kind), message=message)
-    if exc is not None:
-        error.error_type = type(exc).__name__
-        error.details = "".join(traceback.format_exception(exc))[-4096:]
-    return error
 
 
 class LocalRunner:
@@ -206,10 +189,11 @@ class LocalRunner:
                 step = await self._step(item, run.context)
             except RunCancelled:
                 await run.finish(
-                    records_pb2.RUN_STATUS_CANCELLED, _error(ErrorKind.CANCELLED, "run cancelled")
+                    records_pb2.RUN_STATUS_CANCELLED,
+                    node_error(ErrorKind.CANCELLED, "run cancelled"),
                 )
                 raise
-            except _Failure as failure:
+            except AttemptFailed as failure:
                 fallback = await self._failed(run, item, failure)
                 if fallback is None:
                     continue  # retried: the same item runs again
@@ -220,7 +204,7 @@ class LocalRunner:
                 where = f"workflow {self.workflow.name!r} output"
                 return codec.from_payload(output, self.workflow.output_type, where=where)
             await run.save()
-        error = _error(ErrorKind.GENERIC, "no work left and no terminal node reached")
+        error = node_error(ErrorKind.GENERIC, "no work left and no terminal node reached")
         await run.finish(records_pb2.RUN_STATUS_FAILED, error)
         raise RunStuck(
             f"run {state.run_id!r} of {self.workflow.name!r} ran out of work without reaching "
@@ -231,7 +215,7 @@ class LocalRunner:
         """Run one attempt of ``item``, route its transition, apply its context operations.
 
         Raises:
-            _Failure: the attempt failed, or its transition or operations were refused.
+            AttemptFailed: the attempt failed, or its transition or operations were refused.
             RunCancelled: the run was cancelled meanwhile.
         """
         transition, operations = await self._attempt(item, context)
@@ -239,10 +223,15 @@ class LocalRunner:
             step = route(self.graph, item, transition)
             apply(context, operations, self.workflow.context)
         except FloxideError as exc:
-            raise _Failure(_failure_of(exc)) from exc
+            kind = (
+                ErrorKind.INVALID_OUTPUT
+                if isinstance(exc, InvalidTransition)
+                else ErrorKind.GENERIC
+            )
+            raise AttemptFailed(node_error(kind, str(exc), exc)) from exc
         return step
 
-    async def _failed(self, run: _RunState, item: WorkItem, failure: _Failure) -> Step | None:
+    async def _failed(self, run: _RunState, item: WorkItem, failure: AttemptFailed) -> Step | None:
         """Record a failed attempt; retry it (``None``), else take the fallback edge.
 
         Raises:
@@ -288,103 +277,33 @@ class LocalRunner:
     async def _attempt(
         self, item: WorkItem, context: Mapping[str, Any]
     ) -> tuple[work_item_pb2.Transition, list[Operation]]:
-        """Run one attempt of an item; return its transition and context operations.
+        """Run one attempt of an item (see :func:`floxide_grpc.execute.attempt`).
 
         Raises:
-            _Failure: the attempt failed (bad input, an exception, a timeout, an abort, an
-                output that does not fit).
+            AttemptFailed: the attempt failed.
             RunCancelled: the run was cancelled meanwhile.
         """
-        spec = self.workflow.spec(item.node)
-        where = f"node {item.node!r}"
         try:
-            value = codec.from_payload(item.input, spec.input_type, where=f"{where} input")
-        except InvalidPayload as exc:
-            raise _Failure(_error(ErrorKind.INVALID_INPUT, str(exc), exc)) from exc
-        ctx = NodeContext(
-            self.workflow.context,
-            context,
-            run_id=item.run_id,
-            item_id=item.item_id,
-            node=item.node,
-            attempt=item.attempt,
-            cancelled=self._cancel,
-        )
-        result = await self._invoke(spec, ctx, value)
-        return self._transition(spec, item, result), ctx.operations
-
-    async def _invoke(self, spec: NodeSpec, ctx: NodeContext, value: Any) -> Any:
-        if spec.kind is NodeKind.SUBWORKFLOW:
-            assert spec.subworkflow is not None
-            child = LocalRunner(spec.subworkflow, namespace=self.namespace)
-            call = child.run(value)
-        else:
-            call = spec.invoke(ctx, value)
-        task = asyncio.ensure_future(call)
-        cancelled = asyncio.ensure_future(self._cancel.wait())
-        timeout = spec.timeout.total_seconds() if spec.timeout else None
-        try:
-            done, _ = await asyncio.wait(
-                {task, cancelled}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            return await attempt(
+                self.workflow.spec(item.node),
+                item,
+                context,
+                self.workflow.context,
+                routes=self.graph.node(item.node).routes,
+                cancel=self._cancel,
+                run_subworkflow=self._run_subworkflow,
             )
-        finally:
-            cancelled.cancel()
-        if task not in done:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        except AttemptFailed:
             if self._cancel.is_set():
-                raise RunCancelled("cancelled")
-            raise _Failure(
-                _error(ErrorKind.TIMEOUT, f"node {spec.name!r} timed out after {spec.timeout}")
-            )
-        try:
-            return task.result()
-        except FloxideError as exc:
-            if isinstance(exc, RunFailed | RunCancelled | RunStuck):  # a child run's outcome
-                raise _Failure(_error(ErrorKind.GENERIC, str(exc), exc)) from exc
-            raise _Failure(_failure_of(exc)) from exc
-        except asyncio.CancelledError as exc:
-            raise _Failure(
-                _error(ErrorKind.CANCELLED, f"node {spec.name!r} was cancelled", exc)
-            ) from exc
-        except Exception as exc:
-            raise _Failure(_error(ErrorKind.GENERIC, f"{type(exc).__name__}: {exc}", exc)) from exc
+                raise RunCancelled(f"run {item.run_id!r} was cancelled") from None
+            raise
 
-    def _transition(self, spec: NodeSpec, item: WorkItem, result: Any) -> work_item_pb2.Transition:
-        """Turn a node's return value into a wire transition, validating outputs."""
-        where = f"node {item.node!r} output"
-        if isinstance(result, Abort):
-            kind = result.kind if result.kind in ErrorKind.ALL else ErrorKind.GENERIC
-            error = _error(kind, result.message)
-            error.non_retryable = result.non_retryable
-            raise _Failure(error)
-        if isinstance(result, Hold):
-            return work_item_pb2.Transition(hold=work_item_pb2.Transition.Hold())
+    async def _run_subworkflow(self, spec: NodeSpec, value: Any) -> Any:
+        assert spec.subworkflow is not None
         try:
-            if isinstance(result, NextAll):
-                outputs = [self._output(spec, value, where)[0] for value in result.outputs]
-                return work_item_pb2.Transition(
-                    next_all=work_item_pb2.Transition.NextAll(outputs=outputs)
-                )
-            next_ = result if isinstance(result, Next) else Next(result)
-            payload, variant = self._output(spec, next_.output, where)
-            label = next_.route
-            if label is None and variant in self.graph.node(item.node).routes:
-                label = variant
-            return work_item_pb2.Transition(
-                next=work_item_pb2.Transition.Next(output=payload, route=label or "")
-            )
-        except (InvalidPayload, InvalidTransition) as exc:
-            raise _Failure(_error(ErrorKind.INVALID_OUTPUT, str(exc), exc)) from exc
-
-    @staticmethod
-    def _output(spec: NodeSpec, value: Any, where: str) -> tuple[work_item_pb2.Payload, str]:
-        builtins = codec.to_builtins(value, where=where)
-        variant = type(value).__name__
-        expected = spec.variants.get(variant, spec.output_type)
-        codec.convert(builtins, expected, where=where)
-        return codec.to_payload(builtins, where=where), variant
+            return await LocalRunner(spec.subworkflow, namespace=self.namespace).run(value)
+        except (RunFailed, RunCancelled, RunStuck) as exc:
+            raise AttemptFailed(node_error(ErrorKind.GENERIC, str(exc), exc)) from exc
 
 
 class _RunState:
@@ -437,8 +356,3 @@ class _RunState:
             self.pending.clear()
             self.groups.clear()
         await self.save()
-
-
-def _failure_of(exc: FloxideError) -> NodeError:
-    kind = ErrorKind.INVALID_OUTPUT if isinstance(exc, InvalidTransition) else ErrorKind.GENERIC
-    return _error(kind, str(exc), exc)

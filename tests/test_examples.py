@@ -44,7 +44,7 @@ hello world
 """,
     "timeout_cancel.py": """\
 user:1: cached
-errors: [('slow_lookup', "node 'slow_lookup' timed out after 0:00:00.050000")]
+errors: [('slow_lookup', "node 'slow_lookup' timed out after 0.05s")]
 cancelled: RunCancelled, the node saw it: True
 """,
 }
