@@ -20,6 +20,7 @@ mapping in the client translate them (domain code never imports grpc)::
     ├── AlreadyExists                 ALREADY_EXISTS (idempotency key reused, result applied)
     ├── ResourceExhausted             RESOURCE_EXHAUSTED (over a size limit)
     ├── Unavailable                   UNAVAILABLE  (etcd unreachable; retry with backoff)
+    ├── SessionEnded                  ABORTED      (a worker session's lease ended: reconnect)
     ├── RunFailed                     ABORTED      (an item failed for good with no fallback)
     ├── RunCancelled                  CANCELLED
     └── RunStuck                      FAILED_PRECONDITION (no work left and no terminal output)
@@ -47,6 +48,7 @@ __all__ = [
     "RunCancelled",
     "RunFailed",
     "RunStuck",
+    "SessionEnded",
     "StatusCode",
     "Unavailable",
     "WorkflowNotFound",
@@ -149,6 +151,12 @@ class Unavailable(FloxideError):
     """Raised when the server cannot reach etcd (or is shutting down): retry with backoff."""
 
     code = StatusCode.UNAVAILABLE
+
+
+class SessionEnded(FloxideError):
+    """Raised when a worker session's lease has ended: the worker reconnects for a new one."""
+
+    code = StatusCode.ABORTED
 
 
 class RunFailed(FloxideError):

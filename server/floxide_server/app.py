@@ -26,7 +26,9 @@ from floxide_grpc._proto.floxide.v1 import (
     store_service_pb2,
     worker_service_pb2,
 )
+from floxide_server.dispatch import Dispatcher
 from floxide_server.errors import ErrorInterceptor
+from floxide_server.maintenance import Maintenance
 from floxide_server.orchestrator import OrchestratorService
 from floxide_server.store.kv import KV, KVUnavailable
 from floxide_server.store.payloads import Limits
@@ -34,6 +36,7 @@ from floxide_server.store.runs import RunStore
 from floxide_server.store.workflows import WorkflowStore
 from floxide_server.store_services import add_store_services
 from floxide_server.watch import Watches
+from floxide_server.worker_service import SessionConfig, WorkerService, add_worker_service
 
 __all__ = ["SERVICE_NAMES", "Server", "ServerConfig"]
 
@@ -41,13 +44,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     *(s.full_name for s in orchestrator_service_pb2.DESCRIPTOR.services_by_name.values()),
+    *(s.full_name for s in worker_service_pb2.DESCRIPTOR.services_by_name.values()),
     *(s.full_name for s in store_service_pb2.DESCRIPTOR.services_by_name.values()),
 )
 """The floxide.v1 services this server serves (health reports each, reflection lists them)."""
-_ALL_DESCRIBED = (
-    *SERVICE_NAMES,
-    *(s.full_name for s in worker_service_pb2.DESCRIPTOR.services_by_name.values()),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +60,9 @@ class ServerConfig:
         limits: Payload, context and definition size limits.
         max_message_bytes: The largest gRPC message taken or sent.
         health_interval: How often etcd's health is checked.
-        grace: How long shutdown waits for calls in flight.
+        grace: How long shutdown waits for calls in flight, and for draining workers.
         server_id: This replica's name (in worker sessions and logs).
+        sessions: Worker sessions' lease TTL, heartbeat interval and credit limit.
     """
 
     host: str = "127.0.0.1"
@@ -71,6 +72,7 @@ class ServerConfig:
     health_interval: timedelta = timedelta(seconds=1)
     grace: timedelta = timedelta(seconds=10)
     server_id: str = dataclasses.field(default_factory=socket.gethostname)
+    sessions: SessionConfig = dataclasses.field(default_factory=SessionConfig)
 
 
 class Server:
@@ -82,6 +84,19 @@ class Server:
         self.workflows = WorkflowStore(kv, self.config.limits)
         self.runs = RunStore(kv, self.workflows, self.config.limits)
         self.watches = Watches(kv)
+        self.dispatcher = Dispatcher(self.runs, self.watches)
+        self.workers = WorkerService(
+            kv,
+            self.workflows,
+            self.runs,
+            self.dispatcher,
+            self.config.limits,
+            self.config.sessions,
+            self.config.server_id,
+        )
+        self.maintenance = Maintenance(
+            kv, self.runs, self.watches, self.config.sessions.lease_ttl.total_seconds()
+        )
         self.stopping = asyncio.Event()
         self.port = 0
         self._health = health.aio.HealthServicer()
@@ -105,12 +120,13 @@ class Server:
             OrchestratorService(self.kv, self.workflows, self.runs, self.watches, self.stopping),
             server,
         )
+        add_worker_service(server, self.workers)
         add_store_services(
             server, self.kv, self.workflows, self.runs, self.watches, self.config.limits
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (*_ALL_DESCRIBED, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         # The asyncio health servicer starts out SERVING: say NOT_SERVING before anyone asks.
         await self._set_health(serving=False)
@@ -121,6 +137,7 @@ class Server:
         self._server = server
         await self._check_health()
         self._tasks.append(asyncio.create_task(self._watch_health()))
+        self.maintenance.start()
         log.info(
             "floxide server %s listening on %s:%d",
             self.config.server_id,
@@ -160,6 +177,7 @@ class Server:
         self._stopped = True
         self.stopping.set()
         await self._health.enter_graceful_shutdown()
+        await self.workers.drain(grace or self.config.grace)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -167,6 +185,8 @@ class Server:
                 await task
         if self._server is not None:
             await self._server.stop((grace or self.config.grace).total_seconds())
+        await self.maintenance.close()
+        await self.dispatcher.close()
         await self.watches.close()
 
     async def wait(self) -> None:

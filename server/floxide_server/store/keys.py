@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["ROOT", "Keys"]
+__all__ = ["NAMESPACES", "ROOT", "Keys"]
 
 ROOT = b"/floxide/v1/ns/"
+NAMESPACES = b"/floxide/v1/namespaces/"
+"""One key per namespace that has registered a workflow: the replicas' list of what to tend."""
 
 
 def _b(text: str) -> bytes:
@@ -45,6 +47,11 @@ class Keys:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
         self.prefix = ROOT + _b(namespace) + b"/"
+
+    @property
+    def index(self) -> bytes:
+        """This namespace's entry in the namespace index."""
+        return NAMESPACES + _b(self.namespace)
 
     # workflows
     def workflow_def(self, definition_hash: str) -> bytes:

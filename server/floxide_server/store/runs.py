@@ -65,6 +65,8 @@ FINAL = (records_pb2.RUN_STATUS_COMPLETED, records_pb2.RUN_STATUS_CANCELLED)
 FINISHED = (*FINAL, records_pb2.RUN_STATUS_FAILED)
 WAITING = (records_pb2.ITEM_STATUS_PENDING, records_pb2.ITEM_STATUS_WAITING_RETRY)
 _ATTEMPTS_ON_CONFLICT = 16
+LOST_ATTEMPTS = 3
+"""Attempts an item may lose with its worker before it fails, when its policy allows fewer."""
 
 
 _last_id = [0, 0]  # the millisecond and sequence of the last id made here
@@ -423,12 +425,17 @@ class RunStore:
         for item in items:
             state = records_pb2.WorkItemState(item=item, status=records_pb2.ITEM_STATUS_PENDING)
             state.updated_at.CopyFrom(item.created_at)
-            entry = work_item_pb2.WorkItem()
-            entry.CopyFrom(item)
-            entry.ClearField("input")
             writes.append(Put(keys.item(item.run_id, item.item_id), state.SerializeToString()))
-            writes.append(Put(keys.queue(item.run_id, item.item_id), entry.SerializeToString()))
+            writes.extend(self._queue_entry(keys, item))
         return writes
+
+    @staticmethod
+    def _queue_entry(keys: Keys, item: work_item_pb2.WorkItem) -> list[Request]:
+        """The write that makes an item ready (its queue entry: the item without its input)."""
+        entry = work_item_pb2.WorkItem()
+        entry.CopyFrom(item)
+        entry.ClearField("input")
+        return [Put(keys.queue(item.run_id, item.item_id), entry.SerializeToString())]
 
     async def _set_status(
         self,
@@ -871,6 +878,59 @@ class RunStore:
             plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
             plan.finished = True
 
+    async def release(self, namespace: str, lease: int, run_id: str, item_id: str) -> bool:
+        """Re-queue an item whose session ended, as a failed attempt of kind WORKER_LOST.
+
+        Idempotent: the claim is the guard, so several replicas may race to release it.
+
+        Returns:
+            Whether this call released it.
+        """
+        keys = Keys(namespace)
+        claim_key = keys.claim(lease, run_id, item_id)
+        for _ in range(_ATTEMPTS_ON_CONFLICT):
+            claim = await self.kv.get(claim_key)
+            if claim is None:
+                return False
+            try:
+                state_kv, state = await self._state(keys, run_id, item_id)
+                run = await self.get(namespace, run_id)
+            except NotFound:
+                await self.kv.txn(Txn([Compare.exists(claim_key)], [Delete(claim_key)]))
+                return False
+            if run.status in FINISHED or state.status != records_pb2.ITEM_STATUS_IN_PROGRESS:
+                dropped = await self.kv.txn(
+                    Txn([Compare.created_at(claim_key, claim.create_revision)], [Delete(claim_key)])
+                )
+                return dropped.succeeded
+            definition = await self.workflows.get(namespace, run.definition_hash)
+            error = work_item_pb2.NodeError(
+                kind=work_item_pb2.ERROR_KIND_WORKER_LOST,
+                message=f"the worker's session {lease:x} ended while it held the item",
+            )
+            plan = _Plan()
+            await self._plan_failure(
+                keys, definition, run, state, error, plan, _now_ms(), lost=True
+            )
+            unfinished = [
+                Compare(keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, status_name(s))
+                for s in FINISHED
+            ]
+            result = await self.kv.txn(
+                Txn(
+                    [
+                        Compare.created_at(claim_key, claim.create_revision),
+                        Compare.modified_at(state_kv.key, state_kv.mod_revision),
+                        *unfinished,
+                        *plan.guards,
+                    ],
+                    [Delete(claim_key), *plan.writes],
+                )
+            )
+            if result.succeeded:
+                return True
+        return False
+
     async def _plan_failure(
         self,
         keys: Keys,
@@ -880,6 +940,8 @@ class RunStore:
         error: work_item_pb2.NodeError,
         plan: _Plan,
         now: int,
+        *,
+        lost: bool = False,
     ) -> None:
         item = state.item
         node = definition.graph.node(item.node)
@@ -906,6 +968,16 @@ class RunStore:
             RetryPolicy.from_proto(node.retry_policy) if node.HasField("retry_policy") else None
         )
         item_key = keys.item(run.run_id, item.item_id)
+        if lost and (policy is None or not policy.should_retry(kind, state.attempts)):
+            # A lost worker says nothing about the item: retry it up to LOST_ATTEMPTS times
+            # even without a policy (a node that kills its worker every time stops there).
+            if state.attempts < LOST_ATTEMPTS:
+                state.status = records_pb2.ITEM_STATUS_PENDING
+                state.item.attempt = state.attempts + 1
+                plan.writes.append(Put(item_key, state.SerializeToString()))
+                plan.writes.extend(self._queue_entry(keys, state.item))
+                return
+            policy = None
         if policy is not None and policy.should_retry(
             kind, state.attempts, non_retryable=error.non_retryable
         ):

@@ -103,6 +103,7 @@ class WorkflowStore:
             )
             if child is definition:
                 created = result.succeeded
+        await self.kv.txn(Txn([Compare.missing(keys.index)], [Put(keys.index, b"")]))
         self._cache[(namespace, parsed.hash)] = parsed
         return parsed.hash, created
 

@@ -1,0 +1,242 @@
+"""Dispatch: push ready items to this replica's worker sessions, within the credit they grant.
+
+No polling: per namespace, one task follows the queue through a shared watch (a new ready item
+wakes it) and is woken when a session grants credit. It claims items in a guarded Txn (so
+replicas racing for an item cannot both win), rotating across runs so that one busy run does
+not starve the others, and puts each assignment on its session's outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import Event, KVUnavailable
+from floxide_server.store.runs import RunStore
+from floxide_server.watch import RESYNC, Subscription, Watches
+
+__all__ = ["Dispatcher", "Session"]
+
+log = logging.getLogger(__name__)
+
+ConnectResponse = worker_service_pb2.ConnectResponse
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    """One connected worker stream on this replica."""
+
+    lease: int
+    namespace: str
+    record: records_pb2.WorkerRecord
+    credit: int
+    max_credit: int
+    draining: bool = False
+    held: set[str] = dataclasses.field(default_factory=set)
+    outbox: asyncio.Queue[ConnectResponse | None] = dataclasses.field(default_factory=asyncio.Queue)
+    last_heard: float = dataclasses.field(default_factory=time.monotonic)
+    idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def hold(self, token: str) -> None:
+        """The worker was assigned this claim."""
+        self.held.add(token)
+        self.idle.clear()
+
+    def drop(self, token: str) -> None:
+        """The worker no longer holds this claim."""
+        self.held.discard(token)
+        if not self.held:
+            self.idle.set()
+
+    def serves(self, item: work_item_pb2.WorkItem) -> bool:
+        """Whether the worker runs this item's node (of this definition)."""
+        return any(
+            s.workflow == item.workflow
+            and s.node == item.node
+            and (not s.definition_hash or s.definition_hash == item.definition_hash)
+            for s in self.record.nodes
+        )
+
+    @property
+    def open(self) -> bool:
+        """Whether it takes new work now."""
+        return self.credit > 0 and not self.draining
+
+
+class Dispatcher:
+    """Matches ready items with sessions of this replica."""
+
+    def __init__(self, runs: RunStore, watches: Watches) -> None:
+        self.runs = runs
+        self.watches = watches
+        self.sessions: dict[int, Session] = {}
+        self._ready: dict[str, dict[tuple[str, str], work_item_pb2.WorkItem]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._turn = 0
+
+    def add(self, session: Session) -> None:
+        """Start dispatching to a session."""
+        self.sessions[session.lease] = session
+        if session.namespace not in self._tasks or self._tasks[session.namespace].done():
+            self._wake[session.namespace] = asyncio.Event()
+            self._tasks[session.namespace] = asyncio.create_task(self._follow(session.namespace))
+        self.wake(session.namespace)
+
+    def remove(self, session: Session) -> None:
+        """Stop dispatching to a session."""
+        self.sessions.pop(session.lease, None)
+
+    def wake(self, namespace: str) -> None:
+        """Look for work to push (credit was granted, or something changed)."""
+        event = self._wake.get(namespace)
+        if event is not None:
+            event.set()
+
+    async def _follow(self, namespace: str) -> None:
+        keys = Keys(namespace)
+        while True:
+            try:
+                queue = await self.watches.open(keys.queue())
+                runs = await self.watches.open(keys.run_infos)
+                try:
+                    await self._reread(namespace)
+                    await self._loop(namespace, queue, runs)
+                finally:
+                    queue.close()
+                    runs.close()
+            except (KVUnavailable, OSError) as exc:
+                log.warning("dispatch in %r paused: %s", namespace, exc)
+                await asyncio.sleep(1.0)
+
+    async def _reread(self, namespace: str, run_id: str = "") -> None:
+        keys = Keys(namespace)
+        entries, _ = await self.runs.kv.range(keys.queue(run_id, "") if run_id else keys.queue())
+        ready = self._ready.setdefault(namespace, {})
+        if not run_id:
+            ready.clear()
+        for kv in entries:
+            item = work_item_pb2.WorkItem.FromString(kv.value)
+            ready[(item.run_id, item.item_id)] = item
+
+    async def _loop(self, namespace: str, queue: Subscription, runs: Subscription) -> None:
+        wake = self._wake[namespace]
+        ready = self._ready.setdefault(namespace, {})
+        keys = Keys(namespace)
+        while True:
+            await self._dispatch(namespace)
+            queued = asyncio.ensure_future(queue.next())
+            changed = asyncio.ensure_future(runs.next())
+            woken = asyncio.ensure_future(wake.wait())
+            done, pending = await asyncio.wait(
+                {queued, changed, woken}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for future in pending:
+                future.cancel()
+            wake.clear()
+            if queued in done:
+                self._apply_or_reread(ready, keys, queued.result())
+                if queued.result() is RESYNC:
+                    await self._reread(namespace)
+            if changed in done:
+                event = changed.result()
+                if event is RESYNC:
+                    await self._reread(namespace)
+                elif not event.deleted:
+                    record = records_pb2.RunRecord.FromString(event.kv.value)
+                    if record.status == records_pb2.RUN_STATUS_RUNNING:
+                        await self._reread(namespace, record.run_id)  # a resumed run's items
+            while not queue.queue.empty():
+                event = queue.queue.get_nowait()
+                self._apply_or_reread(ready, keys, event)
+                if event is RESYNC:
+                    await self._reread(namespace)
+
+    @staticmethod
+    def _apply_or_reread(
+        ready: dict[tuple[str, str], work_item_pb2.WorkItem], keys: Keys, event: Event | None
+    ) -> None:
+        """Apply a queue event to the ready set (a RESYNC is left to the caller)."""
+        if event is None:
+            return
+        run_item = event.kv.key[len(keys.queue()) :].decode().split("/")
+        if len(run_item) != 2:
+            return
+        if event.deleted:
+            ready.pop((run_item[0], run_item[1]), None)
+        else:
+            item = work_item_pb2.WorkItem.FromString(event.kv.value)
+            ready[(item.run_id, item.item_id)] = item
+
+    def _plan(self, namespace: str) -> list[tuple[Session, work_item_pb2.WorkItem]]:
+        """Pick items for sessions with credit, one run at a time in rotation."""
+        ready = self._ready.get(namespace, {})
+        sessions = [s for s in self.sessions.values() if s.namespace == namespace and s.open]
+        if not ready or not sessions:
+            return []
+        by_run: dict[str, list[work_item_pb2.WorkItem]] = {}
+        for item in ready.values():
+            by_run.setdefault(item.run_id, []).append(item)
+        runs = list(by_run)
+        self._turn = (self._turn + 1) % len(runs)
+        runs = runs[self._turn :] + runs[: self._turn]
+        credit = {s.lease: s.credit for s in sessions}
+        plan: list[tuple[Session, work_item_pb2.WorkItem]] = []
+        progressed = True
+        while progressed and any(credit.values()):
+            progressed = False
+            for run_id in runs:
+                items = by_run[run_id]
+                for index, item in enumerate(items):
+                    takers = [s for s in sessions if credit[s.lease] > 0 and s.serves(item)]
+                    if takers:
+                        taker = max(takers, key=lambda s: credit[s.lease])
+                        credit[taker.lease] -= 1
+                        plan.append((taker, items.pop(index)))
+                        progressed = True
+                        break
+        return plan
+
+    async def _dispatch(self, namespace: str) -> None:
+        ready = self._ready.setdefault(namespace, {})
+        while plan := self._plan(namespace):
+            for session, item in plan:
+                ready.pop((item.run_id, item.item_id), None)
+                session.credit -= 1
+            results = await asyncio.gather(
+                *(self._claim(session, item) for session, item in plan), return_exceptions=True
+            )
+            for (session, item), result in zip(plan, results, strict=True):
+                if isinstance(result, BaseException) or not result:
+                    session.credit += 1  # not claimed: the slot stays free
+                    if isinstance(result, BaseException):
+                        log.warning("claim of %s/%s failed: %s", item.run_id, item.item_id, result)
+
+    async def _claim(self, session: Session, item: work_item_pb2.WorkItem) -> bool:
+        if session.lease not in self.sessions:
+            return False
+        claim = await self.runs.claim(session.namespace, session.lease, item.run_id, item.item_id)
+        if claim is None:
+            return False
+        assignment = worker_service_pb2.Assignment(
+            item=claim.item, claim_token=claim.token, context=claim.context
+        )
+        if claim.deadline_ms:
+            assignment.deadline.FromMilliseconds(claim.deadline_ms)
+        session.hold(claim.token)
+        session.outbox.put_nowait(ConnectResponse(assignments=[assignment]))
+        return True
+
+    async def close(self) -> None:
+        """Stop dispatching."""
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()

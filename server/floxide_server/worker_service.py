@@ -1,0 +1,327 @@
+"""``WorkerService.Connect``: one bidirectional stream per worker, a session on an etcd lease.
+
+The worker says hello; the server grants a lease, writes the session key on it (the only key a
+lease carries) and answers with the session's parameters. While the worker is heard from, the
+server renews the lease; when it is not heard from for a TTL, the server stops renewing and the
+lease ends in etcd, which deletes the session key, and every replica's expiry watch re-queues
+the session's claims. Results are acknowledged in-band; only faults of the stream as a whole end
+it with a status (see ``worker_service.proto``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from floxide_grpc import PROTOCOL_VERSION
+from floxide_grpc._proto.floxide.v1 import records_pb2, worker_service_pb2
+from floxide_grpc.errors import (
+    AlreadyExists,
+    ClaimLost,
+    FailedPrecondition,
+    FloxideError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SessionEnded,
+    StatusCode,
+    WorkflowNotFound,
+)
+from floxide_server.dispatch import Dispatcher, Session
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import KV, Compare, KVUnavailable, Put, Txn
+from floxide_server.store.payloads import Limits, namespace_of
+from floxide_server.store.runs import RunStore
+from floxide_server.store.workflows import WorkflowStore
+
+__all__ = ["SessionConfig", "WorkerService", "add_worker_service"]
+
+log = logging.getLogger(__name__)
+
+ConnectRequest = worker_service_pb2.ConnectRequest
+ConnectResponse = worker_service_pb2.ConnectResponse
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionConfig:
+    """Worker sessions' parameters.
+
+    Attributes:
+        lease_ttl: How long a session lives without hearing from its worker (etcd's minimum
+            is about 2 s).
+        heartbeat_interval: How often workers should send a heartbeat.
+        max_credit: The most items one worker may hold at once.
+        hello_timeout: How long a new stream may take to say hello.
+    """
+
+    lease_ttl: timedelta = timedelta(seconds=10)
+    heartbeat_interval: timedelta = timedelta(seconds=3)
+    max_credit: int = 1024
+    hello_timeout: timedelta = timedelta(seconds=10)
+
+
+def _parse(data: bytes) -> ConnectRequest | None:
+    """Deserialize leniently: garbage becomes ``None`` and ends the stream as INVALID_ARGUMENT."""
+    try:
+        return ConnectRequest.FromString(data)
+    except DecodeError:
+        return None
+
+
+class WorkerService:
+    """The worker stream's servicer."""
+
+    def __init__(
+        self,
+        kv: KV,
+        workflows: WorkflowStore,
+        runs: RunStore,
+        dispatcher: Dispatcher,
+        limits: Limits,
+        config: SessionConfig,
+        server_id: str,
+    ) -> None:
+        self.kv = kv
+        self.workflows = workflows
+        self.runs = runs
+        self.dispatcher = dispatcher
+        self.limits = limits
+        self.config = config
+        self.server_id = server_id
+
+    async def Connect(
+        self,
+        requests: AsyncIterator[ConnectRequest | None],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[ConnectResponse]:
+        """Serve one worker stream (see the module's docstring)."""
+        try:
+            async with asyncio.timeout(self.config.hello_timeout.total_seconds()):
+                first = await anext(requests, None)
+        except TimeoutError as exc:
+            raise InvalidArgument("no hello within the hello timeout") from exc
+        if first is None or not first.HasField("hello"):
+            raise InvalidArgument("the first message of a worker stream must be a hello")
+        session = await self._open(first.hello)
+        try:
+            yield ConnectResponse(hello_ack=self._ack(session))
+            await self._take(session, first, skip_hello=True)
+            reader = asyncio.create_task(self._read(session, requests))
+            keeper = asyncio.create_task(self._keep(session))
+            try:
+                while True:
+                    message = asyncio.ensure_future(session.outbox.get())
+                    done, _ = await asyncio.wait(
+                        {message, reader, keeper}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if message in done:
+                        response = message.result()
+                        if response is None:
+                            return
+                        yield response
+                        continue
+                    message.cancel()
+                    for task in done:
+                        task.result()  # a stream fault ends the stream with its status
+                    while not session.outbox.empty():  # the worker closed its side: flush
+                        response = session.outbox.get_nowait()
+                        if response is not None:
+                            yield response
+                    return
+            finally:
+                for task in (reader, keeper):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+        finally:
+            await self._close(session)
+
+    async def _open(self, hello: worker_service_pb2.Hello) -> Session:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise FailedPrecondition(
+                f"protocol version {hello.protocol_version} is not supported; this server speaks "
+                f"{PROTOCOL_VERSION}"
+            )
+        namespace = namespace_of(hello.namespace)
+        if not hello.nodes:
+            raise InvalidArgument("hello names no node to serve")
+        for served in hello.nodes:
+            try:
+                record = await self.workflows.record(
+                    namespace, served.workflow, served.definition_hash
+                )
+            except (WorkflowNotFound, InvalidArgument) as exc:
+                raise NotFound(
+                    f"hello offers node {served.node!r} of {served.workflow!r}: {exc}"
+                ) from exc
+            if not any(n.name == served.node for n in record.definition.nodes):
+                raise NotFound(f"workflow {served.workflow!r} has no node {served.node!r}")
+        if hello.credit > self.config.max_credit:
+            raise ResourceExhausted(
+                f"credit {hello.credit} is over the limit of {self.config.max_credit}"
+            )
+        ttl = max(int(self.config.lease_ttl.total_seconds()), 1)
+        lease = await self.kv.grant(ttl)
+        worker = records_pb2.WorkerRecord(
+            session_id=f"{lease:x}",
+            worker_id=hello.worker_id,
+            namespace=namespace,
+            nodes=hello.nodes,
+            status=records_pb2.WORKER_STATUS_IDLE,
+            slots=hello.credit,
+            server_id=self.server_id,
+            sdk=hello.sdk,
+        )
+        worker.connected_at.GetCurrentTime()
+        worker.last_heartbeat.GetCurrentTime()
+        await self.kv.txn(
+            Txn([], [Put(Keys(namespace).session(lease), worker.SerializeToString(), lease)])
+        )
+        session = Session(lease, namespace, worker, hello.credit, self.config.max_credit)
+        self.dispatcher.add(session)
+        log.info("session %x opened for worker %r in %r", lease, hello.worker_id, namespace)
+        return session
+
+    def _ack(self, session: Session) -> worker_service_pb2.HelloAck:
+        ack = worker_service_pb2.HelloAck(
+            session_id=session.record.session_id,
+            protocol_version=PROTOCOL_VERSION,
+            server_id=self.server_id,
+            max_payload_bytes=self.limits.max_payload_bytes,
+            max_credit=self.config.max_credit,
+        )
+        ack.lease_ttl.FromTimedelta(self.config.lease_ttl)
+        ack.heartbeat_interval.FromTimedelta(self.config.heartbeat_interval)
+        return ack
+
+    async def _read(self, session: Session, requests: AsyncIterator[ConnectRequest | None]) -> None:
+        async for request in requests:
+            await self._take(session, request)
+
+    async def _take(
+        self, session: Session, request: ConnectRequest | None, *, skip_hello: bool = False
+    ) -> None:
+        if request is None:
+            raise InvalidArgument("a message of the stream does not parse as a ConnectRequest")
+        session.last_heard = time.monotonic()
+        if request.HasField("hello") and not skip_hello:
+            raise InvalidArgument("hello is allowed in the first message only")
+        if request.credit:
+            session.credit += request.credit
+            if session.credit + len(session.held) > session.max_credit:
+                raise ResourceExhausted(
+                    f"credit {session.credit + len(session.held)} is over the limit of "
+                    f"{session.max_credit}"
+                )
+            session.record.slots += request.credit
+        if request.results:
+            acks = [await self._result(session, result) for result in request.results]
+            session.outbox.put_nowait(ConnectResponse(result_acks=acks))
+        if request.HasField("drain"):
+            session.draining = True
+            log.info("worker of session %x is draining", session.lease)
+        self.dispatcher.wake(session.namespace)
+
+    async def _result(
+        self, session: Session, result: worker_service_pb2.StepResult
+    ) -> worker_service_pb2.ResultAck:
+        ack = worker_service_pb2.ResultAck(claim_token=result.claim_token)
+        if result.claim_token not in session.held:
+            ack.code = StatusCode.FAILED_PRECONDITION
+            ack.message = "this session does not hold that claim (lost, or of another session)"
+            return ack
+        try:
+            completion = await self.runs.complete(
+                session.namespace, result.claim_token, result.transition, result.context_operations
+            )
+            ack.code, ack.message = completion.code, completion.message
+        except KVUnavailable as exc:
+            ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
+            return ack  # the claim is still held, and its slot
+        except (ClaimLost, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted) as exc:
+            ack.code, ack.message = exc.code, str(exc)
+        except FloxideError as exc:
+            ack.code, ack.message = exc.code, str(exc)
+        session.drop(result.claim_token)
+        session.credit += 1
+        return ack
+
+    async def _keep(self, session: Session) -> None:
+        """Renew the lease while the worker is heard from; end the stream when it has ended."""
+        ttl = self.config.lease_ttl.total_seconds()
+        interval = min(self.config.heartbeat_interval.total_seconds(), ttl / 3)
+        keys = Keys(session.namespace)
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - session.last_heard > ttl:
+                # Silent for a whole TTL: stop renewing. etcd ends the lease on its own clock.
+                if await self.kv.get(keys.session(session.lease)) is None:
+                    raise SessionEnded("the session's lease ended: no heartbeat within its TTL")
+                continue
+            if not await self.kv.keep_alive(session.lease):
+                raise SessionEnded("the session's lease ended; reconnect for a new session")
+            session.record.last_heartbeat.GetCurrentTime()
+            session.record.status = (
+                records_pb2.WORKER_STATUS_DRAINING
+                if session.draining
+                else records_pb2.WORKER_STATUS_BUSY
+                if session.held
+                else records_pb2.WORKER_STATUS_IDLE
+            )
+            key = keys.session(session.lease)
+            await self.kv.txn(
+                Txn(
+                    [Compare.exists(key)],
+                    [Put(key, session.record.SerializeToString(), session.lease)],
+                )
+            )
+
+    async def _close(self, session: Session) -> None:
+        """The stream ended: end the session now, so its claims are re-queued at once."""
+        self.dispatcher.remove(session)
+        with contextlib.suppress(KVUnavailable, grpc.aio.AioRpcError):
+            await self.kv.revoke(session.lease)
+        log.info("session %x closed (%d claims left to re-queue)", session.lease, len(session.held))
+
+    async def drain(self, grace: timedelta) -> None:
+        """Tell every session of this replica to drain, and wait for what they hold (bounded)."""
+        for session in list(self.dispatcher.sessions.values()):
+            drain = worker_service_pb2.Drain(reason="the server is shutting down")
+            drain.grace.FromTimedelta(grace)
+            session.draining = True
+            session.outbox.put_nowait(ConnectResponse(drain=drain))
+        waits = [
+            asyncio.ensure_future(s.idle.wait())
+            for s in self.dispatcher.sessions.values()
+            if s.held
+        ]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=grace.total_seconds())
+            for wait in late:
+                wait.cancel()
+        for session in list(self.dispatcher.sessions.values()):
+            session.outbox.put_nowait(None)
+
+
+def add_worker_service(server: grpc.aio.Server, service: WorkerService) -> None:
+    """Register the worker stream with a lenient request parser (see :func:`_parse`)."""
+    handler = grpc.method_handlers_generic_handler(
+        "floxide.v1.WorkerService",
+        {
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                service.Connect,
+                request_deserializer=_parse,
+                response_serializer=ConnectResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
