@@ -4,4 +4,6 @@ It connects to an orchestrator server over one stream, runs the nodes it serves 
 their transitions. It imports the SDK (``floxide_grpc``), never the server.
 """
 
-__all__: list[str] = []
+from floxide_worker.worker import Worker, WorkerConfig
+
+__all__ = ["Worker", "WorkerConfig"]

@@ -1,0 +1,380 @@
+"""The worker: one stream to a server, work pushed within its credit, results reported in-band.
+
+A :class:`Worker` registers its workflows, opens ``WorkerService.Connect``, says hello with the
+nodes it serves and its slots as credit, and runs each assignment with
+:func:`floxide_grpc.execute.attempt` (async nodes on the loop, sync nodes in threads). Each
+result goes back with its claim token; the server's in-band acknowledgement says whether it was
+applied. Heartbeats keep the session's lease alive. When the stream breaks, the worker
+reconnects with backoff and gets a new session; what it was running goes on, and its results are
+sent on the new stream (the server refuses them if their claims were re-queued meanwhile).
+``shutdown()`` drains: nothing new is taken, what is held is finished and reported, then the
+stream is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import socket
+import time
+import typing
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from floxide_grpc import PROTOCOL_VERSION, __version__
+from floxide_grpc._proto.floxide.v1 import (
+    records_pb2,
+    work_item_pb2,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+from floxide_grpc.client import OrchestratorClient
+from floxide_grpc.errors import StatusCode
+from floxide_grpc.execute import AttemptFailed, attempt
+from floxide_grpc.graph import Graph
+from floxide_grpc.node import NodeSpec
+from floxide_grpc.runner import LocalRunner
+from floxide_grpc.workflow import Workflow
+
+__all__ = ["Worker", "WorkerConfig"]
+
+log = logging.getLogger(__name__)
+
+ConnectRequest = worker_service_pb2.ConnectRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker connects and behaves.
+
+    Attributes:
+        server: ``host:port`` of a server (any replica).
+        namespace: The namespace it serves.
+        slots: How many items it runs at once (its credit).
+        worker_id: Its name in liveness records.
+        reconnect_backoff: The first wait before reconnecting; it doubles up to ``max_backoff``.
+        max_backoff: The longest wait between reconnects.
+        drain_grace: How long ``shutdown()`` waits for held items.
+    """
+
+    server: str
+    namespace: str = "default"
+    slots: int = 8
+    worker_id: str = dataclasses.field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}"
+    )
+    reconnect_backoff: timedelta = timedelta(milliseconds=100)
+    max_backoff: timedelta = timedelta(seconds=5)
+    drain_grace: timedelta = timedelta(seconds=30)
+
+
+@dataclasses.dataclass
+class _Held:
+    """An assignment being run (or whose result waits for its acknowledgement)."""
+
+    assignment: worker_service_pb2.Assignment
+    session_id: str
+    cancel: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class _Stream:
+    """One connection: its outbox, session and acknowledgements."""
+
+    def __init__(self) -> None:
+        self.outbox: asyncio.Queue[ConnectRequest | None] = asyncio.Queue()
+        self.session_id = ""
+        self.heartbeat = 3.0
+
+    async def requests(self) -> AsyncIterator[ConnectRequest]:
+        while (request := await self.outbox.get()) is not None:
+            yield request
+
+
+class Worker:
+    """Runs the nodes of some workflows for a server. ``run()``, ``shutdown()``, or ``async with``.
+
+    Args:
+        workflows: The workflows whose nodes it serves (registered by ``run()``).
+        config: Where and how to connect.
+    """
+
+    def __init__(self, workflows: Sequence[Workflow], config: WorkerConfig) -> None:
+        if config.slots < 1:
+            raise ValueError("a worker needs at least one slot")
+        self.workflows = list(workflows)
+        self.config = config
+        self._by_hash: dict[str, Workflow] = {}
+        self._graphs: dict[str, Graph] = {}
+        self._held: dict[str, _Held] = {}
+        self._unacked: dict[str, worker_service_pb2.StepResult] = {}
+        self._stream: _Stream | None = None
+        self._draining = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._runner: asyncio.Task[None] | None = None
+        self.executions = 0
+        """How many attempts this worker ran (for tests and metrics)."""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Register the workflows, then serve until :meth:`shutdown` (reconnecting as needed).
+
+        Cancelling ``run()`` stops at once, abandoning held items (the server re-queues them
+        when the session ends); ``shutdown()`` finishes them first.
+        """
+        await self._register()
+        backoff = self.config.reconnect_backoff.total_seconds()
+        while not self._stopped.is_set():
+            try:
+                await self._serve()
+                backoff = self.config.reconnect_backoff.total_seconds()
+            except grpc.aio.AioRpcError as exc:
+                if (
+                    exc.code()
+                    in (
+                        grpc.StatusCode.NOT_FOUND,
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                    )
+                    and not self._held
+                ):
+                    raise
+                log.warning(
+                    "stream to %s broke (%s: %s); reconnecting",
+                    self.config.server,
+                    exc.code().name,
+                    exc.details(),
+                )
+            if self._stopped.is_set() or (
+                self._draining.is_set() and not self._held and not self._unacked
+            ):
+                break
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, self.config.max_backoff.total_seconds())
+        self._stopped.set()
+
+    async def shutdown(self) -> None:
+        """Drain: take nothing new, finish and report what is held, then close. Idempotent."""
+        if self._draining.is_set():
+            await self._stopped.wait()
+            return
+        self._draining.set()
+        stream = self._stream
+        if stream is not None:
+            stream.outbox.put_nowait(
+                ConnectRequest(drain=worker_service_pb2.Drain(reason="worker shutting down"))
+            )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.drain_grace.total_seconds()):
+                await self._idle.wait()
+        self._stopped.set()
+        if self._stream is not None:
+            self._stream.outbox.put_nowait(None)
+        for held in list(self._held.values()):
+            if held.task is not None:
+                held.task.cancel()
+        if self._runner is not None and self._runner is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner
+
+    async def __aenter__(self) -> Worker:
+        self._runner = asyncio.create_task(self.run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    # -- registration --------------------------------------------------------------------------
+
+    async def _register(self) -> None:
+        async with OrchestratorClient(
+            self.config.server, namespace=self.config.namespace
+        ) as client:
+            for workflow in self.workflows:
+                definition_hash = await client.register_workflow(workflow)
+                self._by_hash[definition_hash] = workflow
+                self._graphs[definition_hash] = workflow.graph()
+
+    def _served(self) -> list[records_pb2.ServedNode]:
+        return [
+            records_pb2.ServedNode(
+                workflow=workflow.name, node=name, definition_hash=definition_hash
+            )
+            for definition_hash, workflow in self._by_hash.items()
+            for name in workflow.nodes
+        ]
+
+    # -- one connection ------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        stream = _Stream()
+        self._stream = stream
+        channel = grpc.aio.insecure_channel(
+            self.config.server,
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ],
+        )
+        free = 0 if self._draining.is_set() else max(self.config.slots - len(self._held), 0)
+        hello = worker_service_pb2.Hello(
+            protocol_version=PROTOCOL_VERSION,
+            namespace=self.config.namespace,
+            worker_id=self.config.worker_id,
+            nodes=self._served(),
+            credit=free,
+            sdk=f"python/{__version__}",
+        )
+        stream.outbox.put_nowait(ConnectRequest(hello=hello))
+        call = worker_service_pb2_grpc.WorkerServiceStub(channel).Connect(stream.requests())
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            read = await call.read()
+            if read is grpc.aio.EOF:
+                raise ConnectionError("the server closed the stream before acknowledging hello")
+            first = typing.cast(worker_service_pb2.ConnectResponse, read)
+            if not first.HasField("hello_ack"):
+                raise ConnectionError("the server did not acknowledge hello")
+            stream.session_id = first.hello_ack.session_id
+            stream.heartbeat = (
+                first.hello_ack.heartbeat_interval.ToTimedelta().total_seconds() or 3.0
+            )
+            log.info(
+                "session %s open on %s (%s)",
+                stream.session_id,
+                self.config.server,
+                first.hello_ack.server_id,
+            )
+            for result in self._unacked.values():  # results of an earlier session, kept until acked
+                stream.outbox.put_nowait(ConnectRequest(results=[result], credit=1))
+            if self._draining.is_set():
+                stream.outbox.put_nowait(
+                    ConnectRequest(drain=worker_service_pb2.Drain(reason="worker draining"))
+                )
+            heartbeat = asyncio.create_task(self._heartbeat(stream))
+            while (read := await call.read()) is not grpc.aio.EOF:
+                self._take(stream, typing.cast(worker_service_pb2.ConnectResponse, read))
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+            stream.outbox.put_nowait(None)
+            self._stream = None
+            call.cancel()
+            await channel.close()
+
+    async def _heartbeat(self, stream: _Stream) -> None:
+        while True:
+            await asyncio.sleep(stream.heartbeat)
+            message = worker_service_pb2.Heartbeat()
+            message.sent_at.GetCurrentTime()
+            stream.outbox.put_nowait(ConnectRequest(heartbeat=message))
+
+    def _take(self, stream: _Stream, response: worker_service_pb2.ConnectResponse) -> None:
+        for assignment in response.assignments:
+            held = _Held(assignment, stream.session_id)
+            self._held[assignment.claim_token] = held
+            self._idle.clear()
+            held.task = asyncio.create_task(self._execute(held))
+        for ack in response.result_acks:
+            if ack.code == StatusCode.UNAVAILABLE and ack.claim_token in self._unacked:
+                stream.outbox.put_nowait(ConnectRequest(results=[self._unacked[ack.claim_token]]))
+                continue
+            result = self._unacked.pop(ack.claim_token, None)
+            if ack.code != StatusCode.OK:
+                log.warning(
+                    "result of %s refused: %s %s",
+                    result.item_id if result else ack.claim_token,
+                    StatusCode(ack.code).name
+                    if ack.code in StatusCode._value2member_map_
+                    else ack.code,
+                    ack.message,
+                )
+        for cancel in response.cancels:
+            if (cancelled := self._held.get(cancel.claim_token)) is not None:
+                cancelled.cancel.set()
+        if response.HasField("drain"):
+            log.info("server %s is draining: finishing held items", self.config.server)
+            self._draining.set()
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._held and not self._unacked:
+            self._idle.set()
+
+    # -- running items -------------------------------------------------------------------------
+
+    async def _execute(self, held: _Held) -> None:
+        assignment = held.assignment
+        item = assignment.item
+        result = worker_service_pb2.StepResult(
+            claim_token=assignment.claim_token,
+            run_id=item.run_id,
+            item_id=item.item_id,
+            attempt=item.attempt,
+        )
+        result.started_at.GetCurrentTime()
+        try:
+            workflow = self._by_hash[item.definition_hash]
+            context = json.loads(assignment.context.data) if assignment.context.data else {}
+            timeout = None
+            if assignment.HasField("deadline"):
+                timeout = max(assignment.deadline.ToMilliseconds() / 1000 - time.time(), 0.001)
+            self.executions += 1
+            transition, operations = await attempt(
+                workflow.spec(item.node),
+                item,
+                context,
+                workflow.context,
+                routes=self._graphs[item.definition_hash].node(item.node).routes,
+                cancel=held.cancel,
+                timeout=timeout,
+                run_subworkflow=_run_subworkflow,
+            )
+            result.transition.CopyFrom(transition)
+            result.context_operations.extend(op.to_proto() for op in operations)
+        except AttemptFailed as exc:
+            result.transition.abort.CopyFrom(exc.error)
+        except Exception as exc:
+            result.transition.abort.CopyFrom(
+                work_item_pb2.NodeError(
+                    kind=work_item_pb2.ERROR_KIND_GENERIC, message=f"{type(exc).__name__}: {exc}"
+                )
+            )
+        result.finished_at.GetCurrentTime()
+        self._report(held, result)
+
+    def _report(self, held: _Held, result: worker_service_pb2.StepResult) -> None:
+        del self._held[held.assignment.claim_token]
+        stream = self._stream
+        if stream is None:
+            self._unacked[result.claim_token] = result  # sent when a stream is back
+            return
+        self._unacked[result.claim_token] = result
+        # A result of an earlier session returns no slot of this one: grant it explicitly.
+        credit = 0 if held.session_id == stream.session_id or self._draining.is_set() else 1
+        stream.outbox.put_nowait(ConnectRequest(results=[result], credit=credit))
+
+
+async def _run_subworkflow(spec: NodeSpec, value: Any) -> Any:
+    """A nested workflow runs in-process on the worker, as in the local runner."""
+    assert spec.subworkflow is not None
+    return await LocalRunner(spec.subworkflow).run(value)
