@@ -310,6 +310,116 @@ def graph(
     typer.echo(drawn.to_dot() if format is GraphFormat.DOT else drawn.to_mermaid(), nl=False)
 
 
+DEV_TARGET = "examples/order_chain.py"
+DEV_INPUT = '{"id": 1, "amount": 25.0, "card": "visa"}'
+
+
+@app.command()
+def dev(
+    target: Annotated[
+        str, typer.Argument(help="FILE.py[:NAME] or MODULE[:NAME] with the workflow.")
+    ] = DEV_TARGET,
+    input: Annotated[str, typer.Option("--input", "-i", help="The run's input, as JSON.")] = "",
+    workers: Annotated[int, typer.Option(help="How many worker processes.")] = 2,
+    slots: Annotated[int, typer.Option(help="Slots of each worker.")] = 2,
+    timeout: Annotated[float, typer.Option(help="Seconds the whole run may take.")] = 120.0,
+) -> None:
+    """Run the whole stack here, end to end, then stop it.
+
+    An embedded etcd and a server, worker processes serving the workflow, and one run of it;
+    prints the run's output.
+    """
+    from floxide_grpc.loading import load_workflows  # noqa: PLC0415
+
+    try:
+        workflow = load_workflows(target)[0]
+        value = json.loads(input or (DEV_INPUT if target == DEV_TARGET else "null"))
+    except (FloxideError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    try:
+        output = asyncio.run(_dev(target, workflow, value, workers, slots, timeout))
+    except (FloxideError, TimeoutError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    typer.echo(json.dumps(output))
+
+
+async def _dev(
+    target: str, workflow: Workflow, value: Any, workers: int, slots: int, timeout: float
+) -> Any:
+    import signal  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    bin_dir = Path(sys.executable).parent
+    processes: list[asyncio.subprocess.Process] = []
+    with tempfile.TemporaryDirectory(prefix="floxide-dev-") as tmp:
+        ready = Path(tmp) / "server"
+        try:
+            async with asyncio.timeout(timeout):
+                processes.append(
+                    await asyncio.create_subprocess_exec(
+                        str(bin_dir / "floxide-server"),
+                        "--port",
+                        "0",
+                        "--ready-file",
+                        str(ready),
+                        "--log-level",
+                        "warning",
+                    )
+                )
+                while not (ready.exists() and ready.read_text().endswith("\n")):
+                    if processes[0].returncode is not None:
+                        raise RuntimeError("floxide-server exited before serving")
+                    await asyncio.sleep(0.05)
+                server = ready.read_text().strip()
+                console.print(f"[dim]server on {server} (embedded etcd)[/]", highlight=False)
+                for n in range(workers):
+                    processes.append(
+                        await asyncio.create_subprocess_exec(
+                            str(bin_dir / "floxide-worker"),
+                            target,
+                            "--server",
+                            server,
+                            "--slots",
+                            str(slots),
+                            "--worker-id",
+                            f"dev-worker-{n + 1}",
+                            "--log-level",
+                            "warning",
+                        )
+                    )
+                async with OrchestratorClient(server) as client:
+                    while len(await client.workers()) < workers:
+                        if any(p.returncode is not None for p in processes):
+                            raise RuntimeError("a worker exited before connecting")
+                        await asyncio.sleep(0.05)
+                    console.print(
+                        f"[dim]{workers} workers connected; running {workflow.name}[/]",
+                        highlight=False,
+                    )
+                    run, _ = await client.start_run(workflow.name, value)
+                    final = await client.wait_for_completion(run.run_id)
+                    console.print(
+                        f"[dim]run {final.run_id}: {final.status.value}[/]", highlight=False
+                    )
+                    if final.status is not RunStatus.COMPLETED:
+                        raise RuntimeError(
+                            f"run {final.run_id} {final.status.value}: {final.error}"
+                        )
+                    return final.output
+        finally:
+            for process in reversed(processes):
+                if process.returncode is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in reversed(processes):
+                try:
+                    await asyncio.wait_for(process.wait(), 30)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+
+
 def main() -> None:
     """Entry point of the ``floxide`` console script."""
     app()

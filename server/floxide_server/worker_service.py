@@ -235,9 +235,10 @@ class WorkerService:
         self, session: Session, result: worker_service_pb2.StepResult
     ) -> worker_service_pb2.ResultAck:
         ack = worker_service_pb2.ResultAck(claim_token=result.claim_token)
-        if result.claim_token not in session.held:
+        held = result.claim_token in session.held
+        if not held and not result.claim_token.startswith(f"{session.lease:x}:"):
             ack.code = StatusCode.FAILED_PRECONDITION
-            ack.message = "this session does not hold that claim (lost, or of another session)"
+            ack.message = "this session does not hold that claim (it is another session's)"
             return ack
         try:
             completion = await self.runs.complete(
@@ -251,8 +252,9 @@ class WorkerService:
             ack.code, ack.message = exc.code, str(exc)
         except FloxideError as exc:
             ack.code, ack.message = exc.code, str(exc)
-        session.drop(result.claim_token)
-        session.credit += 1
+        if held:  # a repeat of an answered result returns no slot
+            session.drop(result.claim_token)
+            session.credit += 1
         return ack
 
     async def _keep(self, session: Session) -> None:
