@@ -122,6 +122,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._connected = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self.executions = 0
         """How many attempts this worker ran (for tests and metrics)."""
@@ -190,7 +191,17 @@ class Worker:
                 await self._runner
 
     async def __aenter__(self) -> Worker:
+        """Start ``run()`` in the background; return once the first session is open.
+
+        Raises:
+            Whatever ``run()`` raised if it ended first (a refused hello, say).
+        """
         self._runner = asyncio.create_task(self.run())
+        connected = asyncio.ensure_future(self._connected.wait())
+        await asyncio.wait({connected, self._runner}, return_when=asyncio.FIRST_COMPLETED)
+        if not self._connected.is_set():
+            connected.cancel()
+            self._runner.result()
         return self
 
     async def __aexit__(
@@ -255,6 +266,7 @@ class Worker:
             if not first.HasField("hello_ack"):
                 raise ConnectionError("the server did not acknowledge hello")
             stream.session_id = first.hello_ack.session_id
+            self._connected.set()
             stream.heartbeat = (
                 first.hello_ack.heartbeat_interval.ToTimedelta().total_seconds() or 3.0
             )

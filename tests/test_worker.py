@@ -1,0 +1,322 @@
+"""Workers over a real stream: runs end to end, and every bad input of the stream refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Annotated, Any
+
+import grpc
+import pytest
+from floxide_server.app import Server, ServerConfig
+from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.etcd import EtcdKV
+from floxide_server.worker_service import SessionConfig
+from floxide_worker import Worker, WorkerConfig
+
+from floxide_grpc import (
+    PROTOCOL_VERSION,
+    Backoff,
+    Merge,
+    NextAll,
+    NodeContext,
+    RetryPolicy,
+    Workflow,
+    node,
+)
+from floxide_grpc._proto.floxide.v1 import (
+    records_pb2,
+    work_item_pb2,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
+from floxide_grpc.client import OrchestratorClient
+from floxide_grpc.records import RunStatus
+
+FAST = SessionConfig(
+    lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500), max_credit=16
+)
+
+
+@dataclass
+class Tally:
+    seen: Annotated[int, Merge.ADD] = 0
+    log: Annotated[list[str], Merge.APPEND] = field(default_factory=list)
+
+
+@node
+def fan(n: int) -> NextAll[int]:
+    return NextAll(list(range(n)))
+
+
+@node
+async def square(ctx: NodeContext, x: int) -> int:
+    ctx.add("seen", 1)
+    return x * x
+
+
+@node(join=True)
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+FANOUT = Workflow("squares", start=fan, context=Tally).edge(fan, square).edge(square, total)
+
+flaky_calls: list[int] = []
+
+
+@node(
+    retry=RetryPolicy(
+        max_attempts=3,
+        initial_backoff=timedelta(milliseconds=50),
+        backoff=Backoff.FIXED,
+        jitter=False,
+    )
+)
+def flaky(ctx: NodeContext, x: int) -> int:
+    flaky_calls.append(ctx.attempt)
+    if ctx.attempt < 3:
+        raise ConnectionError("not yet")
+    return x
+
+
+FLAKY = Workflow("flaky", start=flaky)
+
+
+@node
+def echo(x: int) -> int:
+    return x
+
+
+ECHO = Workflow("echo", start=echo)
+
+
+@dataclass
+class Cluster:
+    server: Server
+    namespace: str
+    client: OrchestratorClient
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def worker(self, *workflows: Workflow, slots: int = 2) -> Worker:
+        return Worker(
+            list(workflows), WorkerConfig(server=self.target, namespace=self.namespace, slots=slots)
+        )
+
+
+@pytest.fixture
+async def cluster(etcd: EmbeddedEtcd) -> AsyncIterator[Cluster]:
+    kv = EtcdKV([etcd.endpoint])
+    server = Server(kv, ServerConfig(port=0, sessions=FAST, grace=timedelta(seconds=2)))
+    await server.start()
+    namespace = f"ns-{uuid.uuid4().hex[:10]}"
+    client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
+    try:
+        yield Cluster(server, namespace, client)
+    finally:
+        await client.close()
+        await server.stop()
+        await kv.close()
+
+
+async def test_a_fan_out_runs_on_two_workers_and_joins_once(cluster: Cluster) -> None:
+    async with cluster.worker(FANOUT) as first, cluster.worker(FANOUT) as second:
+        output = await cluster.client.run("squares", 20, timeout=60)
+        assert output == sum(x * x for x in range(20))
+        run = (await cluster.client.list_runs())[0][0]
+        assert await cluster.client.run_context(run.run_id) == {"seen": 20, "log": []}
+        assert first.executions + second.executions == 22  # fan, 20 squares, total
+
+
+async def test_a_retry_waits_on_a_durable_timer_and_succeeds(cluster: Cluster) -> None:
+    flaky_calls.clear()
+    async with cluster.worker(FLAKY):
+        assert await cluster.client.run("flaky", 7, timeout=60) == 7
+    assert flaky_calls == [1, 2, 3]
+    run = (await cluster.client.list_runs())[0][0]
+    errors = await cluster.client.run_errors(run.run_id)
+    assert [(e.attempt, e.kind) for e in errors] == [(1, "GENERIC"), (2, "GENERIC")]
+
+
+async def test_many_runs_complete_with_limited_credit(cluster: Cluster) -> None:
+    async with cluster.worker(ECHO, slots=1):
+        outputs = await asyncio.gather(
+            *(cluster.client.run("echo", n, timeout=60) for n in range(30))
+        )
+    assert outputs == list(range(30))
+
+
+async def test_drain_finishes_and_closes(cluster: Cluster) -> None:
+    worker = cluster.worker(ECHO)
+    async with worker:
+        assert await cluster.client.run("echo", 1, timeout=60) == 1
+    assert worker._stopped.is_set()
+    workers = await cluster.client.workers()
+    assert workers == []  # the session ended with the stream
+
+
+# -- the raw stream ------------------------------------------------------------------------------
+
+
+def hello(
+    namespace: str, workflow: str = "echo", node_name: str = "echo", credit: int = 1
+) -> worker_service_pb2.ConnectRequest:
+    return worker_service_pb2.ConnectRequest(
+        hello=worker_service_pb2.Hello(
+            protocol_version=PROTOCOL_VERSION,
+            namespace=namespace,
+            worker_id="raw",
+            nodes=[records_pb2.ServedNode(workflow=workflow, node=node_name)],
+            credit=credit,
+        )
+    )
+
+
+class Raw:
+    """A hand-driven worker stream."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.call = worker_service_pb2_grpc.WorkerServiceStub(self.channel).Connect()
+
+    async def send(self, message: worker_service_pb2.ConnectRequest) -> None:
+        await self.call.write(message)
+
+    async def read(self) -> worker_service_pb2.ConnectResponse:
+        response = await asyncio.wait_for(self.call.read(), 10)
+        assert response is not grpc.aio.EOF
+        return response  # type: ignore[return-value]
+
+    async def status(self) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                await asyncio.wait_for(self.call.read(), 10)
+        return caught.value.code()
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+@pytest.fixture
+async def raw(cluster: Cluster) -> AsyncIterator[Raw]:
+    await cluster.client.register_workflow(ECHO)
+    stream = Raw(cluster.target)
+    yield stream
+    await stream.close()
+
+
+def result_of(
+    assignment: worker_service_pb2.Assignment, output: Any
+) -> worker_service_pb2.ConnectRequest:
+    payload = work_item_pb2.Payload(
+        encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(output).encode()
+    )
+    return worker_service_pb2.ConnectRequest(
+        results=[
+            worker_service_pb2.StepResult(
+                claim_token=assignment.claim_token,
+                run_id=assignment.item.run_id,
+                item_id=assignment.item.item_id,
+                attempt=assignment.item.attempt,
+                transition=work_item_pb2.Transition(
+                    next=work_item_pb2.Transition.Next(output=payload)
+                ),
+            )
+        ]
+    )
+
+
+async def test_results_are_fenced_in_band(cluster: Cluster, raw: Raw) -> None:
+    await raw.send(hello(cluster.namespace))
+    ack = await raw.read()
+    assert ack.hello_ack.session_id and ack.hello_ack.lease_ttl.ToTimedelta() == timedelta(
+        seconds=2
+    )
+    run, _ = await cluster.client.start_run("echo", 5)
+    [assignment] = (await raw.read()).assignments
+    assert json.loads(assignment.item.input.data) == 5
+    # A result for an item this worker does not hold.
+    forged = worker_service_pb2.Assignment()
+    forged.CopyFrom(assignment)
+    forged.claim_token = "ffff:1:1:" + assignment.item.run_id + ":" + assignment.item.item_id
+    await raw.send(result_of(forged, 5))
+    [refused] = (await raw.read()).result_acks
+    assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    await raw.send(result_of(assignment, 5))
+    [applied] = (await raw.read()).result_acks
+    assert applied.code == 0
+    await raw.send(result_of(assignment, 5))
+    [again] = (await raw.read()).result_acks
+    assert again.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    done = await cluster.client.wait_for_completion(run.run_id, 10)
+    assert done.status is RunStatus.COMPLETED and done.output == 5
+
+
+async def test_an_output_breaking_the_schema_is_a_failed_attempt(
+    cluster: Cluster, raw: Raw
+) -> None:
+    await raw.send(hello(cluster.namespace))
+    await raw.read()
+    run, _ = await cluster.client.start_run("echo", 5)
+    [assignment] = (await raw.read()).assignments
+    await raw.send(result_of(assignment, "five"))
+    [ack] = (await raw.read()).result_acks
+    assert (
+        ack.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        and "not of type 'integer'" in ack.message
+    )
+    errors = await cluster.client.run_errors(run.run_id)
+    assert [(e.node, e.kind) for e in errors] == [("echo", "INVALID_OUTPUT")]
+
+
+async def test_a_hello_for_a_node_no_workflow_has_is_not_found(cluster: Cluster, raw: Raw) -> None:
+    await raw.send(hello(cluster.namespace, node_name="ghost"))
+    assert await raw.status() == grpc.StatusCode.NOT_FOUND
+    assert await cluster.client.workers() == []
+
+
+async def test_a_first_message_without_hello_is_invalid(cluster: Cluster, raw: Raw) -> None:
+    await raw.send(worker_service_pb2.ConnectRequest(credit=1))
+    assert await raw.status() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_an_unsupported_protocol_version_is_refused(cluster: Cluster, raw: Raw) -> None:
+    message = hello(cluster.namespace)
+    message.hello.protocol_version = 99
+    await raw.send(message)
+    assert await raw.status() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_credit_beyond_the_limit_ends_the_stream(cluster: Cluster, raw: Raw) -> None:
+    await raw.send(hello(cluster.namespace))
+    await raw.read()
+    await raw.send(worker_service_pb2.ConnectRequest(credit=100))
+    assert await raw.status() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await cluster.client.workers() == []
+
+
+async def test_garbage_ends_the_stream_and_changes_nothing(cluster: Cluster) -> None:
+    await cluster.client.register_workflow(ECHO)
+    channel = grpc.aio.insecure_channel(cluster.target)
+    call = channel.stream_stream(
+        "/floxide.v1.WorkerService/Connect",
+        request_serializer=lambda raw_bytes: raw_bytes,
+        response_deserializer=worker_service_pb2.ConnectResponse.FromString,
+    )()
+    await call.write(hello(cluster.namespace).SerializeToString())
+    first = await call.read()
+    assert first.hello_ack.session_id
+    await call.write(b"\xff\xff\xff\xff garbage")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while True:
+            await asyncio.wait_for(call.read(), 10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await channel.close()
