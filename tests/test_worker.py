@@ -313,7 +313,7 @@ async def test_garbage_ends_the_stream_and_changes_nothing(cluster: Cluster) -> 
     )()
     await call.write(hello(cluster.namespace).SerializeToString())
     first = await call.read()
-    assert first.hello_ack.session_id
+    assert isinstance(first, worker_service_pb2.ConnectResponse) and first.hello_ack.session_id
     await call.write(b"\xff\xff\xff\xff garbage")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         while True:
