@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from datetime import timedelta
@@ -16,6 +17,7 @@ from floxide_grpc import __version__
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
+from floxide_server.worker_service import SessionConfig
 
 app = typer.Typer(name="floxide-server", add_completion=False)
 log = logging.getLogger("floxide_server")
@@ -63,6 +65,8 @@ def run(
         float, typer.Option(help="Seconds to finish calls in flight on shutdown.")
     ] = 10.0,
     server_id: Annotated[str, typer.Option(help="This replica's name.")] = "",
+    lease_ttl: Annotated[float, typer.Option(help="Seconds a session lives unheard.")] = 10.0,
+    heartbeat: Annotated[float, typer.Option(help="Seconds between worker heartbeats.")] = 3.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
@@ -73,9 +77,12 @@ def run(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = ServerConfig(host=host, port=port)
+    sessions = SessionConfig(
+        lease_ttl=timedelta(seconds=lease_ttl), heartbeat_interval=timedelta(seconds=heartbeat)
+    )
+    config = ServerConfig(host=host, port=port, sessions=sessions)
     if server_id:
-        config = ServerConfig(host=host, port=port, server_id=server_id)
+        config = dataclasses.replace(config, server_id=server_id)
     embedded: EmbeddedEtcd | None = None
     endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
     if not endpoints:

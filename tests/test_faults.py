@@ -1,0 +1,266 @@
+"""Process faults survived: real server and worker processes, a real etcd, each bounded in time.
+
+Each test shows the run's output equal to an uninterrupted run's (25 for input 1), each
+transition's effect applied once (checked in etcd: three items, one context operation each),
+the node that was interrupted run again (counted in a side channel the test owns), and the
+attempt recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from floxide_server.embedded import EmbeddedEtcd, free_port
+from floxide_server.etcd import EtcdKV
+from floxide_server.store.keys import Keys
+
+from floxide_grpc._proto.floxide.v1 import records_pb2
+from floxide_grpc.client import OrchestratorClient
+from floxide_grpc.records import RunStatus
+from tests.helpers import TcpProxy, eventually, start_server, stop_server
+
+pytestmark = pytest.mark.timeout(120)
+
+EXPECTED = 25  # prepare: 1 + 1, hold: * 10, finish: + 5
+WORKFLOWS = str(Path(__file__).parent / "faults" / "workflows.py")
+
+
+@dataclass
+class Faults:
+    tmp: Path
+    etcd: EmbeddedEtcd
+    namespace: str = field(default_factory=lambda: f"faults-{uuid.uuid4().hex[:8]}")
+    port: int = field(default_factory=free_port)
+    server: subprocess.Popen[bytes] | None = None
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def gate(self) -> Path:
+        return self.tmp / "gate"
+
+    def start_server(self) -> None:
+        self.server, _ = start_server(
+            "--etcd", self.etcd.endpoint, "--lease-ttl", "2", "--heartbeat", "0.5",
+            ready_file=str(self.tmp / "ready"),
+        )  # fmt: skip
+        self.port = int(_.rsplit(":", 1)[1])
+
+    def restart_server(self) -> None:
+        self.server, _ = start_server(
+            "--etcd", self.etcd.endpoint, "--lease-ttl", "2", "--heartbeat", "0.5",
+            "--port", str(self.port), ready_file=str(self.tmp / "ready"),
+        )  # fmt: skip
+
+    def start_worker(self, name: str, target: str | None = None) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "FLOXIDE_FAULT_LOG": str(self.tmp / "side.log"),
+            "FLOXIDE_FAULT_GATE": str(self.gate),
+        }
+        with (self.tmp / f"{name}.log").open("ab") as sink:
+            process = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "floxide-worker"), WORKFLOWS,
+                    "--server", target or self.target, "--namespace", self.namespace,
+                    "--slots", "1", "--worker-id", name, "--log-level", "info",
+                ],
+                env=env, stdout=sink, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.workers[name] = process
+        return process
+
+    def log_of(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def executions(self) -> list[tuple[str, int, int]]:
+        path = self.tmp / "side.log"
+        lines = path.read_text().split() if path.exists() else []
+        return [(lines[i], int(lines[i + 1]), int(lines[i + 2])) for i in range(0, len(lines), 3)]
+
+    async def started(self, attempt: int, pid: int | None = None) -> bool:
+        return any(
+            p.name.startswith(f"started-{attempt}-") and (pid is None or p.name.endswith(f"-{pid}"))
+            for p in self.gate.iterdir()
+        )
+
+    def release(self) -> None:
+        (self.gate / "release").write_text("")
+
+    async def connected(self, count: int) -> bool:
+        async with OrchestratorClient(self.target, namespace=self.namespace, retries=3) as client:
+            return len(await client.workers()) >= count
+
+    async def status_of(self, worker_id: str, status: str) -> bool:
+        async with OrchestratorClient(self.target, namespace=self.namespace, retries=3) as client:
+            return any(
+                w.worker_id == worker_id and w.status == status for w in await client.workers()
+            )
+
+    async def items(self, run_id: str) -> dict[str, records_pb2.WorkItemState]:
+        kv = EtcdKV([self.etcd.endpoint])
+        try:
+            found, _ = await kv.range(Keys(self.namespace).item(run_id))
+            ops, _ = await kv.range(Keys(self.namespace).context_ops(run_id))
+            states = [records_pb2.WorkItemState.FromString(k.value) for k in found]
+            assert len(ops) == len(states) == 3, "one item and one context operation per step"
+            return {s.item.node: s for s in states}
+        finally:
+            await kv.close()
+
+    def stop_all(self) -> None:
+        for process in self.workers.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                stop_server(process, signal.SIGKILL)
+        if self.server is not None and self.server.poll() is None:
+            stop_server(self.server, signal.SIGKILL)
+
+
+@pytest.fixture
+async def faults(tmp_path: Path, etcd: EmbeddedEtcd) -> AsyncIterator[Faults]:
+    harness = Faults(tmp_path, etcd)
+    harness.gate.mkdir()
+    harness.start_server()
+    try:
+        yield harness
+    finally:
+        harness.stop_all()
+
+
+async def start_run(faults: Faults) -> str:
+    async with OrchestratorClient(faults.target, namespace=faults.namespace) as client:
+        run, _ = await client.start_run("fault_chain", 1)
+        return run.run_id
+
+
+async def final(faults: Faults, run_id: str) -> object:
+    async with OrchestratorClient(faults.target, namespace=faults.namespace, retries=10) as client:
+        run = await client.wait_for_completion(run_id, timeout=60)
+        assert run.status is RunStatus.COMPLETED, run.error
+        return run.output
+
+
+async def errors_of(faults: Faults, run_id: str) -> list[tuple[str, int, str]]:
+    async with OrchestratorClient(faults.target, namespace=faults.namespace, retries=10) as client:
+        return [(e.node, e.attempt, e.kind) for e in await client.run_errors(run_id)]
+
+
+async def test_a_worker_killed_mid_step_loses_nothing(faults: Faults) -> None:
+    first = faults.start_worker("first")
+    await eventually(lambda: faults.connected(1), within=30)
+    run_id = await start_run(faults)
+    await eventually(lambda: faults.started(1, first.pid), within=30)
+    faults.start_worker("second")
+    await eventually(lambda: faults.connected(2), within=30)
+    stop_server(first, signal.SIGKILL)
+    faults.release()
+    assert await final(faults, run_id) == EXPECTED
+    holds = [(attempt, pid) for node, attempt, pid in faults.executions() if node == "hold"]
+    assert holds[0] == (1, first.pid) and holds[1][0] == 2 and len(holds) == 2  # ran twice
+    assert await errors_of(faults, run_id) == [("hold", 1, "WORKER_LOST")]
+    items = await faults.items(run_id)
+    assert items["hold"].status == records_pb2.ITEM_STATUS_COMPLETED and items["hold"].attempts == 2
+
+
+async def test_a_frozen_worker_comes_back_to_a_refused_result(faults: Faults) -> None:
+    first = faults.start_worker("first")
+    await eventually(lambda: faults.connected(1), within=30)
+    run_id = await start_run(faults)
+    await eventually(lambda: faults.started(1, first.pid), within=30)
+    second = faults.start_worker("second")
+    first.send_signal(signal.SIGSTOP)  # frozen past its lease: the item goes to the second
+    await eventually(lambda: faults.started(2, second.pid), within=30)
+    faults.release()
+    assert await final(faults, run_id) == EXPECTED
+    first.send_signal(signal.SIGCONT)
+    await eventually(lambda: _contains(faults, "first", "refused: FAILED_PRECONDITION"), within=30)
+    assert await errors_of(faults, run_id) == [("hold", 1, "WORKER_LOST")]
+    items = await faults.items(run_id)
+    assert items["hold"].attempts == 2
+    assert [n for n, _, _ in faults.executions()].count("hold") == 2
+
+
+async def test_a_worker_sent_sigterm_finishes_what_it_holds_and_takes_nothing_new(
+    faults: Faults,
+) -> None:
+    first = faults.start_worker("first")
+    await eventually(lambda: faults.connected(1), within=30)
+    run_id = await start_run(faults)
+    await eventually(lambda: faults.started(1, first.pid), within=30)
+    first.send_signal(signal.SIGTERM)
+    await eventually(lambda: faults.status_of("first", "draining"), within=30)
+    second = faults.start_worker("second")
+    await eventually(lambda: faults.connected(2), within=30)
+    faults.release()
+    assert await final(faults, run_id) == EXPECTED
+    assert first.wait(timeout=30) == 0
+    by_node = {node: pid for node, _, pid in faults.executions()}
+    assert by_node["hold"] == first.pid  # finished and reported by the draining worker
+    assert by_node["finish"] == second.pid  # nothing new for the draining worker
+    assert await errors_of(faults, run_id) == []
+    assert (await faults.items(run_id))["hold"].attempts == 1
+
+
+async def test_a_cut_connection_gives_a_new_session_and_a_refused_late_result(
+    faults: Faults,
+) -> None:
+    proxy = await TcpProxy(faults.port).start()
+    try:
+        first = faults.start_worker("first", target=f"127.0.0.1:{proxy.port}")
+        await eventually(lambda: faults.connected(1), within=30)
+        run_id = await start_run(faults)
+        await eventually(lambda: faults.started(1, first.pid), within=30)
+        second = faults.start_worker("second")
+        await eventually(lambda: faults.connected(2), within=30)
+        proxy.cut()  # the first worker's stream breaks; its claim is re-queued
+        await eventually(lambda: faults.started(2, second.pid), within=30)
+        faults.release()
+        assert await final(faults, run_id) == EXPECTED
+        await eventually(
+            lambda: _contains(faults, "first", "refused: FAILED_PRECONDITION"), within=30
+        )
+        stop_server(second, signal.SIGTERM)
+        # The first worker is no zombie: on its new session it takes the next run's work.
+        (faults.gate / "release").unlink()
+        faults.release()
+        again = await start_run(faults)
+        assert await final(faults, again) == EXPECTED
+        assert {pid for node, _, pid in faults.executions()[-3:]} == {first.pid}
+    finally:
+        await proxy.stop()
+
+
+async def test_a_server_killed_while_a_worker_holds_a_claim(faults: Faults) -> None:
+    first = faults.start_worker("first")
+    await eventually(lambda: faults.connected(1), within=30)
+    run_id = await start_run(faults)
+    await eventually(lambda: faults.started(1, first.pid), within=30)
+    assert faults.server is not None
+    stop_server(faults.server, signal.SIGKILL)
+    faults.restart_server()
+    faults.release()
+    assert await final(faults, run_id) == EXPECTED
+    items = await faults.items(run_id)
+    hold = items["hold"]
+    assert hold.status == records_pb2.ITEM_STATUS_COMPLETED
+    attempts = [a for n, a, _ in faults.executions() if n == "hold"]
+    assert attempts in ([1], [1, 2])  # completed once: by its first claim, or re-queued once
+    assert hold.attempts == attempts[-1]
+
+
+async def _contains(faults: Faults, name: str, text: str) -> bool:
+    await asyncio.sleep(0)
+    return text in faults.log_of(name)
