@@ -124,3 +124,10 @@ async def test_server_command_errors_are_clear(stack: Stack) -> None:
     assert code == 1 and "error: run '01a213b2-0000-7000-8000-000000000000' not found" in err
     code, _, err = await floxide(stack, "start", "nothing", "--input", "1")
     assert code == 1 and "error: workflow 'nothing' is not registered" in err
+
+
+def test_floxide_dev_runs_the_whole_stack_end_to_end(run: Runner) -> None:
+    result = run(FLOXIDE, "dev", timeout=180)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.splitlines()[-1] == '{"order_id": 1, "status": "shipped"}'
+    assert "2 workers connected" in result.stdout

@@ -36,6 +36,7 @@ from floxide_grpc._proto.floxide.v1 import (
 )
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
+from tests.helpers import eventually
 
 FAST = SessionConfig(
     lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500), max_credit=16
@@ -320,3 +321,21 @@ async def test_garbage_ends_the_stream_and_changes_nothing(cluster: Cluster) -> 
             await asyncio.wait_for(call.read(), 10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await channel.close()
+
+
+async def test_a_busy_run_does_not_starve_another(cluster: Cluster) -> None:
+    async with cluster.worker(FANOUT, ECHO, slots=1):
+        busy, _ = await cluster.client.start_run("squares", 60)
+
+        async def fanned_out() -> bool:
+            return len(await cluster.client.work_items(busy.run_id)) > 10
+
+        await eventually(fanned_out, within=30)
+        quick, _ = await cluster.client.start_run("echo", 1)
+        done = await cluster.client.wait_for_completion(quick.run_id, timeout=60)
+        busy_now = await cluster.client.get_run(busy.run_id)
+        assert done.status is RunStatus.COMPLETED
+        assert busy_now.status is RunStatus.RUNNING  # the quick run did not wait for the busy one
+        assert (await cluster.client.wait_for_completion(busy.run_id, timeout=60)).output == sum(
+            x * x for x in range(60)
+        )
