@@ -178,3 +178,9 @@ async def test_eventually_helper_fails_at_its_deadline() -> None:
 
     with pytest.raises(AssertionError, match="not met within"):
         await eventually(never, within=0.1)
+
+
+async def test_a_transaction_over_the_operation_limit_is_refused(kv: KV, prefix: bytes) -> None:
+    with pytest.raises(ValueError, match="too many operations"):
+        await kv.txn(Txn([], [Put(prefix + str(n).encode(), b"") for n in range(129)]))
+    assert (await kv.range(prefix))[0] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -414,3 +415,50 @@ async def test_malformed_ids_are_refused(stores: Stores, bad: str) -> None:
 
     with pytest.raises(InvalidArgument):
         await stores.runs.get(stores.namespace, bad)
+
+
+async def test_a_fan_out_wider_than_one_txn_expands_and_joins(stores: Stores) -> None:
+    await stores.register(Workflow("wide", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("wide", 100)
+    lease = await stores.session()
+    await stores.runs.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, fan(*range(100))
+    )
+    assert await stores.kv.get(stores.keys.expansion(run.run_id, "start")) is None  # expanded
+    ready = await stores.runs.ready(stores.namespace)
+    assert len(ready) == 100 and len({i.item_id for i in ready}) == 100
+    for item in ready:
+        claim = await stores.runs.claim(stores.namespace, lease, item.run_id, item.item_id)
+        assert claim is not None
+        await stores.runs.complete(
+            stores.namespace, claim.token, nxt(json.loads(claim.item.input.data) + 1)
+        )
+    join = await stores.claim_next(lease)
+    assert join.item.node == "gather" and json.loads(join.item.input.data) == list(range(1, 101))
+
+
+async def test_an_interrupted_expansion_is_finished_once(stores: Stores) -> None:
+    from floxide_grpc._proto.floxide.v1 import checkpoint_pb2  # noqa: PLC0415
+
+    await stores.register(Workflow("wide", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("wide", 3)
+    items = [
+        work_item_pb2.WorkItem(
+            namespace=stores.namespace,
+            run_id=run.run_id,
+            item_id=f"i{n:03d}",
+            node="inc",
+            input=js(n),
+            attempt=1,
+        )
+        for n in range(90)
+    ]
+    record = checkpoint_pb2.Checkpoint(pending=items)
+    key = stores.keys.expansion(run.run_id, "start")
+    await stores.kv.txn(Txn([], [Put(key, record.SerializeToString())]))
+    await asyncio.gather(
+        *(stores.runs.expand(stores.namespace, run.run_id, "start") for _ in range(3))
+    )
+    assert await stores.kv.get(key) is None
+    pending, _ = await stores.runs.pending(stores.namespace, run.run_id, size=1000)
+    assert len(pending) == 91  # the start item and the 90 expanded, each once

@@ -4,7 +4,8 @@
   the worker was killed, frozen or cut off) and re-queues that session's claims, each a failed
   attempt of kind WORKER_LOST. Releases are guarded Txns, so replicas racing do it once.
 - **Reconcile**: at start-up and then every lease TTL, claims whose session no longer exists
-  (they expired while no replica ran) are released the same way.
+  (they expired while no replica ran) are released the same way, and wide fan-outs whose
+  expansion a crash interrupted are finished.
 - **Retry timers**: due timers are fired (a Txn that checks the run and the item), woken by the
   earliest timer's due time or by a new timer, so a restart loses none.
 """
@@ -106,6 +107,10 @@ class Maintenance:
 
     async def _reconcile_once(self, namespace: str) -> None:
         keys = Keys(namespace)
+        expansions, _ = await self.kv.range(keys.expansion())
+        for kv in expansions:  # fan-outs whose expansion a crash interrupted
+            run_id, item_id = kv.key[len(keys.expansion()) :].decode().split("/")
+            await self.runs.expand(namespace, run_id, item_id)
         claims, _ = await self.kv.range(keys.prefix + b"claim/")
         leases = {int(kv.key[len(keys.prefix + b"claim/") :].split(b"/")[0], 16) for kv in claims}
         for lease in leases:

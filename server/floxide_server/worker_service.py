@@ -252,6 +252,9 @@ class WorkerService:
             ack.code, ack.message = exc.code, str(exc)
         except FloxideError as exc:
             ack.code, ack.message = exc.code, str(exc)
+        except Exception:  # one bad result must not end the stream of the others
+            log.exception("result of %s could not be applied", result.item_id)
+            ack.code, ack.message = StatusCode.INTERNAL, "internal error (logged by the server)"
         if held:  # a repeat of an answered result returns no slot
             session.drop(result.claim_token)
             session.credit += 1

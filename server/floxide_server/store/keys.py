@@ -20,6 +20,7 @@ of a run: items, context operations and join arrivals each have a key of their o
 | ``run/{run}/group/{group}/out/{index}`` | GroupArrival | one branch's output, not copied |
 | ``run/{run}/err/{item}/{attempt}`` | ErrorRecord | every failed attempt |
 | ``queue/{run}/{item}`` | WorkItem (no input) | ready to dispatch; deleted by the claim |
+| ``expand/{run}/{item}`` | Checkpoint (pending) | a fan-out wider than one Txn, expanding |
 | ``timer/{due_ms}/{run}/{item}`` | WorkItem (no input) | a durable retry, fired by any replica |
 | ``session/{lease}`` | WorkerRecord | a worker stream; the only key on a lease |
 | ``claim/{lease}/{run}/{item}`` | attempt | its create revision is the fencing token |
@@ -126,6 +127,13 @@ class Keys:
     def queue(self, run_id: str = "", item_id: str = "") -> bytes:
         """A ready item (or a prefix: every ready item, or a run's)."""
         key = self.prefix + b"queue/"
+        if run_id:
+            key += _b(run_id) + b"/" + _b(item_id)
+        return key
+
+    def expansion(self, run_id: str = "", item_id: str = "") -> bytes:
+        """A fan-out too wide for one Txn, still being turned into items (or the prefix of all)."""
+        key = self.prefix + b"expand/"
         if run_id:
             key += _b(run_id) + b"/" + _b(item_id)
         return key

@@ -35,6 +35,10 @@ __all__ = [
 ]
 
 
+MAX_TXN_OPS = 128
+"""etcd's default ``--max-txn-ops``, which MemoryKV enforces too."""
+
+
 class KVUnavailable(Exception):
     """Raised when the store cannot be reached (every endpoint failed, or a deadline passed)."""
 
@@ -309,7 +313,9 @@ class MemoryKV:
         return result
 
     def _check_txn(self, txn: Txn, written: set[bytes]) -> None:
-        """Etcd refuses a transaction whose branches write one key twice."""
+        """Etcd refuses a transaction whose branches write one key twice, or that is too big."""
+        if max(len(txn.compares), len(txn.success), len(txn.failure)) > MAX_TXN_OPS:
+            raise ValueError("too many operations in txn request")
         for branch in (txn.success, txn.failure):
             seen = set(written)
             for request in branch:

@@ -66,6 +66,10 @@ FINISHED = (*FINAL, records_pb2.RUN_STATUS_FAILED)
 WAITING = (records_pb2.ITEM_STATUS_PENDING, records_pb2.ITEM_STATUS_WAITING_RETRY)
 _ATTEMPTS_ON_CONFLICT = 16
 LOST_ATTEMPTS = 3
+TXN_HEADROOM = 28
+"""Operations a completion needs besides its new items (claim, states, context, groups, token)."""
+EXPANSION_CHUNK = 40
+"""Items created per Txn when expanding a wide fan-out (two writes each, one compare per Txn)."""
 """Attempts an item may lose with its worker before it fails, when its policy allows fewer."""
 
 
@@ -741,6 +745,8 @@ class RunStore:
             ]
             result = await self.kv.txn(Txn(guards, [Delete(claim_kv.key), *plan.writes]))
             if result.succeeded:
+                for run_id, item_id in plan.expansions:
+                    await self.expand(namespace, run_id, item_id)
                 if plan.finished:
                     await self._settle_leftovers(
                         keys, claim.run_id, records_pb2.ITEM_STATUS_CANCELLED
@@ -867,7 +873,18 @@ class RunStore:
             plan.writes.append(Put(group_key, group.SerializeToString()))
         for new in new_items:
             _stamp(new, "created_at", now)
-        plan.writes.extend(self._new_items(keys, new_items))
+        if 2 * len(new_items) > self.limits.max_txn_ops - TXN_HEADROOM:
+            # Too wide for one Txn (etcd's --max-txn-ops): a durable expansion record now, the
+            # items in bounded Txns right after; a crash in between loses nothing (reconcile).
+            record = checkpoint_pb2.Checkpoint(
+                namespace=keys.namespace, run_id=run.run_id, pending=new_items
+            )
+            plan.writes.append(
+                Put(keys.expansion(run.run_id, item.item_id), record.SerializeToString())
+            )
+            plan.expansions.append((run.run_id, item.item_id))
+        else:
+            plan.writes.extend(self._new_items(keys, new_items))
         if step.output is not None:
             run.status = records_pb2.RUN_STATUS_COMPLETED
             run.output.CopyFrom(step.output)
@@ -928,8 +945,36 @@ class RunStore:
                 )
             )
             if result.succeeded:
+                for expanded_run, expanded_item in plan.expansions:
+                    await self.expand(namespace, expanded_run, expanded_item)
                 return True
         return False
+
+    async def expand(self, namespace: str, run_id: str, item_id: str) -> None:
+        """Turn an expansion record into items, in bounded idempotent Txns, then delete it."""
+        keys = Keys(namespace)
+        key = keys.expansion(run_id, item_id)
+        found = await self.kv.get(key)
+        if found is None:
+            return
+        items = list(checkpoint_pb2.Checkpoint.FromString(found.value).pending)
+        for start in range(0, len(items), EXPANSION_CHUNK):
+            chunk = items[start : start + EXPANSION_CHUNK]
+            first = keys.item(run_id, chunk[0].item_id)
+            await self.kv.txn(  # a chunk is written whole or not at all: its first item tells
+                Txn(
+                    [
+                        Compare.modified_at(key, found.mod_revision),
+                        Compare.missing(first),
+                        *(
+                            Compare(keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, status_name(s))
+                            for s in FINAL
+                        ),
+                    ],
+                    self._new_items(keys, chunk),
+                )
+            )
+        await self.kv.txn(Txn([Compare.modified_at(key, found.mod_revision)], [Delete(key)]))
 
     async def _plan_failure(
         self,
@@ -1068,3 +1113,4 @@ class _Plan:
     writes: list[Request] = dataclasses.field(default_factory=list)
     completion: Completion = dataclasses.field(default_factory=Completion)
     finished: bool = False
+    expansions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
