@@ -462,3 +462,20 @@ async def test_an_interrupted_expansion_is_finished_once(stores: Stores) -> None
     assert await stores.kv.get(key) is None
     pending, _ = await stores.runs.pending(stores.namespace, run.run_id, size=1000)
     assert len(pending) == 91  # the start item and the 90 expanded, each once
+
+
+async def test_retention_removes_old_finished_runs_whole(stores: Stores) -> None:
+    await stores.register(chain())
+    done = (await stores.runs.start(stores.namespace, "chain", "", js(1), "idem-1", None))[0]
+    running = await stores.start("chain", 2)
+    await stores.runs.cancel(stores.namespace, done.run_id, "finish it")
+    assert await stores.runs.remove_finished(stores.namespace, finished_before_ms=0) == 0
+    removed = await stores.runs.remove_finished(stores.namespace, finished_before_ms=10**13)
+    assert removed == 1
+    with pytest.raises(NotFound):
+        await stores.runs.get(stores.namespace, done.run_id)
+    assert (await stores.kv.range(stores.keys.run(done.run_id)))[0] == []
+    assert await stores.kv.get(stores.keys.idempotency("idem-1")) is None
+    assert (
+        await stores.runs.get(stores.namespace, running.run_id)
+    ).status == records_pb2.RUN_STATUS_RUNNING

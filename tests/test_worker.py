@@ -195,6 +195,12 @@ class Raw:
         assert response is not grpc.aio.EOF
         return response  # type: ignore[return-value]
 
+    async def acks(self) -> list[worker_service_pb2.ResultAck]:
+        """The next result acknowledgements (other messages, such as cancels, are skipped)."""
+        while not (response := await self.read()).result_acks:
+            pass
+        return list(response.result_acks)
+
     async def status(self) -> grpc.StatusCode:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             while True:
@@ -249,13 +255,13 @@ async def test_results_are_fenced_in_band(cluster: Cluster, raw: Raw) -> None:
     forged.CopyFrom(assignment)
     forged.claim_token = "ffff:1:1:" + assignment.item.run_id + ":" + assignment.item.item_id
     await raw.send(result_of(forged, 5))
-    [refused] = (await raw.read()).result_acks
+    [refused] = await raw.acks()
     assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     await raw.send(result_of(assignment, 5))
-    [applied] = (await raw.read()).result_acks
+    [applied] = await raw.acks()
     assert applied.code == 0
     await raw.send(result_of(assignment, 5))
-    [again] = (await raw.read()).result_acks
+    [again] = await raw.acks()
     assert again.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
     done = await cluster.client.wait_for_completion(run.run_id, 10)
     assert done.status is RunStatus.COMPLETED and done.output == 5
@@ -269,7 +275,7 @@ async def test_an_output_breaking_the_schema_is_a_failed_attempt(
     run, _ = await cluster.client.start_run("echo", 5)
     [assignment] = (await raw.read()).assignments
     await raw.send(result_of(assignment, "five"))
-    [ack] = (await raw.read()).result_acks
+    [ack] = await raw.acks()
     assert (
         ack.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         and "not of type 'integer'" in ack.message
@@ -339,3 +345,40 @@ async def test_a_busy_run_does_not_starve_another(cluster: Cluster) -> None:
         assert (await cluster.client.wait_for_completion(busy.run_id, timeout=60)).output == sum(
             x * x for x in range(60)
         )
+
+
+cancelled_seen: list[bool] = []
+waiting_started = asyncio.Event()
+
+
+@node
+async def wait_for_cancel(ctx: NodeContext, x: int) -> int:
+    waiting_started.set()
+    try:
+        await asyncio.wait_for(ctx.wait_cancelled(), 30)
+    finally:
+        cancelled_seen.append(ctx.cancelled)
+    return x
+
+
+WAITER = Workflow("waiter", start=wait_for_cancel)
+
+
+async def test_cancel_reaches_the_node_on_its_worker(cluster: Cluster) -> None:
+    cancelled_seen.clear()
+    waiting_started.clear()
+    async with cluster.worker(WAITER, ECHO, slots=1) as worker:
+        run, _ = await cluster.client.start_run("waiter", 1)
+        await asyncio.wait_for(waiting_started.wait(), 30)
+        await cluster.client.cancel_run(run.run_id, "stop it")
+        assert (
+            await cluster.client.wait_for_completion(run.run_id, 30)
+        ).status is RunStatus.CANCELLED
+
+        async def saw_it() -> bool:
+            return cancelled_seen == [True]
+
+        await eventually(saw_it, within=30)
+        # The slot came back: the worker takes the next run.
+        assert await cluster.client.run("echo", 3, timeout=30) == 3
+        assert worker.executions == 2

@@ -63,6 +63,7 @@ class ServerConfig:
         grace: How long shutdown waits for calls in flight, and for draining workers.
         server_id: This replica's name (in worker sessions and logs).
         sessions: Worker sessions' lease TTL, heartbeat interval and credit limit.
+        retention: How long finished runs are kept.
     """
 
     host: str = "127.0.0.1"
@@ -73,6 +74,7 @@ class ServerConfig:
     grace: timedelta = timedelta(seconds=10)
     server_id: str = dataclasses.field(default_factory=socket.gethostname)
     sessions: SessionConfig = dataclasses.field(default_factory=SessionConfig)
+    retention: timedelta = timedelta(days=7)
 
 
 class Server:
@@ -95,7 +97,11 @@ class Server:
             self.config.server_id,
         )
         self.maintenance = Maintenance(
-            kv, self.runs, self.watches, self.config.sessions.lease_ttl.total_seconds()
+            kv,
+            self.runs,
+            self.watches,
+            self.config.sessions.lease_ttl.total_seconds(),
+            self.config.retention.total_seconds(),
         )
         self.stopping = asyncio.Event()
         self.port = 0

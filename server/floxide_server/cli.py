@@ -67,6 +67,7 @@ def run(
     server_id: Annotated[str, typer.Option(help="This replica's name.")] = "",
     lease_ttl: Annotated[float, typer.Option(help="Seconds a session lives unheard.")] = 10.0,
     heartbeat: Annotated[float, typer.Option(help="Seconds between worker heartbeats.")] = 3.0,
+    retention_days: Annotated[float, typer.Option(help="Days finished runs are kept.")] = 7.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
@@ -80,7 +81,9 @@ def run(
     sessions = SessionConfig(
         lease_ttl=timedelta(seconds=lease_ttl), heartbeat_interval=timedelta(seconds=heartbeat)
     )
-    config = ServerConfig(host=host, port=port, sessions=sessions)
+    config = ServerConfig(
+        host=host, port=port, sessions=sessions, retention=timedelta(days=retention_days)
+    )
     if server_id:
         config = dataclasses.replace(config, server_id=server_id)
     embedded: EmbeddedEtcd | None = None

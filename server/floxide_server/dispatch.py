@@ -25,6 +25,11 @@ __all__ = ["Dispatcher", "Session"]
 log = logging.getLogger(__name__)
 
 ConnectResponse = worker_service_pb2.ConnectResponse
+_CANCELS = {
+    records_pb2.RUN_STATUS_CANCELLED: worker_service_pb2.CANCEL_REASON_RUN_CANCELLED,
+    records_pb2.RUN_STATUS_COMPLETED: worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
+    records_pb2.RUN_STATUS_FAILED: worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
+}
 
 
 @dataclasses.dataclass(eq=False)
@@ -151,6 +156,8 @@ class Dispatcher:
                     record = records_pb2.RunRecord.FromString(event.kv.value)
                     if record.status == records_pb2.RUN_STATUS_RUNNING:
                         await self._reread(namespace, record.run_id)  # a resumed run's items
+                    elif record.status in _CANCELS:
+                        self._cancel_held(namespace, record.run_id, _CANCELS[record.status])
             while not queue.queue.empty():
                 event = queue.queue.get_nowait()
                 self._apply_or_reread(ready, keys, event)
@@ -172,6 +179,25 @@ class Dispatcher:
         else:
             item = work_item_pb2.WorkItem.FromString(event.kv.value)
             ready[(item.run_id, item.item_id)] = item
+
+    def _cancel_held(self, namespace: str, run_id: str, reason: int) -> None:
+        """Tell this replica's workers to stop the items they hold of a finished run."""
+        for session in self.sessions.values():
+            if session.namespace != namespace:
+                continue
+            cancels = [
+                worker_service_pb2.Cancel(
+                    claim_token=token,
+                    run_id=run_id,
+                    item_id=token.split(":")[4],
+                    reason=reason,  # type: ignore[arg-type]
+                    message=f"run {run_id} is over",
+                )
+                for token in session.held
+                if token.split(":")[3] == run_id
+            ]
+            if cancels:
+                session.outbox.put_nowait(ConnectResponse(cancels=cancels))
 
     def _plan(self, namespace: str) -> list[tuple[Session, work_item_pb2.WorkItem]]:
         """Pick items for sessions with credit, one run at a time in rotation."""

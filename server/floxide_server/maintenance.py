@@ -6,6 +6,8 @@
 - **Reconcile**: at start-up and then every lease TTL, claims whose session no longer exists
   (they expired while no replica ran) are released the same way, and wide fan-outs whose
   expansion a crash interrupted are finished.
+- **Retention**: runs finished longer ago than the retention period are removed in bounded
+  batches, one guarded Txn and one range delete per run.
 - **Retry timers**: due timers are fired (a Txn that checks the run and the item), woken by the
   earliest timer's due time or by a new timer, so a restart loses none.
 """
@@ -30,11 +32,14 @@ log = logging.getLogger(__name__)
 class Maintenance:
     """Background tending of every namespace in the index."""
 
-    def __init__(self, kv: KV, runs: RunStore, watches: Watches, reconcile_every: float) -> None:
+    def __init__(
+        self, kv: KV, runs: RunStore, watches: Watches, reconcile_every: float, retention: float
+    ) -> None:
         self.kv = kv
         self.runs = runs
         self.watches = watches
         self.reconcile_every = reconcile_every
+        self.retention = retention
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._index: asyncio.Task[None] | None = None
 
@@ -67,6 +72,7 @@ class Maintenance:
             asyncio.create_task(self._guard(self._expiries, namespace)),
             asyncio.create_task(self._guard(self._reconcile, namespace)),
             asyncio.create_task(self._guard(self._timers, namespace)),
+            asyncio.create_task(self._guard(self._retain, namespace)),
         ]
 
     async def _guard(self, body: object, namespace: str) -> None:
@@ -139,6 +145,15 @@ class Maintenance:
                     event.cancel()
         finally:
             updates.close()
+
+    async def _retain(self, namespace: str) -> None:
+        while True:
+            cutoff = int((time.time() - self.retention) * 1000)
+            removed = await self.runs.remove_finished(namespace, cutoff)
+            if removed:
+                log.info("retention removed %d finished runs of %r", removed, namespace)
+                continue  # there may be more: next batch at once
+            await asyncio.sleep(min(max(self.retention / 10, 0.2), 60.0))
 
     async def close(self) -> None:
         """Stop tending."""

@@ -240,6 +240,8 @@ class WorkerService:
             ack.code = StatusCode.FAILED_PRECONDITION
             ack.message = "this session does not hold that claim (it is another session's)"
             return ack
+        if held:  # reported: no cancel is sent for it from now on
+            session.drop(result.claim_token)
         try:
             completion = await self.runs.complete(
                 session.namespace, result.claim_token, result.transition, result.context_operations
@@ -247,7 +249,9 @@ class WorkerService:
             ack.code, ack.message = completion.code, completion.message
         except KVUnavailable as exc:
             ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
-            return ack  # the claim is still held, and its slot
+            if held:
+                session.hold(result.claim_token)  # still held, and so is its slot
+            return ack
         except (ClaimLost, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted) as exc:
             ack.code, ack.message = exc.code, str(exc)
         except FloxideError as exc:
@@ -256,7 +260,6 @@ class WorkerService:
             log.exception("result of %s could not be applied", result.item_id)
             ack.code, ack.message = StatusCode.INTERNAL, "internal error (logged by the server)"
         if held:  # a repeat of an answered result returns no slot
-            session.drop(result.claim_token)
             session.credit += 1
         return ack
 

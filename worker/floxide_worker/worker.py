@@ -324,8 +324,9 @@ class Worker:
             if (cancelled := self._held.get(cancel.claim_token)) is not None:
                 cancelled.cancel.set()
         if response.HasField("drain"):
-            log.info("server %s is draining: finishing held items", self.config.server)
-            self._draining.set()
+            # The server is going away, not this worker: report what is held, then reconnect
+            # (to any replica) when the stream ends.
+            log.info("server %s is draining this stream; will reconnect", self.config.server)
         self._check_idle()
 
     def _check_idle(self) -> None:

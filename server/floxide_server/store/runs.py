@@ -1052,6 +1052,42 @@ class RunStore:
         plan.writes.append(Put(keys.status(run.run_id), status_name(run.status)))
         plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
 
+    # -- retention -----------------------------------------------------------------------------
+
+    async def remove_finished(
+        self, namespace: str, finished_before_ms: int, batch: int = 50
+    ) -> int:
+        """Remove up to ``batch`` runs finished before a time: one guarded Txn per run.
+
+        Each Txn deletes the run's record, idempotency key, queue and expansion entries, and
+        its own prefix in one range delete. Runs are scanned oldest first (their ids are
+        time-ordered), stopping at the first created after the cutoff.
+
+        Returns:
+            How many runs were removed.
+        """
+        keys = Keys(namespace)
+        found, _ = await self.kv.range(keys.run_infos, limit=batch * 4)
+        removed = 0
+        for kv in found:
+            run = records_pb2.RunRecord.FromString(kv.value)
+            if run.created_at.ToMilliseconds() >= finished_before_ms or removed >= batch:
+                break
+            finished = run.status in FINISHED and run.HasField("finished_at")
+            if not finished or run.finished_at.ToMilliseconds() >= finished_before_ms:
+                continue
+            deletes: list[Request] = [
+                Delete(kv.key),
+                Delete(keys.run(run.run_id), prefix=True),
+                Delete(keys.queue(run.run_id, ""), prefix=True),
+                Delete(keys.expansion(run.run_id, ""), prefix=True),
+            ]
+            if run.idempotency_key:
+                deletes.append(Delete(keys.idempotency(run.idempotency_key)))
+            result = await self.kv.txn(Txn([Compare.modified_at(kv.key, kv.mod_revision)], deletes))
+            removed += result.succeeded
+        return removed
+
     # -- timers --------------------------------------------------------------------------------
 
     async def fire_timers(self, namespace: str, now_ms: int | None = None) -> int:

@@ -1,0 +1,147 @@
+"""Several server replicas on one etcd, and state that outlives a replica."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+
+import pytest
+from floxide_server.app import Server, ServerConfig
+from floxide_server.embedded import EmbeddedEtcd, free_port
+from floxide_server.etcd import EtcdKV
+from floxide_server.worker_service import SessionConfig
+from floxide_worker import Worker, WorkerConfig
+
+from floxide_grpc import Backoff, NodeContext, RetryPolicy, Workflow, node
+from floxide_grpc.client import OrchestratorClient
+from floxide_grpc.errors import NotFound
+from floxide_grpc.records import RunStatus
+from tests.helpers import eventually
+
+FAST = SessionConfig(lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500))
+
+
+@node
+def plus(x: int) -> int:
+    return x + 1
+
+
+@node
+def times(x: int) -> int:
+    return x * 3
+
+
+CHAIN = Workflow("replicated", start=plus).edge(plus, times)
+
+attempts: list[int] = []
+
+
+@node(
+    retry=RetryPolicy(
+        max_attempts=2, initial_backoff=timedelta(seconds=1), backoff=Backoff.FIXED, jitter=False
+    )
+)
+def once_flaky(ctx: NodeContext, x: int) -> int:
+    attempts.append(ctx.attempt)
+    if ctx.attempt == 1:
+        raise RuntimeError("first attempt fails")
+    return x
+
+
+FLAKY = Workflow("flaky_once", start=once_flaky)
+
+Factory = Callable[..., Server]
+
+
+@pytest.fixture
+async def servers(etcd: EmbeddedEtcd) -> AsyncIterator[Factory]:
+    made: list[tuple[Server, EtcdKV]] = []
+
+    def make(port: int = 0, retention: timedelta = timedelta(days=7)) -> Server:
+        kv = EtcdKV([etcd.endpoint])
+        config = ServerConfig(
+            port=port, sessions=FAST, grace=timedelta(seconds=1), retention=retention
+        )
+        server = Server(kv, config)
+        made.append((server, kv))
+        return server
+
+    yield make
+    for server, kv in made:
+        await server.stop()
+        await kv.close()
+
+
+async def test_two_replicas_share_the_work_and_one_carries_on_alone(servers: Factory) -> None:
+    namespace = f"ns-{uuid.uuid4().hex[:8]}"
+    first, second = servers(), servers()
+    await first.start()
+    await second.start()
+    targets = [f"127.0.0.1:{s.port}" for s in (first, second)]
+    workers = [
+        Worker([CHAIN], WorkerConfig(server=t, namespace=namespace, slots=2)) for t in targets
+    ]
+    async with workers[0], workers[1]:
+        async with OrchestratorClient(targets[0], namespace=namespace) as client:
+            outputs = await asyncio.gather(
+                *(client.run("replicated", n, timeout=60) for n in range(20))
+            )
+            assert outputs == [(n + 1) * 3 for n in range(20)]
+        assert workers[0].executions > 0 and workers[1].executions > 0  # both replicas dispatched
+        await first.stop()  # one replica goes away; the other serves every run
+        async with OrchestratorClient(targets[1], namespace=namespace) as client:
+            outputs = await asyncio.gather(
+                *(client.run("replicated", n, timeout=60) for n in range(10))
+            )
+            assert outputs == [(n + 1) * 3 for n in range(10)]
+
+
+async def test_a_retry_timer_outlives_the_server_that_set_it(servers: Factory) -> None:
+    namespace = f"ns-{uuid.uuid4().hex[:8]}"
+    attempts.clear()
+    port = free_port()
+    first = servers(port)
+    await first.start()
+    target = f"127.0.0.1:{port}"
+    worker = Worker([FLAKY], WorkerConfig(server=target, namespace=namespace, slots=1))
+    async with worker, OrchestratorClient(target, namespace=namespace, retries=10) as client:
+        run, _ = await client.start_run("flaky_once", 5)
+
+        async def failed_once() -> bool:
+            return len(await client.run_errors(run.run_id)) == 1
+
+        await eventually(failed_once, within=30)
+        await first.stop()  # the retry timer is due in a second; no server runs
+        second = servers(port)  # a new server, same address: the worker reconnects
+        await second.start()
+        final = await client.wait_for_completion(run.run_id, timeout=60)
+        assert final.status is RunStatus.COMPLETED and final.output == 5
+    assert attempts == [1, 2]
+
+
+async def test_retention_removes_finished_runs(servers: Factory) -> None:
+    namespace = f"ns-{uuid.uuid4().hex[:8]}"
+    server = servers(retention=timedelta(seconds=1))
+    await server.start()
+    target = f"127.0.0.1:{server.port}"
+    async with (
+        Worker([CHAIN], WorkerConfig(server=target, namespace=namespace, slots=2)),
+        OrchestratorClient(target, namespace=namespace) as client,
+    ):
+        run, _ = await client.start_run("replicated", 1)
+        assert (await client.wait_for_completion(run.run_id, 30)).status is RunStatus.COMPLETED
+        await server.stop()  # (maintenance only learns new namespaces on start)
+        later = servers(retention=timedelta(seconds=1))
+        await later.start()
+
+        async def gone() -> bool:
+            async with OrchestratorClient(f"127.0.0.1:{later.port}", namespace=namespace) as other:
+                try:
+                    await other.get_run(run.run_id)
+                except NotFound:
+                    return True
+                return False
+
+        await eventually(gone, within=30)
