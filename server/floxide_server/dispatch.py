@@ -45,17 +45,35 @@ class Session:
     held: set[str] = dataclasses.field(default_factory=set)
     outbox: asyncio.Queue[ConnectResponse | None] = dataclasses.field(default_factory=asyncio.Queue)
     last_heard: float = dataclasses.field(default_factory=time.monotonic)
+    reporting: set[str] = dataclasses.field(default_factory=set)
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     def hold(self, token: str) -> None:
         """The worker was assigned this claim."""
         self.held.add(token)
-        self.idle.clear()
+        self._settle()
 
     def drop(self, token: str) -> None:
         """The worker no longer holds this claim."""
         self.held.discard(token)
-        if not self.held:
+        self._settle()
+
+    def report(self, tokens: set[str], *, done: bool = False) -> None:
+        """Results for these claims are being applied (``done``: and acknowledged)."""
+        if done:
+            self.reporting -= tokens
+        else:
+            self.reporting |= tokens
+        self._settle()
+
+    def _settle(self) -> None:
+        """Idle: nothing held, no result between its arrival and its acknowledgement."""
+        if self.held or self.reporting:
+            self.idle.clear()
+        else:
             self.idle.set()
 
     def serves(self, item: work_item_pb2.WorkItem) -> bool:
@@ -193,7 +211,7 @@ class Dispatcher:
                     reason=reason,  # type: ignore[arg-type]
                     message=f"run {run_id} is over",
                 )
-                for token in session.held
+                for token in session.held - session.reporting
                 if token.split(":")[3] == run_id
             ]
             if cancels:

@@ -224,8 +224,13 @@ class WorkerService:
                 )
             session.record.slots += request.credit
         if request.results:
-            acks = [await self._result(session, result) for result in request.results]
-            session.outbox.put_nowait(ConnectResponse(result_acks=acks))
+            tokens = {r.claim_token for r in request.results} & session.held
+            session.report(tokens)  # no cancel for them, and a drain waits for their acks
+            try:
+                acks = [await self._result(session, result) for result in request.results]
+                session.outbox.put_nowait(ConnectResponse(result_acks=acks))
+            finally:
+                session.report(tokens, done=True)
         if request.HasField("drain"):
             session.draining = True
             log.info("worker of session %x is draining", session.lease)
@@ -240,8 +245,7 @@ class WorkerService:
             ack.code = StatusCode.FAILED_PRECONDITION
             ack.message = "this session does not hold that claim (it is another session's)"
             return ack
-        if held:  # reported: no cancel is sent for it from now on
-            session.drop(result.claim_token)
+
         try:
             completion = await self.runs.complete(
                 session.namespace, result.claim_token, result.transition, result.context_operations
@@ -249,9 +253,7 @@ class WorkerService:
             ack.code, ack.message = completion.code, completion.message
         except KVUnavailable as exc:
             ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
-            if held:
-                session.hold(result.claim_token)  # still held, and so is its slot
-            return ack
+            return ack  # still held, and so is its slot
         except (ClaimLost, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted) as exc:
             ack.code, ack.message = exc.code, str(exc)
         except FloxideError as exc:
@@ -260,6 +262,7 @@ class WorkerService:
             log.exception("result of %s could not be applied", result.item_id)
             ack.code, ack.message = StatusCode.INTERNAL, "internal error (logged by the server)"
         if held:  # a repeat of an answered result returns no slot
+            session.drop(result.claim_token)
             session.credit += 1
         return ack
 
@@ -310,7 +313,7 @@ class WorkerService:
         waits = [
             asyncio.ensure_future(s.idle.wait())
             for s in self.dispatcher.sessions.values()
-            if s.held
+            if not s.idle.is_set()
         ]
         if waits:
             _, late = await asyncio.wait(waits, timeout=grace.total_seconds())
