@@ -7,8 +7,6 @@ newer, and passes ``--etcd``.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -16,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -48,11 +47,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child: be sent SIGTERM when the parent dies, even by SIGKILL (Linux only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# Run etcd through a tiny launcher that asks the kernel to send it SIGTERM when its parent dies
+# (PR_SET_PDEATHSIG survives exec), so that an embedded etcd never outlives a server killed with
+# SIGKILL. A launcher rather than preexec_fn: running Python between fork and exec is unsafe in
+# a process with threads (gRPC's). Where prctl does not exist, it just execs.
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
 
 
 def _healthy(url: str) -> bool:
@@ -103,6 +109,9 @@ class EmbeddedEtcd:
         peer = f"http://127.0.0.1:{self.peer_port}"
         self.process = subprocess.Popen(
             [
+                sys.executable,
+                "-c",
+                _LAUNCHER,
                 str(etcd_binary()),
                 f"--name={self.name}",
                 f"--data-dir={self.data_dir}",
@@ -118,7 +127,6 @@ class EmbeddedEtcd:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
         )
         self.wait_healthy(timeout)
         log.info("embedded etcd %s serving at %s (data in %s)", self.name, client, self.data_dir)
