@@ -51,7 +51,8 @@ async def test_runs_complete_once_across_an_etcd_restart(tmp_path: Path) -> None
         ):
             runs = [(await client.start_run("etcd_restart", n))[0] for n in range(20)]
             await asyncio.to_thread(etcd.stop, keep_data=True)  # mid-run
-            await asyncio.to_thread(etcd.start)  # same ports, same data
+            etcd.launch()  # same ports, same data (from this thread: etcd dies with its launcher)
+            await asyncio.to_thread(etcd.wait_healthy)
             for n, run in enumerate(runs):
                 final = await client.wait_for_completion(run.run_id, timeout=120)
                 assert final.output == (n + 1) * 2, (final.status, final.error)

@@ -106,7 +106,8 @@ async def test_losing_etcd_is_unavailable_and_not_serving_until_it_returns(tmp_p
         await eventually(
             lambda: has_health(target, health_pb2.HealthCheckResponse.NOT_SERVING), within=15
         )
-        await asyncio.to_thread(etcd.start)  # same ports, same data
+        etcd.launch()  # same ports, same data (from this thread: etcd dies with its launcher)
+        await asyncio.to_thread(etcd.wait_healthy)
 
         await eventually(
             lambda: has_health(target, health_pb2.HealthCheckResponse.SERVING), within=30

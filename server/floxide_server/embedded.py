@@ -79,6 +79,7 @@ class EmbeddedEtcd:
         peer_port: The peer port (0: pick a free one).
         name: The member's name.
         compaction: etcd's ``--auto-compaction-retention`` (periodic mode).
+        cluster: ``name=peer-url,...`` of every member of a cluster; empty for a cluster of one.
     """
 
     data_dir: Path | None = None
@@ -86,6 +87,7 @@ class EmbeddedEtcd:
     peer_port: int = 0
     name: str = "floxide"
     compaction: str = "5m"
+    cluster: str = ""
     process: subprocess.Popen[bytes] | None = None
     _owned_dir: str | None = None
 
@@ -99,6 +101,16 @@ class EmbeddedEtcd:
 
         Raises:
             RuntimeError: etcd exited, or was not healthy within ``timeout`` seconds.
+        """
+        self.launch()
+        self.wait_healthy(timeout)
+        return self
+
+    def launch(self) -> EmbeddedEtcd:
+        """Start etcd without waiting (members of a cluster wait for each other's quorum).
+
+        etcd is sent SIGTERM when the *thread* that launched it ends (the kernel's parent-death
+        signal follows the thread), so launch it from a thread that outlives it.
         """
         if self.data_dir is None:
             self._owned_dir = tempfile.mkdtemp(prefix="floxide-etcd-")
@@ -119,7 +131,7 @@ class EmbeddedEtcd:
                 f"--advertise-client-urls={client}",
                 f"--listen-peer-urls={peer}",
                 f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster={self.name}={peer}",
+                f"--initial-cluster={self.cluster or f'{self.name}={peer}'}",
                 "--auto-compaction-mode=periodic",
                 f"--auto-compaction-retention={self.compaction}",
                 "--log-level=error",
@@ -128,8 +140,7 @@ class EmbeddedEtcd:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        self.wait_healthy(timeout)
-        log.info("embedded etcd %s serving at %s (data in %s)", self.name, client, self.data_dir)
+        log.info("embedded etcd %s starting at %s (data in %s)", self.name, client, self.data_dir)
         return self
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
