@@ -264,3 +264,53 @@ async def test_a_server_killed_while_a_worker_holds_a_claim(faults: Faults) -> N
 async def _contains(faults: Faults, name: str, text: str) -> bool:
     await asyncio.sleep(0)
     return text in faults.log_of(name)
+
+
+async def test_a_fan_out_of_100_joins_once_though_a_worker_is_killed_during_it(
+    faults: Faults,
+) -> None:
+    first = faults.start_worker("first")
+    second = faults.start_worker("second")
+    await eventually(lambda: faults.connected(2), within=30)
+    async with OrchestratorClient(faults.target, namespace=faults.namespace) as client:
+        run, _ = await client.start_run("fault_fan_in", 100)
+
+        async def under_way() -> bool:
+            return sum(node == "work" for node, _, _ in faults.executions()) >= 20
+
+        await eventually(under_way, within=30)
+        stop_server(first, signal.SIGKILL)
+        final = await client.wait_for_completion(run.run_id, timeout=90)
+        assert final.status is RunStatus.COMPLETED, final.error
+        assert final.output == {"count": 100, "sum": sum(x * 2 for x in range(100))}
+        assert [node for node, _, _ in faults.executions()].count("collect") == 1  # once
+        items = await client.work_items(run.run_id)
+        assert len(items) == 102 and {i.status for i in items} == {"completed"}
+        assert (await client.run_context(run.run_id))["done"] == 100  # one operation per branch
+    assert second.poll() is None
+
+
+async def test_one_replica_killed_mid_run_the_other_carries_on(faults: Faults) -> None:
+    other, other_target = start_server(
+        "--etcd", faults.etcd.endpoint, "--lease-ttl", "2", "--heartbeat", "0.5",
+        ready_file=str(faults.tmp / "ready-2"),
+    )  # fmt: skip
+    try:
+        first = faults.start_worker("first")  # on the first replica
+        faults.start_worker("second", target=other_target)
+        await eventually(lambda: faults.connected(2), within=30)
+        run_id = await start_run(faults)
+        await eventually(lambda: faults.started(1), within=30)
+        holder = next(p for n, _, p in faults.executions() if n == "hold")
+        assert faults.server is not None
+        stop_server(faults.server, signal.SIGKILL)  # the first replica dies mid-run
+        if holder == first.pid:
+            stop_server(first, signal.SIGKILL)  # and its worker with it
+        faults.release()
+        async with OrchestratorClient(
+            other_target, namespace=faults.namespace, retries=10
+        ) as client:
+            final = await client.wait_for_completion(run_id, timeout=60)
+            assert final.status is RunStatus.COMPLETED and final.output == EXPECTED
+    finally:
+        stop_server(other, signal.SIGKILL)

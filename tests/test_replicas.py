@@ -14,7 +14,7 @@ from floxide_server.etcd import EtcdKV
 from floxide_server.worker_service import SessionConfig
 from floxide_worker import Worker, WorkerConfig
 
-from floxide_grpc import Backoff, NodeContext, RetryPolicy, Workflow, node
+from floxide_grpc import Backoff, NextAll, NodeContext, RetryPolicy, Workflow, node
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import NotFound
 from floxide_grpc.records import RunStatus
@@ -145,3 +145,43 @@ async def test_retention_removes_finished_runs(servers: Factory) -> None:
                 return False
 
         await eventually(gone, within=30)
+
+
+@node
+def split_all(n: int) -> NextAll[int]:
+    return NextAll(list(range(n)))
+
+
+@node
+def halve(x: int) -> int:
+    return x // 2
+
+
+@node(join=True)
+def summed(values: list[int]) -> int:
+    return sum(values)
+
+
+WIDE = Workflow("wide_join", start=split_all).edge(split_all, halve).edge(halve, summed)
+
+
+async def test_two_replicas_race_for_the_same_items_and_join_once(servers: Factory) -> None:
+    namespace = f"ns-{uuid.uuid4().hex[:8]}"
+    first, second = servers(), servers()
+    await first.start()
+    await second.start()
+    targets = [f"127.0.0.1:{s.port}" for s in (first, second)]
+    workers = [
+        Worker([WIDE], WorkerConfig(server=t, namespace=namespace, slots=3)) for t in targets
+    ]
+    async with (
+        workers[0],
+        workers[1],
+        OrchestratorClient(targets[0], namespace=namespace) as client,
+    ):
+        outputs = await asyncio.gather(
+            *(client.run("wide_join", 100, timeout=120) for _ in range(3))
+        )
+        assert outputs == [sum(x // 2 for x in range(100))] * 3
+        assert workers[0].executions + workers[1].executions == 3 * 102  # each item once, one join
+        assert workers[0].executions > 0 and workers[1].executions > 0

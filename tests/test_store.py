@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 import pytest
+from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Put, Txn
 from floxide_server.store.payloads import Limits
@@ -479,3 +480,40 @@ async def test_retention_removes_old_finished_runs_whole(stores: Stores) -> None
     assert (
         await stores.runs.get(stores.namespace, running.run_id)
     ).status == records_pb2.RUN_STATUS_RUNNING
+
+
+async def test_lost_replies_of_claim_and_complete_cause_no_double_effect_and_no_false_loss(
+    etcd: EmbeddedEtcd,
+) -> None:
+    """A TCP proxy in front of etcd swallows the replies of an applied claim and completion."""
+    from floxide_server.etcd import EtcdKV  # noqa: PLC0415
+
+    from tests.helpers import TcpProxy  # noqa: PLC0415
+
+    proxy = await TcpProxy(etcd.client_port).start()
+    kv = EtcdKV([f"127.0.0.1:{proxy.port}", etcd.endpoint], timeout=1.0)
+    limits = Limits()
+    workflows = WorkflowStore(kv, limits)
+    s = Stores(kv, f"ns-{uuid.uuid4().hex[:12]}", workflows, RunStore(kv, workflows, limits))
+    try:
+        await s.register(chain())
+        run = await s.start("chain", 1)
+        lease = await s.session()
+        [item] = await s.runs.ready(s.namespace)
+        proxy.blackhole = True  # etcd applies the claim; its reply is lost
+        claim = await s.runs.claim(s.namespace, lease, item.run_id, item.item_id)
+        assert claim is not None  # not a false "someone else got it"
+        proxy.blackhole = False
+        assert (await s.state(run.run_id))["inc"] == (records_pb2.ITEM_STATUS_IN_PROGRESS, 1)
+        proxy.cut()
+        proxy.blackhole = True  # the completion is applied; its reply is lost
+        completion = await s.runs.complete(s.namespace, claim.token, nxt(2))
+        assert completion.code == 0  # not a false "claim lost"
+        proxy.blackhole = False
+        ready = await s.runs.ready(s.namespace)
+        assert [i.node for i in ready] == ["show"]  # the successor exists once
+        with pytest.raises(AlreadyExists):
+            await s.runs.complete(s.namespace, claim.token, nxt(2))
+    finally:
+        await kv.close()
+        await proxy.stop()

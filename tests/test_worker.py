@@ -382,3 +382,45 @@ async def test_cancel_reaches_the_node_on_its_worker(cluster: Cluster) -> None:
         # The slot came back: the worker takes the next run.
         assert await cluster.client.run("echo", 3, timeout=30) == 3
         assert worker.executions == 2
+
+
+gate = asyncio.Event()
+gate_reached = asyncio.Event()
+
+
+@node
+async def gated(x: int) -> int:
+    gate_reached.set()
+    await asyncio.wait_for(gate.wait(), 30)
+    return x + 1
+
+
+@node
+def after_gate(x: int) -> int:
+    return x * 100
+
+
+GATED = Workflow("gated", start=gated).edge(gated, after_gate)
+
+
+async def test_pause_racing_an_in_flight_step_keeps_its_result_and_holds_the_rest(
+    cluster: Cluster,
+) -> None:
+    gate.clear()
+    gate_reached.clear()
+    async with cluster.worker(GATED, slots=2) as worker:
+        run, _ = await cluster.client.start_run("gated", 1)
+        await asyncio.wait_for(gate_reached.wait(), 30)
+        await cluster.client.pause_run(run.run_id)
+        gate.set()  # the held item finishes while the run is paused
+
+        async def recorded() -> bool:
+            items = {i.node: i.status for i in await cluster.client.work_items(run.run_id)}
+            return items == {"gated": "completed", "after_gate": "pending"}
+
+        await eventually(recorded, within=30)
+        assert worker.executions == 1  # nothing dispatched while paused
+        assert (await cluster.client.get_run(run.run_id)).status is RunStatus.PAUSED
+        await cluster.client.resume_run(run.run_id)
+        done = await cluster.client.wait_for_completion(run.run_id, 30)
+        assert done.output == 200 and worker.executions == 2

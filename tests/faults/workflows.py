@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from floxide_grpc import Merge, NodeContext, Workflow, node
+from floxide_grpc import Merge, NextAll, NodeContext, Workflow, node
 
 
 @dataclass
@@ -56,4 +56,29 @@ def finish(ctx: NodeContext, x: int) -> int:
 
 workflow = (
     Workflow("fault_chain", start=prepare, context=Steps).edge(prepare, hold).edge(hold, finish)
+)
+
+
+@node
+def spread(ctx: NodeContext, n: int) -> NextAll[int]:
+    _log(ctx)
+    return NextAll(list(range(n)))
+
+
+@node
+async def work(ctx: NodeContext, x: int) -> int:
+    _log(ctx)
+    ctx.add("done", 1)
+    await asyncio.sleep(0.02)
+    return x * 2
+
+
+@node(join=True)
+def collect(ctx: NodeContext, values: list[int]) -> dict[str, int]:
+    _log(ctx)
+    return {"count": len(values), "sum": sum(values)}
+
+
+fan_in = (
+    Workflow("fault_fan_in", start=spread, context=Steps).edge(spread, work).edge(work, collect)
 )
