@@ -6,7 +6,7 @@ Starts everything as processes (like ``floxide dev``), warms up, then measures:
 - latency alone: SINGLE runs one after another (p50, p95), and per-step overhead (p50 / 10).
 Every result is checked (run i must end at i + 10). Prints one JSON line and a summary.
 
-    python bench/chain.py [--runs 200] [--single 30] [--workers 2] [--slots 2]
+    python bench/chain.py [--runs 200] [--single 30] [--workers 2] [--slots 2] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from floxide_server.embedded import EmbeddedEtcd
 
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
@@ -43,36 +45,42 @@ async def one_run(client: OrchestratorClient, n: int) -> float:
     return elapsed
 
 
-async def main(runs: int, single: int, workers: int, slots: int) -> dict[str, Any]:
+async def start_server(
+    bin_dir: Path, ready: Path, etcd: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(bin_dir / "floxide-server"),
+        *("--port", "0", "--ready-file", str(ready), "--log-level", "warning"),
+        *(("--etcd", etcd) if etcd else ()),
+    )
+    while not (ready.exists() and ready.read_text().endswith("\n")):
+        await asyncio.sleep(0.05)
+    return process, ready.read_text().strip()
+
+
+async def main(runs: int, single: int, workers: int, slots: int, replicas: int) -> dict[str, Any]:
     bin_dir = Path(sys.executable).parent
     processes: list[asyncio.subprocess.Process] = []
+    etcd = EmbeddedEtcd(name="bench").start() if replicas > 1 else None
     with tempfile.TemporaryDirectory(prefix="floxide-bench-") as tmp:
-        ready = Path(tmp) / "server"
         try:
-            processes.append(
-                await asyncio.create_subprocess_exec(
-                    str(bin_dir / "floxide-server"),
-                    "--port",
-                    "0",
-                    "--ready-file",
-                    str(ready),
-                    "--log-level",
-                    "warning",
+            servers = []
+            for n in range(replicas):  # one replica: with its own embedded etcd
+                process, address = await start_server(
+                    bin_dir, Path(tmp) / f"server-{n}", etcd.endpoint if etcd else ""
                 )
-            )
-            while not (ready.exists() and ready.read_text().endswith("\n")):
-                await asyncio.sleep(0.05)
-            server = ready.read_text().strip()
-            for n in range(workers):
+                processes.append(process)
+                servers.append(address)
+            for n in range(workers):  # spread over the replicas
                 processes.append(
                     await asyncio.create_subprocess_exec(
                         str(bin_dir / "floxide-worker"),
                         str(HERE / "chain_workflow.py"),
-                        *("--server", server, "--slots", str(slots), "--worker-id", f"bench-{n}"),
-                        *("--log-level", "warning"),
+                        *("--server", servers[n % replicas], "--slots", str(slots)),
+                        *("--worker-id", f"bench-{n}", "--log-level", "warning"),
                     )
                 )
-            async with OrchestratorClient(server, timeout=60) as client:
+            async with OrchestratorClient(servers[0], timeout=60) as client:
                 while len(await client.workers()) < workers:
                     await asyncio.sleep(0.05)
                 await asyncio.gather(*(one_run(client, n) for n in range(10)))  # warm-up
@@ -91,6 +99,7 @@ async def main(runs: int, single: int, workers: int, slots: int) -> dict[str, An
                 "per_step_overhead_ms": percentile(alone, 50) * 1e3 / STEPS,
                 "workers": workers,
                 "slots": slots,
+                "replicas": replicas,
             }
         finally:
             for process in reversed(processes):
@@ -98,6 +107,8 @@ async def main(runs: int, single: int, workers: int, slots: int) -> dict[str, An
                     process.send_signal(signal.SIGTERM)
             for process in reversed(processes):
                 await process.wait()
+            if etcd is not None:
+                etcd.stop()
 
 
 if __name__ == "__main__":
@@ -106,8 +117,9 @@ if __name__ == "__main__":
     parser.add_argument("--single", type=int, default=30)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=1, help="servers on one etcd")
     args = parser.parse_args()
-    result = asyncio.run(main(args.runs, args.single, args.workers, args.slots))
+    result = asyncio.run(main(args.runs, args.single, args.workers, args.slots, args.replicas))
     print(json.dumps(result))
     print(f"{args.runs} runs x {STEPS} steps at once: {result['steps_per_s']:.0f} steps/s")
     print(

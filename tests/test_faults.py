@@ -314,3 +314,23 @@ async def test_one_replica_killed_mid_run_the_other_carries_on(faults: Faults) -
             assert final.status is RunStatus.COMPLETED and final.output == EXPECTED
     finally:
         stop_server(other, signal.SIGKILL)
+
+
+async def test_a_server_restart_with_half_arrived_joins_joins_once(faults: Faults) -> None:
+    faults.start_worker("first")
+    faults.start_worker("second")
+    await eventually(lambda: faults.connected(2), within=30)
+    async with OrchestratorClient(faults.target, namespace=faults.namespace, retries=20) as client:
+        run, _ = await client.start_run("fault_fan_in", 100)
+
+        async def half_arrived() -> bool:
+            return sum(node == "work" for node, _, _ in faults.executions()) >= 30
+
+        await eventually(half_arrived, within=30)
+        assert faults.server is not None
+        stop_server(faults.server, signal.SIGKILL)
+        faults.restart_server()
+        final = await client.wait_for_completion(run.run_id, timeout=90)
+        assert final.output == {"count": 100, "sum": sum(x * 2 for x in range(100))}
+        assert [node for node, _, _ in faults.executions()].count("collect") == 1
+        assert (await client.run_context(run.run_id))["done"] == 100

@@ -59,10 +59,13 @@ Factory = Callable[..., Server]
 async def servers(etcd: EmbeddedEtcd) -> AsyncIterator[Factory]:
     made: list[tuple[Server, EtcdKV]] = []
 
-    def make(port: int = 0, retention: timedelta = timedelta(days=7)) -> Server:
+    def make(port: int = 0, retention: dict[str, timedelta] | None = None) -> Server:
         kv = EtcdKV([etcd.endpoint])
         config = ServerConfig(
-            port=port, sessions=FAST, grace=timedelta(seconds=1), retention=retention
+            port=port,
+            sessions=FAST,
+            grace=timedelta(seconds=1),
+            namespace_retention=retention or {},
         )
         server = Server(kv, config)
         made.append((server, kv))
@@ -123,7 +126,7 @@ async def test_a_retry_timer_outlives_the_server_that_set_it(servers: Factory) -
 
 async def test_retention_removes_finished_runs(servers: Factory) -> None:
     namespace = f"ns-{uuid.uuid4().hex[:8]}"
-    server = servers(retention=timedelta(seconds=1))
+    server = servers(retention={namespace: timedelta(seconds=1)})
     await server.start()
     target = f"127.0.0.1:{server.port}"
     async with (
@@ -133,7 +136,7 @@ async def test_retention_removes_finished_runs(servers: Factory) -> None:
         run, _ = await client.start_run("replicated", 1)
         assert (await client.wait_for_completion(run.run_id, 30)).status is RunStatus.COMPLETED
         await server.stop()  # (maintenance only learns new namespaces on start)
-        later = servers(retention=timedelta(seconds=1))
+        later = servers(retention={namespace: timedelta(seconds=1)})
         await later.start()
 
         async def gone() -> bool:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import socket
+from collections.abc import Mapping
 from datetime import timedelta
 from types import TracebackType
 
@@ -64,6 +65,7 @@ class ServerConfig:
         server_id: This replica's name (in worker sessions and logs).
         sessions: Worker sessions' lease TTL, heartbeat interval and credit limit.
         retention: How long finished runs are kept.
+        namespace_retention: Retention periods of particular namespaces.
     """
 
     host: str = "127.0.0.1"
@@ -75,6 +77,7 @@ class ServerConfig:
     server_id: str = dataclasses.field(default_factory=socket.gethostname)
     sessions: SessionConfig = dataclasses.field(default_factory=SessionConfig)
     retention: timedelta = timedelta(days=7)
+    namespace_retention: Mapping[str, timedelta] = dataclasses.field(default_factory=dict)
 
 
 class Server:
@@ -102,6 +105,7 @@ class Server:
             self.watches,
             self.config.sessions.lease_ttl.total_seconds(),
             self.config.retention.total_seconds(),
+            {ns: period.total_seconds() for ns, period in self.config.namespace_retention.items()},
         )
         self.stopping = asyncio.Event()
         self.port = 0

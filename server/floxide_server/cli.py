@@ -68,6 +68,9 @@ def run(
     lease_ttl: Annotated[float, typer.Option(help="Seconds a session lives unheard.")] = 10.0,
     heartbeat: Annotated[float, typer.Option(help="Seconds between worker heartbeats.")] = 3.0,
     retention_days: Annotated[float, typer.Option(help="Days finished runs are kept.")] = 7.0,
+    namespace_retention: Annotated[
+        list[str] | None, typer.Option(help="NAMESPACE=DAYS: another retention for a namespace.")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
@@ -81,8 +84,19 @@ def run(
     sessions = SessionConfig(
         lease_ttl=timedelta(seconds=lease_ttl), heartbeat_interval=timedelta(seconds=heartbeat)
     )
+    try:
+        by_namespace = {
+            name: timedelta(days=float(days))
+            for name, _, days in (entry.partition("=") for entry in namespace_retention or ())
+        }
+    except ValueError as exc:
+        raise typer.BadParameter(f"--namespace-retention takes NAMESPACE=DAYS: {exc}") from exc
     config = ServerConfig(
-        host=host, port=port, sessions=sessions, retention=timedelta(days=retention_days)
+        host=host,
+        port=port,
+        sessions=sessions,
+        retention=timedelta(days=retention_days),
+        namespace_retention=by_namespace,
     )
     if server_id:
         config = dataclasses.replace(config, server_id=server_id)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 
 from floxide_server.store.keys import NAMESPACES, Keys
 from floxide_server.store.kv import KV, KVUnavailable
@@ -33,13 +34,20 @@ class Maintenance:
     """Background tending of every namespace in the index."""
 
     def __init__(
-        self, kv: KV, runs: RunStore, watches: Watches, reconcile_every: float, retention: float
+        self,
+        kv: KV,
+        runs: RunStore,
+        watches: Watches,
+        reconcile_every: float,
+        retention: float,
+        retention_by_namespace: Mapping[str, float] | None = None,
     ) -> None:
         self.kv = kv
         self.runs = runs
         self.watches = watches
         self.reconcile_every = reconcile_every
         self.retention = retention
+        self.retention_by_namespace = dict(retention_by_namespace or {})
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._index: asyncio.Task[None] | None = None
 
@@ -147,13 +155,14 @@ class Maintenance:
             updates.close()
 
     async def _retain(self, namespace: str) -> None:
+        retention = self.retention_by_namespace.get(namespace, self.retention)
         while True:
-            cutoff = int((time.time() - self.retention) * 1000)
+            cutoff = int((time.time() - retention) * 1000)
             removed = await self.runs.remove_finished(namespace, cutoff)
             if removed:
                 log.info("retention removed %d finished runs of %r", removed, namespace)
                 continue  # there may be more: next batch at once
-            await asyncio.sleep(min(max(self.retention / 10, 0.2), 60.0))
+            await asyncio.sleep(min(max(retention / 10, 0.2), 60.0))
 
     async def close(self) -> None:
         """Stop tending."""
