@@ -64,6 +64,8 @@ class WorkerConfig:
         reconnect_backoff: The first wait before reconnecting; it doubles up to ``max_backoff``.
         max_backoff: The longest wait between reconnects.
         drain_grace: How long ``shutdown()`` waits for held items.
+        nodes: Serve only these nodes (by name); empty serves every node of the workflows.
+            Nodes implemented in another language are left to its workers.
     """
 
     server: str
@@ -75,6 +77,7 @@ class WorkerConfig:
     reconnect_backoff: timedelta = timedelta(milliseconds=100)
     max_backoff: timedelta = timedelta(seconds=5)
     drain_grace: timedelta = timedelta(seconds=30)
+    nodes: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass
@@ -230,6 +233,7 @@ class Worker:
             )
             for definition_hash, workflow in self._by_hash.items()
             for name in workflow.nodes
+            if not self.config.nodes or name in self.config.nodes
         ]
 
     # -- one connection ------------------------------------------------------------------------

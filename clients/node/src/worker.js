@@ -1,0 +1,179 @@
+'use strict';
+// A floxide-grpc worker: one stream to a server, work pushed within its credit (docs/protocol.md).
+const os = require('node:os');
+const { floxide, toPayload, fromPayload, grpc } = require('./proto');
+
+const PROTOCOL_VERSION = 1;
+const UNAVAILABLE = 14;
+
+class Worker {
+  /**
+   * @param {object} options
+   * @param {string} options.server host:port of a server (any replica)
+   * @param {string} options.workflow the workflow whose nodes this worker serves
+   * @param {Object<string, Function>} options.nodes node name -> async (input, ctx) => output
+   * @param {string} [options.namespace]
+   * @param {number} [options.slots] items run at once (the credit granted)
+   * @param {string} [options.workerId]
+   */
+  constructor({ server, workflow, nodes, namespace = 'default', slots = 4, workerId }) {
+    this.server = server;
+    this.workflow = workflow;
+    this.nodes = nodes;
+    this.namespace = namespace;
+    this.slots = slots;
+    this.workerId = workerId || `${os.hostname()}-node-${process.pid}`;
+    this.held = new Map(); // claim token -> {session, abort}
+    this.unacked = new Map(); // claim token -> StepResult, until its ack
+    this.draining = false;
+    this.stopped = false;
+    this.stream = null;
+    this.sessionId = '';
+    this.executions = 0;
+    this.log = (...args) => console.error(`[floxide-node ${this.workerId}]`, ...args);
+  }
+
+  /** Serve until shutdown(), reconnecting with backoff when the stream breaks. */
+  async run() {
+    let backoff = 100;
+    while (!this.stopped) {
+      const outcome = await this.serveOnce();
+      if (this.stopped || (this.draining && this.held.size === 0 && this.unacked.size === 0)) break;
+      if (outcome && outcome.fatal) throw outcome.error;
+      this.log(`stream ended (${outcome ? outcome.reason : 'closed'}); reconnecting`);
+      await new Promise((r) => setTimeout(r, backoff * (0.5 + Math.random() / 2)));
+      backoff = Math.min(backoff * 2, 5000);
+    }
+  }
+
+  /** One connection: hello, then assignments, results and heartbeats until it ends. */
+  serveOnce() {
+    return new Promise((resolve) => {
+      const stub = new (floxide().WorkerService)(this.server, grpc.credentials.createInsecure(), {
+        'grpc.keepalive_time_ms': 30000,
+        'grpc.keepalive_timeout_ms': 10000,
+      });
+      const stream = stub.Connect();
+      this.stream = stream;
+      let heartbeat = null;
+      let settled = false;
+      const finish = (outcome) => {
+        if (settled) return;
+        settled = true;
+        if (heartbeat) clearInterval(heartbeat);
+        if (this.stream === stream) this.stream = null;
+        stub.close();
+        resolve(outcome);
+      };
+      const free = this.draining ? 0 : Math.max(this.slots - this.held.size, 0);
+      stream.write({
+        hello: {
+          protocol_version: PROTOCOL_VERSION,
+          namespace: this.namespace,
+          worker_id: this.workerId,
+          nodes: Object.keys(this.nodes).map((node) => ({ workflow: this.workflow, node })),
+          credit: free,
+          sdk: `node/${process.version}`,
+        },
+      });
+      stream.on('data', (response) => {
+        if (response.hello_ack) {
+          this.sessionId = response.hello_ack.session_id;
+          const seconds = Number(response.hello_ack.heartbeat_interval.seconds || 0);
+          const nanos = Number(response.hello_ack.heartbeat_interval.nanos || 0);
+          const every = Math.max(seconds * 1000 + nanos / 1e6, 100);
+          heartbeat = setInterval(() => this.send({ heartbeat: { sent_at: now() } }), every);
+          for (const result of this.unacked.values()) this.send({ results: [result], credit: 1 });
+          if (this.draining) this.send({ drain: { reason: 'worker draining' } });
+          this.log(`session ${this.sessionId} open on ${this.server}`);
+        }
+        for (const assignment of response.assignments || []) this.execute(assignment);
+        for (const ack of response.result_acks || []) this.acknowledged(ack);
+        for (const cancel of response.cancels || []) {
+          const held = this.held.get(cancel.claim_token);
+          if (held) held.abort.abort(new Error(`cancelled: ${cancel.reason}`));
+        }
+        if (response.drain) this.log('the server is draining this stream; will reconnect');
+        this.settleDrain();
+      });
+      stream.on('error', (error) => {
+        const fatal = [5, 9, 3].includes(error.code) && this.held.size === 0; // NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT
+        finish({ reason: `${error.code} ${error.details}`, fatal, error });
+      });
+      stream.on('end', () => finish({ reason: 'end' }));
+    });
+  }
+
+  send(message) {
+    if (this.stream) this.stream.write(message);
+  }
+
+  async execute(assignment) {
+    const item = assignment.item;
+    const abort = new AbortController();
+    const session = this.sessionId;
+    this.held.set(assignment.claim_token, { session, abort });
+    const result = {
+      claim_token: assignment.claim_token,
+      run_id: item.run_id,
+      item_id: item.item_id,
+      attempt: item.attempt,
+      started_at: now(),
+    };
+    try {
+      const handler = this.nodes[item.node];
+      if (!handler) throw new Error(`this worker has no code for node ${item.node}`);
+      this.executions += 1;
+      const output = await handler(fromPayload(item.input), {
+        context: fromPayload(assignment.context) || {},
+        attempt: item.attempt,
+        runId: item.run_id,
+        itemId: item.item_id,
+        signal: abort.signal,
+      });
+      result.transition = { next: { output: toPayload(output), route: '' } };
+    } catch (error) {
+      const kind = abort.signal.aborted ? 'ERROR_KIND_CANCELLED' : 'ERROR_KIND_GENERIC';
+      result.transition = { abort: { kind, message: String(error && error.message ? error.message : error), error_type: error && error.name ? error.name : 'Error' } };
+    }
+    result.finished_at = now();
+    this.held.delete(assignment.claim_token);
+    this.unacked.set(assignment.claim_token, result);
+    // A result of an earlier session returns no slot of this one: grant it explicitly.
+    const credit = session === this.sessionId || this.draining ? 0 : 1;
+    this.send({ results: [result], credit });
+  }
+
+  acknowledged(ack) {
+    const result = this.unacked.get(ack.claim_token);
+    if (ack.code === UNAVAILABLE && result) {
+      this.send({ results: [result] });
+      return;
+    }
+    this.unacked.delete(ack.claim_token);
+    if (ack.code !== 0) this.log(`result of ${result ? result.item_id : ack.claim_token} refused: ${ack.code} ${ack.message}`);
+  }
+
+  settleDrain() {
+    if (this.draining && this.held.size === 0 && this.unacked.size === 0 && this.stream) {
+      this.stopped = true;
+      this.stream.end();
+    }
+  }
+
+  /** Drain: take nothing new, finish and report what is held, then close. */
+  shutdown() {
+    if (this.draining) return;
+    this.draining = true;
+    this.send({ drain: { reason: 'worker shutting down' } });
+    this.settleDrain();
+    if (!this.stream) this.stopped = true;
+  }
+}
+
+function now() {
+  const ms = Date.now();
+  return { seconds: String(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 };
+}
+
+module.exports = { Worker, PROTOCOL_VERSION };
