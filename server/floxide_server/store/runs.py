@@ -19,11 +19,13 @@ cancel, a pause or another replica, and loses cleanly.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 import secrets
 import time
+import typing
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -52,7 +54,18 @@ from floxide_grpc.routing import Step, arrive, join_input, route, route_failure,
 from floxide_grpc.transition import ErrorKind
 from floxide_server.store import payloads
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Op, Put, Request, Target, Txn
+from floxide_server.store.kv import (
+    KV,
+    Compare,
+    Delete,
+    Get,
+    KeyValue,
+    Op,
+    Put,
+    Request,
+    Target,
+    Txn,
+)
 from floxide_server.store.workflows import Definition, WorkflowStore
 
 __all__ = ["FINISHED", "Claim", "Completion", "RunStore", "new_run_id", "status_name"]
@@ -91,6 +104,19 @@ def new_run_id() -> str:
         (ms & (2**48 - 1)) << 80 | 0x7 << 76 | sequence << 64 | 0b10 << 62 | secrets.randbits(62)
     )
     return str(uuid.UUID(int=value))
+
+
+def _fold(definition: Definition, init: KeyValue | None, ops: Sequence[KeyValue]) -> dict[str, Any]:
+    """A run's context: its initial value and every item's operations, in commit order."""
+    context: dict[str, Any] = json.loads(init.value) if init is not None else {}
+    for kv in sorted(ops, key=lambda kv: kv.mod_revision):
+        stored = worker_service_pb2.StepResult.FromString(kv.value)
+        apply(
+            context,
+            [Operation.from_proto(op) for op in stored.context_operations],
+            definition.context,
+        )
+    return context
 
 
 def status_name(status: int) -> bytes:
@@ -319,17 +345,11 @@ class RunStore:
 
     async def _context(self, keys: Keys, record: records_pb2.RunRecord) -> dict[str, Any]:
         definition = await self.workflows.get(keys.namespace, record.definition_hash)
-        init = await self.kv.get(keys.context_init(record.run_id))
-        context: dict[str, Any] = json.loads(init.value) if init is not None else {}
-        ops, _ = await self.kv.range(keys.context_ops(record.run_id))
-        for kv in sorted(ops, key=lambda kv: kv.mod_revision):
-            stored = worker_service_pb2.StepResult.FromString(kv.value)
-            apply(
-                context,
-                [Operation.from_proto(op) for op in stored.context_operations],
-                definition.context,
-            )
-        return context
+        init, (ops, _) = await asyncio.gather(
+            self.kv.get(keys.context_init(record.run_id)),
+            self.kv.range(keys.context_ops(record.run_id)),
+        )
+        return _fold(definition, init, ops)
 
     # -- starting and controlling ------------------------------------------------------------
 
@@ -654,6 +674,14 @@ class RunStore:
         now = _now_ms()
         _stamp(state, "updated_at", now)
         claim_key = keys.claim(lease, run_id, item_id)
+        item = state.item
+        # The claim and the reads its assignment needs, in one round trip.
+        reads: list[Request] = [
+            Get(keys.context_init(run_id)),
+            Get(keys.context_ops(run_id), prefix=True),
+        ]
+        if item.join_group_id:
+            reads.append(Get(keys.group_outputs(run_id, item.join_group_id), prefix=True))
         result = await self.kv.txn(
             Txn(
                 [
@@ -666,25 +694,33 @@ class RunStore:
                     Delete(keys.queue(run_id, item_id)),
                     Put(claim_key, str(attempt).encode()),
                     Put(found.key, state.SerializeToString()),
+                    *reads,
                 ],
             )
         )
         if not result.succeeded:
             return None
+        definition = await self.workflows.get(namespace, item.definition_hash)
         revision = result.revision
-        if result.responses is None:  # recovered from a lost reply: read the claim's revision
+        if result.responses is None:  # recovered from a lost reply: read what it would have
             claim = await self.kv.get(claim_key)
             if claim is None:
                 return None
             revision = claim.create_revision
-        run = await self.get(namespace, run_id)
-        definition = await self.workflows.get(namespace, run.definition_hash)
-        item = state.item
+            init = await self.kv.get(keys.context_init(run_id))
+            ops, _ = await self.kv.range(keys.context_ops(run_id))
+            outputs: Sequence[KeyValue] = []
+            if item.join_group_id:
+                outputs, _ = await self.kv.range(keys.group_outputs(run_id, item.join_group_id))
+        else:
+            got = typing.cast(list[list[KeyValue]], result.responses[3:])
+            init = got[0][0] if got[0] else None
+            ops = got[1]
+            outputs = got[2] if item.join_group_id else []
         if item.join_group_id:
-            outputs, _ = await self.kv.range(keys.group_outputs(run_id, item.join_group_id))
             arrivals = [checkpoint_pb2.GroupArrival.FromString(kv.value) for kv in outputs]
             item.input.CopyFrom(join_input([a.output for a in arrivals if not a.held]))
-        context = await self._context(keys, run)
+        context = _fold(definition, init, ops)
         node = definition.graph.node(item.node)
         deadline = now + node.timeout.ToMilliseconds() if node.HasField("timeout") else 0
         return Claim(
@@ -719,8 +755,11 @@ class RunStore:
         claim = _Token.parse(token)
         keys = Keys(namespace)
         for _ in range(_ATTEMPTS_ON_CONFLICT):
-            state_kv, state = await self._state(keys, claim.run_id, claim.item_id)
-            claim_kv = await self.kv.get(keys.claim(claim.lease, claim.run_id, claim.item_id))
+            (state_kv, state), claim_kv, run = await asyncio.gather(  # one round trip
+                self._state(keys, claim.run_id, claim.item_id),
+                self.kv.get(keys.claim(claim.lease, claim.run_id, claim.item_id)),
+                self.get(namespace, claim.run_id),
+            )
             if claim_kv is None or claim_kv.create_revision != claim.revision:
                 if (
                     state.status == records_pb2.ITEM_STATUS_COMPLETED
@@ -730,7 +769,6 @@ class RunStore:
                 raise ClaimLost(
                     f"the claim on item {claim.item_id!r} of run {claim.run_id!r} no longer stands"
                 )
-            run = await self.get(namespace, claim.run_id)
             definition = await self.workflows.get(namespace, run.definition_hash)
             plan = await self._plan(keys, definition, run, state, claim, transition, operations)
             guards = [
