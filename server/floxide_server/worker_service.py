@@ -226,15 +226,25 @@ class WorkerService:
         if request.results:
             tokens = {r.claim_token for r in request.results} & session.held
             session.report(tokens)  # no cancel for them, and a drain waits for their acks
-            try:
-                acks = [await self._result(session, result) for result in request.results]
-                session.outbox.put_nowait(ConnectResponse(result_acks=acks))
-            finally:
-                session.report(tokens, done=True)
+            # Applied concurrently with the stream's next messages: one slow Txn must not hold
+            # up the session's other results, nor its heartbeats.
+            task = asyncio.create_task(self._results(session, list(request.results), tokens))
+            session.tasks.add(task)
+            task.add_done_callback(session.tasks.discard)
         if request.HasField("drain"):
             session.draining = True
             log.info("worker of session %x is draining", session.lease)
         self.dispatcher.wake(session.namespace)
+
+    async def _results(
+        self, session: Session, results: list[worker_service_pb2.StepResult], tokens: set[str]
+    ) -> None:
+        try:
+            acks = [await self._result(session, result) for result in results]
+            session.outbox.put_nowait(ConnectResponse(result_acks=acks))
+        finally:
+            session.report(tokens, done=True)
+            self.dispatcher.wake(session.namespace)
 
     async def _result(
         self, session: Session, result: worker_service_pb2.StepResult
@@ -299,6 +309,8 @@ class WorkerService:
     async def _close(self, session: Session) -> None:
         """The stream ended: end the session now, so its claims are re-queued at once."""
         self.dispatcher.remove(session)
+        if session.tasks:  # results being applied finish first (bounded)
+            await asyncio.wait(set(session.tasks), timeout=self.config.lease_ttl.total_seconds())
         with contextlib.suppress(KVUnavailable, grpc.aio.AioRpcError):
             await self.kv.revoke(session.lease)
         log.info("session %x closed (%d claims left to re-queue)", session.lease, len(session.held))

@@ -130,7 +130,9 @@ class ConnectResponse(_message.Message):
 
     @_builtins.property
     def result_acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]:
-        """Answers to results, one per result, in the order the results were sent."""
+        """Answers to results: one per result, naming its claim token. The results of one message are
+        answered together; those of different messages may be answered in any order.
+        """
 
     @_builtins.property
     def cancels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cancel]:
