@@ -102,6 +102,7 @@ class Dispatcher:
         self._ready: dict[str, dict[tuple[str, str], work_item_pb2.WorkItem]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._claims: set[asyncio.Task[None]] = set()
         self._turn = 0
 
     def add(self, session: Session) -> None:
@@ -248,19 +249,24 @@ class Dispatcher:
         return plan
 
     async def _dispatch(self, namespace: str) -> None:
+        """Start a claim for each planned item; the loop goes on watching meanwhile."""
         ready = self._ready.setdefault(namespace, {})
-        while plan := self._plan(namespace):
-            for session, item in plan:
-                ready.pop((item.run_id, item.item_id), None)
-                session.credit -= 1
-            results = await asyncio.gather(
-                *(self._claim(session, item) for session, item in plan), return_exceptions=True
-            )
-            for (session, item), result in zip(plan, results, strict=True):
-                if isinstance(result, BaseException) or not result:
-                    session.credit += 1  # not claimed: the slot stays free
-                    if isinstance(result, BaseException):
-                        log.warning("claim of %s/%s failed: %s", item.run_id, item.item_id, result)
+        for session, item in self._plan(namespace):
+            ready.pop((item.run_id, item.item_id), None)
+            session.credit -= 1  # spent now, given back if the claim fails
+            task = asyncio.create_task(self._claim_or_return(session, item))
+            self._claims.add(task)
+            task.add_done_callback(self._claims.discard)
+
+    async def _claim_or_return(self, session: Session, item: work_item_pb2.WorkItem) -> None:
+        try:
+            claimed = await self._claim(session, item)
+        except Exception as exc:
+            log.warning("claim of %s/%s failed: %s", item.run_id, item.item_id, exc)
+            claimed = False
+        if not claimed:
+            session.credit += 1  # not claimed: the slot stays free
+            self.wake(session.namespace)
 
     async def _claim(self, session: Session, item: work_item_pb2.WorkItem) -> bool:
         if session.lease not in self.sessions:
@@ -279,7 +285,7 @@ class Dispatcher:
 
     async def close(self) -> None:
         """Stop dispatching."""
-        for task in self._tasks.values():
+        for task in [*self._tasks.values(), *self._claims]:
             task.cancel()
         for task in self._tasks.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
