@@ -15,9 +15,11 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from floxide_server.embedded import EmbeddedEtcd
@@ -28,25 +30,17 @@ from floxide_server.store.payloads import Limits
 from floxide_server.store.runs import RunStore
 from floxide_server.store.workflows import WorkflowStore
 
-from floxide_grpc import Workflow, node
+from floxide_grpc import Workflow
 from floxide_grpc._proto.floxide.v1 import work_item_pb2
 
-STEPS = 10
+sys.path.insert(0, str(Path(__file__).parent))
+import chain_workflow
 
-
-@node
-def step(x: int) -> int:
-    return x + 1
+STEPS = chain_workflow.STEPS
 
 
 def chain() -> Workflow:
-    flow = Workflow("bench_chain", start=step)
-    previous = "step"
-    for n in range(2, STEPS + 1):
-        name = flow.add(step, name=f"step{n}")
-        flow.edge(previous, name)
-        previous = name
-    return flow
+    return chain_workflow.workflow
 
 
 @dataclass
@@ -111,11 +105,11 @@ async def main(runs: int, concurrency: int) -> dict[str, Any]:
     store = RunStore(kv, workflows, limits)
     namespace = "bench"
     try:
-        await workflows.register(namespace, chain().definition())
+        await workflows.register(namespace, chain().definition())  # chain10
         lease = await kv.grant(60)
         await kv.txn(Txn([], [Put(Keys(namespace).session(lease), b"bench", lease)]))
         for n in range(runs):
-            await store.start(namespace, "bench_chain", "", _json(n), "", None)
+            await store.start(namespace, "chain10", "", _json(n), "", None)
         before, metrics_before = Counter(**vars(kv.counter)), etcd_metrics(etcd)
         claims: list[float] = []
         completes: list[float] = []
