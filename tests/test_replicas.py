@@ -188,3 +188,29 @@ async def test_two_replicas_race_for_the_same_items_and_join_once(servers: Facto
         assert outputs == [sum(x // 2 for x in range(100))] * 3
         assert workers[0].executions + workers[1].executions == 3 * 102  # each item once, one join
         assert workers[0].executions > 0 and workers[1].executions > 0
+
+
+async def test_a_worker_started_before_its_server_waits_for_it(
+    servers: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    namespace = f"ns-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    worker = Worker([CHAIN], WorkerConfig(server=target, namespace=namespace, slots=1))
+    running = asyncio.create_task(worker.run())
+
+    async def refused() -> bool:
+        return "cannot register" in caplog.text
+
+    await eventually(refused, within=30)  # the worker tried first, and found no server
+    server = servers(port)
+    await server.start()
+    async with OrchestratorClient(target, namespace=namespace, retries=10) as client:
+
+        async def registered() -> bool:
+            return bool(await client.workers())
+
+        await eventually(registered, within=30)
+        assert await client.run("replicated", 2, timeout=30) == 9
+    await worker.shutdown()
+    await running

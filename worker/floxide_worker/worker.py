@@ -38,7 +38,7 @@ from floxide_grpc._proto.floxide.v1 import (
     worker_service_pb2_grpc,
 )
 from floxide_grpc.client import OrchestratorClient
-from floxide_grpc.errors import StatusCode
+from floxide_grpc.errors import StatusCode, Unavailable
 from floxide_grpc.execute import AttemptFailed, attempt
 from floxide_grpc.graph import Graph
 from floxide_grpc.node import NodeSpec
@@ -138,7 +138,16 @@ class Worker:
         Cancelling ``run()`` stops at once, abandoning held items (the server re-queues them
         when the session ends); ``shutdown()`` finishes them first.
         """
-        await self._register()
+        backoff = self.config.reconnect_backoff.total_seconds()
+        while not self._by_hash:  # the server may not be up yet: wait for it
+            try:
+                await self._register()
+            except Unavailable as exc:
+                log.warning("cannot register at %s yet (%s); retrying", self.config.server, exc)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self.config.max_backoff.total_seconds())
+                if self._stopped.is_set():
+                    return
         backoff = self.config.reconnect_backoff.total_seconds()
         while not self._stopped.is_set():
             try:
