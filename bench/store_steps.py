@@ -34,13 +34,14 @@ from floxide_grpc import Workflow
 from floxide_grpc._proto.floxide.v1 import work_item_pb2
 
 sys.path.insert(0, str(Path(__file__).parent))
-import chain_workflow
+import workloads
 
-STEPS = chain_workflow.STEPS
+STEPS = workloads.STEPS
 
 
 def chain() -> Workflow:
-    return chain_workflow.workflow
+    flow: Workflow = workloads.chain10
+    return flow
 
 
 @dataclass
