@@ -211,7 +211,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         namespace = namespace_of(request.namespace)
         keys = Keys(namespace)
         key = keys.run_info(check_name("run id", request.run_id))
-        updates = await self.watches.open(keys.run_infos)  # one watch per namespace, shared
+        updates = await self.watches.open(keys.run_infos, key)  # one watch per namespace, shared
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
             run = await self.runs.get(namespace, request.run_id)  # after subscribing: no gap

@@ -24,9 +24,10 @@ RESYNC = None
 class Subscription:
     """Events under one prefix, from the moment :meth:`Watches.open` returned."""
 
-    def __init__(self, watches: Watches, prefix: bytes) -> None:
+    def __init__(self, watches: Watches, prefix: bytes, key: bytes | None = None) -> None:
         self.watches = watches
         self.prefix = prefix
+        self.key = key
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._closed = False
 
@@ -55,8 +56,11 @@ class Watches:
         self.kv = kv
         self._shared: dict[bytes, _Shared] = {}
 
-    async def open(self, prefix: bytes) -> Subscription:
-        """Subscribe to every change under ``prefix``; the watch runs when this returns.
+    async def open(self, prefix: bytes, key: bytes | None = None) -> Subscription:
+        """Subscribe to every change under ``prefix`` (only of ``key``, if given).
+
+        The watch runs when this returns. One watch of the prefix serves every subscriber; a
+        subscriber of one key is woken only by that key's changes.
 
         Raises:
             KVUnavailable: the watch could not start.
@@ -65,7 +69,7 @@ class Watches:
         if shared is None or shared.task is None or shared.task.done():
             shared = self._shared[prefix] = _Shared()
             shared.task = asyncio.create_task(self._follow(prefix, shared))
-        subscription = Subscription(self, prefix)
+        subscription = Subscription(self, prefix, key)
         shared.subscribers.add(subscription)
         started = asyncio.ensure_future(shared.started.wait())
         assert shared.task is not None
@@ -92,7 +96,8 @@ class Watches:
             try:
                 async for event in self.kv.watch(prefix, revision + 1):
                     for subscription in list(shared.subscribers):
-                        subscription.queue.put_nowait(event)
+                        if subscription.key is None or subscription.key == event.kv.key:
+                            subscription.queue.put_nowait(event)
             except Compacted:
                 log.warning("watch of %r lost history to compaction; subscribers re-read", prefix)
                 for subscription in list(shared.subscribers):
