@@ -114,6 +114,11 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
 
+    @property
+    def _stale_after_ms(self) -> int:
+        """A worker unheard for three heartbeats is stale (its lease may still stand)."""
+        return int(self.config.sessions.heartbeat_interval.total_seconds() * 3000)
+
     async def start(self) -> int:
         """Bind, serve, and start watching etcd's health; returns the bound port."""
         options = [
@@ -127,12 +132,25 @@ class Server:
         ]
         server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
         orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorService(self.kv, self.workflows, self.runs, self.watches, self.stopping),
+            OrchestratorService(
+                self.kv,
+                self.workflows,
+                self.runs,
+                self.watches,
+                self.stopping,
+                self._stale_after_ms,
+            ),
             server,
         )
         add_worker_service(server, self.workers)
         add_store_services(
-            server, self.kv, self.workflows, self.runs, self.watches, self.config.limits
+            server,
+            self.kv,
+            self.workflows,
+            self.runs,
+            self.watches,
+            self.config.limits,
+            self._stale_after_ms,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

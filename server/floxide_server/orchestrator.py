@@ -64,7 +64,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         runs: RunStore,
         watches: Watches,
         stopping: asyncio.Event,
-        stale_after_ms: int = 15_000,
+        stale_after_ms: int,
     ) -> None:
         self.kv = kv
         self.workflows = workflows

@@ -161,10 +161,13 @@ class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
             run = await self.runs.get(namespace, request.run_id)
             last = await self.runs.context(namespace, request.run_id)
             yield pb.WatchContextResponse(context=_json(last))
+            operations = keys.context_ops(request.run_id)
             while run.status not in FINISHED:
                 event = await updates.next()
                 if event is not RESYNC and event.kv.key == keys.status(request.run_id):
                     run = await self.runs.get(namespace, request.run_id)
+                elif event is not RESYNC and not event.kv.key.startswith(operations):
+                    continue  # items and groups change too: only operations change the context
                 now = await self.runs.context(namespace, request.run_id)
                 if now != last:
                     last = now
@@ -319,15 +322,16 @@ class ErrorStoreService(store_service_pb2_grpc.ErrorStoreServiceServicer):
 class LivenessStoreService(store_service_pb2_grpc.LivenessStoreServiceServicer):
     """Worker sessions, read-only."""
 
-    def __init__(self, kv: KV) -> None:
+    def __init__(self, kv: KV, stale_after_ms: int) -> None:
         self.kv = kv
+        self.stale_after_ms = stale_after_ms
 
     async def GetWorkerHealth(
         self, request: pb.GetWorkerHealthRequest, context: Context
     ) -> pb.GetWorkerHealthResponse:
         """One session."""
         namespace = namespace_of(request.namespace)
-        for worker in await list_workers(self.kv, namespace, 15_000):
+        for worker in await list_workers(self.kv, namespace, self.stale_after_ms):
             if worker.session_id == request.session_id:
                 return pb.GetWorkerHealthResponse(worker=worker)
         raise NotFound(f"session {request.session_id!r} not found")
@@ -337,7 +341,9 @@ class LivenessStoreService(store_service_pb2_grpc.LivenessStoreServiceServicer):
     ) -> pb.ListWorkerHealthResponse:
         """The namespace's sessions."""
         return pb.ListWorkerHealthResponse(
-            workers=await list_workers(self.kv, namespace_of(request.namespace), 15_000)
+            workers=await list_workers(
+                self.kv, namespace_of(request.namespace), self.stale_after_ms
+            )
         )
 
 
@@ -412,6 +418,7 @@ def add_store_services(
     runs: RunStore,
     watches: Watches,
     limits: Limits,
+    stale_after_ms: int,
 ) -> None:
     """Register every store service on a server."""
     del workflows
@@ -432,7 +439,7 @@ def add_store_services(
         ErrorStoreService(kv, runs), server
     )
     store_service_pb2_grpc.add_LivenessStoreServiceServicer_to_server(
-        LivenessStoreService(kv), server
+        LivenessStoreService(kv, stale_after_ms), server
     )
     store_service_pb2_grpc.add_WorkItemStateStoreServiceServicer_to_server(
         WorkItemStateStoreService(kv, runs, watches), server
