@@ -73,7 +73,7 @@ def main() -> None:
 
     env = {**os.environ, "PATH": f"{etcd_binary().parent}:{os.environ['PATH']}"}
     ceiling = subprocess.run(
-        [str(args.peer_venv / "bin" / "python"), str(args.shared / "bench" / "etcd_ceiling.py")],
+        [sys.executable, str(args.shared / "bench" / "etcd_ceiling.py")],  # it needs aetcd: ours
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
 
