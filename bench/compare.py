@@ -77,12 +77,13 @@ def main() -> None:
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
 
+    for systems in results.values():  # the raw lines first, for the record
+        for line in systems.values():
+            print(json.dumps(line))
+    names = sorted({n for systems in results.values() for n in systems if n != "floxide-grpc"})
     print(f"\n# side by side, medians of {args.reps} reps; ratio = floxide-grpc / best peer")
-    print(
-        f"{'workload':<14} {'figure':<12} {'floxide-grpc':>13} "
-        + " ".join(f"{s:>16}" for s in ("celery", "dask-distributed", "dbos"))
-        + f" {'ratio':>7}"
-    )
+    header = " ".join(f"{n[:16]:>16}" for n in names)
+    print(f"{'workload':<10} {'figure':<12} {'floxide-grpc':>13} {header} {'ratio':>7}")
     for workload in ("W1", "W2", "W3", "W4"):
         systems = results.get(workload, {})
         ours = systems.get("floxide-grpc")
@@ -92,23 +93,21 @@ def main() -> None:
             if key not in ours:
                 continue
             peers = {
-                name: r[key]["median"]
-                for name, r in systems.items()
-                if name != "floxide-grpc" and key in r
+                n: r[key]["median"] for n, r in systems.items() if n != "floxide-grpc" and key in r
             }
             best = (max if higher else min)(peers.values()) if peers else None
             mine = ours[key]["median"]
             ratio = f"{mine / best:.2f}" if best else "-"
-            cells = " ".join(
-                f"{peers.get(s, float('nan')):>16.1f}"
-                for s in ("celery", "dask-distributed", "dbos")
-            )
-            print(f"{workload:<14} {label:<12} {mine:>13.1f} {cells} {ratio:>7}")
-        cpu = {name: cpu_total(r) for name, r in systems.items()}
-        cells = " ".join(
-            f"{cpu.get(s, float('nan')):>16.2f}" for s in ("celery", "dask-distributed", "dbos")
+            cells = " ".join(f"{peers.get(n, float('nan')):>16.1f}" for n in names)
+            print(f"{workload:<10} {label:<12} {mine:>13.1f} {cells} {ratio:>7}")
+        cpu = {n: cpu_total(r) for n, r in systems.items()}
+        cells = " ".join(f"{cpu.get(n, float('nan')):>16.2f}" for n in names)
+        print(f"{workload:<10} {'cpu ms/step':<12} {cpu['floxide-grpc']:>13.2f} {cells}")
+        rss = {n: sum(r["peak_rss_mb"].values()) for n, r in systems.items() if "peak_rss_mb" in r}
+        cells = " ".join(f"{rss.get(n, float('nan')):>16.0f}" for n in names)
+        print(
+            f"{workload:<10} {'peak RSS MB':<12} {rss.get('floxide-grpc', float('nan')):>13.0f} {cells}"
         )
-        print(f"{workload:<14} {'cpu ms/step':<12} {cpu['floxide-grpc']:>13.2f} {cells}")
     print("\n# etcd ceiling on this machine (shared/bench/etcd_ceiling.py):")
     print(
         "\n".join(f"#   {line}" for line in (ceiling.stdout or ceiling.stderr).splitlines()[-12:])
