@@ -105,9 +105,8 @@ def main() -> None:
         print(f"{workload:<10} {'cpu ms/step':<12} {cpu['floxide-grpc']:>13.2f} {cells}")
         rss = {n: sum(r["peak_rss_mb"].values()) for n, r in systems.items() if "peak_rss_mb" in r}
         cells = " ".join(f"{rss.get(n, float('nan')):>16.0f}" for n in names)
-        print(
-            f"{workload:<10} {'peak RSS MB':<12} {rss.get('floxide-grpc', float('nan')):>13.0f} {cells}"
-        )
+        ours_rss = rss.get("floxide-grpc", float("nan"))
+        print(f"{workload:<10} {'peak RSS MB':<12} {ours_rss:>13.0f} {cells}")
     print("\n# etcd ceiling on this machine (shared/bench/etcd_ceiling.py):")
     print(
         "\n".join(f"#   {line}" for line in (ceiling.stdout or ceiling.stderr).splitlines()[-12:])
