@@ -17,7 +17,7 @@ import time
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import Event, KVUnavailable
-from floxide_server.store.runs import RunStore
+from floxide_server.store.runs import ClaimToken, RunStore
 from floxide_server.watch import RESYNC, Subscription, Watches
 
 __all__ = ["Dispatcher", "Session"]
@@ -151,8 +151,6 @@ class Dispatcher:
 
     async def _loop(self, namespace: str, queue: Subscription, runs: Subscription) -> None:
         wake = self._wake[namespace]
-        ready = self._ready.setdefault(namespace, {})
-        keys = Keys(namespace)
         while True:
             await self._dispatch(namespace)
             queued = asyncio.ensure_future(queue.next())
@@ -165,9 +163,7 @@ class Dispatcher:
                 future.cancel()
             wake.clear()
             if queued in done:
-                self._apply_or_reread(ready, keys, queued.result())
-                if queued.result() is RESYNC:
-                    await self._reread(namespace)
+                await self._queued(namespace, queued.result())
             if changed in done:
                 event = changed.result()
                 if event is RESYNC:
@@ -179,19 +175,15 @@ class Dispatcher:
                     elif record.status in _CANCELS:
                         self._cancel_held(namespace, record.run_id, _CANCELS[record.status])
             while not queue.queue.empty():
-                event = queue.queue.get_nowait()
-                self._apply_or_reread(ready, keys, event)
-                if event is RESYNC:
-                    await self._reread(namespace)
+                await self._queued(namespace, queue.queue.get_nowait())
 
-    @staticmethod
-    def _apply_or_reread(
-        ready: dict[tuple[str, str], work_item_pb2.WorkItem], keys: Keys, event: Event | None
-    ) -> None:
-        """Apply a queue event to the ready set (a RESYNC is left to the caller)."""
-        if event is None:
+    async def _queued(self, namespace: str, event: Event | None) -> None:
+        """Apply a queue event to the ready set (re-read it all after a RESYNC)."""
+        if event is RESYNC:
+            await self._reread(namespace)
             return
-        run_item = event.kv.key[len(keys.queue()) :].decode().split("/")
+        ready = self._ready.setdefault(namespace, {})
+        run_item = event.kv.key[len(Keys(namespace).queue()) :].decode().split("/")
         if len(run_item) != 2:
             return
         if event.deleted:
@@ -205,16 +197,17 @@ class Dispatcher:
         for session in self.sessions.values():
             if session.namespace != namespace:
                 continue
+            claims = [ClaimToken.parse(token) for token in session.held - session.reporting]
             cancels = [
                 worker_service_pb2.Cancel(
-                    claim_token=token,
+                    claim_token=str(claim),
                     run_id=run_id,
-                    item_id=token.split(":")[4],
+                    item_id=claim.item_id,
                     reason=reason,  # type: ignore[arg-type]
                     message=f"run {run_id} is over",
                 )
-                for token in session.held - session.reporting
-                if token.split(":")[3] == run_id
+                for claim in claims
+                if claim.run_id == run_id
             ]
             if cancels:
                 session.outbox.put_nowait(ConnectResponse(cancels=cancels))

@@ -40,7 +40,7 @@ from floxide_server.dispatch import Dispatcher, Session
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, KVUnavailable, Put, Txn
 from floxide_server.store.payloads import Limits, namespace_of
-from floxide_server.store.runs import RunStore
+from floxide_server.store.runs import ClaimToken, RunStore
 from floxide_server.store.workflows import WorkflowStore
 
 __all__ = ["SessionConfig", "WorkerService", "add_worker_service"]
@@ -251,7 +251,7 @@ class WorkerService:
     ) -> worker_service_pb2.ResultAck:
         ack = worker_service_pb2.ResultAck(claim_token=result.claim_token)
         held = result.claim_token in session.held
-        if not held and not result.claim_token.startswith(f"{session.lease:x}:"):
+        if not held and not _of_session(result.claim_token, session.lease):
             ack.code = StatusCode.FAILED_PRECONDITION
             ack.message = "this session does not hold that claim (it is another session's)"
             return ack
@@ -333,6 +333,14 @@ class WorkerService:
                 wait.cancel()
         for session in list(self.dispatcher.sessions.values()):
             session.outbox.put_nowait(None)
+
+
+def _of_session(token: str, lease: int) -> bool:
+    """Whether a token names a claim of this session (a malformed one names none)."""
+    try:
+        return ClaimToken.parse(token).lease == lease
+    except InvalidArgument:
+        return False
 
 
 def add_worker_service(server: grpc.aio.Server, service: WorkerService) -> None:

@@ -68,7 +68,7 @@ from floxide_server.store.kv import (
 )
 from floxide_server.store.workflows import Definition, WorkflowStore
 
-__all__ = ["FINISHED", "Claim", "Completion", "RunStore", "new_run_id", "status_name"]
+__all__ = ["FINISHED", "Claim", "ClaimToken", "Completion", "RunStore", "new_run_id", "status_name"]
 
 RunStatus = records_pb2.RunStatus
 ItemStatus = records_pb2.ItemStatus
@@ -162,7 +162,12 @@ class Completion:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Token:
+class ClaimToken:
+    """A claim's fencing token, opaque to workers; the server parses it only here.
+
+    It names the session's lease, the claim key's create revision, the attempt and the item.
+    """
+
     lease: int
     revision: int
     attempt: int
@@ -173,7 +178,12 @@ class _Token:
         return f"{self.lease:x}:{self.revision}:{self.attempt}:{self.run_id}:{self.item_id}"
 
     @classmethod
-    def parse(cls, token: str) -> _Token:
+    def parse(cls, token: str) -> ClaimToken:
+        """Read a token.
+
+        Raises:
+            InvalidArgument: it is malformed.
+        """
         try:
             lease, revision, attempt, run_id, item_id = token.split(":")
             return cls(int(lease, 16), int(revision), int(attempt), run_id, item_id)
@@ -724,7 +734,7 @@ class RunStore:
         node = definition.graph.node(item.node)
         deadline = now + node.timeout.ToMilliseconds() if node.HasField("timeout") else 0
         return Claim(
-            token=str(_Token(lease, revision, attempt, run_id, item_id)),
+            token=str(ClaimToken(lease, revision, attempt, run_id, item_id)),
             item=item,
             context=work_item_pb2.Payload(
                 encoding=work_item_pb2.ENCODING_JSON,
@@ -752,7 +762,7 @@ class RunStore:
             ClaimLost: the claim no longer stands or its session ended; nothing changed.
             AlreadyExists: this result was already applied; nothing changed.
         """
-        claim = _Token.parse(token)
+        claim = ClaimToken.parse(token)
         keys = Keys(namespace)
         for _ in range(_ATTEMPTS_ON_CONFLICT):
             (state_kv, state), claim_kv, run = await asyncio.gather(  # one round trip
@@ -810,7 +820,7 @@ class RunStore:
         definition: Definition,
         run: records_pb2.RunRecord,
         state: records_pb2.WorkItemState,
-        claim: _Token,
+        claim: ClaimToken,
         transition: work_item_pb2.Transition,
         operations: Sequence[work_item_pb2.ContextOperation],
     ) -> _Plan:
