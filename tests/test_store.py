@@ -15,7 +15,7 @@ from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Put, Txn
 from floxide_server.store.payloads import Limits
-from floxide_server.store.runs import Claim, RunStore
+from floxide_server.store.runs import Claim, RunStore, Sticky
 from floxide_server.store.workflows import WorkflowStore
 
 from floxide_grpc import (
@@ -262,6 +262,123 @@ async def test_results_are_fenced_by_claim_and_session(stores: Stores) -> None:
     assert await stores.runs.claim(stores.namespace, lease, run.run_id, second.item.item_id) is None
 
 
+def serves_all(item: work_item_pb2.WorkItem) -> bool:
+    return True
+
+
+async def test_a_sticky_completion_claims_the_successor_in_the_same_txn(stores: Stores) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    lease = await stores.session()
+    first = await stores.claim_next(lease)
+    assert first.snapshot is not None and first.snapshot.depth == 0
+    add = work_item_pb2.ContextOperation(
+        field="total", strategy=work_item_pb2.MERGE_STRATEGY_ADD, value=js(5)
+    )
+    completion = await stores.runs.complete(
+        stores.namespace,
+        first.token,
+        nxt(2),
+        [add],
+        snapshot=first.snapshot,
+        sticky=Sticky(lease, serves_all),
+    )
+    second = completion.claim
+    assert completion.code == 0 and second is not None
+    assert second.item.node == "show" and json.loads(second.item.input.data) == 2
+    assert json.loads(second.context.data) == {"total": 5}  # the Txn read its own write
+    assert second.snapshot is not None and second.snapshot.depth == 1
+    assert await stores.runs.ready(stores.namespace) == []  # never queued
+    assert (await stores.state(run.run_id))["show"] == (records_pb2.ITEM_STATUS_IN_PROGRESS, 1)
+    last = await stores.runs.complete(
+        stores.namespace,
+        second.token,
+        nxt("2"),
+        snapshot=second.snapshot,
+        sticky=Sticky(lease, serves_all),
+    )
+    assert last.code == 0 and last.claim is None
+    done = await stores.runs.get(stores.namespace, run.run_id)
+    assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == "2"
+    with pytest.raises(AlreadyExists):
+        await stores.runs.complete(stores.namespace, second.token, nxt("2"))
+
+
+async def test_a_successor_the_session_does_not_serve_is_queued(stores: Stores) -> None:
+    await stores.register(chain())
+    await stores.start("chain", 1)
+    lease = await stores.session()
+    first = await stores.claim_next(lease)
+    completion = await stores.runs.complete(
+        stores.namespace,
+        first.token,
+        nxt(2),
+        snapshot=first.snapshot,
+        sticky=Sticky(lease, lambda item: item.node != "show"),
+    )
+    assert completion.claim is None
+    assert [i.node for i in await stores.runs.ready(stores.namespace)] == ["show"]
+
+
+async def test_a_stale_snapshot_costs_a_retry_and_a_paused_run_is_not_sticky(
+    stores: Stores,
+) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    lease = await stores.session()
+    first = await stores.claim_next(lease)
+    await stores.runs.pause(stores.namespace, run.run_id)  # the snapshot's run record is stale
+    completion = await stores.runs.complete(
+        stores.namespace,
+        first.token,
+        nxt(2),
+        snapshot=first.snapshot,
+        sticky=Sticky(lease, serves_all),
+    )
+    assert completion.code == 0 and completion.claim is None  # applied, successor held back
+    assert (await stores.state(run.run_id))["show"] == (records_pb2.ITEM_STATUS_PENDING, 0)
+    await stores.runs.resume(stores.namespace, run.run_id)
+    second = await stores.claim_next(lease)
+    await stores.runs.pause(stores.namespace, run.run_id)
+    await stores.runs.resume(stores.namespace, run.run_id)  # stale again, but running
+    last = await stores.runs.complete(
+        stores.namespace, second.token, nxt("2"), snapshot=second.snapshot
+    )
+    assert last.code == 0
+    done = await stores.runs.get(stores.namespace, run.run_id)
+    assert done.status == records_pb2.RUN_STATUS_COMPLETED
+
+
+async def test_sticky_fan_out_keeps_one_branch_and_the_last_arrival_claims_the_join(
+    stores: Stores,
+) -> None:
+    await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("fan", 3)
+    lease = await stores.session()
+    sticky = Sticky(lease, serves_all)
+    start = await stores.claim_next(lease)
+    fanned = await stores.runs.complete(
+        stores.namespace, start.token, fan(10, 20, 30), snapshot=start.snapshot, sticky=sticky
+    )
+    assert fanned.claim is not None and fanned.claim.item.node == "inc"
+    assert len(await stores.runs.ready(stores.namespace)) == 2
+    branches = [fanned.claim, await stores.claim_next(lease), await stores.claim_next(lease)]
+    joins = []
+    for claim in branches:
+        value = json.loads(claim.item.input.data) + 1
+        completion = await stores.runs.complete(
+            stores.namespace, claim.token, nxt(value), snapshot=claim.snapshot, sticky=sticky
+        )
+        joins.append(completion.claim)
+    assert joins[:2] == [None, None]
+    join = joins[2]
+    assert join is not None and join.item.node == "gather"
+    assert json.loads(join.item.input.data) == [11, 21, 31]  # read in this Txn, index order
+    await stores.runs.complete(stores.namespace, join.token, nxt(63), snapshot=join.snapshot)
+    done = await stores.runs.get(stores.namespace, run.run_id)
+    assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == 63
+
+
 async def test_only_one_session_wins_a_claim(stores: Stores) -> None:
     await stores.register(chain())
     await stores.start("chain", 1)
@@ -482,19 +599,29 @@ async def test_retention_removes_old_finished_runs_whole(stores: Stores) -> None
     ).status == records_pb2.RUN_STATUS_RUNNING
 
 
+def through(endpoints: list[str], namespace: str) -> Stores:
+    """Stores on an etcd client of their own, whose first endpoint is used first."""
+    from floxide_server.etcd import EtcdKV  # noqa: PLC0415
+
+    kv = EtcdKV(endpoints, timeout=1.0)
+    limits = Limits()
+    workflows = WorkflowStore(kv, limits)
+    return Stores(kv, namespace, workflows, RunStore(kv, workflows, limits))
+
+
 async def test_lost_replies_of_claim_and_complete_cause_no_double_effect_and_no_false_loss(
     etcd: EmbeddedEtcd,
 ) -> None:
-    """A TCP proxy in front of etcd swallows the replies of an applied claim and completion."""
-    from floxide_server.etcd import EtcdKV  # noqa: PLC0415
+    """A TCP proxy in front of etcd swallows the replies of an applied claim and completion.
 
+    Each client sends through the proxy first; the retry after the lost reply fails over to
+    etcd itself, and finds the first attempt applied.
+    """
     from tests.helpers import TcpProxy  # noqa: PLC0415
 
     proxy = await TcpProxy(etcd.client_port).start()
-    kv = EtcdKV([f"127.0.0.1:{proxy.port}", etcd.endpoint], timeout=1.0)
-    limits = Limits()
-    workflows = WorkflowStore(kv, limits)
-    s = Stores(kv, f"ns-{uuid.uuid4().hex[:12]}", workflows, RunStore(kv, workflows, limits))
+    endpoints = [f"127.0.0.1:{proxy.port}", etcd.endpoint]
+    s = through(endpoints, f"ns-{uuid.uuid4().hex[:12]}")
     try:
         await s.register(chain())
         run = await s.start("chain", 1)
@@ -505,7 +632,9 @@ async def test_lost_replies_of_claim_and_complete_cause_no_double_effect_and_no_
         assert claim is not None  # not a false "someone else got it"
         proxy.blackhole = False
         assert (await s.state(run.run_id))["inc"] == (records_pb2.ITEM_STATUS_IN_PROGRESS, 1)
-        proxy.cut()
+        await s.kv.close()
+        s = through(endpoints, s.namespace)  # through the proxy again
+        await s.runs.get(s.namespace, run.run_id)
         proxy.blackhole = True  # the completion is applied; its reply is lost
         completion = await s.runs.complete(s.namespace, claim.token, nxt(2))
         assert completion.code == 0  # not a false "claim lost"
@@ -515,5 +644,39 @@ async def test_lost_replies_of_claim_and_complete_cause_no_double_effect_and_no_
         with pytest.raises(AlreadyExists):
             await s.runs.complete(s.namespace, claim.token, nxt(2))
     finally:
-        await kv.close()
+        await s.kv.close()
+        await proxy.stop()
+
+
+async def test_a_lost_reply_of_a_sticky_completion_still_hands_over_the_successor(
+    etcd: EmbeddedEtcd,
+) -> None:
+    from tests.helpers import TcpProxy  # noqa: PLC0415
+
+    proxy = await TcpProxy(etcd.client_port).start()
+    s = through([f"127.0.0.1:{proxy.port}", etcd.endpoint], f"ns-{uuid.uuid4().hex[:12]}")
+    try:
+        await s.register(chain())
+        run = await s.start("chain", 1)
+        lease = await s.session()
+        first = await s.claim_next(lease)
+        proxy.blackhole = True  # applied, with the successor claimed; the reply is lost
+        completion = await s.runs.complete(
+            s.namespace,
+            first.token,
+            nxt(2),
+            snapshot=first.snapshot,
+            sticky=Sticky(lease, serves_all),
+        )
+        proxy.blackhole = False
+        second = completion.claim
+        assert completion.code == 0 and second is not None  # read back, not left claimed
+        assert second.item.node == "show" and second.snapshot is None  # recovered by reads
+        assert await s.runs.ready(s.namespace) == []
+        await s.runs.complete(s.namespace, second.token, nxt("2"))
+        done = await s.runs.get(s.namespace, run.run_id)
+        assert done.status == records_pb2.RUN_STATUS_COMPLETED
+        assert json.loads(done.output.data) == "2"
+    finally:
+        await s.kv.close()
         await proxy.stop()

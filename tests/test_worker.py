@@ -15,6 +15,7 @@ import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
+from floxide_server.store.runs import MAX_CHAIN
 from floxide_server.worker_service import SessionConfig
 from floxide_worker import Worker, WorkerConfig
 
@@ -22,6 +23,7 @@ from floxide_grpc import (
     PROTOCOL_VERSION,
     Backoff,
     Merge,
+    Next,
     NextAll,
     NodeContext,
     RetryPolicy,
@@ -345,6 +347,47 @@ async def test_a_busy_run_does_not_starve_another(cluster: Cluster) -> None:
         assert (await cluster.client.wait_for_completion(busy.run_id, timeout=60)).output == sum(
             x * x for x in range(60)
         )
+
+
+laps: list[str] = []
+lapping = asyncio.Event()
+LAPS = 6 * MAX_CHAIN
+
+
+@node
+async def lap(x: int) -> Next[int]:
+    laps.append("lap")
+    lapping.set()
+    return Next(x + 1, route="again" if x + 1 < LAPS else "done")
+
+
+@node
+def once(x: int) -> int:
+    laps.append("once")
+    return x
+
+
+LOOP = Workflow("loop", start=lap, allow_cycles=True).route(lap, {"again": lap, "done": None})
+ONCE = Workflow("once", start=once)
+
+
+async def test_a_chain_kept_on_its_worker_yields_the_slot_to_other_runs(cluster: Cluster) -> None:
+    """Each result of a chain claims its successor for the same slot (sticky), but only
+    MAX_CHAIN times in a row: then the slot goes back to dispatch, which serves the run that
+    waited.
+    """
+    laps.clear()
+    lapping.clear()
+    async with cluster.worker(LOOP, ONCE, slots=1):
+        long, _ = await cluster.client.start_run("loop", 0)
+        await asyncio.wait_for(lapping.wait(), 30)
+        before = len(laps)
+        short, _ = await cluster.client.start_run("once", 7)
+        assert (await cluster.client.wait_for_completion(short.run_id, timeout=60)).output == 7
+        assert (await cluster.client.wait_for_completion(long.run_id, timeout=60)).output == LAPS
+    waited = laps.index("once") - before
+    assert laps.count("lap") == LAPS
+    assert waited <= 3 * MAX_CHAIN  # without the cap it waits for all the laps left
 
 
 cancelled_seen: list[bool] = []

@@ -2,8 +2,10 @@
 
 No polling: per namespace, one task follows the queue through a shared watch (a new ready item
 wakes it) and is woken when a session grants credit. It claims items in a guarded Txn (so
-replicas racing for an item cannot both win), rotating across runs so that one busy run does
-not starve the others, and puts each assignment on its session's outbox.
+replicas racing for an item cannot both win), serving the least recently served run first so
+that one busy run does not starve the others, and puts each assignment on its session's outbox.
+Chains mostly bypass it: a result claims its successor for the same slot (sticky, see
+:meth:`floxide_server.store.runs.RunStore.complete`), up to ``MAX_CHAIN`` steps in a row.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import Event, KVUnavailable
-from floxide_server.store.runs import ClaimToken, RunStore
+from floxide_server.store.runs import Claim, ClaimToken, RunStore, Snapshot
 from floxide_server.watch import RESYNC, Subscription, Watches
 
 __all__ = ["Dispatcher", "Session"]
@@ -43,6 +46,7 @@ class Session:
     max_credit: int
     draining: bool = False
     held: set[str] = dataclasses.field(default_factory=set)
+    snapshots: dict[str, Snapshot] = dataclasses.field(default_factory=dict)
     outbox: asyncio.Queue[ConnectResponse | None] = dataclasses.field(default_factory=asyncio.Queue)
     last_heard: float = dataclasses.field(default_factory=time.monotonic)
     reporting: set[str] = dataclasses.field(default_factory=set)
@@ -52,15 +56,28 @@ class Session:
     def __post_init__(self) -> None:
         self.idle.set()
 
-    def hold(self, token: str) -> None:
+    def hold(self, claim: Claim) -> None:
         """The worker was assigned this claim."""
-        self.held.add(token)
+        self.held.add(claim.token)
+        if claim.snapshot is not None:
+            self.snapshots[claim.token] = claim.snapshot
         self._settle()
 
     def drop(self, token: str) -> None:
         """The worker no longer holds this claim."""
         self.held.discard(token)
+        self.snapshots.pop(token, None)
         self._settle()
+
+    def assign(self, claim: Claim) -> worker_service_pb2.Assignment:
+        """Hold a claim, and make the assignment that tells the worker."""
+        assignment = worker_service_pb2.Assignment(
+            item=claim.item, claim_token=claim.token, context=claim.context
+        )
+        if claim.deadline_ms:
+            assignment.deadline.FromMilliseconds(claim.deadline_ms)
+        self.hold(claim)
+        return assignment
 
     def report(self, tokens: set[str], *, done: bool = False) -> None:
         """Results for these claims are being applied (``done``: and acknowledged)."""
@@ -103,7 +120,8 @@ class Dispatcher:
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._claims: set[asyncio.Task[None]] = set()
-        self._turn = 0
+        self._served: dict[str, int] = {}  # run id -> when it last got an item (a count)
+        self._serving = itertools.count(1)
 
     def add(self, session: Session) -> None:
         """Start dispatching to a session."""
@@ -173,6 +191,7 @@ class Dispatcher:
                     if record.status == records_pb2.RUN_STATUS_RUNNING:
                         await self._reread(namespace, record.run_id)  # a resumed run's items
                     elif record.status in _CANCELS:
+                        self._served.pop(record.run_id, None)
                         self._cancel_held(namespace, record.run_id, _CANCELS[record.status])
             while not queue.queue.empty():
                 await self._queued(namespace, queue.queue.get_nowait())
@@ -213,7 +232,11 @@ class Dispatcher:
                 session.outbox.put_nowait(ConnectResponse(cancels=cancels))
 
     def _plan(self, namespace: str) -> list[tuple[Session, work_item_pb2.WorkItem]]:
-        """Pick items for sessions with credit, one run at a time in rotation."""
+        """Pick items for sessions with credit, one run at a time, least recently served first.
+
+        So a run with many ready items (a wide fan-out, a chain back from its sticky session)
+        takes turns with the others and starves none.
+        """
         ready = self._ready.get(namespace, {})
         sessions = [s for s in self.sessions.values() if s.namespace == namespace and s.open]
         if not ready or not sessions:
@@ -221,9 +244,7 @@ class Dispatcher:
         by_run: dict[str, list[work_item_pb2.WorkItem]] = {}
         for item in ready.values():
             by_run.setdefault(item.run_id, []).append(item)
-        runs = list(by_run)
-        self._turn = (self._turn + 1) % len(runs)
-        runs = runs[self._turn :] + runs[: self._turn]
+        runs = sorted(by_run, key=lambda run_id: self._served.get(run_id, 0))
         credit = {s.lease: s.credit for s in sessions}
         plan: list[tuple[Session, work_item_pb2.WorkItem]] = []
         progressed = True
@@ -237,6 +258,7 @@ class Dispatcher:
                         taker = max(takers, key=lambda s: credit[s.lease])
                         credit[taker.lease] -= 1
                         plan.append((taker, items.pop(index)))
+                        self._served[run_id] = next(self._serving)
                         progressed = True
                         break
         return plan
@@ -267,13 +289,7 @@ class Dispatcher:
         claim = await self.runs.claim(session.namespace, session.lease, item.run_id, item.item_id)
         if claim is None:
             return False
-        assignment = worker_service_pb2.Assignment(
-            item=claim.item, claim_token=claim.token, context=claim.context
-        )
-        if claim.deadline_ms:
-            assignment.deadline.FromMilliseconds(claim.deadline_ms)
-        session.hold(claim.token)
-        session.outbox.put_nowait(ConnectResponse(assignments=[assignment]))
+        session.outbox.put_nowait(ConnectResponse(assignments=[session.assign(claim)]))
         return True
 
     async def close(self) -> None:

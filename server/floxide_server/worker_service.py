@@ -40,7 +40,7 @@ from floxide_server.dispatch import Dispatcher, Session
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, KVUnavailable, Put, Txn
 from floxide_server.store.payloads import Limits, namespace_of
-from floxide_server.store.runs import ClaimToken, RunStore
+from floxide_server.store.runs import MAX_CHAIN, ClaimToken, RunStore, Sticky
 from floxide_server.store.workflows import WorkflowStore
 
 __all__ = ["SessionConfig", "WorkerService", "add_worker_service"]
@@ -240,30 +240,50 @@ class WorkerService:
         self, session: Session, results: list[worker_service_pb2.StepResult], tokens: set[str]
     ) -> None:
         try:
-            acks = [await self._result(session, result) for result in results]
-            session.outbox.put_nowait(ConnectResponse(result_acks=acks))
+            response = ConnectResponse()
+            for result in results:
+                ack, assignment = await self._result(session, result)
+                response.result_acks.append(ack)
+                if assignment is not None:  # the successor, claimed with the result (sticky)
+                    response.assignments.append(assignment)
+            session.outbox.put_nowait(response)
         finally:
             session.report(tokens, done=True)
             self.dispatcher.wake(session.namespace)
 
     async def _result(
         self, session: Session, result: worker_service_pb2.StepResult
-    ) -> worker_service_pb2.ResultAck:
+    ) -> tuple[worker_service_pb2.ResultAck, worker_service_pb2.Assignment | None]:
+        """Apply one result; its successor's assignment comes back too if the session took it.
+
+        The successor is taken in the completing Txn when this session holds the claim, is not
+        draining, serves the successor's node and has not chained ``MAX_CHAIN`` steps in a row:
+        the result's slot goes straight to the next step of its chain.
+        """
         ack = worker_service_pb2.ResultAck(claim_token=result.claim_token)
         held = result.claim_token in session.held
         if not held and not _of_session(result.claim_token, session.lease):
             ack.code = StatusCode.FAILED_PRECONDITION
             ack.message = "this session does not hold that claim (it is another session's)"
-            return ack
-
+            return ack, None
+        snapshot = session.snapshots.get(result.claim_token)
+        sticky = None
+        if held and not session.draining and (snapshot is None or snapshot.depth < MAX_CHAIN):
+            sticky = Sticky(session.lease, session.serves)
+        claim = None
         try:
             completion = await self.runs.complete(
-                session.namespace, result.claim_token, result.transition, result.context_operations
+                session.namespace,
+                result.claim_token,
+                result.transition,
+                result.context_operations,
+                snapshot=snapshot,
+                sticky=sticky,
             )
-            ack.code, ack.message = completion.code, completion.message
+            ack.code, ack.message, claim = completion.code, completion.message, completion.claim
         except KVUnavailable as exc:
             ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
-            return ack  # still held, and so is its slot
+            return ack, None  # still held, and so is its slot
         except (ClaimLost, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted) as exc:
             ack.code, ack.message = exc.code, str(exc)
         except FloxideError as exc:
@@ -271,10 +291,14 @@ class WorkerService:
         except Exception:  # one bad result must not end the stream of the others
             log.exception("result of %s could not be applied", result.item_id)
             ack.code, ack.message = StatusCode.INTERNAL, "internal error (logged by the server)"
-        if held:  # a repeat of an answered result returns no slot
-            session.drop(result.claim_token)
+        assignment = None
+        if claim is not None:  # the result's slot goes to the successor
+            assignment = session.assign(claim)
+        elif held:  # a repeat of an answered result returns no slot
             session.credit += 1
-        return ack
+        if held:
+            session.drop(result.claim_token)
+        return ack, assignment
 
     async def _keep(self, session: Session) -> None:
         """Renew the lease while the worker is heard from; end the stream when it has ended."""

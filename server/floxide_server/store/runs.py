@@ -11,7 +11,9 @@ Every state transition is one guarded transaction (DESIGN invariant 2):
   successors and their queue entries, its join arrival (and the join item when it is the last),
   or the run's output, if the claim was created at the token's revision, the session lives and
   the run is not finished; or, for a failed attempt, a durable retry timer, a fallback, or the
-  run's failure.
+  run's failure. A *sticky* completion also claims one successor for the same session in the
+  same Txn (it is never queued), so a chain costs one Txn a step; and a completion starts from
+  its claim's :class:`Snapshot`, so it needs no read before its Txn.
 
 Nothing is trusted that a compare does not check: a result races its session's expiry, a
 cancel, a pause or another replica, and loses cleanly.
@@ -27,7 +29,7 @@ import secrets
 import time
 import typing
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from floxide_grpc._proto.floxide.v1 import (
@@ -68,7 +70,18 @@ from floxide_server.store.kv import (
 )
 from floxide_server.store.workflows import Definition, WorkflowStore
 
-__all__ = ["FINISHED", "Claim", "ClaimToken", "Completion", "RunStore", "new_run_id", "status_name"]
+__all__ = [
+    "FINISHED",
+    "MAX_CHAIN",
+    "Claim",
+    "ClaimToken",
+    "Completion",
+    "RunStore",
+    "Snapshot",
+    "Sticky",
+    "new_run_id",
+    "status_name",
+]
 
 RunStatus = records_pb2.RunStatus
 ItemStatus = records_pb2.ItemStatus
@@ -79,11 +92,13 @@ FINISHED = (*FINAL, records_pb2.RUN_STATUS_FAILED)
 WAITING = (records_pb2.ITEM_STATUS_PENDING, records_pb2.ITEM_STATUS_WAITING_RETRY)
 _ATTEMPTS_ON_CONFLICT = 16
 LOST_ATTEMPTS = 3
+"""Attempts an item may lose with its worker before it fails, when its policy allows fewer."""
 TXN_HEADROOM = 28
 """Operations a completion needs besides its new items (claim, states, context, groups, token)."""
 EXPANSION_CHUNK = 40
 """Items created per Txn when expanding a wide fan-out (two writes each, one compare per Txn)."""
-"""Attempts an item may lose with its worker before it fails, when its policy allows fewer."""
+MAX_CHAIN = 16
+"""Successors a session may claim in a row with its completions (sticky), before the queue."""
 
 
 _last_id = [0, 0]  # the millisecond and sequence of the last id made here
@@ -133,6 +148,28 @@ def _stamp(message: Any, field: str, ms: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What a claim's Txn wrote and read, so that its completion needs no read before its Txn.
+
+    Every part is guarded by its revision in the completing Txn: a stale snapshot costs one
+    failed Txn and a retry from fresh reads, never a wrong write.
+
+    Attributes:
+        state: The item's state as the claim wrote it (serialized).
+        state_revision: The revision the claim wrote it at.
+        run: The run's record as the claim saw it (serialized).
+        run_revision: That record's mod revision.
+        depth: How many claims in a row of this chain were made by completions (sticky).
+    """
+
+    state: bytes
+    state_revision: int
+    run: bytes
+    run_revision: int
+    depth: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Claim:
     """An item claimed by a session: what the worker receives.
 
@@ -141,12 +178,27 @@ class Claim:
         item: The item, with its input (a join's list of outputs, assembled now).
         context: The run's context as of the claim.
         deadline_ms: When the attempt times out (0: no timeout).
+        snapshot: What its completion may start from (none after a lost reply).
     """
 
     token: str
     item: work_item_pb2.WorkItem
     context: work_item_pb2.Payload
     deadline_ms: int
+    snapshot: Snapshot | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sticky:
+    """A session that may take a successor of the step it completes, in the completing Txn.
+
+    Attributes:
+        lease: The session's lease.
+        serves: Whether the session runs an item's node.
+    """
+
+    lease: int
+    serves: Callable[[work_item_pb2.WorkItem], bool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +206,13 @@ class Completion:
     """How a result was taken.
 
     Applied (``code`` 0), or applied as a failed attempt because it was invalid (``code``
-    INVALID_ARGUMENT or RESOURCE_EXHAUSTED, and why).
+    INVALID_ARGUMENT or RESOURCE_EXHAUSTED, and why); and the successor claimed with it for
+    the same session, if it was sticky.
     """
 
     code: int = 0
     message: str = ""
+    claim: Claim | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -677,21 +731,8 @@ class RunStore:
         found, state = await self._state(keys, run_id, item_id)
         if state.status != records_pb2.ITEM_STATUS_PENDING:
             return None
-        attempt = max(state.item.attempt, 1)
-        state.status = records_pb2.ITEM_STATUS_IN_PROGRESS
-        state.attempts = attempt
-        state.session_id = f"{lease:x}"
         now = _now_ms()
-        _stamp(state, "updated_at", now)
-        claim_key = keys.claim(lease, run_id, item_id)
-        item = state.item
-        # The claim and the reads its assignment needs, in one round trip.
-        reads: list[Request] = [
-            Get(keys.context_init(run_id)),
-            Get(keys.context_ops(run_id), prefix=True),
-        ]
-        if item.join_group_id:
-            reads.append(Get(keys.group_outputs(run_id, item.join_group_id), prefix=True))
+        writes, reads = self._claiming(keys, lease, state, now)
         result = await self.kv.txn(
             Txn(
                 [
@@ -700,20 +741,67 @@ class RunStore:
                     Compare.value_is(keys.status(run_id), status_name(RUNNING)),
                     Compare.modified_at(found.key, found.mod_revision),
                 ],
-                [
-                    Delete(keys.queue(run_id, item_id)),
-                    Put(claim_key, str(attempt).encode()),
-                    Put(found.key, state.SerializeToString()),
-                    *reads,
-                ],
+                [Delete(keys.queue(run_id, item_id)), *writes, Get(keys.run_info(run_id)), *reads],
             )
         )
         if not result.succeeded:
             return None
-        definition = await self.workflows.get(namespace, item.definition_hash)
-        revision = result.revision
-        if result.responses is None:  # recovered from a lost reply: read what it would have
-            claim = await self.kv.get(claim_key)
+        got = None
+        run: KeyValue | None = None
+        if result.responses is not None:
+            run_got = typing.cast(list[KeyValue], result.responses[-len(reads) - 1])
+            run = run_got[0] if run_got else None
+            got = result.responses[-len(reads) :]
+        return await self._assignment(keys, lease, state, writes, result.revision, got, run, 0, now)
+
+    def _claiming(
+        self, keys: Keys, lease: int, state: records_pb2.WorkItemState, now: int
+    ) -> tuple[list[Request], list[Request]]:
+        """Mark an item in progress for a session: the writes, and the reads its assignment needs.
+
+        The reads go after the writes in the same Txn, which sees them (as etcd's Txn does).
+        """
+        item = state.item
+        attempt = max(item.attempt, 1)
+        state.status = records_pb2.ITEM_STATUS_IN_PROGRESS
+        state.attempts = attempt
+        state.session_id = f"{lease:x}"
+        _stamp(state, "updated_at", now)
+        writes: list[Request] = [
+            Put(keys.claim(lease, item.run_id, item.item_id), str(attempt).encode()),
+            Put(keys.item(item.run_id, item.item_id), state.SerializeToString()),
+        ]
+        reads: list[Request] = [
+            Get(keys.context_init(item.run_id)),
+            Get(keys.context_ops(item.run_id), prefix=True),
+        ]
+        if item.join_group_id:
+            reads.append(Get(keys.group_outputs(item.run_id, item.join_group_id), prefix=True))
+        return writes, reads
+
+    async def _assignment(
+        self,
+        keys: Keys,
+        lease: int,
+        state: records_pb2.WorkItemState,
+        writes: list[Request],
+        revision: int,
+        got: list[object] | None,
+        run: KeyValue | None,
+        depth: int,
+        now: int,
+    ) -> Claim | None:
+        """The claim of an item that a Txn made of :meth:`_claiming`'s writes and reads.
+
+        ``got`` holds the responses of those reads, or ``None`` when the Txn's reply was lost
+        and was recovered: then they are read again, as they would have been.
+        """
+        item = state.item
+        run_id, item_id = item.run_id, item.item_id
+        written = typing.cast(Put, writes[1]).value
+        definition = await self.workflows.get(keys.namespace, item.definition_hash)
+        if got is None:
+            claim = await self.kv.get(keys.claim(lease, run_id, item_id))
             if claim is None:
                 return None
             revision = claim.create_revision
@@ -722,11 +810,17 @@ class RunStore:
             outputs: Sequence[KeyValue] = []
             if item.join_group_id:
                 outputs, _ = await self.kv.range(keys.group_outputs(run_id, item.join_group_id))
+            snapshot = None
         else:
-            got = typing.cast(list[list[KeyValue]], result.responses[3:])
-            init = got[0][0] if got[0] else None
-            ops = got[1]
-            outputs = got[2] if item.join_group_id else []
+            reads = typing.cast(list[list[KeyValue]], got)
+            init = reads[0][0] if reads[0] else None
+            ops = reads[1]
+            outputs = reads[2] if item.join_group_id else []
+            snapshot = (
+                Snapshot(written, revision, run.value, run.mod_revision, depth)
+                if run is not None
+                else None
+            )
         if item.join_group_id:
             arrivals = [checkpoint_pb2.GroupArrival.FromString(kv.value) for kv in outputs]
             item.input.CopyFrom(join_input([a.output for a in arrivals if not a.held]))
@@ -734,13 +828,14 @@ class RunStore:
         node = definition.graph.node(item.node)
         deadline = now + node.timeout.ToMilliseconds() if node.HasField("timeout") else 0
         return Claim(
-            token=str(ClaimToken(lease, revision, attempt, run_id, item_id)),
+            token=str(ClaimToken(lease, revision, state.attempts, run_id, item_id)),
             item=item,
             context=work_item_pb2.Payload(
                 encoding=work_item_pb2.ENCODING_JSON,
                 data=json.dumps(context, separators=(",", ":")).encode(),
             ),
             deadline_ms=deadline,
+            snapshot=snapshot,
         )
 
     # -- completing ----------------------------------------------------------------------------
@@ -751,11 +846,23 @@ class RunStore:
         token: str,
         transition: work_item_pb2.Transition,
         operations: Sequence[work_item_pb2.ContextOperation] = (),
+        *,
+        snapshot: Snapshot | None = None,
+        sticky: Sticky | None = None,
     ) -> Completion:
         """Apply a claimed item's result once, fenced by its token.
 
+        Args:
+            namespace: The run's namespace.
+            token: The claim's fencing token.
+            transition: What the node returned.
+            operations: The context operations it recorded.
+            snapshot: The claim's snapshot: the first Txn is tried from it, with no read first.
+            sticky: The session may take a successor in the same Txn (a chain stays on it).
+
         Returns:
-            How it was taken: applied, or applied as a failed attempt because it was invalid.
+            How it was taken: applied, or applied as a failed attempt because it was invalid;
+            with the successor's claim if one was taken.
 
         Raises:
             InvalidArgument: the token is malformed.
@@ -764,34 +871,43 @@ class RunStore:
         """
         claim = ClaimToken.parse(token)
         keys = Keys(namespace)
+        claim_key = keys.claim(claim.lease, claim.run_id, claim.item_id)
         for _ in range(_ATTEMPTS_ON_CONFLICT):
-            (state_kv, state), claim_kv, run = await asyncio.gather(  # one round trip
-                self._state(keys, claim.run_id, claim.item_id),
-                self.kv.get(keys.claim(claim.lease, claim.run_id, claim.item_id)),
-                self.get(namespace, claim.run_id),
-            )
-            if claim_kv is None or claim_kv.create_revision != claim.revision:
-                if (
-                    state.status == records_pb2.ITEM_STATUS_COMPLETED
-                    and state.attempts == claim.attempt
-                ):
-                    raise AlreadyExists(f"the result of item {claim.item_id!r} was already applied")
-                raise ClaimLost(
-                    f"the claim on item {claim.item_id!r} of run {claim.run_id!r} no longer stands"
-                )
+            if snapshot is None:
+                snapshot = await self._claimed(keys, claim)
+            state = records_pb2.WorkItemState.FromString(snapshot.state)
+            run = records_pb2.RunRecord.FromString(snapshot.run)
             definition = await self.workflows.get(namespace, run.definition_hash)
             plan = await self._plan(keys, definition, run, state, claim, transition, operations)
             guards = [
-                Compare.created_at(claim_kv.key, claim.revision),
+                Compare.created_at(claim_key, claim.revision),
                 Compare.exists(keys.session(claim.lease)),
                 *(
                     Compare(keys.status(claim.run_id), Target.VALUE, Op.NOT_EQUAL, status_name(s))
                     for s in FINISHED
                 ),
-                Compare.modified_at(state_kv.key, state_kv.mod_revision),
+                Compare.modified_at(
+                    keys.item(claim.run_id, claim.item_id), snapshot.state_revision
+                ),
+                Compare.modified_at(keys.run_info(claim.run_id), snapshot.run_revision),
                 *plan.guards,
             ]
-            result = await self.kv.txn(Txn(guards, [Delete(claim_kv.key), *plan.writes]))
+            successor = None
+            if sticky is not None and not plan.finished and run.status == RUNNING:
+                successor = next((i for i in plan.new_items if sticky.serves(i)), None)
+            writes = [
+                Delete(claim_key),
+                *plan.writes,
+                *self._new_items(keys, [i for i in plan.new_items if i is not successor]),
+            ]
+            claimed = records_pb2.WorkItemState()
+            claiming: list[Request] = []
+            reads: list[Request] = []
+            if successor is not None and sticky is not None:
+                guards.append(Compare.value_is(keys.status(claim.run_id), status_name(RUNNING)))
+                claimed.item.CopyFrom(successor)
+                claiming, reads = self._claiming(keys, sticky.lease, claimed, _now_ms())
+            result = await self.kv.txn(Txn(guards, [*writes, *claiming, *reads]))
             if result.succeeded:
                 for run_id, item_id in plan.expansions:
                     await self.expand(namespace, run_id, item_id)
@@ -799,20 +915,63 @@ class RunStore:
                     await self._settle_leftovers(
                         keys, claim.run_id, records_pb2.ITEM_STATUS_CANCELLED
                     )
-                return plan.completion
-            # Who moved? A lost claim or session, or a finished run, is final; a group's
-            # counter moved by another replica is retried.
-            if await self.kv.get(keys.session(claim.lease)) is None:
-                raise ClaimLost(f"the session of claim on item {claim.item_id!r} has ended")
-            status = await self.kv.get(keys.status(claim.run_id))
-            if status is not None and status.value in {status_name(s) for s in FINISHED}:
-                await self.kv.txn(
-                    Txn([Compare.created_at(claim_kv.key, claim.revision)], [Delete(claim_kv.key)])
+                if successor is None or sticky is None:
+                    return plan.completion
+                got = None if result.responses is None else result.responses[-len(reads) :]
+                run_kv = KeyValue(b"", snapshot.run, 0, snapshot.run_revision, 0)
+                next_claim = await self._assignment(
+                    keys,
+                    sticky.lease,
+                    claimed,
+                    claiming,
+                    result.revision,
+                    got,
+                    run_kv,
+                    snapshot.depth + 1,
+                    _now_ms(),
                 )
-                raise ClaimLost(
-                    f"run {claim.run_id!r} is {status.value.decode().lower()}: result dropped"
-                )
+                return dataclasses.replace(plan.completion, claim=next_claim)
+            await self._why_not(keys, claim)
+            snapshot = None  # anything else moved: retry from fresh reads
         raise ClaimLost(f"item {claim.item_id!r}: too much contention, the result was not applied")
+
+    async def _claimed(self, keys: Keys, claim: ClaimToken) -> Snapshot:
+        """Read what a completion starts from (one round trip), if the claim still stands."""
+        (state_kv, state), claim_kv, run_kv = await asyncio.gather(
+            self._state(keys, claim.run_id, claim.item_id),
+            self.kv.get(keys.claim(claim.lease, claim.run_id, claim.item_id)),
+            self.kv.get(keys.run_info(claim.run_id)),
+        )
+        if claim_kv is None or claim_kv.create_revision != claim.revision:
+            if (
+                state.status == records_pb2.ITEM_STATUS_COMPLETED
+                and state.attempts == claim.attempt
+            ):
+                raise AlreadyExists(f"the result of item {claim.item_id!r} was already applied")
+            raise ClaimLost(
+                f"the claim on item {claim.item_id!r} of run {claim.run_id!r} no longer stands"
+            )
+        if run_kv is None:
+            raise NotFound(f"run {claim.run_id!r} not found in namespace {keys.namespace!r}")
+        return Snapshot(state_kv.value, state_kv.mod_revision, run_kv.value, run_kv.mod_revision)
+
+    async def _why_not(self, keys: Keys, claim: ClaimToken) -> None:
+        """After a failed completing Txn, raise if that is final; return if it may be retried.
+
+        Final: the session ended, or the run finished. Retried: a group's counter moved by
+        another replica, a pause, a stale snapshot, a lost claim (the fresh read tells).
+        """
+        if await self.kv.get(keys.session(claim.lease)) is None:
+            raise ClaimLost(f"the session of claim on item {claim.item_id!r} has ended")
+        status = await self.kv.get(keys.status(claim.run_id))
+        if status is not None and status.value in {status_name(s) for s in FINISHED}:
+            claim_key = keys.claim(claim.lease, claim.run_id, claim.item_id)
+            await self.kv.txn(
+                Txn([Compare.created_at(claim_key, claim.revision)], [Delete(claim_key)])
+            )
+            raise ClaimLost(
+                f"run {claim.run_id!r} is {status.value.decode().lower()}: result dropped"
+            )
 
     async def _plan(
         self,
@@ -932,7 +1091,7 @@ class RunStore:
             )
             plan.expansions.append((run.run_id, item.item_id))
         else:
-            plan.writes.extend(self._new_items(keys, new_items))
+            plan.new_items.extend(new_items)
         if step.output is not None:
             run.status = records_pb2.RUN_STATUS_COMPLETED
             run.output.CopyFrom(step.output)
@@ -989,7 +1148,7 @@ class RunStore:
                         *unfinished,
                         *plan.guards,
                     ],
-                    [Delete(claim_key), *plan.writes],
+                    [Delete(claim_key), *plan.writes, *self._new_items(keys, plan.new_items)],
                 )
             )
             if result.succeeded:
@@ -1198,3 +1357,5 @@ class _Plan:
     completion: Completion = dataclasses.field(default_factory=Completion)
     finished: bool = False
     expansions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    new_items: list[work_item_pb2.WorkItem] = dataclasses.field(default_factory=list)
+    """Items to create (pending and queued, or one claimed by a sticky session)."""
