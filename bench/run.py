@@ -8,7 +8,11 @@ repetitions) and a table shaped like the peer scripts': steps/s, latency p50/p95
 result at the client), CPU ms per executed step of server, etcd, workers and client, how busy
 the machine was, and the peak RSS of each group.
 
-    python bench/run.py [--only W1,W3] [--reps 3] [--replicas 2]
+    python bench/run.py [--only W1,W3] [--reps 3] [--replicas 2] [--profile DIR]
+
+``--profile DIR`` samples the servers and workers with py-spy during the timed repetitions
+(collapsed stacks in DIR, one file per process) and prints each group's top functions by own
+time: the profile behind docs/performance.md.
 """
 
 from __future__ import annotations
@@ -216,13 +220,51 @@ WORKLOADS: dict[str, Callable[..., Awaitable[dict[str, float]]]] = {
 }
 
 
-async def run_workload(name: str, reps: int, replicas: int) -> dict[str, Any]:
+async def profile(name: str, groups: dict[str, list[psutil.Process]], into: Path) -> list[Any]:
+    """Start py-spy on the servers and workers; each writes collapsed stacks when interrupted."""
+    into.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for group in ("server", "workers"):
+        for n, process in enumerate(groups[group]):
+            out = into / f"{name}-{group}-{n}.txt"
+            spies.append(
+                await asyncio.create_subprocess_exec(
+                    *("py-spy", "record", "--pid", str(process.pid), "--rate", "250"),
+                    *("--format", "raw", "--nonblocking", "-o", str(out)),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            )
+    await asyncio.sleep(1.0)  # py-spy attaches
+    return spies
+
+
+def top_functions(files: list[Path], n: int = 12) -> list[tuple[float, str]]:
+    """The functions with the most own samples in collapsed stacks, as shares of all samples."""
+    own: dict[str, int] = {}
+    total = 0
+    for file in files:
+        for line in file.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack:
+                continue
+            frame = stack.rsplit(";", 1)[-1]
+            own[frame] = own.get(frame, 0) + int(count)
+            total += int(count)
+    ranked = sorted(own.items(), key=lambda kv: -kv[1])[:n]
+    return [(100 * count / max(total, 1), frame) for frame, count in ranked]
+
+
+async def run_workload(
+    name: str, reps: int, replicas: int, profile_dir: Path | None = None
+) -> dict[str, Any]:
     _, slots, warm = PLAN[name]
     async with (
         Stack(slots, replicas) as stack,
         OrchestratorClient(stack.targets[0], timeout=60) as client,
     ):
         await WORKLOADS[name](client, warm)
+        spies = await profile(name, stack.groups(), profile_dir) if profile_dir else []
         results = []
         for _ in range(reps):
             groups = stack.groups()
@@ -240,6 +282,9 @@ async def run_workload(name: str, reps: int, replicas: int) -> dict[str, Any]:
             for group, seconds in ours.items():
                 result[f"cpu_ms_per_step_{group}"] = seconds * 1e3 / result["steps"]
             results.append(result)
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            await spy.wait()
         summary: dict[str, Any] = {
             key: {
                 "median": statistics.median(r[key] for r in results),
@@ -287,11 +332,17 @@ def print_table(results: dict[str, dict[str, Any]], reps: int) -> None:
             print(f"{'':<10} fraction of the ideal 3200 steps/s: {_fmt(s, 'fraction_of_ideal', 2)}")
 
 
-async def main(names: list[str], reps: int, replicas: int) -> None:
+async def main(names: list[str], reps: int, replicas: int, profile_dir: Path | None) -> None:
     results = {}
     for name in names:
-        results[name] = await run_workload(name, reps, replicas)
+        results[name] = await run_workload(name, reps, replicas, profile_dir)
         print(json.dumps({"system": "floxide-grpc", "workload": name, **results[name]}), flush=True)
+        if profile_dir is not None:
+            for group in ("server", "workers"):
+                files = sorted(profile_dir.glob(f"{name}-{group}-*.txt"))
+                print(f"# {name} {group}: top functions by own time (py-spy, {profile_dir})")
+                for share, frame in top_functions(files):
+                    print(f"#   {share:5.1f}%  {frame}")
     print_table(results, reps)
     load = os.getloadavg()
     print(f"# {psutil.cpu_count()} cpus, loadavg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at end")
@@ -302,9 +353,10 @@ if __name__ == "__main__":
     parser.add_argument("--only", default="W1,W2,W3,W4", help="a subset, e.g. W1,W3")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1, help="servers on one etcd")
+    parser.add_argument("--profile", type=Path, help="sample servers and workers with py-spy")
     args = parser.parse_args()
     chosen = [n.strip().upper() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in PLAN]
     if unknown:
         parser.error(f"unknown workloads {unknown}; choose from {list(PLAN)}")
-    asyncio.run(main(chosen, args.reps, args.replicas))
+    asyncio.run(main(chosen, args.reps, args.replicas, args.profile))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import typing
 
 import pytest
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
-from floxide_server.store.kv import KV, Compare, Delete, Get, Put, Txn
+from floxide_server.store.kv import KV, Compare, Delete, Get, KeyValue, Put, Txn
 
 from tests.helpers import TcpProxy, eventually
 
@@ -64,6 +65,18 @@ async def test_nested_transactions_guard_each_part(kv: KV, prefix: bytes) -> Non
     first, second = result.responses
     assert first.succeeded and not second.succeeded  # type: ignore[attr-defined]
     assert (await kv.get(b)) is not None and await kv.get(c) is None
+
+
+async def test_reads_in_a_transaction_see_its_own_writes(kv: KV, prefix: bytes) -> None:
+    """Sticky completions rely on it: the claim's reads see the context written just before."""
+    a, b = prefix + b"ops/a", prefix + b"ops/b"
+    await put(kv, a, b"old")
+    result = await kv.txn(
+        Txn([], [Put(a, b"new"), Put(b, b"added"), Get(prefix + b"ops/", prefix=True)])
+    )
+    assert result.responses is not None
+    read = typing.cast(list[KeyValue], result.responses[2])
+    assert [(k.key, k.value) for k in read] == [(a, b"new"), (b, b"added")]
 
 
 async def test_one_key_written_twice_in_a_branch_is_refused(kv: KV, prefix: bytes) -> None:

@@ -12,6 +12,8 @@ transactions included; neither builds nested transactions. This module owns:
   token key (on a lease, so tokens expire). A lost reply is retried with the same token on any
   endpoint: if the first attempt was applied, the retry reads which branch ran instead of
   applying it again; so a lost reply never becomes a double effect or a false "claim lost";
+- **group commit** (:mod:`floxide_server.group_commit`): transactions that arrive while one is
+  in flight go together in the next request, each a sub-transaction with its own token;
 - **watches that survive** a restart or a failover: they resume from the last revision + 1, and
   raise :class:`~floxide_server.store.kv.Compacted` when that revision is gone;
 - **leases** (grant, keep-alive over one stream, revoke).
@@ -30,6 +32,7 @@ from typing import Any, TypeVar
 import grpc
 from aetcd import rpc
 
+from floxide_server.group_commit import GroupCommit
 from floxide_server.store.kv import (
     Compacted,
     Compare,
@@ -117,6 +120,7 @@ class EtcdKV:
         self._token_lock = asyncio.Lock()
         self._keepalive_task: asyncio.Task[None] | None = None
         self._closed = False
+        self.group_commit = GroupCommit(self._commit)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -193,51 +197,44 @@ class EtcdKV:
     # -- transactions --------------------------------------------------------------------------
 
     async def txn(self, txn: Txn) -> TxnResult:
-        """Run a guarded transaction exactly once, even when its reply is lost."""
-        token = TOKEN_PREFIX + uuid.uuid4().hex.encode()
+        """Run a guarded transaction exactly once, even when its reply is lost.
+
+        Transactions submitted while another is in flight are committed together (group
+        commit), each as a sub-transaction with its own guards and its own token.
+        """
+        return await self.group_commit.submit(txn)
+
+    async def _commit(self, txns: Sequence[Txn]) -> list[TxnResult | BaseException]:
+        """Apply transactions in one request (one alone as it is), each wrapped with its token."""
+        tokens = [TOKEN_PREFIX + uuid.uuid4().hex.encode() for _ in txns]
         while True:
             lease = await self._ensure_token_lease()
-            wrapped = rpc.TxnRequest(
-                compare=[_compare(Compare.missing(token))],
-                success=[
-                    rpc.RequestOp(
-                        request_txn=_txn_request(
-                            txn,
-                            success_extra=[
-                                rpc.RequestOp(
-                                    request_put=rpc.PutRequest(key=token, value=b"1", lease=lease)
-                                )
-                            ],
-                            failure_extra=[
-                                rpc.RequestOp(
-                                    request_put=rpc.PutRequest(key=token, value=b"0", lease=lease)
-                                )
-                            ],
-                        )
-                    )
-                ],
-                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=token))],
+            wrapped = [_wrapped(txn, token, lease) for txn, token in zip(txns, tokens, strict=True)]
+            request = (
+                wrapped[0]
+                if len(wrapped) == 1
+                else rpc.TxnRequest(success=[rpc.RequestOp(request_txn=w) for w in wrapped])
             )
             try:
                 response = await self._call(
-                    lambda ch: rpc.KVStub(ch).Txn(wrapped, timeout=self.timeout)  # noqa: B023
+                    lambda ch: rpc.KVStub(ch).Txn(request, timeout=self.timeout)  # noqa: B023
                 )
             except grpc.aio.AioRpcError as exc:
                 details = exc.details() or ""
                 if "lease not found" in details and not await self.keep_alive(lease):
                     self._token_lease = 0  # expired while we could not renew it: take another
                     continue
-                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-                    raise ValueError(details.removeprefix("etcdserver: ")) from exc
-                raise
-            if response.succeeded:
-                inner = response.responses[0].response_txn
-                return _txn_result(inner, response.header.revision, drop_token=True)
-            # A retry found the token: the first attempt was applied; report its branch.
-            kvs = response.responses[0].response_range.kvs
-            if not kvs:  # pragma: no cover - the token exists, or the compare would have held
-                raise KVUnavailable("transaction token vanished")
-            return TxnResult(kvs[0].value == b"1", kvs[0].mod_revision, None)
+                if exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                    return [exc] * len(txns)
+                if len(txns) > 1:  # one of them is at fault: each alone, to tell which
+                    return [(await self._commit([txn]))[0] for txn in txns]
+                return [ValueError(details.removeprefix("etcdserver: "))]
+            except KVUnavailable as exc:
+                return [exc] * len(txns)
+            revision = response.header.revision
+            if len(txns) == 1:
+                return [_unwrapped(response, revision)]
+            return [_unwrapped(op.response_txn, revision) for op in response.responses]
 
     async def _ensure_token_lease(self) -> int:
         async with self._token_lock:
@@ -346,6 +343,7 @@ class EtcdKV:
     async def close(self) -> None:
         """Close the channels and stop renewing the token lease."""
         self._closed = True
+        await self.group_commit.close()
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -385,6 +383,34 @@ def _txn_request(
         success=[_request(r) for r in txn.success] + list(success_extra),
         failure=[_request(r) for r in txn.failure] + list(failure_extra),
     )
+
+
+def _wrapped(txn: Txn, token: bytes, lease: int) -> Any:
+    """``if token missing: (txn, writing token = branch) else: get token``."""
+
+    def put(value: bytes) -> Any:
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=token, value=value, lease=lease))
+
+    return rpc.TxnRequest(
+        compare=[_compare(Compare.missing(token))],
+        success=[
+            rpc.RequestOp(
+                request_txn=_txn_request(txn, success_extra=[put(b"1")], failure_extra=[put(b"0")])
+            )
+        ],
+        failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=token))],
+    )
+
+
+def _unwrapped(response: Any, revision: int) -> TxnResult:
+    """The result of a wrapped transaction: its own, or the branch its token recorded."""
+    if response.succeeded:
+        return _txn_result(response.responses[0].response_txn, revision, drop_token=True)
+    # A retry found the token: the first attempt was applied; report its branch.
+    kvs = response.responses[0].response_range.kvs
+    if not kvs:  # pragma: no cover - the token exists, or the compare would have held
+        raise KVUnavailable("transaction token vanished")
+    return TxnResult(kvs[0].value == b"1", kvs[0].mod_revision, None)
 
 
 def _txn_result(response: Any, revision: int, *, drop_token: bool = False) -> TxnResult:
