@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from floxide_grpc import __version__
+from floxide_grpc import loop as event_loop
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
@@ -109,7 +110,7 @@ def run(
         endpoints = [embedded.endpoint]
         log.info("embedded etcd (development only) at %s", embedded.endpoint)
     try:
-        asyncio.run(serve(endpoints, config, ready_file, timedelta(seconds=grace)))
+        event_loop.run(serve(endpoints, config, ready_file, timedelta(seconds=grace)))
     finally:
         if embedded is not None:
             with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from floxide_grpc import __version__
+from floxide_grpc import loop as event_loop
 from floxide_grpc.errors import FloxideError
 from floxide_grpc.loading import load_workflows
 from floxide_worker.worker import Worker, WorkerConfig
@@ -63,7 +64,7 @@ def run(
     if worker_id:
         config = WorkerConfig(server=server, namespace=namespace, slots=slots, worker_id=worker_id)
     try:
-        asyncio.run(serve(Worker(workflows, config)))
+        event_loop.run(serve(Worker(workflows, config)))
     except FloxideError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc
