@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import typing
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from floxide_grpc import (
     NotFound,
     ResourceExhausted,
     RetryPolicy,
+    Unavailable,
     Workflow,
     WorkflowNotFound,
     node,
@@ -405,6 +407,48 @@ async def test_a_fan_out_joins_once_in_index_order(stores: Stores) -> None:
     await stores.runs.complete(stores.namespace, join.token, nxt(63))
     done = await stores.runs.get(stores.namespace, run.run_id)
     assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == 63
+
+
+class Rival:
+    """Stands for another replica that wins every race for one key: each transaction guarded by
+    that key finds it rewritten just before it runs (etcd and MemoryKV cannot lose a race on
+    their own in one process)."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self.key = b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.kv, name)
+
+    async def txn(self, txn: Txn) -> Any:
+        if self.key and any(c.key == self.key for c in txn.compares):
+            current = await self.kv.get(self.key)
+            assert current is not None
+            await self.kv.txn(Txn([], [Put(self.key, current.value)]))
+        return await self.kv.txn(txn)
+
+
+async def test_a_result_that_keeps_losing_races_is_kept_for_a_resend(stores: Stores) -> None:
+    await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("fan", 2)
+    lease = await stores.session()
+    await stores.runs.complete(stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2))
+    first = await stores.claim_next(lease)
+    await stores.runs.complete(stores.namespace, first.token, nxt(2))  # the group's record now
+    branch = await stores.claim_next(lease)
+    rival = Rival(stores.kv)
+    runs = RunStore(typing.cast(KV, rival), stores.workflows, stores.runs.limits)
+    rival.key = stores.keys.group(run.run_id, branch.item.group_stack[-1].group_id)
+    with pytest.raises(Unavailable, match="send the result again"):
+        await runs.complete(stores.namespace, branch.token, nxt(2), snapshot=branch.snapshot)
+    items, _ = await stores.runs.items(stores.namespace, run.run_id)
+    [held] = [i for i in items if i.item.item_id == branch.item.item_id]
+    assert held.status == records_pb2.ITEM_STATUS_IN_PROGRESS  # nothing changed, claim stands
+    rival.key = b""  # the race is over: the resent result is applied
+    assert (await runs.complete(stores.namespace, branch.token, nxt(3))).code == 0
+    join = await stores.claim_next(lease)
+    assert json.loads(join.item.input.data) == [2, 3]
 
 
 async def test_an_invalid_output_is_recorded_as_a_failed_attempt(stores: Stores) -> None:

@@ -138,6 +138,14 @@ async def test_a_fan_out_runs_on_two_workers_and_joins_once(cluster: Cluster) ->
         assert first.executions + second.executions == 22  # fan, 20 squares, total
 
 
+async def test_a_wide_fan_out_on_many_slots_joins_once(cluster: Cluster) -> None:
+    """16 branches of one group complete at once: none is dropped for contention."""
+    async with cluster.worker(FANOUT, slots=16) as worker:
+        output = await cluster.client.run("squares", 96, timeout=30)
+        assert output == sum(x * x for x in range(96))
+        assert worker.executions == 98
+
+
 async def test_a_retry_waits_on_a_durable_timer_and_succeeds(cluster: Cluster) -> None:
     flaky_calls.clear()
     async with cluster.worker(FLAKY):

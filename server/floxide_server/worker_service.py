@@ -34,6 +34,7 @@ from floxide_grpc.errors import (
     ResourceExhausted,
     SessionEnded,
     StatusCode,
+    Unavailable,
     WorkflowNotFound,
 )
 from floxide_server.dispatch import Dispatcher, Session
@@ -281,7 +282,7 @@ class WorkerService:
                 sticky=sticky,
             )
             ack.code, ack.message, claim = completion.code, completion.message, completion.claim
-        except KVUnavailable as exc:
+        except (KVUnavailable, Unavailable) as exc:
             ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
             return ack, None  # still held, and so is its slot
         except (ClaimLost, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted) as exc:

@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import random
 import secrets
 import time
 import typing
@@ -50,6 +51,7 @@ from floxide_grpc.errors import (
     NodeNotFound,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from floxide_grpc.retry import RetryPolicy
 from floxide_grpc.routing import Step, arrive, join_input, route, route_failure, start_item
@@ -252,6 +254,7 @@ class RunStore:
         self.kv = kv
         self.workflows = workflows
         self.limits = limits
+        self._group_turns: dict[tuple[str, str, str], _Turns] = {}
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -868,11 +871,43 @@ class RunStore:
             InvalidArgument: the token is malformed.
             ClaimLost: the claim no longer stands or its session ended; nothing changed.
             AlreadyExists: this result was already applied; nothing changed.
+            Unavailable: other completions kept winning the same keys; nothing changed, and
+                the claim stands: send the result again.
         """
         claim = ClaimToken.parse(token)
         keys = Keys(namespace)
+        stack = (
+            records_pb2.WorkItemState.FromString(snapshot.state).item.group_stack
+            if snapshot is not None
+            else None
+        )
+        if not stack:
+            return await self._complete(keys, claim, transition, operations, snapshot, sticky)
+        # A branch may arrive at its group, whose record all its branches rewrite: on this
+        # replica they take turns, so they do not fail each other's compares.
+        key = (namespace, claim.run_id, stack[-1].group_id)
+        turns = self._group_turns.setdefault(key, _Turns())
+        turns.users += 1
+        try:
+            async with turns.lock:
+                return await self._complete(keys, claim, transition, operations, snapshot, sticky)
+        finally:
+            turns.users -= 1
+            if not turns.users:
+                del self._group_turns[key]
+
+    async def _complete(
+        self,
+        keys: Keys,
+        claim: ClaimToken,
+        transition: work_item_pb2.Transition,
+        operations: Sequence[work_item_pb2.ContextOperation],
+        snapshot: Snapshot | None,
+        sticky: Sticky | None,
+    ) -> Completion:
+        namespace = keys.namespace
         claim_key = keys.claim(claim.lease, claim.run_id, claim.item_id)
-        for _ in range(_ATTEMPTS_ON_CONFLICT):
+        for attempt in range(_ATTEMPTS_ON_CONFLICT):
             if snapshot is None:
                 snapshot = await self._claimed(keys, claim)
             state = records_pb2.WorkItemState.FromString(snapshot.state)
@@ -933,7 +968,10 @@ class RunStore:
                 return dataclasses.replace(plan.completion, claim=next_claim)
             await self._why_not(keys, claim)
             snapshot = None  # anything else moved: retry from fresh reads
-        raise ClaimLost(f"item {claim.item_id!r}: too much contention, the result was not applied")
+            if attempt:  # another replica keeps winning: back off, with jitter
+                await asyncio.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.1)))
+        # The claim still stands: the worker sends the result again (never dropped).
+        raise Unavailable(f"item {claim.item_id!r}: too much contention, send the result again")
 
     async def _claimed(self, keys: Keys, claim: ClaimToken) -> Snapshot:
         """Read what a completion starts from (one round trip), if the claim still stands."""
@@ -1346,6 +1384,14 @@ class RunStore:
             )
             fired += result.succeeded
         return fired
+
+
+@dataclasses.dataclass
+class _Turns:
+    """Completions of one group's branches on this replica, one at a time."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclasses.dataclass
