@@ -11,9 +11,9 @@ Chains mostly bypass it: a result claims its successor for the same slot (sticky
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
-import itertools
 import logging
 import time
 
@@ -109,6 +109,40 @@ class Session:
         return self.credit > 0 and not self.draining
 
 
+class _Ready:
+    """The ready items of one namespace, by run; runs in serving order.
+
+    A run enters at the back, and goes to the back each time it is served: the front is the
+    run that has waited longest since it was last served. Planning reads from the front, so its
+    cost follows the items it hands out, not how many runs wait.
+    """
+
+    def __init__(self) -> None:
+        self.runs: collections.OrderedDict[str, dict[str, work_item_pb2.WorkItem]] = (
+            collections.OrderedDict()
+        )
+
+    def add(self, item: work_item_pb2.WorkItem) -> None:
+        self.runs.setdefault(item.run_id, {})[item.item_id] = item
+
+    def remove(self, run_id: str, item_id: str) -> None:
+        items = self.runs.get(run_id)
+        if items is not None:
+            items.pop(item_id, None)
+            if not items:
+                del self.runs[run_id]
+
+    def clear(self, run_id: str = "") -> None:
+        if run_id:
+            self.runs.pop(run_id, None)
+        else:
+            self.runs.clear()
+
+    def served(self, run_id: str) -> None:
+        if run_id in self.runs:
+            self.runs.move_to_end(run_id)
+
+
 class Dispatcher:
     """Matches ready items with sessions of this replica."""
 
@@ -116,12 +150,10 @@ class Dispatcher:
         self.runs = runs
         self.watches = watches
         self.sessions: dict[int, Session] = {}
-        self._ready: dict[str, dict[tuple[str, str], work_item_pb2.WorkItem]] = {}
+        self._ready: dict[str, _Ready] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._claims: set[asyncio.Task[None]] = set()
-        self._served: dict[str, int] = {}  # run id -> when it last got an item (a count)
-        self._serving = itertools.count(1)
 
     def add(self, session: Session) -> None:
         """Start dispatching to a session."""
@@ -160,12 +192,10 @@ class Dispatcher:
     async def _reread(self, namespace: str, run_id: str = "") -> None:
         keys = Keys(namespace)
         entries, _ = await self.runs.kv.range(keys.queue(run_id, "") if run_id else keys.queue())
-        ready = self._ready.setdefault(namespace, {})
-        if not run_id:
-            ready.clear()
+        ready = self._ready.setdefault(namespace, _Ready())
+        ready.clear(run_id)
         for kv in entries:
-            item = work_item_pb2.WorkItem.FromString(kv.value)
-            ready[(item.run_id, item.item_id)] = item
+            ready.add(work_item_pb2.WorkItem.FromString(kv.value))
 
     async def _loop(self, namespace: str, queue: Subscription, runs: Subscription) -> None:
         wake = self._wake[namespace]
@@ -191,7 +221,6 @@ class Dispatcher:
                     if record.status == records_pb2.RUN_STATUS_RUNNING:
                         await self._reread(namespace, record.run_id)  # a resumed run's items
                     elif record.status in _CANCELS:
-                        self._served.pop(record.run_id, None)
                         self._cancel_held(namespace, record.run_id, _CANCELS[record.status])
             while not queue.queue.empty():
                 await self._queued(namespace, queue.queue.get_nowait())
@@ -201,15 +230,14 @@ class Dispatcher:
         if event is RESYNC:
             await self._reread(namespace)
             return
-        ready = self._ready.setdefault(namespace, {})
+        ready = self._ready.setdefault(namespace, _Ready())
         run_item = event.kv.key[len(Keys(namespace).queue()) :].decode().split("/")
         if len(run_item) != 2:
             return
         if event.deleted:
-            ready.pop((run_item[0], run_item[1]), None)
+            ready.remove(run_item[0], run_item[1])
         else:
-            item = work_item_pb2.WorkItem.FromString(event.kv.value)
-            ready[(item.run_id, item.item_id)] = item
+            ready.add(work_item_pb2.WorkItem.FromString(event.kv.value))
 
     def _cancel_held(self, namespace: str, run_id: str, reason: int) -> None:
         """Tell this replica's workers to stop the items they hold of a finished run."""
@@ -232,42 +260,42 @@ class Dispatcher:
                 session.outbox.put_nowait(ConnectResponse(cancels=cancels))
 
     def _plan(self, namespace: str) -> list[tuple[Session, work_item_pb2.WorkItem]]:
-        """Pick items for sessions with credit, one run at a time, least recently served first.
+        """Take items for sessions with credit: one per run in a round, front runs first.
 
         So a run with many ready items (a wide fan-out, a chain back from its sticky session)
         takes turns with the others and starves none.
         """
-        ready = self._ready.get(namespace, {})
+        ready = self._ready.get(namespace)
         sessions = [s for s in self.sessions.values() if s.namespace == namespace and s.open]
-        if not ready or not sessions:
+        if not ready or not ready.runs or not sessions:
             return []
-        by_run: dict[str, list[work_item_pb2.WorkItem]] = {}
-        for item in ready.values():
-            by_run.setdefault(item.run_id, []).append(item)
-        runs = sorted(by_run, key=lambda run_id: self._served.get(run_id, 0))
         credit = {s.lease: s.credit for s in sessions}
+        left = sum(credit.values())
         plan: list[tuple[Session, work_item_pb2.WorkItem]] = []
-        progressed = True
-        while progressed and any(credit.values()):
-            progressed = False
-            for run_id in runs:
-                items = by_run[run_id]
-                for index, item in enumerate(items):
+        while left:
+            served: list[tuple[str, str]] = []
+            for run_id, items in ready.runs.items():
+                if not left:
+                    break
+                for item in items.values():
                     takers = [s for s in sessions if credit[s.lease] > 0 and s.serves(item)]
                     if takers:
                         taker = max(takers, key=lambda s: credit[s.lease])
                         credit[taker.lease] -= 1
-                        plan.append((taker, items.pop(index)))
-                        self._served[run_id] = next(self._serving)
-                        progressed = True
+                        left -= 1
+                        plan.append((taker, item))
+                        served.append((run_id, item.item_id))
                         break
+            if not served:
+                break
+            for run_id, item_id in served:
+                ready.remove(run_id, item_id)
+                ready.served(run_id)
         return plan
 
     async def _dispatch(self, namespace: str) -> None:
         """Start a claim for each planned item; the loop goes on watching meanwhile."""
-        ready = self._ready.setdefault(namespace, {})
         for session, item in self._plan(namespace):
-            ready.pop((item.run_id, item.item_id), None)
             session.credit -= 1  # spent now, given back if the claim fails
             task = asyncio.create_task(self._claim_or_return(session, item))
             self._claims.add(task)
@@ -279,9 +307,15 @@ class Dispatcher:
         except Exception as exc:
             log.warning("claim of %s/%s failed: %s", item.run_id, item.item_id, exc)
             claimed = False
+            # Still queued, as far as we know: try it again in a while.
+            asyncio.get_running_loop().call_later(1.0, self._retry, session.namespace, item)
         if not claimed:
             session.credit += 1  # not claimed: the slot stays free
             self.wake(session.namespace)
+
+    def _retry(self, namespace: str, item: work_item_pb2.WorkItem) -> None:
+        self._ready.setdefault(namespace, _Ready()).add(item)
+        self.wake(namespace)
 
     async def _claim(self, session: Session, item: work_item_pb2.WorkItem) -> bool:
         if session.lease not in self.sessions:
