@@ -177,6 +177,22 @@ async def test_an_invalid_definition_is_refused_and_nothing_is_stored(stores: St
 # -- starting ----------------------------------------------------------------------------------
 
 
+async def test_a_start_uses_the_definition_another_replica_just_registered(
+    stores: Stores,
+) -> None:
+    first_hash = await stores.register(chain())
+    first = await stores.start("chain", 1)  # this replica now knows "chain" -> first_hash
+    other = WorkflowStore(stores.kv, stores.runs.limits)  # another replica
+    second_hash, _ = await other.register(
+        stores.namespace, Workflow("chain", start=inc).definition()
+    )
+    second = await stores.start("chain", 1)
+    assert (first.definition_hash, second.definition_hash) == (first_hash, second_hash)
+    assert first_hash != second_hash
+    with pytest.raises(WorkflowNotFound):
+        await stores.runs.start(stores.namespace, "other", second_hash, js(1), "", None)
+
+
 async def test_start_queues_the_first_item(stores: Stores) -> None:
     await stores.register(chain())
     run = await stores.start("chain", 1)

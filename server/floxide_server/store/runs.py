@@ -52,6 +52,7 @@ from floxide_grpc.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    WorkflowNotFound,
 )
 from floxide_grpc.retry import RetryPolicy
 from floxide_grpc.routing import Step, arrive, join_input, route, route_failure, start_item
@@ -438,8 +439,38 @@ class RunStore:
             AlreadyExists: the idempotency key started a run with another request.
         """
         keys = Keys(namespace)
-        record = await self.workflows.record(namespace, workflow, definition_hash)
-        definition = await self.workflows.get(namespace, record.definition_hash)
+        for _ in range(_ATTEMPTS_ON_CONFLICT):
+            current = 0
+            if not definition_hash:
+                hash_now, current = await self.workflows.current(namespace, workflow)
+            definition = await self.workflows.get(namespace, definition_hash or hash_now)
+            if definition.definition.name != workflow:
+                raise WorkflowNotFound(
+                    f"definition {definition.hash!r} is not of workflow {workflow!r}"
+                )
+            started = await self._start(keys, definition, current, input, idempotency_key, context)
+            if started is not None:
+                return started
+            self.workflows.forget(namespace, workflow)  # registered anew meanwhile
+        raise FailedPrecondition(f"workflow {workflow!r} is changing too fast to start")
+
+    async def _start(
+        self,
+        keys: Keys,
+        definition: Definition,
+        current: int,
+        input: work_item_pb2.Payload,
+        idempotency_key: str,
+        context: work_item_pb2.Payload | None,
+    ) -> tuple[records_pb2.RunRecord, bool] | None:
+        """Start a run of this definition, or ``None`` if it is no longer current.
+
+        ``current`` is the revision of the workflow's current pointer the definition was found
+        at (0: the hash was asked for, no pointer involved).
+        """
+        namespace = keys.namespace
+        workflow = definition.definition.name
+        record = definition
         start = definition.graph.node(definition.definition.start)
         value = payloads.parse_json(input, self.limits.max_payload_bytes, "input")
         payloads.validate(
@@ -460,9 +491,7 @@ class RunStore:
         if len(idempotency_key) > 256:
             raise InvalidArgument("idempotency_key is longer than 256 characters")
         fingerprint = hashlib.sha256(
-            b"\0".join(
-                [workflow.encode(), record.definition_hash.encode(), input.data, context_bytes]
-            )
+            b"\0".join([workflow.encode(), record.hash.encode(), input.data, context_bytes])
         ).hexdigest()
         run_id = new_run_id()
         now = _now_ms()
@@ -470,7 +499,7 @@ class RunStore:
             namespace=namespace,
             run_id=run_id,
             workflow=workflow,
-            definition_hash=record.definition_hash,
+            definition_hash=record.hash,
             status=RUNNING,
             input=input,
             idempotency_key=idempotency_key,
@@ -481,7 +510,7 @@ class RunStore:
             definition.definition,
             namespace=namespace,
             run_id=run_id,
-            definition_hash=record.definition_hash,
+            definition_hash=record.hash,
             input=input,
         )
         _stamp(first, "created_at", now)
@@ -491,14 +520,23 @@ class RunStore:
             Put(keys.context_init(run_id), context_bytes),
             *self._new_items(keys, [first]),
         ]
+        guards = []
+        if current:
+            guards.append(Compare.modified_at(keys.workflow_current(workflow), current))
         if not idempotency_key:
-            await self.kv.txn(Txn([], writes))
-            return run, True
+            result = await self.kv.txn(Txn(guards, writes))
+            return (run, True) if result.succeeded else None
         idem = keys.idempotency(idempotency_key)
         stamp = f"{run_id}\n{fingerprint}".encode()
-        result = await self.kv.txn(Txn([Compare.missing(idem)], [Put(idem, stamp), *writes]))
+        result = await self.kv.txn(
+            Txn([*guards, Compare.missing(idem)], [Put(idem, stamp), *writes])
+        )
         if result.succeeded:
             return run, True
+        if current:
+            pointer = await self.kv.get(keys.workflow_current(workflow))
+            if pointer is None or pointer.mod_revision != current:
+                return None
         existing = await self.kv.get(idem)
         if existing is None:  # pragma: no cover - idempotency keys live as long as their run
             raise AlreadyExists(f"idempotency key {idempotency_key!r} is being reused")

@@ -68,6 +68,7 @@ class WorkflowStore:
         self.kv = kv
         self.limits = limits
         self._cache: dict[tuple[str, str], Definition] = {}
+        self._current: dict[bytes, tuple[str, int]] = {}
 
     async def register(
         self, namespace: str, definition: workflow_pb2.WorkflowDefinition
@@ -103,9 +104,34 @@ class WorkflowStore:
             )
             if child is definition:
                 created = result.succeeded
+            self._current.pop(keys.workflow_current(child.name), None)
         await self.kv.txn(Txn([Compare.missing(keys.index)], [Put(keys.index, b"")]))
         self._cache[(namespace, parsed.hash)] = parsed
         return parsed.hash, created
+
+    async def current(self, namespace: str, name: str) -> tuple[str, int]:
+        """A workflow's current hash, and the revision that made it current (cached).
+
+        The cache may be stale (another replica registered since): a write that depends on it
+        guards the revision, and calls :meth:`forget` when that guard fails.
+
+        Raises:
+            WorkflowNotFound: no such workflow.
+        """
+        key = Keys(namespace).workflow_current(payloads.check_name("workflow", name))
+        cached = self._current.get(key)
+        if cached is None:
+            found = await self.kv.get(key)
+            if found is None:
+                raise WorkflowNotFound(
+                    f"workflow {name!r} is not registered in namespace {namespace!r}"
+                )
+            cached = self._current[key] = (found.value.decode(), found.mod_revision)
+        return cached
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a cached current hash."""
+        self._current.pop(Keys(namespace).workflow_current(name), None)
 
     async def record(
         self, namespace: str, name: str, definition_hash: str = ""
