@@ -146,6 +146,16 @@ async def test_a_wide_fan_out_on_many_slots_joins_once(cluster: Cluster) -> None
         assert worker.executions == 98
 
 
+async def test_a_worker_with_more_slots_than_the_server_allows_stops_with_the_reason(
+    cluster: Cluster,
+) -> None:
+    worker = cluster.worker(ECHO, slots=FAST.max_credit + 1)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(worker.run(), 30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"over the limit of {FAST.max_credit}" in (refused.value.details() or "")
+
+
 async def test_a_retry_waits_on_a_durable_timer_and_succeeds(cluster: Cluster) -> None:
     flaky_calls.clear()
     async with cluster.worker(FLAKY):

@@ -7,6 +7,7 @@ import logging
 import signal
 from typing import Annotated
 
+import grpc
 import typer
 
 from floxide_grpc import __version__
@@ -67,6 +68,9 @@ def run(
         event_loop.run(serve(Worker(workflows, config)))
     except FloxideError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    except grpc.aio.AioRpcError as exc:  # the server refused this worker's hello
+        typer.echo(f"error: the server refused this worker: {exc.details()}", err=True)
         raise typer.Exit(code=1) from exc
 
 

@@ -126,6 +126,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._connected = asyncio.Event()
+        self._acked = False  # the current stream's hello was acknowledged
         self._runner: asyncio.Task[None] | None = None
         self.executions = 0
         """How many attempts this worker ran (for tests and metrics)."""
@@ -154,15 +155,12 @@ class Worker:
                 await self._serve()
                 backoff = self.config.reconnect_backoff.total_seconds()
             except grpc.aio.AioRpcError as exc:
-                if (
-                    exc.code()
-                    in (
-                        grpc.StatusCode.NOT_FOUND,
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                    )
-                    and not self._held
-                ):
+                refused = exc.code() in (
+                    grpc.StatusCode.NOT_FOUND,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ) or (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not self._acked)
+                if refused and not self._held:  # retrying will not change the answer
                     raise
                 log.warning(
                     "stream to %s broke (%s: %s); reconnecting",
@@ -269,6 +267,7 @@ class Worker:
             sdk=f"python/{__version__}",
         )
         stream.outbox.put_nowait(ConnectRequest(hello=hello))
+        self._acked = False
         call = worker_service_pb2_grpc.WorkerServiceStub(channel).Connect(stream.requests())
         heartbeat: asyncio.Task[None] | None = None
         try:
@@ -279,6 +278,7 @@ class Worker:
             if not first.HasField("hello_ack"):
                 raise ConnectionError("the server did not acknowledge hello")
             stream.session_id = first.hello_ack.session_id
+            self._acked = True
             self._connected.set()
             stream.heartbeat = (
                 first.hello_ack.heartbeat_interval.ToTimedelta().total_seconds() or 3.0
