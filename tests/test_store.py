@@ -397,6 +397,36 @@ async def test_sticky_fan_out_keeps_one_branch_and_the_last_arrival_claims_the_j
     assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == 63
 
 
+async def test_a_fresh_item_is_claimed_from_its_queue_entry_and_a_stale_entry_loses(
+    stores: Stores,
+) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 7)
+    [entry], _ = await stores.kv.range(stores.keys.queue())
+    fresh = (work_item_pb2.WorkItem.FromString(entry.value), entry.mod_revision)
+    assert json.loads(fresh[0].input.data) == 7  # the input rides in a fresh item's entry
+    lease = await stores.session()
+    claim = await stores.runs.claim(
+        stores.namespace, lease, run.run_id, fresh[0].item_id, queued=fresh
+    )
+    assert claim is not None and json.loads(claim.item.input.data) == 7
+    await stores.kv.revoke(lease)  # its worker is lost: the item goes back, as attempt 2
+    assert await stores.runs.release(stores.namespace, lease, run.run_id, fresh[0].item_id)
+    [again], _ = await stores.kv.range(stores.keys.queue())
+    requeued = work_item_pb2.WorkItem.FromString(again.value)
+    assert not requeued.HasField("input")  # not fresh: its state must be read
+    other = await stores.session()
+    stale = await stores.runs.claim(
+        stores.namespace, other, run.run_id, fresh[0].item_id, queued=fresh
+    )
+    assert stale is None  # the old entry's revision no longer matches the state
+    claim = await stores.runs.claim(
+        stores.namespace, other, run.run_id, fresh[0].item_id, queued=(requeued, again.mod_revision)
+    )
+    assert claim is not None and claim.item.attempt == 2
+    assert json.loads(claim.item.input.data) == 7
+
+
 async def test_only_one_session_wins_a_claim(stores: Stores) -> None:
     await stores.register(chain())
     await stores.start("chain", 1)
@@ -465,6 +495,31 @@ async def test_a_result_that_keeps_losing_races_is_kept_for_a_resend(stores: Sto
     assert (await runs.complete(stores.namespace, branch.token, nxt(3))).code == 0
     join = await stores.claim_next(lease)
     assert json.loads(join.item.input.data) == [2, 3]
+
+
+async def test_branches_completed_on_two_replicas_join_once_with_every_output(
+    stores: Stores,
+) -> None:
+    """Each replica keeps the group record it last wrote; the other's writes make it stale,
+    and the compare on its revision sends the completion back to a fresh read."""
+    await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("fan", 4)
+    lease = await stores.session()
+    other = RunStore(stores.kv, stores.workflows, stores.runs.limits)
+    start = await stores.claim_next(lease)
+    await stores.runs.complete(stores.namespace, start.token, fan(10, 20, 30, 40))
+    branches = [await stores.claim_next(lease) for _ in range(4)]
+    for n, claim in enumerate(branches):
+        replica = stores.runs if n % 2 == 0 else other
+        value = json.loads(claim.item.input.data) + 1
+        completion = await replica.complete(
+            stores.namespace, claim.token, nxt(value), snapshot=claim.snapshot
+        )
+        assert completion.code == 0
+    join = await stores.claim_next(lease)
+    assert json.loads(join.item.input.data) == [11, 21, 31, 41]
+    items, _ = await stores.runs.items(stores.namespace, run.run_id)
+    assert [i.item.node for i in items].count("gather") == 1
 
 
 async def test_an_invalid_output_is_recorded_as_a_failed_attempt(stores: Stores) -> None:

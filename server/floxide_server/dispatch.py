@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import typing
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
 from floxide_server.store.keys import Keys
@@ -109,6 +110,13 @@ class Session:
         return self.credit > 0 and not self.draining
 
 
+class Queued(typing.NamedTuple):
+    """A queue entry: the item (with its input when it is fresh and small) and its revision."""
+
+    item: work_item_pb2.WorkItem
+    revision: int
+
+
 class _Ready:
     """The ready items of one namespace, by run; runs in serving order.
 
@@ -118,12 +126,10 @@ class _Ready:
     """
 
     def __init__(self) -> None:
-        self.runs: collections.OrderedDict[str, dict[str, work_item_pb2.WorkItem]] = (
-            collections.OrderedDict()
-        )
+        self.runs: collections.OrderedDict[str, dict[str, Queued]] = collections.OrderedDict()
 
-    def add(self, item: work_item_pb2.WorkItem) -> None:
-        self.runs.setdefault(item.run_id, {})[item.item_id] = item
+    def add(self, queued: Queued) -> None:
+        self.runs.setdefault(queued.item.run_id, {})[queued.item.item_id] = queued
 
     def remove(self, run_id: str, item_id: str) -> None:
         items = self.runs.get(run_id)
@@ -195,7 +201,7 @@ class Dispatcher:
         ready = self._ready.setdefault(namespace, _Ready())
         ready.clear(run_id)
         for kv in entries:
-            ready.add(work_item_pb2.WorkItem.FromString(kv.value))
+            ready.add(Queued(work_item_pb2.WorkItem.FromString(kv.value), kv.mod_revision))
 
     async def _loop(self, namespace: str, queue: Subscription, runs: Subscription) -> None:
         wake = self._wake[namespace]
@@ -237,7 +243,8 @@ class Dispatcher:
         if event.deleted:
             ready.remove(run_item[0], run_item[1])
         else:
-            ready.add(work_item_pb2.WorkItem.FromString(event.kv.value))
+            item = work_item_pb2.WorkItem.FromString(event.kv.value)
+            ready.add(Queued(item, event.kv.mod_revision))
 
     def _cancel_held(self, namespace: str, run_id: str, reason: int) -> None:
         """Tell this replica's workers to stop the items they hold of a finished run."""
@@ -259,7 +266,7 @@ class Dispatcher:
             if cancels:
                 session.outbox.put_nowait(ConnectResponse(cancels=cancels))
 
-    def _plan(self, namespace: str) -> list[tuple[Session, work_item_pb2.WorkItem]]:
+    def _plan(self, namespace: str) -> list[tuple[Session, Queued]]:
         """Take items for sessions with credit: one per run in a round, front runs first.
 
         So a run with many ready items (a wide fan-out, a chain back from its sticky session)
@@ -271,19 +278,20 @@ class Dispatcher:
             return []
         credit = {s.lease: s.credit for s in sessions}
         left = sum(credit.values())
-        plan: list[tuple[Session, work_item_pb2.WorkItem]] = []
+        plan: list[tuple[Session, Queued]] = []
         while left:
             served: list[tuple[str, str]] = []
             for run_id, items in ready.runs.items():
                 if not left:
                     break
-                for item in items.values():
+                for queued in items.values():
+                    item = queued.item
                     takers = [s for s in sessions if credit[s.lease] > 0 and s.serves(item)]
                     if takers:
                         taker = max(takers, key=lambda s: credit[s.lease])
                         credit[taker.lease] -= 1
                         left -= 1
-                        plan.append((taker, item))
+                        plan.append((taker, queued))
                         served.append((run_id, item.item_id))
                         break
             if not served:
@@ -295,32 +303,35 @@ class Dispatcher:
 
     async def _dispatch(self, namespace: str) -> None:
         """Start a claim for each planned item; the loop goes on watching meanwhile."""
-        for session, item in self._plan(namespace):
+        for session, queued in self._plan(namespace):
             session.credit -= 1  # spent now, given back if the claim fails
-            task = asyncio.create_task(self._claim_or_return(session, item))
+            task = asyncio.create_task(self._claim_or_return(session, queued))
             self._claims.add(task)
             task.add_done_callback(self._claims.discard)
 
-    async def _claim_or_return(self, session: Session, item: work_item_pb2.WorkItem) -> None:
+    async def _claim_or_return(self, session: Session, queued: Queued) -> None:
         try:
-            claimed = await self._claim(session, item)
+            claimed = await self._claim(session, queued)
         except Exception as exc:
-            log.warning("claim of %s/%s failed: %s", item.run_id, item.item_id, exc)
+            log.warning("claim of %s/%s failed: %s", queued.item.run_id, queued.item.item_id, exc)
             claimed = False
             # Still queued, as far as we know: try it again in a while.
-            asyncio.get_running_loop().call_later(1.0, self._retry, session.namespace, item)
+            asyncio.get_running_loop().call_later(1.0, self._retry, session.namespace, queued)
         if not claimed:
             session.credit += 1  # not claimed: the slot stays free
             self.wake(session.namespace)
 
-    def _retry(self, namespace: str, item: work_item_pb2.WorkItem) -> None:
-        self._ready.setdefault(namespace, _Ready()).add(item)
+    def _retry(self, namespace: str, queued: Queued) -> None:
+        self._ready.setdefault(namespace, _Ready()).add(queued)
         self.wake(namespace)
 
-    async def _claim(self, session: Session, item: work_item_pb2.WorkItem) -> bool:
+    async def _claim(self, session: Session, queued: Queued) -> bool:
         if session.lease not in self.sessions:
             return False
-        claim = await self.runs.claim(session.namespace, session.lease, item.run_id, item.item_id)
+        item = queued.item
+        claim = await self.runs.claim(
+            session.namespace, session.lease, item.run_id, item.item_id, queued=queued
+        )
         if claim is None:
             return False
         session.outbox.put_nowait(ConnectResponse(assignments=[session.assign(claim)]))

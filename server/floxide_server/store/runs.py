@@ -102,6 +102,10 @@ EXPANSION_CHUNK = 40
 """Items created per Txn when expanding a wide fan-out (two writes each, one compare per Txn)."""
 MAX_CHAIN = 16
 """Successors a session may claim in a row with its completions (sticky), before the queue."""
+MAX_GROUPS_KEPT = 10_000
+"""Group records a replica keeps in memory for the next arrival (the oldest go first)."""
+QUEUED_INPUT_BYTES = 1024
+"""Inputs up to this size ride in fresh items' queue entries (held in dispatch's memory)."""
 
 
 _last_id = [0, 0]  # the millisecond and sequence of the last id made here
@@ -256,6 +260,7 @@ class RunStore:
         self.workflows = workflows
         self.limits = limits
         self._group_turns: dict[tuple[str, str, str], _Turns] = {}
+        self._groups: dict[bytes, tuple[bytes, int]] = {}  # group key -> (record, revision)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -555,15 +560,23 @@ class RunStore:
             state = records_pb2.WorkItemState(item=item, status=records_pb2.ITEM_STATUS_PENDING)
             state.updated_at.CopyFrom(item.created_at)
             writes.append(Put(keys.item(item.run_id, item.item_id), state.SerializeToString()))
-            writes.extend(self._queue_entry(keys, item))
+            writes.extend(self._queue_entry(keys, item, fresh=True))
         return writes
 
     @staticmethod
-    def _queue_entry(keys: Keys, item: work_item_pb2.WorkItem) -> list[Request]:
-        """The write that makes an item ready (its queue entry: the item without its input)."""
+    def _queue_entry(
+        keys: Keys, item: work_item_pb2.WorkItem, *, fresh: bool = False
+    ) -> list[Request]:
+        """The write that makes an item ready: its queue entry.
+
+        A *fresh* item (just created, never attempted: its state is the item, pending) with a
+        small input keeps its input in the entry, so that a claim can rebuild its state without
+        reading it; any other entry is the item without its input.
+        """
         entry = work_item_pb2.WorkItem()
         entry.CopyFrom(item)
-        entry.ClearField("input")
+        if not fresh or entry.input.ByteSize() > QUEUED_INPUT_BYTES:
+            entry.ClearField("input")
         return [Put(keys.queue(item.run_id, item.item_id), entry.SerializeToString())]
 
     async def _set_status(
@@ -759,17 +772,43 @@ class RunStore:
     async def ready(self, namespace: str, limit: int = 0) -> list[work_item_pb2.WorkItem]:
         """Queue entries in run order (inputs not included)."""
         found, _ = await self.kv.range(Keys(namespace).queue(), limit=limit)
-        return [work_item_pb2.WorkItem.FromString(kv.value) for kv in found]
+        entries = [work_item_pb2.WorkItem.FromString(kv.value) for kv in found]
+        for entry in entries:
+            entry.ClearField("input")
+        return entries
 
-    async def claim(self, namespace: str, lease: int, run_id: str, item_id: str) -> Claim | None:
+    async def claim(
+        self,
+        namespace: str,
+        lease: int,
+        run_id: str,
+        item_id: str,
+        *,
+        queued: tuple[work_item_pb2.WorkItem, int] | None = None,
+    ) -> Claim | None:
         """Claim a queued item for a session.
+
+        Args:
+            namespace: The run's namespace.
+            lease: The session's lease.
+            run_id: The item's run.
+            item_id: The item.
+            queued: The item's queue entry and its revision, as dispatch saw it: a fresh item's
+                entry has its input, and its state is rebuilt from it instead of read (the
+                claim's guard on the state's revision makes that exact).
 
         Returns:
             The claim, or ``None`` if another session got it first, the run is not running, or
             the session has ended.
         """
         keys = Keys(namespace)
-        found, state = await self._state(keys, run_id, item_id)
+        if queued is not None and queued[0].HasField("input"):
+            state = records_pb2.WorkItemState(status=records_pb2.ITEM_STATUS_PENDING)
+            state.item.CopyFrom(queued[0])
+            state.updated_at.CopyFrom(queued[0].created_at)
+            found = KeyValue(keys.item(run_id, item_id), b"", 0, queued[1], 0)
+        else:
+            found, state = await self._state(keys, run_id, item_id)
         if state.status != records_pb2.ITEM_STATUS_PENDING:
             return None
         now = _now_ms()
@@ -981,6 +1020,7 @@ class RunStore:
                 claimed.item.CopyFrom(successor)
                 claiming, reads = self._claiming(keys, sticky.lease, claimed, _now_ms())
             result = await self.kv.txn(Txn(guards, [*writes, *claiming, *reads]))
+            self._remember(plan, result.revision if result.succeeded else 0)
             if result.succeeded:
                 for run_id, item_id in plan.expansions:
                     await self.expand(namespace, run_id, item_id)
@@ -1010,6 +1050,19 @@ class RunStore:
                 await asyncio.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.1)))
         # The claim still stands: the worker sends the result again (never dropped).
         raise Unavailable(f"item {claim.item_id!r}: too much contention, send the result again")
+
+    def _remember(self, plan: _Plan, revision: int) -> None:
+        """Keep the group records a Txn wrote at ``revision`` (0: forget them, unknown now).
+
+        The next arrival in the group starts from the record instead of reading it; its
+        compare on the revision tells if another replica moved it meanwhile.
+        """
+        for key, record in plan.groups.items():
+            self._groups.pop(key, None)
+            if revision and record is not None:
+                self._groups[key] = (record, revision)
+        while len(self._groups) > MAX_GROUPS_KEPT:  # groups of runs that stopped arriving
+            del self._groups[next(iter(self._groups))]
 
     async def _claimed(self, keys: Keys, claim: ClaimToken) -> Snapshot:
         """Read what a completion starts from (one round trip), if the claim still stands."""
@@ -1131,7 +1184,13 @@ class RunStore:
         for arrival in step.arrivals:
             group_id = arrival.frame.group_id
             if group_id not in groups:
-                found = await self.kv.get(keys.group(run.run_id, group_id))
+                group_key = keys.group(run.run_id, group_id)
+                cached = self._groups.get(group_key)
+                found = (
+                    KeyValue(group_key, cached[0], 0, cached[1], 0)
+                    if cached is not None
+                    else await self.kv.get(group_key)
+                )
                 groups[group_id] = (
                     found,
                     checkpoint_pb2.JoinGroup.FromString(found.value) if found else None,
@@ -1153,7 +1212,9 @@ class RunStore:
             assert group is not None
             group_key = keys.group(run.run_id, group_id)
             plan.guards.append(Compare.modified_at(group_key, found.mod_revision if found else 0))
-            plan.writes.append(Put(group_key, group.SerializeToString()))
+            written = group.SerializeToString()
+            plan.writes.append(Put(group_key, written))
+            plan.groups[group_key] = written if len(group.arrivals) < group.size else None
         for new in new_items:
             _stamp(new, "created_at", now)
         if 2 * len(new_items) > self.limits.max_txn_ops - TXN_HEADROOM:
@@ -1227,6 +1288,7 @@ class RunStore:
                     [Delete(claim_key), *plan.writes, *self._new_items(keys, plan.new_items)],
                 )
             )
+            self._remember(plan, 0)
             if result.succeeded:
                 for expanded_run, expanded_item in plan.expansions:
                     await self.expand(namespace, expanded_run, expanded_item)
@@ -1443,3 +1505,5 @@ class _Plan:
     expansions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     new_items: list[work_item_pb2.WorkItem] = dataclasses.field(default_factory=list)
     """Items to create (pending and queued, or one claimed by a sticky session)."""
+    groups: dict[bytes, bytes | None] = dataclasses.field(default_factory=dict)
+    """Group records written (``None``: the group is complete)."""
