@@ -427,6 +427,66 @@ async def test_a_fresh_item_is_claimed_from_its_queue_entry_and_a_stale_entry_lo
     assert json.loads(claim.item.input.data) == 7
 
 
+async def queued(stores: Stores) -> list[tuple[work_item_pb2.WorkItem, int]]:
+    found, _ = await stores.kv.range(stores.keys.queue())
+    return [(work_item_pb2.WorkItem.FromString(kv.value), kv.mod_revision) for kv in found]
+
+
+async def test_a_result_without_a_successor_claims_a_queued_sibling_in_its_txn(
+    stores: Stores,
+) -> None:
+    await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("fan", 4)
+    lease = await stores.session()
+    start = await stores.claim_next(lease)
+    await stores.runs.complete(stores.namespace, start.token, fan(10, 20, 30, 40))
+    first = await stores.claim_next(lease)
+    waiting = await queued(stores)
+    taken: list[object] = []
+    given_back: list[object] = []
+
+    def take() -> tuple[work_item_pb2.WorkItem, int] | None:
+        taken.append(waiting[0])
+        return waiting[0]
+
+    sticky = Sticky(lease, serves_all, take=take, give_back=given_back.append)
+    completion = await stores.runs.complete(
+        stores.namespace, first.token, nxt(11), snapshot=first.snapshot, sticky=sticky
+    )
+    sibling = completion.claim
+    assert completion.code == 0 and sibling is not None and given_back == []
+    assert sibling.item.item_id == waiting[0][0].item_id
+    assert json.loads(sibling.item.input.data) == json.loads(waiting[0][0].input.data)
+    left = [q[0].item_id for q in await queued(stores)]
+    assert left == [waiting[1][0].item_id, waiting[2][0].item_id]
+    # An entry that changed since it was taken: the completion applies, the sibling is not
+    # claimed (its nested Txn fails alone).
+    stale = (waiting[1][0], waiting[1][1] - 1)
+    completion = await stores.runs.complete(
+        stores.namespace,
+        sibling.token,
+        nxt(21),
+        snapshot=sibling.snapshot,
+        sticky=Sticky(lease, serves_all, take=lambda: stale, give_back=given_back.append),
+    )
+    assert completion.code == 0 and completion.claim is None and given_back == []
+    third = await stores.claim_next(lease)
+    stale = (waiting[2][0], waiting[2][1] - 1)
+    await stores.kv.revoke(lease)  # a result that is not applied gives its taken item back
+    with pytest.raises(ClaimLost):
+        await stores.runs.complete(
+            stores.namespace,
+            third.token,
+            nxt(31),
+            snapshot=third.snapshot,
+            sticky=Sticky(lease, serves_all, take=lambda: stale, give_back=given_back.append),
+        )
+    assert given_back == [stale]
+    assert (await stores.runs.get(stores.namespace, run.run_id)).status == (
+        records_pb2.RUN_STATUS_RUNNING
+    )
+
+
 async def test_only_one_session_wins_a_claim(stores: Stores) -> None:
     await stores.register(chain())
     await stores.start("chain", 1)

@@ -29,6 +29,8 @@ __all__ = ["Dispatcher", "Session"]
 log = logging.getLogger(__name__)
 
 ConnectResponse = worker_service_pb2.ConnectResponse
+_TAKE_SCAN = 64
+"""Runs a result looks through for a queued item to take with its completion."""
 _CANCELS = {
     records_pb2.RUN_STATUS_CANCELLED: worker_service_pb2.CANCEL_REASON_RUN_CANCELLED,
     records_pb2.RUN_STATUS_COMPLETED: worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
@@ -320,6 +322,29 @@ class Dispatcher:
         if not claimed:
             session.credit += 1  # not claimed: the slot stays free
             self.wake(session.namespace)
+
+    def take(self, session: Session) -> Queued | None:
+        """A fresh ready item the session serves, to claim with one of its results.
+
+        The result's completion claims it in its own Txn (a fan-out's next branch), so the
+        slot goes on without a trip through dispatch; the front runs first, as in dispatch.
+        """
+        ready = self._ready.get(session.namespace)
+        if ready is None:
+            return None
+        for looked, (run_id, items) in enumerate(ready.runs.items()):
+            if looked >= _TAKE_SCAN:
+                break
+            for queued in items.values():
+                if queued.item.HasField("input") and session.serves(queued.item):
+                    ready.remove(run_id, queued.item.item_id)
+                    ready.served(run_id)
+                    return queued
+        return None
+
+    def give_back(self, namespace: str, queued: Queued) -> None:
+        """Return a taken item that no Txn tried to claim."""
+        self._retry(namespace, queued)
 
     def _retry(self, namespace: str, queued: Queued) -> None:
         self._ready.setdefault(namespace, _Ready()).add(queued)

@@ -37,7 +37,7 @@ from floxide_grpc.errors import (
     Unavailable,
     WorkflowNotFound,
 )
-from floxide_server.dispatch import Dispatcher, Session
+from floxide_server.dispatch import Dispatcher, Queued, Session
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, KVUnavailable, Put, Txn
 from floxide_server.store.payloads import Limits, namespace_of
@@ -270,7 +270,13 @@ class WorkerService:
         snapshot = session.snapshots.get(result.claim_token)
         sticky = None
         if held and not session.draining and (snapshot is None or snapshot.depth < MAX_CHAIN):
-            sticky = Sticky(session.lease, session.serves)
+            namespace = session.namespace
+            sticky = Sticky(
+                session.lease,
+                session.serves,
+                take=lambda: self.dispatcher.take(session),
+                give_back=lambda queued: self.dispatcher.give_back(namespace, Queued(*queued)),
+            )
         claim = None
         try:
             completion = await self.runs.complete(

@@ -70,6 +70,7 @@ from floxide_server.store.kv import (
     Request,
     Target,
     Txn,
+    TxnResult,
 )
 from floxide_server.store.workflows import Definition, WorkflowStore
 
@@ -206,6 +207,11 @@ class Sticky:
 
     lease: int
     serves: Callable[[work_item_pb2.WorkItem], bool]
+    take: Callable[[], tuple[work_item_pb2.WorkItem, int] | None] = lambda: None
+    """When the result has no successor for the session: a fresh queued item (its entry and
+    the entry's revision) to claim in the same Txn instead, if it is still there."""
+    give_back: Callable[[tuple[work_item_pb2.WorkItem, int]], None] = lambda queued: None
+    """Returns a taken item that no Txn tried to claim."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -982,74 +988,153 @@ class RunStore:
         snapshot: Snapshot | None,
         sticky: Sticky | None,
     ) -> Completion:
-        namespace = keys.namespace
-        claim_key = keys.claim(claim.lease, claim.run_id, claim.item_id)
-        for attempt in range(_ATTEMPTS_ON_CONFLICT):
-            if snapshot is None:
-                snapshot = await self._claimed(keys, claim)
-            state = records_pb2.WorkItemState.FromString(snapshot.state)
-            run = records_pb2.RunRecord.FromString(snapshot.run)
-            definition = await self.workflows.get(namespace, run.definition_hash)
-            plan = await self._plan(keys, definition, run, state, claim, transition, operations)
-            guards = [
-                Compare.created_at(claim_key, claim.revision),
-                Compare.exists(keys.session(claim.lease)),
-                *(
-                    Compare(keys.status(claim.run_id), Target.VALUE, Op.NOT_EQUAL, status_name(s))
-                    for s in FINISHED
-                ),
-                Compare.modified_at(
-                    keys.item(claim.run_id, claim.item_id), snapshot.state_revision
-                ),
-                Compare.modified_at(keys.run_info(claim.run_id), snapshot.run_revision),
-                *plan.guards,
-            ]
-            successor = None
-            if sticky is not None and not plan.finished and run.status == RUNNING:
-                successor = next((i for i in plan.new_items if sticky.serves(i)), None)
-            writes = [
-                Delete(claim_key),
-                *plan.writes,
-                *self._new_items(keys, [i for i in plan.new_items if i is not successor]),
-            ]
-            claimed = records_pb2.WorkItemState()
-            claiming: list[Request] = []
-            reads: list[Request] = []
-            if successor is not None and sticky is not None:
-                guards.append(Compare.value_is(keys.status(claim.run_id), status_name(RUNNING)))
-                claimed.item.CopyFrom(successor)
-                claiming, reads = self._claiming(keys, sticky.lease, claimed, _now_ms())
-            result = await self.kv.txn(Txn(guards, [*writes, *claiming, *reads]))
-            self._remember(plan, result.revision if result.succeeded else 0)
-            if result.succeeded:
-                for run_id, item_id in plan.expansions:
-                    await self.expand(namespace, run_id, item_id)
-                if plan.finished:
-                    await self._settle_leftovers(
-                        keys, claim.run_id, records_pb2.ITEM_STATUS_CANCELLED
-                    )
-                if successor is None or sticky is None:
-                    return plan.completion
-                got = None if result.responses is None else result.responses[-len(reads) :]
-                run_kv = KeyValue(b"", snapshot.run, 0, snapshot.run_revision, 0)
-                next_claim = await self._assignment(
-                    keys,
-                    sticky.lease,
-                    claimed,
-                    claiming,
-                    result.revision,
-                    got,
-                    run_kv,
-                    snapshot.depth + 1,
-                    _now_ms(),
+        taken: list[tuple[work_item_pb2.WorkItem, int]] = []  # a sibling, taken once, kept
+        tried = False
+        try:
+            for attempt in range(_ATTEMPTS_ON_CONFLICT):
+                done, snapshot, tried = await self._attempt(
+                    keys, claim, transition, operations, snapshot, sticky, taken
                 )
-                return dataclasses.replace(plan.completion, claim=next_claim)
-            await self._why_not(keys, claim)
-            snapshot = None  # anything else moved: retry from fresh reads
-            if attempt:  # another replica keeps winning: back off, with jitter
-                await asyncio.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.1)))
+                if done is not None:
+                    return done
+                if attempt:  # another replica keeps winning: back off, with jitter
+                    await asyncio.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.1)))
+        finally:
+            if taken and not tried and sticky is not None:
+                sticky.give_back(taken[0])
         # The claim still stands: the worker sends the result again (never dropped).
         raise Unavailable(f"item {claim.item_id!r}: too much contention, send the result again")
+
+    async def _attempt(
+        self,
+        keys: Keys,
+        claim: ClaimToken,
+        transition: work_item_pb2.Transition,
+        operations: Sequence[work_item_pb2.ContextOperation],
+        snapshot: Snapshot | None,
+        sticky: Sticky | None,
+        taken: list[tuple[work_item_pb2.WorkItem, int]],
+    ) -> tuple[Completion | None, Snapshot | None, bool]:
+        """One completing Txn.
+
+        Returns:
+            The completion if the Txn committed, else ``None``; the snapshot the next attempt
+            starts from (``None``: fresh reads); whether a Txn tried the sibling in ``taken``
+            (taken from ``sticky`` at most once, kept across attempts).
+        """
+        namespace = keys.namespace
+        claim_key = keys.claim(claim.lease, claim.run_id, claim.item_id)
+        if snapshot is None:
+            snapshot = await self._claimed(keys, claim)
+        state = records_pb2.WorkItemState.FromString(snapshot.state)
+        run = records_pb2.RunRecord.FromString(snapshot.run)
+        definition = await self.workflows.get(namespace, run.definition_hash)
+        plan = await self._plan(keys, definition, run, state, claim, transition, operations)
+        guards = [
+            Compare.created_at(claim_key, claim.revision),
+            Compare.exists(keys.session(claim.lease)),
+            *(
+                Compare(keys.status(claim.run_id), Target.VALUE, Op.NOT_EQUAL, status_name(s))
+                for s in FINISHED
+            ),
+            Compare.modified_at(keys.item(claim.run_id, claim.item_id), snapshot.state_revision),
+            Compare.modified_at(keys.run_info(claim.run_id), snapshot.run_revision),
+            *plan.guards,
+        ]
+        successor = None
+        handover: _Handover | None = None
+        if sticky is not None and not plan.finished and run.status == RUNNING:
+            successor = next((i for i in plan.new_items if sticky.serves(i)), None)
+            if successor is not None:  # claimed here, never queued
+                guards.append(Compare.value_is(keys.status(claim.run_id), status_name(RUNNING)))
+                handover = _Handover(records_pb2.WorkItemState(item=successor))
+                handover.claiming, handover.reads = self._claiming(
+                    keys, sticky.lease, handover.state, _now_ms()
+                )
+                handover.run = KeyValue(b"", snapshot.run, 0, snapshot.run_revision, 0)
+                handover.depth = snapshot.depth + 1
+            else:
+                if not taken and (sibling := sticky.take()) is not None:
+                    taken.append(sibling)
+                    if (sibling[0].run_id, sibling[0].item_id) == (claim.run_id, claim.item_id):
+                        taken.clear()  # a stale entry of this very item: nothing to claim
+                if taken:
+                    handover = self._claiming_queued(keys, sticky.lease, taken[0])
+        writes: list[Request] = [
+            Delete(claim_key),
+            *plan.writes,
+            *self._new_items(keys, [i for i in plan.new_items if i is not successor]),
+        ]
+        if handover is not None:
+            writes.extend(handover.requests)
+        result = await self.kv.txn(Txn(guards, writes))
+        self._remember(plan, result.revision if result.succeeded else 0)
+        if not result.succeeded:
+            await self._why_not(keys, claim)
+            return None, None, False  # anything else moved: retry from fresh reads
+        for run_id, item_id in plan.expansions:
+            await self.expand(namespace, run_id, item_id)
+        if plan.finished:
+            await self._settle_leftovers(keys, claim.run_id, records_pb2.ITEM_STATUS_CANCELLED)
+        if handover is None or sticky is None:
+            return plan.completion, None, False
+        next_claim = await self._handed_over(keys, sticky.lease, handover, result)
+        return (
+            dataclasses.replace(plan.completion, claim=next_claim),
+            None,
+            handover.nested_txn is not None,
+        )
+
+    async def _handed_over(
+        self, keys: Keys, lease: int, handover: _Handover, result: TxnResult
+    ) -> Claim | None:
+        """The claim a committed completion made for its session, if it made one."""
+        got = None
+        if result.responses is not None:
+            got = result.responses[-len(handover.reads) :]
+            if handover.nested_txn is not None:  # the sibling's own Txn, last: it may fail alone
+                inner = typing.cast(TxnResult, result.responses[-1])
+                if not inner.succeeded or inner.responses is None:
+                    return None
+                got = inner.responses[-len(handover.reads) :]
+                found = typing.cast(list[KeyValue], inner.responses[-len(handover.reads) - 1])
+                handover.run = found[0] if found else None
+        return await self._assignment(
+            keys,
+            lease,
+            handover.state,
+            handover.claiming,
+            result.revision,
+            got,
+            handover.run,
+            handover.depth,
+            _now_ms(),
+        )
+
+    def _claiming_queued(
+        self, keys: Keys, lease: int, queued: tuple[work_item_pb2.WorkItem, int]
+    ) -> _Handover:
+        """A nested Txn that claims a fresh queued item if its entry still stands as it was."""
+        item, revision = queued
+        handover = _Handover(
+            records_pb2.WorkItemState(item=item, status=records_pb2.ITEM_STATUS_PENDING)
+        )
+        handover.state.updated_at.CopyFrom(item.created_at)
+        handover.claiming, handover.reads = self._claiming(keys, lease, handover.state, _now_ms())
+        handover.nested_txn = Txn(
+            [
+                Compare.exists(keys.queue(item.run_id, item.item_id)),
+                Compare.modified_at(keys.item(item.run_id, item.item_id), revision),
+                Compare.value_is(keys.status(item.run_id), status_name(RUNNING)),
+            ],
+            [
+                Delete(keys.queue(item.run_id, item.item_id)),
+                *handover.claiming,
+                Get(keys.run_info(item.run_id)),
+                *handover.reads,
+            ],
+        )
+        return handover
 
     def _remember(self, plan: _Plan, revision: int) -> None:
         """Keep the group records a Txn wrote at ``revision`` (0: forget them, unknown now).
@@ -1484,6 +1569,25 @@ class RunStore:
             )
             fired += result.succeeded
         return fired
+
+
+@dataclasses.dataclass
+class _Handover:
+    """An item a completion claims for its session: a successor, or a queued sibling."""
+
+    state: records_pb2.WorkItemState
+    claiming: list[Request] = dataclasses.field(default_factory=list)
+    reads: list[Request] = dataclasses.field(default_factory=list)
+    run: KeyValue | None = None
+    depth: int = 0
+    nested_txn: Txn | None = None
+
+    @property
+    def requests(self) -> list[Request]:
+        """What the completing Txn does for it."""
+        if self.nested_txn is not None:
+            return [self.nested_txn]
+        return [*self.claiming, *self.reads]
 
 
 @dataclasses.dataclass
