@@ -287,6 +287,38 @@ async def test_results_are_fenced_in_band(cluster: Cluster, raw: Raw) -> None:
     assert done.status is RunStatus.COMPLETED and done.output == 5
 
 
+async def test_a_result_repeated_in_one_frame_is_applied_once_and_returns_one_slot(
+    cluster: Cluster, raw: Raw
+) -> None:
+    await raw.send(hello(cluster.namespace, credit=1))
+    await raw.read()
+    await cluster.client.start_run("echo", 5)
+    [assignment] = (await raw.read()).assignments
+    twice = result_of(assignment, 5)
+    twice.results.append(twice.results[0])
+    await raw.send(twice)
+    acks = await raw.acks()
+    assert [a.code for a in acks] == [0, grpc.StatusCode.ALREADY_EXISTS.value[0]]
+    [session] = cluster.server.dispatcher.sessions.values()
+    assert session.credit == 1 and not session.held  # its one slot back, not two
+
+
+def test_a_worker_sends_what_waits_together_in_one_frame() -> None:
+    from floxide_worker.worker import _Stream  # noqa: PLC0415
+
+    async def go() -> list[worker_service_pb2.ConnectRequest]:
+        stream = _Stream()
+        first = worker_service_pb2.StepResult(claim_token="a")
+        second = worker_service_pb2.StepResult(claim_token="b")
+        stream.outbox.put_nowait(worker_service_pb2.ConnectRequest(results=[first], credit=1))
+        stream.outbox.put_nowait(worker_service_pb2.ConnectRequest(results=[second], credit=2))
+        stream.outbox.put_nowait(None)
+        return [request async for request in stream.requests()]
+
+    [frame] = asyncio.run(go())
+    assert [r.claim_token for r in frame.results] == ["a", "b"] and frame.credit == 3
+
+
 async def test_an_output_breaking_the_schema_is_a_failed_attempt(
     cluster: Cluster, raw: Raw
 ) -> None:

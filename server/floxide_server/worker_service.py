@@ -119,25 +119,8 @@ class WorkerService:
             reader = asyncio.create_task(self._read(session, requests))
             keeper = asyncio.create_task(self._keep(session))
             try:
-                while True:
-                    message = asyncio.ensure_future(session.outbox.get())
-                    done, _ = await asyncio.wait(
-                        {message, reader, keeper}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if message in done:
-                        response = message.result()
-                        if response is None:
-                            return
-                        yield response
-                        continue
-                    message.cancel()
-                    for task in done:
-                        task.result()  # a stream fault ends the stream with its status
-                    while not session.outbox.empty():  # the worker closed its side: flush
-                        response = session.outbox.get_nowait()
-                        if response is not None:
-                            yield response
-                    return
+                async for response in _outgoing(session, reader, keeper):
+                    yield response
             finally:
                 for task in (reader, keeper):
                     task.cancel()
@@ -242,8 +225,13 @@ class WorkerService:
     ) -> None:
         try:
             response = ConnectResponse()
-            for result in results:
-                ack, assignment = await self._result(session, result)
+            # A frame may carry several results: applied concurrently (group commit batches
+            # them), unless one claim is repeated, whose second answer depends on the first.
+            if len({r.claim_token for r in results}) == len(results):
+                applied = await asyncio.gather(*(self._result(session, r) for r in results))
+            else:
+                applied = [await self._result(session, r) for r in results]
+            for ack, assignment in applied:
                 response.result_acks.append(ack)
                 if assignment is not None:  # the successor, claimed with the result (sticky)
                     response.assignments.append(assignment)
@@ -364,6 +352,49 @@ class WorkerService:
                 wait.cancel()
         for session in list(self.dispatcher.sessions.values()):
             session.outbox.put_nowait(None)
+
+
+async def _outgoing(
+    session: Session, reader: asyncio.Task[None], keeper: asyncio.Task[None]
+) -> AsyncIterator[ConnectResponse]:
+    """The session's outbox as the response stream, until its end or a fault of the stream."""
+    while True:
+        if not session.outbox.empty() and not reader.done() and not keeper.done():
+            response = session.outbox.get_nowait()  # no wait needed: the common case under load
+            if response is None:
+                return
+            yield _coalesced(session, response)
+            continue
+        message = asyncio.ensure_future(session.outbox.get())
+        done, _ = await asyncio.wait({message, reader, keeper}, return_when=asyncio.FIRST_COMPLETED)
+        if message in done:
+            response = message.result()
+            if response is None:
+                return
+            yield _coalesced(session, response)
+            continue
+        message.cancel()
+        for task in done:
+            task.result()  # a stream fault ends the stream with its status
+        while not session.outbox.empty():  # the worker closed its side: flush
+            response = session.outbox.get_nowait()
+            if response is not None:
+                yield response
+        return
+
+
+def _coalesced(session: Session, response: ConnectResponse) -> ConnectResponse:
+    """The response with whatever else already waits in the outbox: one frame, one write.
+
+    The end of the stream (``None``) stays in the outbox for the loop to see.
+    """
+    while not session.outbox.empty():
+        more = session.outbox.get_nowait()
+        if more is None:
+            session.outbox.put_nowait(None)  # nothing follows the end: it may go last
+            break
+        response.MergeFrom(more)
+    return response
 
 
 def _of_session(token: str, lease: int) -> bool:

@@ -99,7 +99,16 @@ class _Stream:
         self.heartbeat = 3.0
 
     async def requests(self) -> AsyncIterator[ConnectRequest]:
+        """The outbox as the request stream; what waits together goes in one frame."""
         while (request := await self.outbox.get()) is not None:
+            while not request.HasField("hello") and not self.outbox.empty():
+                more = self.outbox.get_nowait()
+                if more is None:
+                    yield request
+                    return
+                credit = request.credit + more.credit  # incremental: merged frames add up
+                request.MergeFrom(more)
+                request.credit = credit
             yield request
 
 
