@@ -487,6 +487,33 @@ async def test_a_result_without_a_successor_claims_a_queued_sibling_in_its_txn(
     )
 
 
+async def test_a_result_that_fails_its_run_takes_no_sibling(stores: Stores) -> None:
+    await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("fan", 3)
+    lease = await stores.session()
+    start = await stores.claim_next(lease)
+    await stores.runs.complete(stores.namespace, start.token, fan(10, 20, 30))
+    branch = await stores.claim_next(lease)
+    waiting = await queued(stores)
+    taken: list[object] = []
+
+    def take() -> tuple[work_item_pb2.WorkItem, int] | None:
+        taken.append(waiting[0])
+        return waiting[0]
+
+    completion = await stores.runs.complete(
+        stores.namespace,
+        branch.token,
+        abort("boom"),  # no retry policy, no fallback: the run fails
+        snapshot=branch.snapshot,
+        sticky=Sticky(lease, serves_all, take=take),
+    )
+    assert completion.claim is None and taken == []
+    failed = await stores.runs.get(stores.namespace, run.run_id)
+    assert failed.status == records_pb2.RUN_STATUS_FAILED
+    assert await queued(stores) == []  # the failed run's queue is cleared, nothing claimed
+
+
 async def test_only_one_session_wins_a_claim(stores: Stores) -> None:
     await stores.register(chain())
     await stores.start("chain", 1)

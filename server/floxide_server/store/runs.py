@@ -1043,7 +1043,9 @@ class RunStore:
         ]
         successor = None
         handover: _Handover | None = None
-        if sticky is not None and not plan.finished and run.status == RUNNING:
+        # Nothing more for a run this Txn ends: and a nested claim's compares would read the
+        # run as it was before it (etcd evaluates every compare of a Txn first).
+        if sticky is not None and not plan.ends_run and run.status == RUNNING:
             successor = next((i for i in plan.new_items if sticky.serves(i)), None)
             if successor is not None:  # claimed here, never queued
                 guards.append(Compare.value_is(keys.status(claim.run_id), status_name(RUNNING)))
@@ -1323,6 +1325,7 @@ class RunStore:
             plan.writes.append(Put(keys.status(run.run_id), status_name(run.status)))
             plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
             plan.finished = True
+            plan.ends_run = True
 
     async def release(self, namespace: str, lease: int, run_id: str, item_id: str) -> bool:
         """Re-queue an item whose session ended, as a failed attempt of kind WORKER_LOST.
@@ -1475,6 +1478,7 @@ class RunStore:
             await self._plan_step(keys, run, item, fallback, plan, now)
             return
         run.status = records_pb2.RUN_STATUS_FAILED
+        plan.ends_run = True
         run.error.CopyFrom(error)
         _stamp(run, "finished_at", now)
         _stamp(run, "updated_at", now)
@@ -1606,6 +1610,8 @@ class _Plan:
     writes: list[Request] = dataclasses.field(default_factory=list)
     completion: Completion = dataclasses.field(default_factory=Completion)
     finished: bool = False
+    ends_run: bool = False
+    """The Txn completes or fails the run."""
     expansions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     new_items: list[work_item_pb2.WorkItem] = dataclasses.field(default_factory=list)
     """Items to create (pending and queued, or one claimed by a sticky session)."""
