@@ -151,6 +151,17 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _fresh_state(item: work_item_pb2.WorkItem) -> records_pb2.WorkItemState:
+    """The state of an item just made: pending, never attempted.
+
+    A fresh queue entry stands for it, so a claim may rebuild it instead of reading it.
+    """
+    state = records_pb2.WorkItemState(status=records_pb2.ITEM_STATUS_PENDING)
+    state.item.CopyFrom(item)
+    state.updated_at.CopyFrom(item.created_at)
+    return state
+
+
 def _stamp(message: Any, field: str, ms: int) -> None:
     getattr(message, field).FromMilliseconds(ms)
 
@@ -563,8 +574,7 @@ class RunStore:
         """Writes that create pending items and their queue entries."""
         writes: list[Request] = []
         for item in items:
-            state = records_pb2.WorkItemState(item=item, status=records_pb2.ITEM_STATUS_PENDING)
-            state.updated_at.CopyFrom(item.created_at)
+            state = _fresh_state(item)
             writes.append(Put(keys.item(item.run_id, item.item_id), state.SerializeToString()))
             writes.extend(self._queue_entry(keys, item, fresh=True))
         return writes
@@ -809,36 +819,21 @@ class RunStore:
         """
         keys = Keys(namespace)
         if queued is not None and queued[0].HasField("input"):
-            state = records_pb2.WorkItemState(status=records_pb2.ITEM_STATUS_PENDING)
-            state.item.CopyFrom(queued[0])
-            state.updated_at.CopyFrom(queued[0].created_at)
-            found = KeyValue(keys.item(run_id, item_id), b"", 0, queued[1], 0)
+            state, revision = _fresh_state(queued[0]), queued[1]
         else:
             found, state = await self._state(keys, run_id, item_id)
+            revision = found.mod_revision
         if state.status != records_pb2.ITEM_STATUS_PENDING:
             return None
-        now = _now_ms()
-        writes, reads = self._claiming(keys, lease, state, now)
+        # The same guarded claim a completion nests to take a sibling, under the session's guard.
+        handover = self._claiming_queued(keys, lease, state, revision)
+        assert handover.nested_txn is not None
         result = await self.kv.txn(
-            Txn(
-                [
-                    Compare.exists(keys.queue(run_id, item_id)),
-                    Compare.exists(keys.session(lease)),
-                    Compare.value_is(keys.status(run_id), status_name(RUNNING)),
-                    Compare.modified_at(found.key, found.mod_revision),
-                ],
-                [Delete(keys.queue(run_id, item_id)), *writes, Get(keys.run_info(run_id)), *reads],
-            )
+            Txn([Compare.exists(keys.session(lease))], [handover.nested_txn])
         )
         if not result.succeeded:
             return None
-        got = None
-        run: KeyValue | None = None
-        if result.responses is not None:
-            run_got = typing.cast(list[KeyValue], result.responses[-len(reads) - 1])
-            run = run_got[0] if run_got else None
-            got = result.responses[-len(reads) :]
-        return await self._assignment(keys, lease, state, writes, result.revision, got, run, 0, now)
+        return await self._handed_over(keys, lease, handover, result)
 
     def _claiming(
         self, keys: Keys, lease: int, state: records_pb2.WorkItemState, now: int
@@ -1061,7 +1056,10 @@ class RunStore:
                     if (sibling[0].run_id, sibling[0].item_id) == (claim.run_id, claim.item_id):
                         taken.clear()  # a stale entry of this very item: nothing to claim
                 if taken:
-                    handover = self._claiming_queued(keys, sticky.lease, taken[0])
+                    sibling_item, revision = taken[0]
+                    handover = self._claiming_queued(
+                        keys, sticky.lease, _fresh_state(sibling_item), revision
+                    )
         writes: list[Request] = [
             Delete(claim_key),
             *plan.writes,
@@ -1090,11 +1088,14 @@ class RunStore:
     async def _handed_over(
         self, keys: Keys, lease: int, handover: _Handover, result: TxnResult
     ) -> Claim | None:
-        """The claim a committed completion made for its session, if it made one."""
+        """The claim a committed Txn made for the session, if it made one.
+
+        A nested claim (a queued item's own Txn, last) may have failed alone.
+        """
         got = None
         if result.responses is not None:
             got = result.responses[-len(handover.reads) :]
-            if handover.nested_txn is not None:  # the sibling's own Txn, last: it may fail alone
+            if handover.nested_txn is not None:
                 inner = typing.cast(TxnResult, result.responses[-1])
                 if not inner.succeeded or inner.responses is None:
                     return None
@@ -1114,15 +1115,16 @@ class RunStore:
         )
 
     def _claiming_queued(
-        self, keys: Keys, lease: int, queued: tuple[work_item_pb2.WorkItem, int]
+        self, keys: Keys, lease: int, state: records_pb2.WorkItemState, revision: int
     ) -> _Handover:
-        """A nested Txn that claims a fresh queued item if its entry still stands as it was."""
-        item, revision = queued
-        handover = _Handover(
-            records_pb2.WorkItemState(item=item, status=records_pb2.ITEM_STATUS_PENDING)
-        )
-        handover.state.updated_at.CopyFrom(item.created_at)
-        handover.claiming, handover.reads = self._claiming(keys, lease, handover.state, _now_ms())
+        """A Txn (to run alone or nested) that claims a queued pending item for a session.
+
+        It holds if the item's queue entry exists, its state is still the one written at
+        ``revision``, and its run is running.
+        """
+        item = state.item
+        handover = _Handover(state)
+        handover.claiming, handover.reads = self._claiming(keys, lease, state, _now_ms())
         handover.nested_txn = Txn(
             [
                 Compare.exists(keys.queue(item.run_id, item.item_id)),
