@@ -22,6 +22,7 @@ from floxide_server.store.payloads import Limits
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.client import OrchestratorClient
+from tests.helpers import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,19 +124,14 @@ class Stack:
 
 @pytest.fixture
 async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[Stack]:
-    kv = EtcdKV([etcd.endpoint])
-    server = Server(
-        kv, ServerConfig(port=0, limits=Limits(max_payload_bytes=2048), max_message_bytes=64 * 1024)
+    config = ServerConfig(
+        port=0, limits=Limits(max_payload_bytes=2048), max_message_bytes=64 * 1024
     )
-    await server.start()
-    namespace = f"ns-{uuid.uuid4().hex[:10]}"
-    client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
-    try:
-        yield Stack(server, client, namespace)
-    finally:
-        await client.close()
-        await server.stop()
-        await kv.close()
+    async with serving([etcd.endpoint], config) as server:
+        namespace = f"ns-{uuid.uuid4().hex[:10]}"
+        client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
+        async with client:
+            yield Stack(server, client, namespace)
 
 
 async def run_to_completion(stack: Stack, run_id: str, steps: list[Any]) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd, free_port
-from floxide_server.etcd import EtcdKV
 from floxide_server.worker_service import SessionConfig
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Workflow, node
 from floxide_grpc.client import OrchestratorClient
+from tests.helpers import serving
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -66,17 +66,13 @@ def is_leader(member: EmbeddedEtcd) -> bool:
 
 @pytest.fixture
 async def stack(members: list[EmbeddedEtcd]) -> AsyncIterator[tuple[Server, str, str]]:
-    kv = EtcdKV([m.endpoint for m in members], timeout=2.0, retry_for=30.0)
     sessions = SessionConfig(
         lease_ttl=timedelta(seconds=5), heartbeat_interval=timedelta(seconds=1)
     )
-    server = Server(kv, ServerConfig(port=0, sessions=sessions))
-    await server.start()
-    try:
+    config = ServerConfig(port=0, sessions=sessions)
+    endpoints = [m.endpoint for m in members]
+    async with serving(endpoints, config, timeout=2.0, retry_for=30.0) as server:
         yield server, f"127.0.0.1:{server.port}", f"ns-{uuid.uuid4().hex[:8]}"
-    finally:
-        await server.stop()
-        await kv.close()
 
 
 async def run_batch(client: OrchestratorClient, count: int) -> None:

@@ -14,7 +14,6 @@ import grpc
 import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.etcd import EtcdKV
 from floxide_server.store.runs import MAX_CHAIN
 from floxide_server.worker_service import SessionConfig
 from floxide_worker import Worker, WorkerConfig
@@ -38,7 +37,7 @@ from floxide_grpc._proto.floxide.v1 import (
 )
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
-from tests.helpers import eventually
+from tests.helpers import eventually, serving
 
 FAST = SessionConfig(
     lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500), max_credit=16
@@ -116,17 +115,12 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(etcd: EmbeddedEtcd) -> AsyncIterator[Cluster]:
-    kv = EtcdKV([etcd.endpoint])
-    server = Server(kv, ServerConfig(port=0, sessions=FAST, grace=timedelta(seconds=2)))
-    await server.start()
-    namespace = f"ns-{uuid.uuid4().hex[:10]}"
-    client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
-    try:
-        yield Cluster(server, namespace, client)
-    finally:
-        await client.close()
-        await server.stop()
-        await kv.close()
+    config = ServerConfig(port=0, sessions=FAST, grace=timedelta(seconds=2))
+    async with serving([etcd.endpoint], config) as server:
+        namespace = f"ns-{uuid.uuid4().hex[:10]}"
+        client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
+        async with client:
+            yield Cluster(server, namespace, client)
 
 
 async def test_a_fan_out_runs_on_two_workers_and_joins_once(cluster: Cluster) -> None:

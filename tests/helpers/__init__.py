@@ -1,4 +1,5 @@
-"""Test helpers: waiting on conditions with deadlines, and a TCP proxy that fails on demand."""
+"""Test helpers: waiting on conditions with deadlines, a TCP proxy that fails on demand, and
+an in-process server on etcd."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from floxide_server.app import Server, ServerConfig
+from floxide_server.etcd import EtcdKV
 
 T = TypeVar("T")
 
@@ -133,3 +137,18 @@ def stop_server(process: subprocess.Popen[bytes], sig: int, timeout: float = 30.
     with contextlib.suppress(ProcessLookupError):
         process.send_signal(sig)
     return process.wait(timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    endpoints: Sequence[str], config: ServerConfig, **kv_options: Any
+) -> AsyncIterator[Server]:
+    """An in-process server on etcd (``kv_options`` go to its EtcdKV), stopped on the way out."""
+    kv = EtcdKV(list(endpoints), **kv_options)
+    server = Server(kv, config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+        await kv.close()
