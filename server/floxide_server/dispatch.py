@@ -318,7 +318,7 @@ class Dispatcher:
             log.warning("claim of %s/%s failed: %s", queued.item.run_id, queued.item.item_id, exc)
             claimed = False
             # Still queued, as far as we know: try it again in a while.
-            asyncio.get_running_loop().call_later(1.0, self._retry, session.namespace, queued)
+            asyncio.get_running_loop().call_later(1.0, self.give_back, session.namespace, queued)
         if not claimed:
             session.credit += 1  # not claimed: the slot stays free
             self.wake(session.namespace)
@@ -343,10 +343,7 @@ class Dispatcher:
         return None
 
     def give_back(self, namespace: str, queued: Queued) -> None:
-        """Return a taken item that no Txn tried to claim."""
-        self._retry(namespace, queued)
-
-    def _retry(self, namespace: str, queued: Queued) -> None:
+        """Return a taken item that no Txn claimed, to be dispatched again."""
         self._ready.setdefault(namespace, _Ready()).add(queued)
         self.wake(namespace)
 
