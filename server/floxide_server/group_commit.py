@@ -143,8 +143,7 @@ class GroupCommit:
         self.max_bytes = max_bytes
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0
-        self.members = 0
+        self.batches = 0  # requests sent (a test counts them)
 
     async def submit(self, txn: Txn) -> TxnResult:
         """Apply a transaction, alone or with others; its result is its own."""
@@ -162,7 +161,6 @@ class GroupCommit:
                 if not batch:
                     continue
                 self.batches += 1
-                self.members += len(batch)
                 outcomes = await self._commit([w.txn for w in batch])
                 for waiting, outcome in zip(batch, outcomes, strict=True):
                     if waiting.future.done():
