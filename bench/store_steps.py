@@ -24,10 +24,10 @@ from typing import Any
 
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
+from floxide_server.store import Store, queue
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import Delete, Put, Txn, TxnResult
 from floxide_server.store.payloads import Limits
-from floxide_server.store.runs import RunStore
 from floxide_server.store.workflows import WorkflowStore
 
 from floxide_grpc import Workflow
@@ -103,14 +103,14 @@ async def main(runs: int, concurrency: int) -> dict[str, Any]:
     kv = CountingKV([etcd.endpoint])
     limits = Limits()
     workflows = WorkflowStore(kv, limits)
-    store = RunStore(kv, workflows, limits)
+    store = Store.open(kv, limits, workflows)
     namespace = "bench"
     try:
         await workflows.register(namespace, chain().definition())  # chain10
         lease = await kv.grant(60)
         await kv.txn(Txn([], [Put(Keys(namespace).session(lease), b"bench", lease)]))
         for n in range(runs):
-            await store.start(namespace, "chain10", "", _json(n), "", None)
+            await store.lifecycle.start(namespace, "chain10", "", _json(n), "", None)
         before, metrics_before = Counter(**vars(kv.counter)), etcd_metrics(etcd)
         claims: list[float] = []
         completes: list[float] = []
@@ -119,7 +119,7 @@ async def main(runs: int, concurrency: int) -> dict[str, Any]:
         async def one(item: work_item_pb2.WorkItem) -> None:
             async with semaphore:
                 started = time.perf_counter()
-                claim = await store.claim(namespace, lease, item.run_id, item.item_id)
+                claim = await store.claims.claim(namespace, lease, item.run_id, item.item_id)
                 claims.append(time.perf_counter() - started)
                 assert claim is not None
                 value = json.loads(claim.item.input.data) + 1
@@ -128,11 +128,11 @@ async def main(runs: int, concurrency: int) -> dict[str, Any]:
                     next=work_item_pb2.Transition.Next(output=output)
                 )
                 started = time.perf_counter()
-                await store.complete(namespace, claim.token, transition)
+                await store.completions.complete(namespace, claim.token, transition)
                 completes.append(time.perf_counter() - started)
 
         wall = time.perf_counter()
-        while ready := await store.ready(namespace):
+        while ready := await queue.ready(kv, namespace):
             await asyncio.gather(*(one(item) for item in ready))
         wall = time.perf_counter() - wall
         steps = len(claims)

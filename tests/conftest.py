@@ -16,6 +16,7 @@ import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
+from floxide_server.store import queue
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, MemoryKV, Put, Txn
 from floxide_server.store.payloads import Limits
@@ -136,7 +137,7 @@ async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[Stack]:
 
 async def run_to_completion(stack: Stack, run_id: str, steps: list[Any]) -> None:
     """Play a worker: claim each queued item in turn and complete it with the next output."""
-    runs, kv = stack.server.runs, stack.server.kv
+    store, kv = stack.server.store, stack.server.kv
     lease = await kv.grant(30)
     worker = records_pb2.WorkerRecord(
         session_id=f"{lease:x}", worker_id="test-worker", namespace=stack.namespace, slots=1
@@ -146,11 +147,11 @@ async def run_to_completion(stack: Stack, run_id: str, steps: list[Any]) -> None
         Txn([], [Put(Keys(stack.namespace).session(lease), worker.SerializeToString(), lease)])
     )
     for output in steps:
-        [item] = [i for i in await runs.ready(stack.namespace) if i.run_id == run_id]
-        claim = await runs.claim(stack.namespace, lease, item.run_id, item.item_id)
+        [item] = [i for i in await queue.ready(kv, stack.namespace) if i.run_id == run_id]
+        claim = await store.claims.claim(stack.namespace, lease, item.run_id, item.item_id)
         assert claim is not None
         payload = work_item_pb2.Payload(
             encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(output).encode()
         )
         transition = work_item_pb2.Transition(next=work_item_pb2.Transition.Next(output=payload))
-        await runs.complete(stack.namespace, claim.token, transition)
+        await store.completions.complete(stack.namespace, claim.token, transition)

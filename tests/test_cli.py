@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from floxide_server.store import queue
+
 from floxide_grpc import Workflow, node
 from tests.conftest import Runner, Stack, run_to_completion
 from tests.helpers import eventually
@@ -110,7 +112,7 @@ async def test_start_wait_follows_the_run_to_its_output(stack: Stack) -> None:
     cli = asyncio.create_task(floxide(stack, "start", "triple", "--input", "5", "--wait"))
 
     async def queued() -> list[Any]:
-        return await stack.server.runs.ready(stack.namespace)
+        return await queue.ready(stack.server.kv, stack.namespace)
 
     [item] = await eventually(queued, within=30)
     await run_to_completion(stack, item.run_id, [15])

@@ -13,10 +13,12 @@ from typing import Annotated, Any
 
 import pytest
 from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.store import Store, fanout, queue, retention, timers
+from floxide_server.store.claims import Claim
+from floxide_server.store.completion import Sticky
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Put, Txn
 from floxide_server.store.payloads import Limits
-from floxide_server.store.runs import Claim, RunStore, Sticky
 from floxide_server.store.workflows import WorkflowStore
 
 from floxide_grpc import (
@@ -111,7 +113,7 @@ class Stores:
     kv: KV
     namespace: str
     workflows: WorkflowStore
-    runs: RunStore
+    store: Store
 
     @property
     def keys(self) -> Keys:
@@ -122,7 +124,9 @@ class Stores:
         return definition_hash
 
     async def start(self, workflow: str, value: Any, key: str = "") -> records_pb2.RunRecord:
-        run, _ = await self.runs.start(self.namespace, workflow, "", js(value), key, None)
+        run, _ = await self.store.lifecycle.start(
+            self.namespace, workflow, "", js(value), key, None
+        )
         return run
 
     async def session(self, ttl: int = 30) -> int:
@@ -131,14 +135,16 @@ class Stores:
         return lease
 
     async def claim_next(self, lease: int) -> Claim:
-        ready = await self.runs.ready(self.namespace)
+        ready = await queue.ready(self.kv, self.namespace)
         assert ready, "nothing is ready"
-        claim = await self.runs.claim(self.namespace, lease, ready[0].run_id, ready[0].item_id)
+        claim = await self.store.claims.claim(
+            self.namespace, lease, ready[0].run_id, ready[0].item_id
+        )
         assert claim is not None
         return claim
 
     async def state(self, run_id: str) -> dict[str, tuple[int, int]]:
-        items, _ = await self.runs.items(self.namespace, run_id)
+        items, _ = await self.store.reads.items(self.namespace, run_id)
         return {s.item.node: (s.status, s.attempts) for s in items}
 
 
@@ -146,7 +152,7 @@ class Stores:
 async def stores(kv: KV) -> AsyncIterator[Stores]:
     limits = Limits(max_payload_bytes=4096)
     workflows = WorkflowStore(kv, limits)
-    yield Stores(kv, f"ns-{uuid.uuid4().hex[:12]}", workflows, RunStore(kv, workflows, limits))
+    yield Stores(kv, f"ns-{uuid.uuid4().hex[:12]}", workflows, Store.open(kv, limits, workflows))
 
 
 # -- workflows ---------------------------------------------------------------------------------
@@ -182,7 +188,7 @@ async def test_a_start_uses_the_definition_another_replica_just_registered(
 ) -> None:
     first_hash = await stores.register(chain())
     first = await stores.start("chain", 1)  # this replica now knows "chain" -> first_hash
-    other = WorkflowStore(stores.kv, stores.runs.limits)  # another replica
+    other = WorkflowStore(stores.kv, stores.store.limits)  # another replica
     second_hash, _ = await other.register(
         stores.namespace, Workflow("chain", start=inc).definition()
     )
@@ -190,15 +196,15 @@ async def test_a_start_uses_the_definition_another_replica_just_registered(
     assert (first.definition_hash, second.definition_hash) == (first_hash, second_hash)
     assert first_hash != second_hash
     with pytest.raises(WorkflowNotFound):
-        await stores.runs.start(stores.namespace, "other", second_hash, js(1), "", None)
+        await stores.store.lifecycle.start(stores.namespace, "other", second_hash, js(1), "", None)
 
 
 async def test_start_queues_the_first_item(stores: Stores) -> None:
     await stores.register(chain())
     run = await stores.start("chain", 1)
     assert run.status == records_pb2.RUN_STATUS_RUNNING
-    assert (await stores.runs.get(stores.namespace, run.run_id)) == run
-    assert [(i.node, i.run_id) for i in await stores.runs.ready(stores.namespace)] == [
+    assert (await stores.store.reads.get(stores.namespace, run.run_id)) == run
+    assert [(i.node, i.run_id) for i in await queue.ready(stores.kv, stores.namespace)] == [
         ("inc", run.run_id)
     ]
     assert await stores.state(run.run_id) == {"inc": (records_pb2.ITEM_STATUS_PENDING, 0)}
@@ -206,14 +212,16 @@ async def test_start_queues_the_first_item(stores: Stores) -> None:
 
 async def test_idempotency_key_returns_the_same_run_or_refuses_other_input(stores: Stores) -> None:
     await stores.register(chain())
-    first, created = await stores.runs.start(stores.namespace, "chain", "", js(1), "order-9", None)
-    again, created_again = await stores.runs.start(
+    first, created = await stores.store.lifecycle.start(
+        stores.namespace, "chain", "", js(1), "order-9", None
+    )
+    again, created_again = await stores.store.lifecycle.start(
         stores.namespace, "chain", "", js(1), "order-9", None
     )
     assert created and not created_again and again.run_id == first.run_id
     with pytest.raises(AlreadyExists, match="idempotency key 'order-9' already started run"):
-        await stores.runs.start(stores.namespace, "chain", "", js(2), "order-9", None)
-    runs, _ = await stores.runs.list_runs(stores.namespace, [], "", 0, "")
+        await stores.store.lifecycle.start(stores.namespace, "chain", "", js(2), "order-9", None)
+    runs, _ = await stores.store.reads.list_runs(stores.namespace, [], "", 0, "")
     assert [r.run_id for r in runs] == [first.run_id]
 
 
@@ -225,13 +233,15 @@ async def test_bad_starts_are_refused_and_change_nothing(stores: Stores) -> None
         await stores.start("chain", "one")
     with pytest.raises(InvalidPayload, match="not valid JSON"):
         broken = Payload(encoding=work_item_pb2.ENCODING_JSON, data=b"{x")
-        await stores.runs.start(stores.namespace, "chain", "", broken, "", None)
+        await stores.store.lifecycle.start(stores.namespace, "chain", "", broken, "", None)
     with pytest.raises(ResourceExhausted, match="over the limit of 4096"):
-        await stores.runs.start(stores.namespace, "chain", "", js("x" * 5000), "", None)
+        await stores.store.lifecycle.start(stores.namespace, "chain", "", js("x" * 5000), "", None)
     with pytest.raises(InvalidPayload, match="context field 'missing' is not declared"):
-        await stores.runs.start(stores.namespace, "chain", "", js(1), "", js({"missing": 1}))
-    assert await stores.runs.list_runs(stores.namespace, [], "", 0, "") == ([], "")
-    assert await stores.runs.ready(stores.namespace) == []
+        await stores.store.lifecycle.start(
+            stores.namespace, "chain", "", js(1), "", js({"missing": 1})
+        )
+    assert await stores.store.reads.list_runs(stores.namespace, [], "", 0, "") == ([], "")
+    assert await queue.ready(stores.kv, stores.namespace) == []
 
 
 # -- claiming and completing ---------------------------------------------------------------------
@@ -247,14 +257,16 @@ async def test_a_chain_runs_to_completion_with_context_operations(stores: Stores
     add = work_item_pb2.ContextOperation(
         field="total", strategy=work_item_pb2.MERGE_STRATEGY_ADD, value=js(5)
     )
-    assert (await stores.runs.complete(stores.namespace, claim.token, nxt(2), [add])).code == 0
+    assert (
+        await stores.store.completions.complete(stores.namespace, claim.token, nxt(2), [add])
+    ).code == 0
     claim = await stores.claim_next(lease)
     assert claim.item.node == "show" and json.loads(claim.context.data) == {"total": 5}
-    await stores.runs.complete(stores.namespace, claim.token, nxt("2"))
-    done = await stores.runs.get(stores.namespace, run.run_id)
+    await stores.store.completions.complete(stores.namespace, claim.token, nxt("2"))
+    done = await stores.store.reads.get(stores.namespace, run.run_id)
     assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == "2"
-    assert await stores.runs.context(stores.namespace, run.run_id) == {"total": 5}
-    metrics = await stores.runs.metrics(stores.namespace, run.run_id)
+    assert await stores.store.reads.context(stores.namespace, run.run_id) == {"total": 5}
+    metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
     assert (metrics.total_work_items, metrics.completed, metrics.pending) == (2, 2, 0)
 
 
@@ -263,21 +275,24 @@ async def test_results_are_fenced_by_claim_and_session(stores: Stores) -> None:
     run = await stores.start("chain", 1)
     lease = await stores.session()
     claim = await stores.claim_next(lease)
-    await stores.runs.complete(stores.namespace, claim.token, nxt(2))
+    await stores.store.completions.complete(stores.namespace, claim.token, nxt(2))
     with pytest.raises(AlreadyExists, match="already applied"):
-        await stores.runs.complete(stores.namespace, claim.token, nxt(2))
+        await stores.store.completions.complete(stores.namespace, claim.token, nxt(2))
     forged = claim.token.replace(":1:", ":9:")
     with pytest.raises(ClaimLost):
-        await stores.runs.complete(stores.namespace, forged, nxt(2))
+        await stores.store.completions.complete(stores.namespace, forged, nxt(2))
     second = await stores.claim_next(lease)
     await stores.kv.revoke(lease)  # the worker's session ends before it reports
     with pytest.raises(ClaimLost):
-        await stores.runs.complete(stores.namespace, second.token, nxt("2"))
+        await stores.store.completions.complete(stores.namespace, second.token, nxt("2"))
     assert (
-        await stores.runs.get(stores.namespace, run.run_id)
+        await stores.store.reads.get(stores.namespace, run.run_id)
     ).status == records_pb2.RUN_STATUS_RUNNING
     assert (await stores.state(run.run_id))["show"] == (records_pb2.ITEM_STATUS_IN_PROGRESS, 1)
-    assert await stores.runs.claim(stores.namespace, lease, run.run_id, second.item.item_id) is None
+    assert (
+        await stores.store.claims.claim(stores.namespace, lease, run.run_id, second.item.item_id)
+        is None
+    )
 
 
 def serves_all(item: work_item_pb2.WorkItem) -> bool:
@@ -293,7 +308,7 @@ async def test_a_sticky_completion_claims_the_successor_in_the_same_txn(stores: 
     add = work_item_pb2.ContextOperation(
         field="total", strategy=work_item_pb2.MERGE_STRATEGY_ADD, value=js(5)
     )
-    completion = await stores.runs.complete(
+    completion = await stores.store.completions.complete(
         stores.namespace,
         first.token,
         nxt(2),
@@ -306,9 +321,9 @@ async def test_a_sticky_completion_claims_the_successor_in_the_same_txn(stores: 
     assert second.item.node == "show" and json.loads(second.item.input.data) == 2
     assert json.loads(second.context.data) == {"total": 5}  # the Txn read its own write
     assert second.snapshot is not None and second.snapshot.depth == 1
-    assert await stores.runs.ready(stores.namespace) == []  # never queued
+    assert await queue.ready(stores.kv, stores.namespace) == []  # never queued
     assert (await stores.state(run.run_id))["show"] == (records_pb2.ITEM_STATUS_IN_PROGRESS, 1)
-    last = await stores.runs.complete(
+    last = await stores.store.completions.complete(
         stores.namespace,
         second.token,
         nxt("2"),
@@ -316,10 +331,10 @@ async def test_a_sticky_completion_claims_the_successor_in_the_same_txn(stores: 
         sticky=Sticky(lease, serves_all),
     )
     assert last.code == 0 and last.claim is None
-    done = await stores.runs.get(stores.namespace, run.run_id)
+    done = await stores.store.reads.get(stores.namespace, run.run_id)
     assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == "2"
     with pytest.raises(AlreadyExists):
-        await stores.runs.complete(stores.namespace, second.token, nxt("2"))
+        await stores.store.completions.complete(stores.namespace, second.token, nxt("2"))
 
 
 async def test_a_successor_the_session_does_not_serve_is_queued(stores: Stores) -> None:
@@ -327,7 +342,7 @@ async def test_a_successor_the_session_does_not_serve_is_queued(stores: Stores) 
     await stores.start("chain", 1)
     lease = await stores.session()
     first = await stores.claim_next(lease)
-    completion = await stores.runs.complete(
+    completion = await stores.store.completions.complete(
         stores.namespace,
         first.token,
         nxt(2),
@@ -335,7 +350,7 @@ async def test_a_successor_the_session_does_not_serve_is_queued(stores: Stores) 
         sticky=Sticky(lease, lambda item: item.node != "show"),
     )
     assert completion.claim is None
-    assert [i.node for i in await stores.runs.ready(stores.namespace)] == ["show"]
+    assert [i.node for i in await queue.ready(stores.kv, stores.namespace)] == ["show"]
 
 
 async def test_a_stale_snapshot_costs_a_retry_and_a_paused_run_is_not_sticky(
@@ -345,8 +360,10 @@ async def test_a_stale_snapshot_costs_a_retry_and_a_paused_run_is_not_sticky(
     run = await stores.start("chain", 1)
     lease = await stores.session()
     first = await stores.claim_next(lease)
-    await stores.runs.pause(stores.namespace, run.run_id)  # the snapshot's run record is stale
-    completion = await stores.runs.complete(
+    await stores.store.lifecycle.pause(
+        stores.namespace, run.run_id
+    )  # the snapshot's run record is stale
+    completion = await stores.store.completions.complete(
         stores.namespace,
         first.token,
         nxt(2),
@@ -355,15 +372,15 @@ async def test_a_stale_snapshot_costs_a_retry_and_a_paused_run_is_not_sticky(
     )
     assert completion.code == 0 and completion.claim is None  # applied, successor held back
     assert (await stores.state(run.run_id))["show"] == (records_pb2.ITEM_STATUS_PENDING, 0)
-    await stores.runs.resume(stores.namespace, run.run_id)
+    await stores.store.lifecycle.resume(stores.namespace, run.run_id)
     second = await stores.claim_next(lease)
-    await stores.runs.pause(stores.namespace, run.run_id)
-    await stores.runs.resume(stores.namespace, run.run_id)  # stale again, but running
-    last = await stores.runs.complete(
+    await stores.store.lifecycle.pause(stores.namespace, run.run_id)
+    await stores.store.lifecycle.resume(stores.namespace, run.run_id)  # stale again, but running
+    last = await stores.store.completions.complete(
         stores.namespace, second.token, nxt("2"), snapshot=second.snapshot
     )
     assert last.code == 0
-    done = await stores.runs.get(stores.namespace, run.run_id)
+    done = await stores.store.reads.get(stores.namespace, run.run_id)
     assert done.status == records_pb2.RUN_STATUS_COMPLETED
 
 
@@ -375,16 +392,16 @@ async def test_sticky_fan_out_keeps_one_branch_and_the_last_arrival_claims_the_j
     lease = await stores.session()
     sticky = Sticky(lease, serves_all)
     start = await stores.claim_next(lease)
-    fanned = await stores.runs.complete(
+    fanned = await stores.store.completions.complete(
         stores.namespace, start.token, fan(10, 20, 30), snapshot=start.snapshot, sticky=sticky
     )
     assert fanned.claim is not None and fanned.claim.item.node == "inc"
-    assert len(await stores.runs.ready(stores.namespace)) == 2
+    assert len(await queue.ready(stores.kv, stores.namespace)) == 2
     branches = [fanned.claim, await stores.claim_next(lease), await stores.claim_next(lease)]
     joins = []
     for claim in branches:
         value = json.loads(claim.item.input.data) + 1
-        completion = await stores.runs.complete(
+        completion = await stores.store.completions.complete(
             stores.namespace, claim.token, nxt(value), snapshot=claim.snapshot, sticky=sticky
         )
         joins.append(completion.claim)
@@ -392,8 +409,10 @@ async def test_sticky_fan_out_keeps_one_branch_and_the_last_arrival_claims_the_j
     join = joins[2]
     assert join is not None and join.item.node == "gather"
     assert json.loads(join.item.input.data) == [11, 21, 31]  # read in this Txn, index order
-    await stores.runs.complete(stores.namespace, join.token, nxt(63), snapshot=join.snapshot)
-    done = await stores.runs.get(stores.namespace, run.run_id)
+    await stores.store.completions.complete(
+        stores.namespace, join.token, nxt(63), snapshot=join.snapshot
+    )
+    done = await stores.store.reads.get(stores.namespace, run.run_id)
     assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == 63
 
 
@@ -406,21 +425,21 @@ async def test_a_fresh_item_is_claimed_from_its_queue_entry_and_a_stale_entry_lo
     fresh = (work_item_pb2.WorkItem.FromString(entry.value), entry.mod_revision)
     assert json.loads(fresh[0].input.data) == 7  # the input rides in a fresh item's entry
     lease = await stores.session()
-    claim = await stores.runs.claim(
+    claim = await stores.store.claims.claim(
         stores.namespace, lease, run.run_id, fresh[0].item_id, queued=fresh
     )
     assert claim is not None and json.loads(claim.item.input.data) == 7
     await stores.kv.revoke(lease)  # its worker is lost: the item goes back, as attempt 2
-    assert await stores.runs.release(stores.namespace, lease, run.run_id, fresh[0].item_id)
+    assert await stores.store.claims.release(stores.namespace, lease, run.run_id, fresh[0].item_id)
     [again], _ = await stores.kv.range(stores.keys.queue())
     requeued = work_item_pb2.WorkItem.FromString(again.value)
     assert not requeued.HasField("input")  # not fresh: its state must be read
     other = await stores.session()
-    stale = await stores.runs.claim(
+    stale = await stores.store.claims.claim(
         stores.namespace, other, run.run_id, fresh[0].item_id, queued=fresh
     )
     assert stale is None  # the old entry's revision no longer matches the state
-    claim = await stores.runs.claim(
+    claim = await stores.store.claims.claim(
         stores.namespace, other, run.run_id, fresh[0].item_id, queued=(requeued, again.mod_revision)
     )
     assert claim is not None and claim.item.attempt == 2
@@ -439,7 +458,7 @@ async def test_a_result_without_a_successor_claims_a_queued_sibling_in_its_txn(
     run = await stores.start("fan", 4)
     lease = await stores.session()
     start = await stores.claim_next(lease)
-    await stores.runs.complete(stores.namespace, start.token, fan(10, 20, 30, 40))
+    await stores.store.completions.complete(stores.namespace, start.token, fan(10, 20, 30, 40))
     first = await stores.claim_next(lease)
     waiting = await queued(stores)
     taken: list[object] = []
@@ -450,7 +469,7 @@ async def test_a_result_without_a_successor_claims_a_queued_sibling_in_its_txn(
         return waiting[0]
 
     sticky = Sticky(lease, serves_all, take=take, give_back=given_back.append)
-    completion = await stores.runs.complete(
+    completion = await stores.store.completions.complete(
         stores.namespace, first.token, nxt(11), snapshot=first.snapshot, sticky=sticky
     )
     sibling = completion.claim
@@ -462,7 +481,7 @@ async def test_a_result_without_a_successor_claims_a_queued_sibling_in_its_txn(
     # An entry that changed since it was taken: the completion applies, the sibling is not
     # claimed (its nested Txn fails alone).
     stale = (waiting[1][0], waiting[1][1] - 1)
-    completion = await stores.runs.complete(
+    completion = await stores.store.completions.complete(
         stores.namespace,
         sibling.token,
         nxt(21),
@@ -474,7 +493,7 @@ async def test_a_result_without_a_successor_claims_a_queued_sibling_in_its_txn(
     stale = (waiting[2][0], waiting[2][1] - 1)
     await stores.kv.revoke(lease)  # a result that is not applied gives its taken item back
     with pytest.raises(ClaimLost):
-        await stores.runs.complete(
+        await stores.store.completions.complete(
             stores.namespace,
             third.token,
             nxt(31),
@@ -482,7 +501,7 @@ async def test_a_result_without_a_successor_claims_a_queued_sibling_in_its_txn(
             sticky=Sticky(lease, serves_all, take=lambda: stale, give_back=given_back.append),
         )
     assert given_back == [stale]
-    assert (await stores.runs.get(stores.namespace, run.run_id)).status == (
+    assert (await stores.store.reads.get(stores.namespace, run.run_id)).status == (
         records_pb2.RUN_STATUS_RUNNING
     )
 
@@ -492,7 +511,7 @@ async def test_a_result_that_fails_its_run_takes_no_sibling(stores: Stores) -> N
     run = await stores.start("fan", 3)
     lease = await stores.session()
     start = await stores.claim_next(lease)
-    await stores.runs.complete(stores.namespace, start.token, fan(10, 20, 30))
+    await stores.store.completions.complete(stores.namespace, start.token, fan(10, 20, 30))
     branch = await stores.claim_next(lease)
     waiting = await queued(stores)
     taken: list[object] = []
@@ -501,7 +520,7 @@ async def test_a_result_that_fails_its_run_takes_no_sibling(stores: Stores) -> N
         taken.append(waiting[0])
         return waiting[0]
 
-    completion = await stores.runs.complete(
+    completion = await stores.store.completions.complete(
         stores.namespace,
         branch.token,
         abort("boom"),  # no retry policy, no fallback: the run fails
@@ -509,7 +528,7 @@ async def test_a_result_that_fails_its_run_takes_no_sibling(stores: Stores) -> N
         sticky=Sticky(lease, serves_all, take=take),
     )
     assert completion.claim is None and taken == []
-    failed = await stores.runs.get(stores.namespace, run.run_id)
+    failed = await stores.store.reads.get(stores.namespace, run.run_id)
     assert failed.status == records_pb2.RUN_STATUS_FAILED
     assert await queued(stores) == []  # the failed run's queue is cleared, nothing claimed
 
@@ -518,9 +537,9 @@ async def test_only_one_session_wins_a_claim(stores: Stores) -> None:
     await stores.register(chain())
     await stores.start("chain", 1)
     first, second = await stores.session(), await stores.session()
-    [item] = await stores.runs.ready(stores.namespace)
-    won = await stores.runs.claim(stores.namespace, first, item.run_id, item.item_id)
-    lost = await stores.runs.claim(stores.namespace, second, item.run_id, item.item_id)
+    [item] = await queue.ready(stores.kv, stores.namespace)
+    won = await stores.store.claims.claim(stores.namespace, first, item.run_id, item.item_id)
+    lost = await stores.store.claims.claim(stores.namespace, second, item.run_id, item.item_id)
     assert won is not None and lost is None
 
 
@@ -528,17 +547,17 @@ async def test_a_fan_out_joins_once_in_index_order(stores: Stores) -> None:
     await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
     run = await stores.start("fan", 3)
     lease = await stores.session()
-    await stores.runs.complete(
+    await stores.store.completions.complete(
         stores.namespace, (await stores.claim_next(lease)).token, fan(10, 20, 30)
     )
     branches = [await stores.claim_next(lease) for _ in range(3)]
     for claim in reversed(branches):  # arrive out of order
         value = json.loads(claim.item.input.data) + 1
-        await stores.runs.complete(stores.namespace, claim.token, nxt(value))
+        await stores.store.completions.complete(stores.namespace, claim.token, nxt(value))
     join = await stores.claim_next(lease)
     assert join.item.node == "gather" and json.loads(join.item.input.data) == [11, 21, 31]
-    await stores.runs.complete(stores.namespace, join.token, nxt(63))
-    done = await stores.runs.get(stores.namespace, run.run_id)
+    await stores.store.completions.complete(stores.namespace, join.token, nxt(63))
+    done = await stores.store.reads.get(stores.namespace, run.run_id)
     assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == 63
 
 
@@ -566,20 +585,26 @@ async def test_a_result_that_keeps_losing_races_is_kept_for_a_resend(stores: Sto
     await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
     run = await stores.start("fan", 2)
     lease = await stores.session()
-    await stores.runs.complete(stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2))
+    await stores.store.completions.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2)
+    )
     first = await stores.claim_next(lease)
-    await stores.runs.complete(stores.namespace, first.token, nxt(2))  # the group's record now
+    await stores.store.completions.complete(
+        stores.namespace, first.token, nxt(2)
+    )  # the group's record now
     branch = await stores.claim_next(lease)
     rival = Rival(stores.kv)
-    runs = RunStore(typing.cast(KV, rival), stores.workflows, stores.runs.limits)
+    runs = Store.open(typing.cast(KV, rival), stores.store.limits, stores.workflows)
     rival.key = stores.keys.group(run.run_id, branch.item.group_stack[-1].group_id)
     with pytest.raises(Unavailable, match="send the result again"):
-        await runs.complete(stores.namespace, branch.token, nxt(2), snapshot=branch.snapshot)
-    items, _ = await stores.runs.items(stores.namespace, run.run_id)
+        await runs.completions.complete(
+            stores.namespace, branch.token, nxt(2), snapshot=branch.snapshot
+        )
+    items, _ = await stores.store.reads.items(stores.namespace, run.run_id)
     [held] = [i for i in items if i.item.item_id == branch.item.item_id]
     assert held.status == records_pb2.ITEM_STATUS_IN_PROGRESS  # nothing changed, claim stands
     rival.key = b""  # the race is over: the resent result is applied
-    assert (await runs.complete(stores.namespace, branch.token, nxt(3))).code == 0
+    assert (await runs.completions.complete(stores.namespace, branch.token, nxt(3))).code == 0
     join = await stores.claim_next(lease)
     assert json.loads(join.item.input.data) == [2, 3]
 
@@ -592,20 +617,20 @@ async def test_branches_completed_on_two_replicas_join_once_with_every_output(
     await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
     run = await stores.start("fan", 4)
     lease = await stores.session()
-    other = RunStore(stores.kv, stores.workflows, stores.runs.limits)
+    other = Store.open(stores.kv, stores.store.limits, stores.workflows)
     start = await stores.claim_next(lease)
-    await stores.runs.complete(stores.namespace, start.token, fan(10, 20, 30, 40))
+    await stores.store.completions.complete(stores.namespace, start.token, fan(10, 20, 30, 40))
     branches = [await stores.claim_next(lease) for _ in range(4)]
     for n, claim in enumerate(branches):
-        replica = stores.runs if n % 2 == 0 else other
+        replica = stores.store if n % 2 == 0 else other
         value = json.loads(claim.item.input.data) + 1
-        completion = await replica.complete(
+        completion = await replica.completions.complete(
             stores.namespace, claim.token, nxt(value), snapshot=claim.snapshot
         )
         assert completion.code == 0
     join = await stores.claim_next(lease)
     assert json.loads(join.item.input.data) == [11, 21, 31, 41]
-    items, _ = await stores.runs.items(stores.namespace, run.run_id)
+    items, _ = await stores.store.reads.items(stores.namespace, run.run_id)
     assert [i.item.node for i in items].count("gather") == 1
 
 
@@ -613,11 +638,13 @@ async def test_an_invalid_output_is_recorded_as_a_failed_attempt(stores: Stores)
     await stores.register(chain())
     run = await stores.start("chain", 1)
     claim = await stores.claim_next(await stores.session())
-    completion = await stores.runs.complete(stores.namespace, claim.token, nxt("not a number"))
+    completion = await stores.store.completions.complete(
+        stores.namespace, claim.token, nxt("not a number")
+    )
     assert completion.code == 3 and "is not of type 'integer'" in completion.message
-    failed = await stores.runs.get(stores.namespace, run.run_id)
+    failed = await stores.store.reads.get(stores.namespace, run.run_id)
     assert failed.status == records_pb2.RUN_STATUS_FAILED
-    errors, _ = await stores.runs.errors(stores.namespace, run.run_id)
+    errors, _ = await stores.store.reads.errors(stores.namespace, run.run_id)
     assert [(e.node, e.attempt, e.error.kind) for e in errors] == [
         ("inc", 1, work_item_pb2.ERROR_KIND_INVALID_OUTPUT)
     ]
@@ -628,26 +655,26 @@ async def test_a_failed_attempt_waits_on_a_durable_timer_then_falls_back(stores:
     await stores.register(flow)
     run = await stores.start("retry", 1)
     lease = await stores.session()
-    await stores.runs.complete(
+    await stores.store.completions.complete(
         stores.namespace, (await stores.claim_next(lease)).token, abort("down")
     )
     assert (await stores.state(run.run_id))["flaky"] == (records_pb2.ITEM_STATUS_WAITING_RETRY, 1)
-    assert await stores.runs.ready(stores.namespace) == []
-    assert await stores.runs.fire_timers(stores.namespace, now_ms=0) == 0  # not due yet
-    assert await stores.runs.fire_timers(stores.namespace, now_ms=10**13) == 1
+    assert await queue.ready(stores.kv, stores.namespace) == []
+    assert await timers.fire_timers(stores.kv, stores.namespace, now=0) == 0  # not due yet
+    assert await timers.fire_timers(stores.kv, stores.namespace, now=10**13) == 1
     retry = await stores.claim_next(lease)
     assert retry.item.attempt == 2
-    await stores.runs.complete(stores.namespace, retry.token, abort("still down"))
+    await stores.store.completions.complete(stores.namespace, retry.token, abort("still down"))
     assert (await stores.state(run.run_id))["flaky"] == (
         records_pb2.ITEM_STATUS_PERMANENTLY_FAILED,
         2,
     )
     fallback = await stores.claim_next(lease)
     assert fallback.item.node == "rescue" and json.loads(fallback.item.input.data) == 1
-    await stores.runs.complete(stores.namespace, fallback.token, nxt("rescued"))
-    done = await stores.runs.get(stores.namespace, run.run_id)
+    await stores.store.completions.complete(stores.namespace, fallback.token, nxt("rescued"))
+    done = await stores.store.reads.get(stores.namespace, run.run_id)
     assert json.loads(done.output.data) == "rescued"
-    metrics = await stores.runs.metrics(stores.namespace, run.run_id)
+    metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
     assert (metrics.retries, metrics.failed) == (1, 1)
 
 
@@ -655,77 +682,86 @@ async def test_a_failed_run_resumes_with_attempts_kept(stores: Stores) -> None:
     await stores.register(chain())
     run = await stores.start("chain", 1)
     lease = await stores.session()
-    await stores.runs.complete(
+    await stores.store.completions.complete(
         stores.namespace, (await stores.claim_next(lease)).token, abort("boom")
     )
-    failed = await stores.runs.get(stores.namespace, run.run_id)
+    failed = await stores.store.reads.get(stores.namespace, run.run_id)
     assert failed.status == records_pb2.RUN_STATUS_FAILED and failed.error.message == "boom"
-    resumed = await stores.runs.resume(stores.namespace, run.run_id)
+    resumed = await stores.store.lifecycle.resume(stores.namespace, run.run_id)
     assert resumed.status == records_pb2.RUN_STATUS_RUNNING
     claim = await stores.claim_next(lease)
     assert claim.item.attempt == 2
     with pytest.raises(FailedPrecondition, match="it is running"):
-        await stores.runs.resume(stores.namespace, run.run_id)
+        await stores.store.lifecycle.resume(stores.namespace, run.run_id)
 
 
 async def test_pause_stops_dispatch_and_resume_continues(stores: Stores) -> None:
     await stores.register(chain())
     run = await stores.start("chain", 1)
     lease = await stores.session()
-    paused = await stores.runs.pause(stores.namespace, run.run_id)
+    paused = await stores.store.lifecycle.pause(stores.namespace, run.run_id)
     assert paused.status == records_pb2.RUN_STATUS_PAUSED
     assert (
-        await stores.runs.pause(stores.namespace, run.run_id)
+        await stores.store.lifecycle.pause(stores.namespace, run.run_id)
     ).status == records_pb2.RUN_STATUS_PAUSED
-    [item] = await stores.runs.ready(stores.namespace)
-    assert await stores.runs.claim(stores.namespace, lease, item.run_id, item.item_id) is None
-    await stores.runs.resume(stores.namespace, run.run_id)
-    assert await stores.runs.claim(stores.namespace, lease, item.run_id, item.item_id) is not None
+    [item] = await queue.ready(stores.kv, stores.namespace)
+    assert (
+        await stores.store.claims.claim(stores.namespace, lease, item.run_id, item.item_id) is None
+    )
+    await stores.store.lifecycle.resume(stores.namespace, run.run_id)
+    assert (
+        await stores.store.claims.claim(stores.namespace, lease, item.run_id, item.item_id)
+        is not None
+    )
 
 
 async def test_cancel_stops_the_run_and_refuses_late_results(stores: Stores) -> None:
     await stores.register(chain())
     run = await stores.start("chain", 1)
     claim = await stores.claim_next(await stores.session())
-    cancelled = await stores.runs.cancel(stores.namespace, run.run_id, "no longer needed")
+    cancelled = await stores.store.lifecycle.cancel(
+        stores.namespace, run.run_id, "no longer needed"
+    )
     assert cancelled.status == records_pb2.RUN_STATUS_CANCELLED
     with pytest.raises(ClaimLost, match="is cancelled"):
-        await stores.runs.complete(stores.namespace, claim.token, nxt(2))
-    assert await stores.runs.ready(stores.namespace) == []
+        await stores.store.completions.complete(stores.namespace, claim.token, nxt(2))
+    assert await queue.ready(stores.kv, stores.namespace) == []
     with pytest.raises(FailedPrecondition, match=r"cannot cancel run .* it is cancelled"):
-        await stores.runs.cancel(stores.namespace, run.run_id, "again")
+        await stores.store.lifecycle.cancel(stores.namespace, run.run_id, "again")
     with pytest.raises(NotFound):
-        await stores.runs.cancel(stores.namespace, str(uuid.uuid4()), "")
+        await stores.store.lifecycle.cancel(stores.namespace, str(uuid.uuid4()), "")
 
 
 async def test_list_runs_pages_newest_first_and_filters(stores: Stores) -> None:
     await stores.register(chain())
     runs = [await stores.start("chain", n) for n in range(5)]
-    await stores.runs.cancel(stores.namespace, runs[1].run_id, "")
-    page, token = await stores.runs.list_runs(stores.namespace, [], "", 2, "")
+    await stores.store.lifecycle.cancel(stores.namespace, runs[1].run_id, "")
+    page, token = await stores.store.reads.list_runs(stores.namespace, [], "", 2, "")
     assert [r.run_id for r in page] == [runs[4].run_id, runs[3].run_id] and token
-    rest, end = await stores.runs.list_runs(stores.namespace, [], "", 10, token)
+    rest, end = await stores.store.reads.list_runs(stores.namespace, [], "", 10, token)
     assert [r.run_id for r in rest] == [r.run_id for r in reversed(runs[:3])] and end == ""
-    cancelled, _ = await stores.runs.list_runs(
+    cancelled, _ = await stores.store.reads.list_runs(
         stores.namespace, [records_pb2.RUN_STATUS_CANCELLED], "", 0, ""
     )
     assert [r.run_id for r in cancelled] == [runs[1].run_id]
-    assert (await stores.runs.list_runs(stores.namespace, [], "other", 0, ""))[0] == []
+    assert (await stores.store.reads.list_runs(stores.namespace, [], "other", 0, ""))[0] == []
 
 
 async def test_enqueue_is_idempotent_and_checks_its_input(stores: Stores) -> None:
     await stores.register(chain())
     run = await stores.start("chain", 1)
-    item, created = await stores.runs.enqueue(stores.namespace, run.run_id, "show", js(7), "req-1")
-    again, created_again = await stores.runs.enqueue(
+    item, created = await stores.store.lifecycle.enqueue(
+        stores.namespace, run.run_id, "show", js(7), "req-1"
+    )
+    again, created_again = await stores.store.lifecycle.enqueue(
         stores.namespace, run.run_id, "show", js(7), "req-1"
     )
     assert created and not created_again and item.item_id == again.item_id
     with pytest.raises(NotFound, match="has no node 'ghost'"):
-        await stores.runs.enqueue(stores.namespace, run.run_id, "ghost", js(7), "req-2")
+        await stores.store.lifecycle.enqueue(stores.namespace, run.run_id, "ghost", js(7), "req-2")
     with pytest.raises(InvalidPayload):
-        await stores.runs.enqueue(stores.namespace, run.run_id, "show", js("x"), "req-3")
-    pending, _ = await stores.runs.pending(stores.namespace, run.run_id)
+        await stores.store.lifecycle.enqueue(stores.namespace, run.run_id, "show", js("x"), "req-3")
+    pending, _ = await stores.store.reads.pending(stores.namespace, run.run_id)
     assert sorted(i.node for i in pending) == ["inc", "show"]
 
 
@@ -734,23 +770,23 @@ async def test_malformed_ids_are_refused(stores: Stores, bad: str) -> None:
     from floxide_grpc import InvalidArgument  # noqa: PLC0415
 
     with pytest.raises(InvalidArgument):
-        await stores.runs.get(stores.namespace, bad)
+        await stores.store.reads.get(stores.namespace, bad)
 
 
 async def test_a_fan_out_wider_than_one_txn_expands_and_joins(stores: Stores) -> None:
     await stores.register(Workflow("wide", start=split).edge(split, inc).edge(inc, gather))
     run = await stores.start("wide", 100)
     lease = await stores.session()
-    await stores.runs.complete(
+    await stores.store.completions.complete(
         stores.namespace, (await stores.claim_next(lease)).token, fan(*range(100))
     )
     assert await stores.kv.get(stores.keys.expansion(run.run_id, "start")) is None  # expanded
-    ready = await stores.runs.ready(stores.namespace)
+    ready = await queue.ready(stores.kv, stores.namespace)
     assert len(ready) == 100 and len({i.item_id for i in ready}) == 100
     for item in ready:
-        claim = await stores.runs.claim(stores.namespace, lease, item.run_id, item.item_id)
+        claim = await stores.store.claims.claim(stores.namespace, lease, item.run_id, item.item_id)
         assert claim is not None
-        await stores.runs.complete(
+        await stores.store.completions.complete(
             stores.namespace, claim.token, nxt(json.loads(claim.item.input.data) + 1)
         )
     join = await stores.claim_next(lease)
@@ -777,27 +813,31 @@ async def test_an_interrupted_expansion_is_finished_once(stores: Stores) -> None
     key = stores.keys.expansion(run.run_id, "start")
     await stores.kv.txn(Txn([], [Put(key, record.SerializeToString())]))
     await asyncio.gather(
-        *(stores.runs.expand(stores.namespace, run.run_id, "start") for _ in range(3))
+        *(fanout.expand(stores.kv, stores.namespace, run.run_id, "start") for _ in range(3))
     )
     assert await stores.kv.get(key) is None
-    pending, _ = await stores.runs.pending(stores.namespace, run.run_id, size=1000)
+    pending, _ = await stores.store.reads.pending(stores.namespace, run.run_id, size=1000)
     assert len(pending) == 91  # the start item and the 90 expanded, each once
 
 
 async def test_retention_removes_old_finished_runs_whole(stores: Stores) -> None:
     await stores.register(chain())
-    done = (await stores.runs.start(stores.namespace, "chain", "", js(1), "idem-1", None))[0]
+    done = (
+        await stores.store.lifecycle.start(stores.namespace, "chain", "", js(1), "idem-1", None)
+    )[0]
     running = await stores.start("chain", 2)
-    await stores.runs.cancel(stores.namespace, done.run_id, "finish it")
-    assert await stores.runs.remove_finished(stores.namespace, finished_before_ms=0) == 0
-    removed = await stores.runs.remove_finished(stores.namespace, finished_before_ms=10**13)
+    await stores.store.lifecycle.cancel(stores.namespace, done.run_id, "finish it")
+    assert await retention.remove_finished(stores.kv, stores.namespace, finished_before_ms=0) == 0
+    removed = await retention.remove_finished(
+        stores.kv, stores.namespace, finished_before_ms=10**13
+    )
     assert removed == 1
     with pytest.raises(NotFound):
-        await stores.runs.get(stores.namespace, done.run_id)
+        await stores.store.reads.get(stores.namespace, done.run_id)
     assert (await stores.kv.range(stores.keys.run(done.run_id)))[0] == []
     assert await stores.kv.get(stores.keys.idempotency("idem-1")) is None
     assert (
-        await stores.runs.get(stores.namespace, running.run_id)
+        await stores.store.reads.get(stores.namespace, running.run_id)
     ).status == records_pb2.RUN_STATUS_RUNNING
 
 
@@ -808,7 +848,7 @@ def through(endpoints: list[str], namespace: str) -> Stores:
     kv = EtcdKV(endpoints, timeout=1.0)
     limits = Limits()
     workflows = WorkflowStore(kv, limits)
-    return Stores(kv, namespace, workflows, RunStore(kv, workflows, limits))
+    return Stores(kv, namespace, workflows, Store.open(kv, limits, workflows))
 
 
 async def test_lost_replies_of_claim_and_complete_cause_no_double_effect_and_no_false_loss(
@@ -828,23 +868,23 @@ async def test_lost_replies_of_claim_and_complete_cause_no_double_effect_and_no_
         await s.register(chain())
         run = await s.start("chain", 1)
         lease = await s.session()
-        [item] = await s.runs.ready(s.namespace)
+        [item] = await queue.ready(s.kv, s.namespace)
         proxy.blackhole = True  # etcd applies the claim; its reply is lost
-        claim = await s.runs.claim(s.namespace, lease, item.run_id, item.item_id)
+        claim = await s.store.claims.claim(s.namespace, lease, item.run_id, item.item_id)
         assert claim is not None  # not a false "someone else got it"
         proxy.blackhole = False
         assert (await s.state(run.run_id))["inc"] == (records_pb2.ITEM_STATUS_IN_PROGRESS, 1)
         await s.kv.close()
         s = through(endpoints, s.namespace)  # through the proxy again
-        await s.runs.get(s.namespace, run.run_id)
+        await s.store.reads.get(s.namespace, run.run_id)
         proxy.blackhole = True  # the completion is applied; its reply is lost
-        completion = await s.runs.complete(s.namespace, claim.token, nxt(2))
+        completion = await s.store.completions.complete(s.namespace, claim.token, nxt(2))
         assert completion.code == 0  # not a false "claim lost"
         proxy.blackhole = False
-        ready = await s.runs.ready(s.namespace)
+        ready = await queue.ready(s.kv, s.namespace)
         assert [i.node for i in ready] == ["show"]  # the successor exists once
         with pytest.raises(AlreadyExists):
-            await s.runs.complete(s.namespace, claim.token, nxt(2))
+            await s.store.completions.complete(s.namespace, claim.token, nxt(2))
     finally:
         await s.kv.close()
         await proxy.stop()
@@ -863,7 +903,7 @@ async def test_a_lost_reply_of_a_sticky_completion_still_hands_over_the_successo
         lease = await s.session()
         first = await s.claim_next(lease)
         proxy.blackhole = True  # applied, with the successor claimed; the reply is lost
-        completion = await s.runs.complete(
+        completion = await s.store.completions.complete(
             s.namespace,
             first.token,
             nxt(2),
@@ -874,9 +914,9 @@ async def test_a_lost_reply_of_a_sticky_completion_still_hands_over_the_successo
         second = completion.claim
         assert completion.code == 0 and second is not None  # read back, not left claimed
         assert second.item.node == "show" and second.snapshot is None  # recovered by reads
-        assert await s.runs.ready(s.namespace) == []
-        await s.runs.complete(s.namespace, second.token, nxt("2"))
-        done = await s.runs.get(s.namespace, run.run_id)
+        assert await queue.ready(s.kv, s.namespace) == []
+        await s.store.completions.complete(s.namespace, second.token, nxt("2"))
+        done = await s.store.reads.get(s.namespace, run.run_id)
         assert done.status == records_pb2.RUN_STATUS_COMPLETED
         assert json.loads(done.output.data) == "2"
     finally:

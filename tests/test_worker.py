@@ -14,7 +14,7 @@ import grpc
 import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.store.runs import MAX_CHAIN
+from floxide_server.store.completion import MAX_CHAIN
 from floxide_server.worker_service import SessionConfig
 from floxide_worker import Worker, WorkerConfig
 

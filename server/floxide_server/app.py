@@ -31,10 +31,9 @@ from floxide_server.dispatch import Dispatcher
 from floxide_server.errors import ErrorInterceptor
 from floxide_server.maintenance import Maintenance
 from floxide_server.orchestrator import OrchestratorService
+from floxide_server.store import Store
 from floxide_server.store.kv import KV, KVUnavailable
 from floxide_server.store.payloads import Limits
-from floxide_server.store.runs import RunStore
-from floxide_server.store.workflows import WorkflowStore
 from floxide_server.store_services import add_store_services
 from floxide_server.watch import Watches
 from floxide_server.worker_service import SessionConfig, WorkerService, add_worker_service
@@ -86,14 +85,14 @@ class Server:
     def __init__(self, kv: KV, config: ServerConfig | None = None) -> None:
         self.kv = kv
         self.config = config or ServerConfig()
-        self.workflows = WorkflowStore(kv, self.config.limits)
-        self.runs = RunStore(kv, self.workflows, self.config.limits)
+        self.store = Store.open(kv, self.config.limits)
+        self.workflows = self.store.workflows
         self.watches = Watches(kv)
-        self.dispatcher = Dispatcher(self.runs, self.watches)
+        self.dispatcher = Dispatcher(self.store.claims, self.watches)
         self.workers = WorkerService(
             kv,
             self.workflows,
-            self.runs,
+            self.store,
             self.dispatcher,
             self.config.limits,
             self.config.sessions,
@@ -101,7 +100,7 @@ class Server:
         )
         self.maintenance = Maintenance(
             kv,
-            self.runs,
+            self.store,
             self.watches,
             self.config.sessions.lease_ttl.total_seconds(),
             self.config.retention.total_seconds(),
@@ -135,7 +134,7 @@ class Server:
             OrchestratorService(
                 self.kv,
                 self.workflows,
-                self.runs,
+                self.store,
                 self.watches,
                 self.stopping,
                 self._stale_after_ms,
@@ -147,7 +146,7 @@ class Server:
             server,
             self.kv,
             self.workflows,
-            self.runs,
+            self.store,
             self.watches,
             self.config.limits,
             self._stale_after_ms,

@@ -5,7 +5,7 @@ wakes it) and is woken when a session grants credit. It claims items in a guarde
 replicas racing for an item cannot both win), serving the least recently served run first so
 that one busy run does not starve the others, and puts each assignment on its session's outbox.
 Chains mostly bypass it: a result claims its successor for the same slot (sticky, see
-:meth:`floxide_server.store.runs.RunStore.complete`), up to ``MAX_CHAIN`` steps in a row.
+:meth:`floxide_server.store.completion.Completions.complete`), up to ``MAX_CHAIN`` steps in a row.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import time
 import typing
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
+from floxide_server.store.claims import Claim, Claims, ClaimToken, Snapshot
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import Event, KVUnavailable
-from floxide_server.store.runs import Claim, ClaimToken, RunStore, Snapshot
 from floxide_server.watch import RESYNC, Subscription, Watches
 
 __all__ = ["Dispatcher", "Session"]
@@ -154,8 +154,8 @@ class _Ready:
 class Dispatcher:
     """Matches ready items with sessions of this replica."""
 
-    def __init__(self, runs: RunStore, watches: Watches) -> None:
-        self.runs = runs
+    def __init__(self, claims: Claims, watches: Watches) -> None:
+        self.claims = claims
         self.watches = watches
         self.sessions: dict[int, Session] = {}
         self._ready: dict[str, _Ready] = {}
@@ -199,7 +199,7 @@ class Dispatcher:
 
     async def _reread(self, namespace: str, run_id: str = "") -> None:
         keys = Keys(namespace)
-        entries, _ = await self.runs.kv.range(keys.queue(run_id, "") if run_id else keys.queue())
+        entries, _ = await self.claims.kv.range(keys.queue(run_id, "") if run_id else keys.queue())
         ready = self._ready.setdefault(namespace, _Ready())
         ready.clear(run_id)
         for kv in entries:
@@ -351,7 +351,7 @@ class Dispatcher:
         if session.lease not in self.sessions:
             return False
         item = queued.item
-        claim = await self.runs.claim(
+        claim = await self.claims.claim(
             session.namespace, session.lease, item.run_id, item.item_id, queued=queued
         )
         if claim is None:

@@ -20,9 +20,10 @@ import logging
 import time
 from collections.abc import Mapping
 
+from floxide_server.store import Store, fanout, timers
 from floxide_server.store.keys import NAMESPACES, Keys
 from floxide_server.store.kv import KV, KVUnavailable
-from floxide_server.store.runs import RunStore
+from floxide_server.store.retention import remove_finished
 from floxide_server.watch import RESYNC, Watches
 
 __all__ = ["Maintenance"]
@@ -36,14 +37,14 @@ class Maintenance:
     def __init__(
         self,
         kv: KV,
-        runs: RunStore,
+        store: Store,
         watches: Watches,
         reconcile_every: float,
         retention: float,
         retention_by_namespace: Mapping[str, float] | None = None,
     ) -> None:
         self.kv = kv
-        self.runs = runs
+        self.store = store
         self.watches = watches
         self.reconcile_every = reconcile_every
         self.retention = retention
@@ -100,7 +101,7 @@ class Maintenance:
         released = 0
         for kv in claims:
             run_id, item_id = kv.key[len(Keys(namespace).claim(lease)) :].decode().split("/")
-            released += await self.runs.release(namespace, lease, run_id, item_id)
+            released += await self.store.claims.release(namespace, lease, run_id, item_id)
         if released:
             log.info("session %x of %r ended: re-queued %d items", lease, namespace, released)
         return released
@@ -124,7 +125,7 @@ class Maintenance:
         expansions, _ = await self.kv.range(keys.expansion())
         for kv in expansions:  # fan-outs whose expansion a crash interrupted
             run_id, item_id = kv.key[len(keys.expansion()) :].decode().split("/")
-            await self.runs.expand(namespace, run_id, item_id)
+            await fanout.expand(self.kv, namespace, run_id, item_id)
         claims, _ = await self.kv.range(keys.prefix + b"claim/")
         leases = {int(kv.key[len(keys.prefix + b"claim/") :].split(b"/")[0], 16) for kv in claims}
         for lease in leases:
@@ -141,7 +142,7 @@ class Maintenance:
         updates = await self.watches.open(keys.timer())
         try:
             while True:
-                await self.runs.fire_timers(namespace)
+                await timers.fire_timers(self.kv, namespace)
                 first, _ = await self.kv.range(keys.timer(), limit=1)
                 wait = 1.0
                 if first:
@@ -158,7 +159,7 @@ class Maintenance:
         retention = self.retention_by_namespace.get(namespace, self.retention)
         while True:
             cutoff = int((time.time() - retention) * 1000)
-            removed = await self.runs.remove_finished(namespace, cutoff)
+            removed = await remove_finished(self.kv, namespace, cutoff)
             if removed:
                 log.info("retention removed %d finished runs of %r", removed, namespace)
                 continue  # there may be more: next batch at once

@@ -23,10 +23,11 @@ from floxide_grpc._proto.floxide.v1 import (
     work_item_pb2,
 )
 from floxide_grpc.errors import Unavailable
+from floxide_server.store import Store
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV
 from floxide_server.store.payloads import check_name, namespace_of
-from floxide_server.store.runs import FINISHED, RunStore
+from floxide_server.store.records import FINISHED
 from floxide_server.store.workflows import WorkflowStore
 from floxide_server.watch import RESYNC, Watches
 
@@ -61,14 +62,14 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         self,
         kv: KV,
         workflows: WorkflowStore,
-        runs: RunStore,
+        store: Store,
         watches: Watches,
         stopping: asyncio.Event,
         stale_after_ms: int,
     ) -> None:
         self.kv = kv
         self.workflows = workflows
-        self.runs = runs
+        self.store = store
         self.watches = watches
         self.stopping = stopping
         self.stale_after_ms = stale_after_ms
@@ -102,7 +103,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         """Start a run (idempotent by key)."""
-        run, created = await self.runs.start(
+        run, created = await self.store.lifecycle.start(
             namespace_of(request.namespace),
             check_name("workflow", request.workflow),
             request.definition_hash,
@@ -115,12 +116,12 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         """A run's record."""
         return pb.GetRunResponse(
-            run=await self.runs.get(namespace_of(request.namespace), request.run_id)
+            run=await self.store.reads.get(namespace_of(request.namespace), request.run_id)
         )
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         """Runs newest first, filtered."""
-        runs, token = await self.runs.list_runs(
+        runs, token = await self.store.reads.list_runs(
             namespace_of(request.namespace),
             list(request.statuses),
             request.workflow,
@@ -133,7 +134,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         self, request: pb.CancelRunRequest, context: Context
     ) -> pb.CancelRunResponse:
         """Cancel a run."""
-        run = await self.runs.cancel(
+        run = await self.store.lifecycle.cancel(
             namespace_of(request.namespace), request.run_id, request.reason
         )
         return pb.CancelRunResponse(run=run)
@@ -141,7 +142,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
     async def PauseRun(self, request: pb.PauseRunRequest, context: Context) -> pb.PauseRunResponse:
         """Pause a run."""
         return pb.PauseRunResponse(
-            run=await self.runs.pause(namespace_of(request.namespace), request.run_id)
+            run=await self.store.lifecycle.pause(namespace_of(request.namespace), request.run_id)
         )
 
     async def ResumeRun(
@@ -149,14 +150,14 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
     ) -> pb.ResumeRunResponse:
         """Resume a paused or failed run."""
         return pb.ResumeRunResponse(
-            run=await self.runs.resume(namespace_of(request.namespace), request.run_id)
+            run=await self.store.lifecycle.resume(namespace_of(request.namespace), request.run_id)
         )
 
     async def ListRunErrors(
         self, request: pb.ListRunErrorsRequest, context: Context
     ) -> pb.ListRunErrorsResponse:
         """A run's failed attempts."""
-        errors, token = await self.runs.errors(
+        errors, token = await self.store.reads.errors(
             namespace_of(request.namespace), request.run_id, request.page_size, request.page_token
         )
         return pb.ListRunErrorsResponse(errors=errors, next_page_token=token)
@@ -165,21 +166,21 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         self, request: pb.GetRunMetricsRequest, context: Context
     ) -> pb.GetRunMetricsResponse:
         """A run's counts."""
-        metrics = await self.runs.metrics(namespace_of(request.namespace), request.run_id)
+        metrics = await self.store.reads.metrics(namespace_of(request.namespace), request.run_id)
         return pb.GetRunMetricsResponse(metrics=metrics)
 
     async def GetRunContext(
         self, request: pb.GetRunContextRequest, context: Context
     ) -> pb.GetRunContextResponse:
         """A run's context now."""
-        value = await self.runs.context(namespace_of(request.namespace), request.run_id)
+        value = await self.store.reads.context(namespace_of(request.namespace), request.run_id)
         return pb.GetRunContextResponse(context=_json(value))
 
     async def ListPendingWork(
         self, request: pb.ListPendingWorkRequest, context: Context
     ) -> pb.ListPendingWorkResponse:
         """A run's waiting items."""
-        items, token = await self.runs.pending(
+        items, token = await self.store.reads.pending(
             namespace_of(request.namespace), request.run_id, request.page_size, request.page_token
         )
         return pb.ListPendingWorkResponse(items=items, next_page_token=token)
@@ -188,7 +189,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         self, request: pb.ListWorkItemsRequest, context: Context
     ) -> pb.ListWorkItemsResponse:
         """A run's items and their states."""
-        items, token = await self.runs.items(
+        items, token = await self.store.reads.items(
             namespace_of(request.namespace),
             request.run_id,
             list(request.statuses),
@@ -214,7 +215,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         updates = await self.watches.open(keys.run_infos, key)  # one watch per namespace, shared
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
-            run = await self.runs.get(namespace, request.run_id)  # after subscribing: no gap
+            run = await self.store.reads.get(namespace, request.run_id)  # after subscribing: no gap
             yield pb.WaitForCompletionResponse(run=run)
             last_status = run.status
             while run.status not in FINISHED:
@@ -225,7 +226,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
                     raise Unavailable("the server is shutting down: wait again, on any replica")
                 event = change.result()
                 if event is RESYNC:
-                    run = await self.runs.get(namespace, request.run_id)
+                    run = await self.store.reads.get(namespace, request.run_id)
                 elif event.kv.key == key and not event.deleted:
                     run = records_pb2.RunRecord.FromString(event.kv.value)
                 else:

@@ -25,10 +25,11 @@ from floxide_grpc.context import Operation, apply
 from floxide_grpc.errors import FailedPrecondition, NotFound, ResourceExhausted
 from floxide_grpc.routing import derive_id
 from floxide_server.orchestrator import list_workers
+from floxide_server.store import Store
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, Get, Op, Put, Target, Txn
 from floxide_server.store.payloads import Limits, check_name, namespace_of, parse_json
-from floxide_server.store.runs import FINISHED, RunStore, status_name
+from floxide_server.store.records import FINISHED, status_name
 from floxide_server.store.workflows import WorkflowStore
 from floxide_server.watch import RESYNC, Watches
 
@@ -98,9 +99,9 @@ class CheckpointStoreService(store_service_pb2_grpc.CheckpointStoreServiceServic
 class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
     """Contexts of server runs."""
 
-    def __init__(self, kv: KV, runs: RunStore, watches: Watches, limits: Limits) -> None:
+    def __init__(self, kv: KV, store: Store, watches: Watches, limits: Limits) -> None:
         self.kv = kv
-        self.runs = runs
+        self.store = store
         self.watches = watches
         self.limits = limits
 
@@ -108,7 +109,7 @@ class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
         self, request: pb.GetContextRequest, context: Context
     ) -> pb.GetContextResponse:
         """A run's context now."""
-        value = await self.runs.context(namespace_of(request.namespace), request.run_id)
+        value = await self.store.reads.context(namespace_of(request.namespace), request.run_id)
         return pb.GetContextResponse(context=_json(value))
 
     async def ApplyContextOperations(
@@ -118,13 +119,13 @@ class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
         namespace = namespace_of(request.namespace)
         keys = Keys(namespace)
         check_name("request_id", request.request_id)
-        run = await self.runs.get(namespace, request.run_id)
-        definition = await self.runs.workflows.get(namespace, run.definition_hash)
+        run = await self.store.reads.get(namespace, request.run_id)
+        definition = await self.store.workflows.get(namespace, run.definition_hash)
         operations = []
         for op in request.operations:
             parse_json(op.value, self.limits.max_payload_bytes, f"context field {op.field!r}")
             operations.append(Operation.from_proto(op))
-        current = await self.runs.context(namespace, request.run_id)
+        current = await self.store.reads.context(namespace, request.run_id)
         apply(current, operations, definition.context)  # refuses bad operations, changes nothing
         key = keys.context_ops(request.run_id, "ext-" + derive_id("context", request.request_id))
         stored = worker_service_pb2.StepResult(
@@ -147,7 +148,7 @@ class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
         )
         if not result.succeeded and result.responses is not None and not result.responses[0]:
             raise FailedPrecondition(f"run {request.run_id!r} is finished")
-        value = await self.runs.context(namespace, request.run_id)
+        value = await self.store.reads.context(namespace, request.run_id)
         return pb.ApplyContextOperationsResponse(context=_json(value), applied=result.succeeded)
 
     async def WatchContext(
@@ -158,17 +159,17 @@ class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
         keys = Keys(namespace)
         updates = await self.watches.open(keys.run(check_name("run id", request.run_id)))
         try:
-            run = await self.runs.get(namespace, request.run_id)
-            last = await self.runs.context(namespace, request.run_id)
+            run = await self.store.reads.get(namespace, request.run_id)
+            last = await self.store.reads.context(namespace, request.run_id)
             yield pb.WatchContextResponse(context=_json(last))
             operations = keys.context_ops(request.run_id)
             while run.status not in FINISHED:
                 event = await updates.next()
                 if event is not RESYNC and event.kv.key == keys.status(request.run_id):
-                    run = await self.runs.get(namespace, request.run_id)
+                    run = await self.store.reads.get(namespace, request.run_id)
                 elif event is not RESYNC and not event.kv.key.startswith(operations):
                     continue  # items and groups change too: only operations change the context
-                now = await self.runs.context(namespace, request.run_id)
+                now = await self.store.reads.context(namespace, request.run_id)
                 if now != last:
                     last = now
                     yield pb.WatchContextResponse(context=_json(now))
@@ -179,14 +180,14 @@ class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
 class WorkQueueService(store_service_pb2_grpc.WorkQueueServiceServicer):
     """Enqueue into running runs; list what waits."""
 
-    def __init__(self, runs: RunStore) -> None:
-        self.runs = runs
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     async def EnqueueWorkItem(
         self, request: pb.EnqueueWorkItemRequest, context: Context
     ) -> pb.EnqueueWorkItemResponse:
         """Add an item to a running run (idempotent by request id)."""
-        item, created = await self.runs.enqueue(
+        item, created = await self.store.lifecycle.enqueue(
             namespace_of(request.namespace),
             request.run_id,
             request.node,
@@ -199,7 +200,7 @@ class WorkQueueService(store_service_pb2_grpc.WorkQueueServiceServicer):
         self, request: pb.ListQueuedWorkItemsRequest, context: Context
     ) -> pb.ListQueuedWorkItemsResponse:
         """Items waiting for dispatch or a retry timer."""
-        items, token = await self.runs.pending(
+        items, token = await self.store.reads.pending(
             namespace_of(request.namespace), request.run_id, request.page_size, request.page_token
         )
         return pb.ListQueuedWorkItemsResponse(items=items, next_page_token=token)
@@ -208,8 +209,8 @@ class WorkQueueService(store_service_pb2_grpc.WorkQueueServiceServicer):
 class RunInfoStoreService(store_service_pb2_grpc.RunInfoStoreServiceServicer):
     """Run records, read-only."""
 
-    def __init__(self, runs: RunStore, watches: Watches) -> None:
-        self.runs = runs
+    def __init__(self, store: Store, watches: Watches) -> None:
+        self.store = store
         self.watches = watches
 
     async def GetRunInfo(
@@ -217,14 +218,14 @@ class RunInfoStoreService(store_service_pb2_grpc.RunInfoStoreServiceServicer):
     ) -> pb.GetRunInfoResponse:
         """A run's record."""
         return pb.GetRunInfoResponse(
-            run=await self.runs.get(namespace_of(request.namespace), request.run_id)
+            run=await self.store.reads.get(namespace_of(request.namespace), request.run_id)
         )
 
     async def ListRunInfos(
         self, request: pb.ListRunInfosRequest, context: Context
     ) -> pb.ListRunInfosResponse:
         """Run records newest first."""
-        runs, token = await self.runs.list_runs(
+        runs, token = await self.store.reads.list_runs(
             namespace_of(request.namespace),
             list(request.statuses),
             "",
@@ -254,24 +255,24 @@ class RunInfoStoreService(store_service_pb2_grpc.RunInfoStoreServiceServicer):
 class MetricsStoreService(store_service_pb2_grpc.MetricsStoreServiceServicer):
     """Run metrics."""
 
-    def __init__(self, runs: RunStore) -> None:
-        self.runs = runs
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     async def GetMetrics(
         self, request: pb.GetMetricsRequest, context: Context
     ) -> pb.GetMetricsResponse:
         """A run's counts."""
         return pb.GetMetricsResponse(
-            metrics=await self.runs.metrics(namespace_of(request.namespace), request.run_id)
+            metrics=await self.store.reads.metrics(namespace_of(request.namespace), request.run_id)
         )
 
 
 class ErrorStoreService(store_service_pb2_grpc.ErrorStoreServiceServicer):
     """Errors of failed attempts."""
 
-    def __init__(self, kv: KV, runs: RunStore) -> None:
+    def __init__(self, kv: KV, store: Store) -> None:
         self.kv = kv
-        self.runs = runs
+        self.store = store
 
     async def RecordError(
         self, request: pb.RecordErrorRequest, context: Context
@@ -313,7 +314,7 @@ class ErrorStoreService(store_service_pb2_grpc.ErrorStoreServiceServicer):
         self, request: pb.ListErrorsRequest, context: Context
     ) -> pb.ListErrorsResponse:
         """A run's errors, oldest first."""
-        errors, token = await self.runs.errors(
+        errors, token = await self.store.reads.errors(
             namespace_of(request.namespace), request.run_id, request.page_size, request.page_token
         )
         return pb.ListErrorsResponse(errors=errors, next_page_token=token)
@@ -350,9 +351,9 @@ class LivenessStoreService(store_service_pb2_grpc.LivenessStoreServiceServicer):
 class WorkItemStateStoreService(store_service_pb2_grpc.WorkItemStateStoreServiceServicer):
     """Item states, read-only."""
 
-    def __init__(self, kv: KV, runs: RunStore, watches: Watches) -> None:
+    def __init__(self, kv: KV, store: Store, watches: Watches) -> None:
         self.kv = kv
-        self.runs = runs
+        self.store = store
         self.watches = watches
 
     async def GetWorkItemState(
@@ -371,7 +372,7 @@ class WorkItemStateStoreService(store_service_pb2_grpc.WorkItemStateStoreService
         self, request: pb.ListWorkItemStatesRequest, context: Context
     ) -> pb.ListWorkItemStatesResponse:
         """A run's item states."""
-        states, token = await self.runs.items(
+        states, token = await self.store.reads.items(
             namespace_of(request.namespace),
             request.run_id,
             (),
@@ -389,7 +390,7 @@ class WorkItemStateStoreService(store_service_pb2_grpc.WorkItemStateStoreService
         run_id = check_name("run id", request.run_id)
         updates = await self.watches.open(keys.run(run_id))
         try:
-            run = await self.runs.get(namespace, run_id)
+            run = await self.store.reads.get(namespace, run_id)
             found, _ = await self.kv.range(keys.item(run_id))
             for kv in found:
                 yield pb.WatchWorkItemStatesResponse(
@@ -399,10 +400,10 @@ class WorkItemStateStoreService(store_service_pb2_grpc.WorkItemStateStoreService
             while run.status not in FINISHED:
                 event = await updates.next()
                 if event is RESYNC:
-                    run = await self.runs.get(namespace, run_id)
+                    run = await self.store.reads.get(namespace, run_id)
                     continue
                 if event.kv.key == keys.status(run_id):
-                    run = await self.runs.get(namespace, run_id)
+                    run = await self.store.reads.get(namespace, run_id)
                 elif event.kv.key.startswith(item_prefix) and not event.deleted:
                     yield pb.WatchWorkItemStatesResponse(
                         state=records_pb2.WorkItemState.FromString(event.kv.value)
@@ -415,7 +416,7 @@ def add_store_services(
     server: grpc.aio.Server,
     kv: KV,
     workflows: WorkflowStore,
-    runs: RunStore,
+    store: Store,
     watches: Watches,
     limits: Limits,
     stale_after_ms: int,
@@ -426,21 +427,21 @@ def add_store_services(
         CheckpointStoreService(kv, limits), server
     )
     store_service_pb2_grpc.add_ContextStoreServiceServicer_to_server(
-        ContextStoreService(kv, runs, watches, limits), server
+        ContextStoreService(kv, store, watches, limits), server
     )
-    store_service_pb2_grpc.add_WorkQueueServiceServicer_to_server(WorkQueueService(runs), server)
+    store_service_pb2_grpc.add_WorkQueueServiceServicer_to_server(WorkQueueService(store), server)
     store_service_pb2_grpc.add_RunInfoStoreServiceServicer_to_server(
-        RunInfoStoreService(runs, watches), server
+        RunInfoStoreService(store, watches), server
     )
     store_service_pb2_grpc.add_MetricsStoreServiceServicer_to_server(
-        MetricsStoreService(runs), server
+        MetricsStoreService(store), server
     )
     store_service_pb2_grpc.add_ErrorStoreServiceServicer_to_server(
-        ErrorStoreService(kv, runs), server
+        ErrorStoreService(kv, store), server
     )
     store_service_pb2_grpc.add_LivenessStoreServiceServicer_to_server(
         LivenessStoreService(kv, stale_after_ms), server
     )
     store_service_pb2_grpc.add_WorkItemStateStoreServiceServicer_to_server(
-        WorkItemStateStoreService(kv, runs, watches), server
+        WorkItemStateStoreService(kv, store, watches), server
     )

@@ -38,10 +38,12 @@ from floxide_grpc.errors import (
     WorkflowNotFound,
 )
 from floxide_server.dispatch import Dispatcher, Queued, Session
+from floxide_server.store import Store
+from floxide_server.store.claims import ClaimToken
+from floxide_server.store.completion import MAX_CHAIN, Sticky
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, KVUnavailable, Put, Txn
 from floxide_server.store.payloads import Limits, namespace_of
-from floxide_server.store.runs import MAX_CHAIN, ClaimToken, RunStore, Sticky
 from floxide_server.store.workflows import WorkflowStore
 
 __all__ = ["SessionConfig", "WorkerService", "add_worker_service"]
@@ -85,7 +87,7 @@ class WorkerService:
         self,
         kv: KV,
         workflows: WorkflowStore,
-        runs: RunStore,
+        store: Store,
         dispatcher: Dispatcher,
         limits: Limits,
         config: SessionConfig,
@@ -93,7 +95,7 @@ class WorkerService:
     ) -> None:
         self.kv = kv
         self.workflows = workflows
-        self.runs = runs
+        self.store = store
         self.dispatcher = dispatcher
         self.limits = limits
         self.config = config
@@ -267,7 +269,7 @@ class WorkerService:
             )
         claim = None
         try:
-            completion = await self.runs.complete(
+            completion = await self.store.completions.complete(
                 session.namespace,
                 result.claim_token,
                 result.transition,

@@ -153,27 +153,54 @@ class Put:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delete:
-    """Delete a key, or every key under it with ``prefix``."""
+    """Delete a key, or every key under it with ``prefix``.
+
+    A ``name`` makes its response (the count deleted) readable by name (:meth:`Txn.named`).
+    """
 
     key: bytes
     prefix: bool = False
+    name: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Get:
-    """Read a key, or every key under it with ``prefix`` (in key order)."""
+    """Read a key, or every key under it with ``prefix`` (in key order).
+
+    A ``name`` makes its response (the key-values found) readable by name (:meth:`Txn.named`).
+    """
 
     key: bytes
     prefix: bool = False
+    name: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Txn:
-    """If every compare holds, run ``success``, else ``failure``; atomically."""
+    """If every compare holds, run ``success``, else ``failure``; atomically.
+
+    A ``name`` makes a nested Txn's result readable by name in its parent (:meth:`named`).
+    """
 
     compares: Sequence[Compare]
     success: Sequence[Request]
     failure: Sequence[Request] = ()
+    name: str = ""
+
+    def named(self, result: TxnResult) -> dict[str, object]:
+        """The responses of this Txn's named requests, by name, in the branch that ran.
+
+        Results are read by name, never by position, so that adding a request to a Txn cannot
+        silently shift what its reader finds. Empty when the reply was lost and recovered.
+        """
+        if result.responses is None:
+            return {}
+        branch = self.success if result.succeeded else self.failure
+        return {
+            request.name: response
+            for request, response in zip(branch, result.responses, strict=True)
+            if not isinstance(request, Put) and request.name
+        }
 
 
 Request: TypeAlias = Put | Delete | Get | Txn

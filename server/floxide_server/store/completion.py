@@ -1,0 +1,311 @@
+"""Completion: a worker's result applied once, fenced by its claim, in one Txn.
+
+The completing Txn deletes the claim and writes what :mod:`floxide_server.store.planning`
+decided, if the claim was created at the token's revision, the session lives, the run is not
+finished, and the item's state and the run's record are still those of the claim's
+:class:`~floxide_server.store.claims.Snapshot` (so it needs no read before its Txn). A *sticky*
+completion also claims, in the same Txn, a successor for the same session (it is never queued),
+or else a queued sibling in a nested Txn of its own: a chain costs one Txn a step.
+
+Nothing is trusted that a compare does not check: a result races its session's expiry, a
+cancel, a pause or another replica, and loses cleanly. A Txn that fails is retried from fresh
+reads; one whose failure is final (the session ended, the run finished) says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import random
+from collections.abc import Callable, Mapping, Sequence
+
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc.errors import AlreadyExists, ClaimLost, NotFound, Unavailable
+from floxide_server.store import fanout, planning
+from floxide_server.store.claims import (
+    ATTEMPTS_ON_CONFLICT,
+    Claim,
+    Claims,
+    ClaimToken,
+    Handover,
+    Snapshot,
+)
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Request, Txn
+from floxide_server.store.lifecycle import settle_leftovers
+from floxide_server.store.payloads import Limits
+from floxide_server.store.queue import new_items
+from floxide_server.store.reads import read_state
+from floxide_server.store.records import (
+    FINISHED,
+    RUNNING,
+    fresh_state,
+    now_ms,
+    status_name,
+    unfinished,
+)
+from floxide_server.store.workflows import WorkflowStore
+
+__all__ = ["MAX_CHAIN", "Completion", "Completions", "Sticky"]
+
+MAX_CHAIN = 16
+"""Successors a session may claim in a row with its completions (sticky), before the queue."""
+
+Queued = tuple[work_item_pb2.WorkItem, int]
+"""A queue entry as dispatch holds it: the item and the entry's revision."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sticky:
+    """A session that may take a successor of the step it completes, in the completing Txn.
+
+    Attributes:
+        lease: The session's lease.
+        serves: Whether the session runs an item's node.
+        take: When the result has no successor for the session: a fresh queued item to claim in
+            the same Txn instead, if it is still there.
+        give_back: Returns a taken item that no Txn tried to claim.
+    """
+
+    lease: int
+    serves: Callable[[work_item_pb2.WorkItem], bool]
+    take: Callable[[], Queued | None] = lambda: None
+    give_back: Callable[[Queued], None] = lambda queued: None
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """How a result was taken.
+
+    Applied (``code`` 0), or applied as a failed attempt because it was invalid (``code``
+    INVALID_ARGUMENT or RESOURCE_EXHAUSTED, and why); and the successor claimed with it for
+    the same session, if it was sticky.
+    """
+
+    code: int = 0
+    message: str = ""
+    claim: Claim | None = None
+
+
+class Completions:
+    """Applying workers' results."""
+
+    def __init__(
+        self,
+        kv: KV,
+        workflows: WorkflowStore,
+        claims: Claims,
+        groups: fanout.GroupCache,
+        limits: Limits,
+    ) -> None:
+        self.kv = kv
+        self.workflows = workflows
+        self.claims = claims
+        self.groups = groups
+        self.limits = limits
+        self.turns = fanout.GroupTurns()
+
+    async def complete(
+        self,
+        namespace: str,
+        token: str,
+        transition: work_item_pb2.Transition,
+        operations: Sequence[work_item_pb2.ContextOperation] = (),
+        *,
+        snapshot: Snapshot | None = None,
+        sticky: Sticky | None = None,
+    ) -> Completion:
+        """Apply a claimed item's result once, fenced by its token.
+
+        Args:
+            namespace: The run's namespace.
+            token: The claim's fencing token.
+            transition: What the node returned.
+            operations: The context operations it recorded.
+            snapshot: The claim's snapshot: the first Txn is tried from it, with no read first.
+            sticky: The session may take a successor in the same Txn (a chain stays on it).
+
+        Returns:
+            How it was taken: applied, or applied as a failed attempt because it was invalid;
+            with the successor's claim if one was taken.
+
+        Raises:
+            InvalidArgument: the token is malformed.
+            ClaimLost: the claim no longer stands or its session ended; nothing changed.
+            AlreadyExists: this result was already applied; nothing changed.
+            Unavailable: other completions kept winning the same keys; nothing changed, and
+                the claim stands: send the result again.
+        """
+        claim = ClaimToken.parse(token)
+        keys = Keys(namespace)
+        stack = (
+            records_pb2.WorkItemState.FromString(snapshot.state).item.group_stack
+            if snapshot is not None
+            else None
+        )
+        if not stack:
+            return await self._complete(keys, claim, transition, operations, snapshot, sticky)
+        async with self.turns.turn(namespace, claim.run_id, stack[-1].group_id):
+            return await self._complete(keys, claim, transition, operations, snapshot, sticky)
+
+    async def _complete(
+        self,
+        keys: Keys,
+        claim: ClaimToken,
+        transition: work_item_pb2.Transition,
+        operations: Sequence[work_item_pb2.ContextOperation],
+        snapshot: Snapshot | None,
+        sticky: Sticky | None,
+    ) -> Completion:
+        taken: list[Queued] = []  # a sibling, taken once, kept
+        tried = False
+        try:
+            for attempt in range(ATTEMPTS_ON_CONFLICT):
+                done, tried = await self._attempt(
+                    keys, claim, transition, operations, snapshot, sticky, taken
+                )
+                if done is not None:
+                    return done
+                snapshot = None  # anything else moved: retry from fresh reads
+                if attempt:  # another replica keeps winning: back off, with jitter
+                    await asyncio.sleep(random.uniform(0, min(0.001 * 2**attempt, 0.1)))
+        finally:
+            if taken and not tried and sticky is not None:
+                sticky.give_back(taken[0])
+        # The claim still stands: the worker sends the result again (never dropped).
+        raise Unavailable(f"item {claim.item_id!r}: too much contention, send the result again")
+
+    async def _attempt(
+        self,
+        keys: Keys,
+        claim: ClaimToken,
+        transition: work_item_pb2.Transition,
+        operations: Sequence[work_item_pb2.ContextOperation],
+        snapshot: Snapshot | None,
+        sticky: Sticky | None,
+        taken: list[Queued],
+    ) -> tuple[Completion | None, bool]:
+        """One completing Txn.
+
+        Returns:
+            The completion if the Txn committed, else ``None``; and whether a Txn tried the
+            sibling in ``taken`` (taken from ``sticky`` at most once, kept across attempts).
+        """
+        namespace = keys.namespace
+        claim_key = keys.claim(claim.lease, claim.run_id, claim.item_id)
+        if snapshot is None:
+            snapshot = await self._claimed(keys, claim)
+        run = records_pb2.RunRecord.FromString(snapshot.run)
+        definition = await self.workflows.get(namespace, run.definition_hash)
+        basis = planning.Basis(
+            keys, definition, snapshot.run, snapshot.state, self.limits, now_ms()
+        )
+        plan = await self.groups.planned(
+            self.kv, functools.partial(_plan_result, basis, claim.attempt, transition, operations)
+        )
+        guards = [
+            Compare.created_at(claim_key, claim.revision),
+            Compare.exists(keys.session(claim.lease)),
+            *unfinished(keys, claim.run_id),
+            Compare.modified_at(keys.item(claim.run_id, claim.item_id), snapshot.state_revision),
+            Compare.modified_at(keys.run_info(claim.run_id), snapshot.run_revision),
+            *plan.guards,
+        ]
+        successor = None
+        handover: Handover | None = None
+        # Nothing more for a run this Txn ends: and a nested claim's compares would read the
+        # run as it was before it (etcd evaluates every compare of a Txn first).
+        if sticky is not None and not plan.ends_run and run.status == RUNNING:
+            successor = next((i for i in plan.new_items if sticky.serves(i)), None)
+            if successor is not None:  # claimed here, never queued
+                guards.append(Compare.value_is(keys.status(claim.run_id), status_name(RUNNING)))
+                handover = self.claims.successor(keys, sticky.lease, successor, snapshot)
+            else:
+                if not taken and (sibling := sticky.take()) is not None:
+                    taken.append(sibling)
+                    if (sibling[0].run_id, sibling[0].item_id) == (claim.run_id, claim.item_id):
+                        taken.clear()  # a stale entry of this very item: nothing to claim
+                if taken:
+                    sibling_item, revision = taken[0]
+                    handover = self.claims.queued(
+                        keys, sticky.lease, fresh_state(sibling_item), revision
+                    )
+        writes: list[Request] = [
+            Delete(claim_key),
+            *plan.writes,
+            *new_items(keys, [i for i in plan.new_items if i is not successor]),
+        ]
+        if handover is not None:
+            writes.extend(handover.in_txn)
+        txn = Txn(guards, writes)
+        result = await self.kv.txn(txn)
+        self.groups.remember(plan.groups, result.revision if result.succeeded else 0)
+        if not result.succeeded:
+            await self._why_not(keys, claim)
+            return None, False
+        for run_id, item_id in plan.expansions:
+            await fanout.expand(self.kv, namespace, run_id, item_id)
+        if plan.settle:
+            await settle_leftovers(
+                self.kv,
+                keys,
+                claim.run_id,
+                records_pb2.ITEM_STATUS_CANCELLED,
+                self.limits.max_txn_ops,
+            )
+        completion = Completion(plan.code, plan.message)
+        if handover is None:
+            return completion, False
+        next_claim = await self.claims.handed_over(keys, handover, txn, result)
+        return dataclasses.replace(completion, claim=next_claim), handover.nested is not None
+
+    async def _claimed(self, keys: Keys, claim: ClaimToken) -> Snapshot:
+        """Read what a completion starts from (one round trip), if the claim still stands."""
+        (state_kv, state), claim_kv, run_kv = await asyncio.gather(
+            read_state(self.kv, keys, claim.run_id, claim.item_id),
+            self.kv.get(keys.claim(claim.lease, claim.run_id, claim.item_id)),
+            self.kv.get(keys.run_info(claim.run_id)),
+        )
+        if claim_kv is None or claim_kv.create_revision != claim.revision:
+            if (
+                state.status == records_pb2.ITEM_STATUS_COMPLETED
+                and state.attempts == claim.attempt
+            ):
+                raise AlreadyExists(f"the result of item {claim.item_id!r} was already applied")
+            raise ClaimLost(
+                f"the claim on item {claim.item_id!r} of run {claim.run_id!r} no longer stands"
+            )
+        if run_kv is None:
+            raise NotFound(f"run {claim.run_id!r} not found in namespace {keys.namespace!r}")
+        return Snapshot(state_kv.value, state_kv.mod_revision, run_kv.value, run_kv.mod_revision)
+
+    async def _why_not(self, keys: Keys, claim: ClaimToken) -> None:
+        """After a failed completing Txn, raise if that is final; return if it may be retried.
+
+        Final: the session ended, or the run finished. Retried: a group's counter moved by
+        another replica, a pause, a stale snapshot, a lost claim (the fresh read tells).
+        """
+        if await self.kv.get(keys.session(claim.lease)) is None:
+            raise ClaimLost(f"the session of claim on item {claim.item_id!r} has ended")
+        status = await self.kv.get(keys.status(claim.run_id))
+        if status is not None and status.value in {status_name(s) for s in FINISHED}:
+            claim_key = keys.claim(claim.lease, claim.run_id, claim.item_id)
+            await self.kv.txn(
+                Txn([Compare.created_at(claim_key, claim.revision)], [Delete(claim_key)])
+            )
+            raise ClaimLost(
+                f"run {claim.run_id!r} is {status.value.decode().lower()}: result dropped"
+            )
+
+
+def _plan_result(
+    basis: planning.Basis,
+    attempt: int,
+    transition: work_item_pb2.Transition,
+    operations: Sequence[work_item_pb2.ContextOperation],
+    known: Mapping[bytes, KeyValue | None],
+) -> planning.Plan:
+    return planning.plan_result(
+        dataclasses.replace(basis, groups=known), attempt, transition, operations
+    )

@@ -1,0 +1,364 @@
+"""Run lifecycle: start, cancel, pause and resume runs, and enqueue items into running ones.
+
+Each is one guarded Txn on the run's record (its mod revision) and status key, retried from
+fresh reads when another writer moved the record meanwhile. Starting is idempotent by key: the
+key, a fingerprint of the request and the run are written in the start's own Txn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc.errors import (
+    AlreadyExists,
+    ContextError,
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidPayload,
+    NodeNotFound,
+    NotFound,
+    ResourceExhausted,
+    WorkflowNotFound,
+)
+from floxide_grpc.routing import derive_id, start_item
+from floxide_server.store import payloads
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import KV, Compare, Delete, Op, Put, Request, Target, Txn
+from floxide_server.store.queue import new_items, queue_entry
+from floxide_server.store.reads import RunReads
+from floxide_server.store.records import (
+    FINISHED,
+    PAUSED,
+    RUNNING,
+    WAITING,
+    RunStatus,
+    new_run_id,
+    now_ms,
+    stamp,
+    status_name,
+)
+from floxide_server.store.workflows import Definition, WorkflowStore
+
+__all__ = ["RunLifecycle", "settle_leftovers"]
+
+ATTEMPTS_ON_CONFLICT = 16
+"""Txns a control call tries before it gives up on a record that keeps moving."""
+
+
+class RunLifecycle:
+    """Starting and controlling runs of every namespace."""
+
+    def __init__(
+        self, kv: KV, workflows: WorkflowStore, reads: RunReads, limits: payloads.Limits
+    ) -> None:
+        self.kv = kv
+        self.workflows = workflows
+        self.reads = reads
+        self.limits = limits
+
+    async def start(
+        self,
+        namespace: str,
+        workflow: str,
+        definition_hash: str,
+        input: work_item_pb2.Payload,
+        idempotency_key: str,
+        context: work_item_pb2.Payload | None,
+    ) -> tuple[records_pb2.RunRecord, bool]:
+        """Start a run, or return the one this idempotency key started.
+
+        Raises:
+            WorkflowNotFound: unknown workflow or hash.
+            InvalidPayload: the input or context does not fit its schema.
+            ResourceExhausted: a payload is over the limit.
+            AlreadyExists: the idempotency key started a run with another request.
+        """
+        keys = Keys(namespace)
+        for _ in range(ATTEMPTS_ON_CONFLICT):
+            current = 0
+            if not definition_hash:
+                hash_now, current = await self.workflows.current(namespace, workflow)
+            definition = await self.workflows.get(namespace, definition_hash or hash_now)
+            if definition.definition.name != workflow:
+                raise WorkflowNotFound(
+                    f"definition {definition.hash!r} is not of workflow {workflow!r}"
+                )
+            started = await self._start(keys, definition, current, input, idempotency_key, context)
+            if started is not None:
+                return started
+            self.workflows.forget(namespace, workflow)  # registered anew meanwhile
+        raise FailedPrecondition(f"workflow {workflow!r} is changing too fast to start")
+
+    async def _start(
+        self,
+        keys: Keys,
+        definition: Definition,
+        current: int,
+        input: work_item_pb2.Payload,
+        idempotency_key: str,
+        context: work_item_pb2.Payload | None,
+    ) -> tuple[records_pb2.RunRecord, bool] | None:
+        """Start a run of this definition, or ``None`` if it is no longer current.
+
+        ``current`` is the revision of the workflow's current pointer the definition was found
+        at (0: the hash was asked for, no pointer involved).
+        """
+        namespace = keys.namespace
+        workflow = definition.definition.name
+        record = definition
+        start = definition.graph.node(definition.definition.start)
+        value = payloads.parse_json(input, self.limits.max_payload_bytes, "input")
+        payloads.validate(
+            value, start.input_schema, f"workflow {workflow!r} input (node {start.name!r})"
+        )
+        overrides: dict[str, Any] = {}
+        if context is not None and context.data:
+            overrides = payloads.parse_json(context, self.limits.max_context_bytes, "context")
+            if not isinstance(overrides, dict):
+                raise InvalidPayload("context: must be a JSON object")
+        try:
+            initial = definition.context.initial(overrides)
+        except ContextError as exc:
+            raise InvalidPayload(str(exc)) from exc
+        context_bytes = json.dumps(initial, separators=(",", ":"), allow_nan=False).encode()
+        if len(context_bytes) > self.limits.max_context_bytes:
+            raise ResourceExhausted(f"context of {len(context_bytes)} bytes is over the limit")
+        if len(idempotency_key) > 256:
+            raise InvalidArgument("idempotency_key is longer than 256 characters")
+        fingerprint = hashlib.sha256(
+            b"\0".join([workflow.encode(), record.hash.encode(), input.data, context_bytes])
+        ).hexdigest()
+        run_id = new_run_id()
+        now = now_ms()
+        run = records_pb2.RunRecord(
+            namespace=namespace,
+            run_id=run_id,
+            workflow=workflow,
+            definition_hash=record.hash,
+            status=RUNNING,
+            input=input,
+            idempotency_key=idempotency_key,
+        )
+        stamp(run, "created_at", now)
+        stamp(run, "updated_at", now)
+        first = start_item(
+            definition.definition,
+            namespace=namespace,
+            run_id=run_id,
+            definition_hash=record.hash,
+            input=input,
+        )
+        stamp(first, "created_at", now)
+        writes: list[Request] = [
+            Put(keys.run_info(run_id), run.SerializeToString()),
+            Put(keys.status(run_id), status_name(RUNNING)),
+            Put(keys.context_init(run_id), context_bytes),
+            *new_items(keys, [first]),
+        ]
+        guards = []
+        if current:
+            guards.append(Compare.modified_at(keys.workflow_current(workflow), current))
+        if not idempotency_key:
+            result = await self.kv.txn(Txn(guards, writes))
+            return (run, True) if result.succeeded else None
+        idem = keys.idempotency(idempotency_key)
+        stamped = f"{run_id}\n{fingerprint}".encode()
+        result = await self.kv.txn(
+            Txn([*guards, Compare.missing(idem)], [Put(idem, stamped), *writes])
+        )
+        if result.succeeded:
+            return run, True
+        if current:
+            pointer = await self.kv.get(keys.workflow_current(workflow))
+            if pointer is None or pointer.mod_revision != current:
+                return None
+        existing = await self.kv.get(idem)
+        if existing is None:  # pragma: no cover - idempotency keys live as long as their run
+            raise AlreadyExists(f"idempotency key {idempotency_key!r} is being reused")
+        existing_run, existing_fingerprint = existing.value.decode().split("\n")
+        if existing_fingerprint != fingerprint:
+            raise AlreadyExists(
+                f"idempotency key {idempotency_key!r} already started run {existing_run} "
+                "with another workflow or input"
+            )
+        return await self.reads.get(namespace, existing_run), False
+
+    async def _set_status(
+        self,
+        namespace: str,
+        run_id: str,
+        allowed: Sequence[int],
+        status: int,
+        verb: str,
+        *,
+        extra: Sequence[Request] = (),
+        error: work_item_pb2.NodeError | None = None,
+    ) -> records_pb2.RunRecord:
+        """Move a run from one of ``allowed`` to ``status`` in one guarded Txn."""
+        keys = Keys(namespace)
+        for _ in range(ATTEMPTS_ON_CONFLICT):
+            found = await self.kv.get(keys.run_info(payloads.check_name("run id", run_id)))
+            if found is None:
+                raise NotFound(f"run {run_id!r} not found in namespace {namespace!r}")
+            run = records_pb2.RunRecord.FromString(found.value)
+            if run.status == status and status == PAUSED:
+                return run  # pausing a paused run changes nothing
+            if run.status not in allowed:
+                state = RunStatus.Name(run.status).removeprefix("RUN_STATUS_").lower()
+                raise FailedPrecondition(f"cannot {verb} run {run_id!r}: it is {state}")
+            run.status = status  # type: ignore[assignment]
+            now = now_ms()
+            stamp(run, "updated_at", now)
+            if status in FINISHED:
+                stamp(run, "finished_at", now)
+            else:
+                run.ClearField("finished_at")
+            if error is not None:
+                run.error.CopyFrom(error)
+            elif status == RUNNING:
+                run.ClearField("error")
+            result = await self.kv.txn(
+                Txn(
+                    [Compare.modified_at(keys.run_info(run_id), found.mod_revision)],
+                    [
+                        Put(keys.run_info(run_id), run.SerializeToString()),
+                        Put(keys.status(run_id), status_name(status)),
+                        *extra,
+                    ],
+                )
+            )
+            if result.succeeded:
+                return run
+        raise FailedPrecondition(f"run {run_id!r} is changing too fast to {verb}; try again")
+
+    async def cancel(self, namespace: str, run_id: str, reason: str) -> records_pb2.RunRecord:
+        """Cancel a running, paused or failed run: nothing of it is dispatched again.
+
+        Raises:
+            NotFound: no such run.
+            FailedPrecondition: the run already completed or was cancelled.
+        """
+        keys = Keys(namespace)
+        error = work_item_pb2.NodeError(
+            kind=work_item_pb2.ERROR_KIND_CANCELLED, message=reason or "cancelled by request"
+        )
+        run = await self._set_status(
+            namespace,
+            run_id,
+            (RUNNING, PAUSED, records_pb2.RUN_STATUS_FAILED),
+            records_pb2.RUN_STATUS_CANCELLED,
+            "cancel",
+            extra=[Delete(keys.queue(run_id, ""), prefix=True)],
+            error=error,
+        )
+        await settle_leftovers(
+            self.kv, keys, run_id, records_pb2.ITEM_STATUS_CANCELLED, self.limits.max_txn_ops
+        )
+        return run
+
+    async def pause(self, namespace: str, run_id: str) -> records_pb2.RunRecord:
+        """Stop dispatching a running run's items; held items finish and are recorded."""
+        return await self._set_status(namespace, run_id, (RUNNING,), PAUSED, "pause")
+
+    async def resume(self, namespace: str, run_id: str) -> records_pb2.RunRecord:
+        """Resume a paused run, or a failed one by re-queueing its failed items.
+
+        Raises:
+            NotFound: no such run.
+            FailedPrecondition: the run is running, completed or cancelled.
+        """
+        keys = Keys(namespace)
+        found = await self.reads.get(namespace, run_id)
+        requeue: list[Request] = []
+        if found.status == records_pb2.RUN_STATUS_FAILED:
+            graph = (await self.workflows.get(namespace, found.definition_hash)).graph
+            states, _ = await self.kv.range(keys.item(run_id))
+            for kv in states:
+                state = records_pb2.WorkItemState.FromString(kv.value)
+                failed = state.status in (
+                    records_pb2.ITEM_STATUS_PERMANENTLY_FAILED,
+                    records_pb2.ITEM_STATUS_FAILED,
+                )
+                if failed and not graph.fallback.get(state.item.node):  # a fallback took over
+                    state.item.attempt = state.attempts + 1  # attempts are never lowered
+                    state.status = records_pb2.ITEM_STATUS_PENDING
+                    requeue.append(Put(kv.key, state.SerializeToString()))
+                    requeue.append(queue_entry(keys, state.item))
+        return await self._set_status(
+            namespace,
+            run_id,
+            (PAUSED, records_pb2.RUN_STATUS_FAILED),
+            RUNNING,
+            "resume",
+            extra=requeue,
+        )
+
+    async def enqueue(
+        self,
+        namespace: str,
+        run_id: str,
+        node: str,
+        input: work_item_pb2.Payload,
+        request_id: str,
+    ) -> tuple[work_item_pb2.WorkItem, bool]:
+        """Add an item for a node to a running run, once per request id.
+
+        Raises:
+            NotFound: no such run or node.
+            InvalidPayload: the input does not fit the node.
+            FailedPrecondition: the run is not running.
+        """
+        keys = Keys(namespace)
+        payloads.check_name("request_id", request_id)
+        run = await self.reads.get(namespace, run_id)
+        definition = await self.workflows.get(namespace, run.definition_hash)
+        try:
+            target = definition.graph.node(node)
+        except NodeNotFound as exc:
+            raise NotFound(str(exc)) from exc
+        value = payloads.parse_json(input, self.limits.max_payload_bytes, "input")
+        payloads.validate(value, target.input_schema, f"node {node!r} input")
+        item = work_item_pb2.WorkItem(
+            namespace=namespace,
+            run_id=run_id,
+            item_id=derive_id("enqueue", request_id),
+            node=node,
+            input=input,
+            attempt=1,
+            definition_hash=run.definition_hash,
+            workflow=run.workflow,
+        )
+        stamp(item, "created_at", now_ms())
+        result = await self.kv.txn(
+            Txn(
+                [
+                    Compare.missing(keys.item(run_id, item.item_id)),
+                    Compare.value_is(keys.status(run_id), status_name(RUNNING)),
+                ],
+                new_items(keys, [item]),
+            )
+        )
+        if result.succeeded:
+            return item, True
+        existing = await self.kv.get(keys.item(run_id, item.item_id))
+        if existing is None:
+            raise FailedPrecondition(f"run {run_id!r} is not running")
+        return records_pb2.WorkItemState.FromString(existing.value).item, False
+
+
+async def settle_leftovers(kv: KV, keys: Keys, run_id: str, status: int, max_ops: int) -> None:
+    """Mark what still waits in a finished run (best effort, in bounded batches)."""
+    states, _ = await kv.range(keys.item(run_id))
+    writes: list[Request] = []
+    for found in states:
+        state = records_pb2.WorkItemState.FromString(found.value)
+        if state.status in WAITING:
+            state.status = status  # type: ignore[assignment]
+            writes.append(Put(found.key, state.SerializeToString()))
+    settled = [Compare(keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, status_name(RUNNING))]
+    for start in range(0, len(writes), max_ops - 4):
+        await kv.txn(Txn(settled, writes[start : start + max_ops - 4]))

@@ -1,0 +1,280 @@
+"""Planning a step: from what a claim left and what the worker reported, the one Txn to write.
+
+Pure, in the spirit of etcd's ``txn/`` package (check, then build): no I/O, no clock, nothing
+mutated that the caller owns. A :class:`Basis` holds what the plan starts from (the item's
+state and its run as the claim saw them, the definition, the time, the group records known); a
+:class:`Plan` holds the guards and writes of the completing Txn and what the step decides:
+
+- **success** (``Next``, ``NextAll``, ``Hold``): the item is COMPLETED, its context operations
+  recorded, and :func:`floxide_grpc.routing.route` says what follows: new items (queued, or
+  claimed by a sticky session), arrivals at a join (:mod:`floxide_server.store.fanout`), or the
+  run's output, which completes the run (the first terminal output wins, as in floxide) and
+  settles its leftovers;
+- **an invalid result** (an output or operation that breaks its schema or a limit) is a failed
+  attempt of kind INVALID_OUTPUT, and the plan says so (``code``, ``message``);
+- **failure** (``Abort``, an invalid result, a lost worker): the error is recorded; the item
+  retries on a durable timer if its policy allows (:mod:`floxide_server.store.timers`), else it
+  fails for good and its ``on_failure`` fallback takes its input, else the run fails.
+  A lost worker says nothing about the item: it is re-queued at once up to ``LOST_ATTEMPTS``.
+
+A fan-out too wide for one Txn is planned as an expansion record (see ``fanout``). A plan that
+needs a group record not in its basis is incomplete and names what to read (``needs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc.context import Operation
+from floxide_grpc.errors import FloxideError
+from floxide_grpc.retry import RetryPolicy
+from floxide_grpc.routing import Step, route, route_failure
+from floxide_grpc.transition import ErrorKind
+from floxide_server.store import contexts, fanout, payloads, timers
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import Compare, Delete, KeyValue, Put, Request
+from floxide_server.store.queue import queue_entry
+from floxide_server.store.records import stamp, status_name
+from floxide_server.store.workflows import Definition
+
+__all__ = ["LOST_ATTEMPTS", "TXN_HEADROOM", "Basis", "Plan", "plan_lost", "plan_result"]
+
+LOST_ATTEMPTS = 3
+"""Attempts an item may lose with its worker before it fails, when its policy allows fewer."""
+TXN_HEADROOM = 28
+"""Operations a completion needs besides its new items (claim, states, context, groups, token)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Basis:
+    """What a step is planned from.
+
+    Attributes:
+        keys: The run's namespace.
+        definition: The definition the run is pinned to.
+        run: The run's record (serialized), as the claim saw it or as read.
+        state: The item's state (serialized), as the claim wrote it or as read.
+        limits: Payload and Txn limits.
+        now_ms: The time to stamp records with.
+        groups: Group records known, by key (``None``: absent); a key missing is unknown.
+    """
+
+    keys: Keys
+    definition: Definition
+    run: bytes
+    state: bytes
+    limits: payloads.Limits
+    now_ms: int
+    groups: Mapping[bytes, KeyValue | None] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Plan:
+    """The compares and writes of one step's Txn, and what the step decides.
+
+    Attributes:
+        guards: Compares besides the claim's own (group records, arrivals).
+        writes: Every write of the step but its new items.
+        new_items: Items to create (pending and queued, or one claimed by a sticky session).
+        code: 0, or why the result was taken as a failed attempt (INVALID_ARGUMENT, ...).
+        message: What was wrong with it.
+        ends_run: The status the Txn ends the run with (0: the run goes on).
+        settle: The run completed: its other items are settled after the Txn.
+        retry_in_ms: A retry timer is armed, due this long after ``now_ms``.
+        expansions: Expansion records written, as (run, item), to expand after the Txn.
+        groups: Group records written (``None``: the group is complete).
+        needs: Group records to read first: the plan is incomplete, plan again with them.
+    """
+
+    guards: list[Compare] = dataclasses.field(default_factory=list)
+    writes: list[Request] = dataclasses.field(default_factory=list)
+    new_items: list[work_item_pb2.WorkItem] = dataclasses.field(default_factory=list)
+    code: int = 0
+    message: str = ""
+    ends_run: int = 0
+    settle: bool = False
+    retry_in_ms: int | None = None
+    expansions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    groups: dict[bytes, bytes | None] = dataclasses.field(default_factory=dict)
+    needs: tuple[bytes, ...] = ()
+
+
+def plan_result(
+    basis: Basis,
+    attempt: int,
+    transition: work_item_pb2.Transition,
+    operations: Sequence[work_item_pb2.ContextOperation],
+) -> Plan:
+    """Plan the Txn that applies a worker's result of ``attempt``."""
+    run = records_pb2.RunRecord.FromString(basis.run)
+    state = records_pb2.WorkItemState.FromString(basis.state)
+    item = state.item
+    plan = Plan()
+    if transition.WhichOneof("outcome") == "abort":
+        _plan_failure(basis, run, state, transition.abort, plan, lost=False)
+        return plan
+    try:
+        step = _route_success(basis, item, transition, operations)
+    except FloxideError as exc:  # a result that breaks its contract is a failed attempt
+        kind = work_item_pb2.ERROR_KIND_INVALID_OUTPUT
+        plan.code, plan.message = exc.code.value, str(exc)
+        _plan_failure(basis, run, state, work_item_pb2.NodeError(kind=kind, message=str(exc)), plan)
+        return plan
+    state.status = records_pb2.ITEM_STATUS_COMPLETED
+    stamp(state, "updated_at", basis.now_ms)
+    keys = basis.keys
+    plan.writes.append(Put(keys.item(item.run_id, item.item_id), state.SerializeToString()))
+    if operations:
+        plan.writes.append(contexts.record_operations(keys, item, attempt, operations))
+    _plan_step(basis, run, item, step, plan)
+    return plan
+
+
+def plan_lost(basis: Basis, lease: int) -> Plan:
+    """Plan the Txn that re-queues or fails an item whose worker's session ended."""
+    run = records_pb2.RunRecord.FromString(basis.run)
+    state = records_pb2.WorkItemState.FromString(basis.state)
+    error = work_item_pb2.NodeError(
+        kind=work_item_pb2.ERROR_KIND_WORKER_LOST,
+        message=f"the worker's session {lease:x} ended while it held the item",
+    )
+    plan = Plan()
+    _plan_failure(basis, run, state, error, plan, lost=True)
+    return plan
+
+
+def _route_success(
+    basis: Basis,
+    item: work_item_pb2.WorkItem,
+    transition: work_item_pb2.Transition,
+    operations: Sequence[work_item_pb2.ContextOperation],
+) -> Step:
+    """Check a successful result against its contract, then route it.
+
+    Raises:
+        FloxideError: an output or operation breaks its schema or a limit.
+    """
+    definition, limit = basis.definition, basis.limits.max_payload_bytes
+    node = definition.graph.node(item.node)
+    outcome = transition.WhichOneof("outcome")
+    outputs = (
+        [transition.next.output]
+        if outcome == "next"
+        else list(transition.next_all.outputs)
+        if outcome == "next_all"
+        else []
+    )
+    where = f"node {node.name!r} output"
+    for output in outputs:
+        payloads.validate(payloads.parse_json(output, limit, where), node.output_schema, where)
+    for operation in operations:
+        definition.context.check(Operation.from_proto(operation))
+        payloads.parse_json(operation.value, limit, f"context field {operation.field!r}")
+    return route(definition.graph, item, transition)
+
+
+def _plan_step(
+    basis: Basis,
+    run: records_pb2.RunRecord,
+    item: work_item_pb2.WorkItem,
+    step: Step,
+    plan: Plan,
+) -> None:
+    """Add what a routed step makes: items, arrivals and joins, or the run's output."""
+    keys = basis.keys
+    arrivals = fanout.plan_arrivals(keys, item, step.arrivals, basis.groups)
+    if arrivals.needs:
+        plan.needs = arrivals.needs
+        return
+    plan.guards.extend(arrivals.guards)
+    plan.writes.extend(arrivals.writes)
+    plan.groups.update(arrivals.groups)
+    new_items = [*step.items, *arrivals.joins]
+    for new in new_items:
+        stamp(new, "created_at", basis.now_ms)
+    if 2 * len(new_items) > basis.limits.max_txn_ops - TXN_HEADROOM:
+        # Too wide for one Txn (etcd's --max-txn-ops): a durable expansion record now, the
+        # items in bounded Txns right after; a crash in between loses nothing (reconcile).
+        plan.writes.append(fanout.expansion(keys, run.run_id, item.item_id, new_items))
+        plan.expansions.append((run.run_id, item.item_id))
+    else:
+        plan.new_items.extend(new_items)
+    if step.output is not None:
+        run.output.CopyFrom(step.output)
+        _end_run(basis, run, records_pb2.RUN_STATUS_COMPLETED, plan)
+        plan.settle = True
+
+
+def _plan_failure(
+    basis: Basis,
+    run: records_pb2.RunRecord,
+    state: records_pb2.WorkItemState,
+    error: work_item_pb2.NodeError,
+    plan: Plan,
+    *,
+    lost: bool = False,
+) -> None:
+    """Record a failed attempt, then retry it, fall back, or fail the run (in that order)."""
+    keys, now = basis.keys, basis.now_ms
+    item = state.item
+    node = basis.definition.graph.node(item.node)
+    kind = (
+        ErrorKind.from_proto(error.kind)
+        if error.kind in work_item_pb2.ErrorKind.values()
+        else ErrorKind.GENERIC
+    )
+    record = records_pb2.ErrorRecord(
+        namespace=keys.namespace,
+        run_id=run.run_id,
+        item_id=item.item_id,
+        node=item.node,
+        attempt=state.attempts,
+        error=error,
+    )
+    stamp(record, "occurred_at", now)
+    plan.writes.append(
+        Put(keys.error(run.run_id, item.item_id, state.attempts), record.SerializeToString())
+    )
+    state.last_error.CopyFrom(error)
+    stamp(state, "updated_at", now)
+    policy = RetryPolicy.from_proto(node.retry_policy) if node.HasField("retry_policy") else None
+    item_key = keys.item(run.run_id, item.item_id)
+    if lost and (policy is None or not policy.should_retry(kind, state.attempts)):
+        # A lost worker says nothing about the item: retry it up to LOST_ATTEMPTS times
+        # even without a policy (a node that kills its worker every time stops there).
+        if state.attempts < LOST_ATTEMPTS:
+            state.status = records_pb2.ITEM_STATUS_PENDING
+            state.item.attempt = state.attempts + 1
+            plan.writes.append(Put(item_key, state.SerializeToString()))
+            plan.writes.append(queue_entry(keys, state.item))
+            return
+        policy = None
+    if policy is not None and policy.should_retry(
+        kind, state.attempts, non_retryable=error.non_retryable
+    ):
+        plan.retry_in_ms = int(policy.backoff_for(state.attempts).total_seconds() * 1000)
+        plan.writes.extend(timers.arm(keys, state, now + plan.retry_in_ms))
+        return
+    state.status = records_pb2.ITEM_STATUS_PERMANENTLY_FAILED
+    state.ClearField("retry_at")
+    plan.writes.append(Put(item_key, state.SerializeToString()))
+    fallback = route_failure(basis.definition.graph, item)
+    if fallback is not None:
+        _plan_step(basis, run, item, fallback, plan)
+        return
+    run.error.CopyFrom(error)
+    _end_run(basis, run, records_pb2.RUN_STATUS_FAILED, plan)
+
+
+def _end_run(basis: Basis, run: records_pb2.RunRecord, status: int, plan: Plan) -> None:
+    """End the run in the step's Txn: its record, its status key, its queue emptied."""
+    keys = basis.keys
+    run.status = status  # type: ignore[assignment]
+    stamp(run, "finished_at", basis.now_ms)
+    stamp(run, "updated_at", basis.now_ms)
+    plan.writes.append(Put(keys.run_info(run.run_id), run.SerializeToString()))
+    plan.writes.append(Put(keys.status(run.run_id), status_name(status)))
+    plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
+    plan.ends_run = status
