@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from collections.abc import Mapping
 from typing import Any
 
 from floxide_server.store import planning
@@ -18,7 +19,7 @@ from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_ite
 from floxide_grpc.context import ContextSchema
 from floxide_grpc.graph import Graph
 from floxide_grpc.routing import route, start_item
-from floxide_grpc.status import StatusCode
+from floxide_grpc.errors import StatusCode
 
 Transition = work_item_pb2.Transition
 KEYS = Keys("ns")
@@ -79,13 +80,17 @@ def basis(
     item: work_item_pb2.WorkItem | None = None,
     *,
     attempts: int = 1,
-    groups: dict[bytes, KeyValue | None] | None = None,
+    groups: Mapping[bytes, KeyValue | None] | None = None,
     limits: Limits | None = None,
 ) -> planning.Basis:
     """A basis as a claim leaves it: the item in progress (the start item unless given)."""
     parsed = definition(flow)
     run = records_pb2.RunRecord(
-        namespace="ns", run_id="r", workflow=flow.name, definition_hash="hash", status=1
+        namespace="ns",
+        run_id="r",
+        workflow=flow.name,
+        definition_hash="hash",
+        status=records_pb2.RUN_STATUS_RUNNING,
     )
     if item is None:
         item = start_item(
