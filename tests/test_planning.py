@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from floxide_server.store import planning
@@ -17,9 +17,9 @@ from floxide_server.store.workflows import Definition
 from floxide_grpc import NextAll, RetryPolicy, Workflow, node
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
 from floxide_grpc.context import ContextSchema
+from floxide_grpc.errors import StatusCode
 from floxide_grpc.graph import Graph
 from floxide_grpc.routing import route, start_item
-from floxide_grpc.errors import StatusCode
 
 Transition = work_item_pb2.Transition
 KEYS = Keys("ns")
