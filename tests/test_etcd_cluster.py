@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd, free_port
-from floxide_server.worker_service import SessionConfig
+from floxide_server.sessions import SessionConfig
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Workflow, node

@@ -19,7 +19,7 @@ import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
-from floxide_server.worker_service import SessionConfig
+from floxide_server.sessions import SessionConfig
 from floxide_worker import Worker, WorkerConfig
 from google.protobuf import descriptor_pool, json_format
 from google.protobuf.message_factory import GetMessageClass

@@ -11,7 +11,7 @@ import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd, free_port
 from floxide_server.etcd import EtcdKV
-from floxide_server.worker_service import SessionConfig
+from floxide_server.sessions import SessionConfig
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Backoff, NextAll, NodeContext, RetryPolicy, Workflow, node

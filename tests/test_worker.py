@@ -14,8 +14,8 @@ import grpc
 import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.sessions import SessionConfig
 from floxide_server.store.completion import MAX_CHAIN
-from floxide_server.worker_service import SessionConfig
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import (
@@ -293,8 +293,8 @@ async def test_a_result_repeated_in_one_frame_is_applied_once_and_returns_one_sl
     await raw.send(twice)
     acks = await raw.acks()
     assert [a.code for a in acks] == [0, grpc.StatusCode.ALREADY_EXISTS.value[0]]
-    [session] = cluster.server.dispatcher.sessions.values()
-    assert session.credit == 1 and not session.held  # its one slot back, not two
+    [session] = cluster.server.sessions.live.values()
+    assert session.credit.available == 1 and not session.held  # its one slot back, not two
 
 
 def test_a_worker_sends_what_waits_together_in_one_frame() -> None:

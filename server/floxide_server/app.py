@@ -4,18 +4,23 @@ A :class:`Server` serves the orchestrator and store services over grpc.aio, with
 interceptor, message size limits, keepalive, gRPC health (NOT_SERVING until etcd answers, and
 whenever it stops answering) and server reflection. It holds no state of its own: etcd is the
 only state, so any number of replicas may serve one cluster.
+
+Its server-wide parts (the shared watches, dispatch, maintenance, the health check) run in one
+task group (:meth:`Server.run`): if one fails, the server stops and :meth:`Server.wait` and
+:meth:`Server.stop` raise why, so that ``floxide-server`` exits non-zero for its supervisor to
+restart it, instead of serving on with a dead loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,12 +36,14 @@ from floxide_server.dispatch import Dispatcher
 from floxide_server.errors import ErrorInterceptor
 from floxide_server.maintenance import Maintenance
 from floxide_server.orchestrator import OrchestratorService
+from floxide_server.sessions import SessionConfig, Sessions
 from floxide_server.store import Store
 from floxide_server.store.kv import KV, KVUnavailable
 from floxide_server.store.payloads import Limits
 from floxide_server.store_services import add_store_services
+from floxide_server.tasks import Ready, first_error, started
 from floxide_server.watch import Watches
-from floxide_server.worker_service import SessionConfig, WorkerService, add_worker_service
+from floxide_server.worker_service import WorkerService, add_worker_service
 
 __all__ = ["SERVICE_NAMES", "Server", "ServerConfig"]
 
@@ -88,11 +95,18 @@ class Server:
         self.store = Store.open(kv, self.config.limits)
         self.workflows = self.store.workflows
         self.watches = Watches(kv)
-        self.dispatcher = Dispatcher(self.store.claims, self.watches)
-        self.workers = WorkerService(
+        self.sessions = Sessions(
             kv,
             self.workflows,
+            self.store.claims,
+            self.watches,
+            self.config.sessions,
+            self.config.server_id,
+        )
+        self.dispatcher = Dispatcher(self.store.claims, self.watches, self.sessions)
+        self.workers = WorkerService(
             self.store,
+            self.sessions,
             self.dispatcher,
             self.config.limits,
             self.config.sessions,
@@ -100,7 +114,7 @@ class Server:
         )
         self.maintenance = Maintenance(
             kv,
-            self.store,
+            self.sessions,
             self.watches,
             self.config.sessions.lease_ttl.total_seconds(),
             self.config.retention.total_seconds(),
@@ -109,17 +123,11 @@ class Server:
         self.stopping = asyncio.Event()
         self.port = 0
         self._health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopped = False
+        self._grace = self.config.grace
+        self._runner: asyncio.Task[None] | None = None
 
-    @property
-    def _stale_after_ms(self) -> int:
-        """A worker unheard for three heartbeats is stale (its lease may still stand)."""
-        return int(self.config.sessions.heartbeat_interval.total_seconds() * 3000)
-
-    async def start(self) -> int:
-        """Bind, serve, and start watching etcd's health; returns the bound port."""
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The grpc.aio server with every service, health and reflection (not yet bound)."""
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -131,47 +139,78 @@ class Server:
         ]
         server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
         orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorService(
-                self.kv,
-                self.workflows,
-                self.store,
-                self.watches,
-                self.stopping,
-                self._stale_after_ms,
-            ),
-            server,
+            OrchestratorService(self.store, self.sessions, self.watches, self.stopping), server
         )
         add_worker_service(server, self.workers)
-        add_store_services(
-            server,
-            self.kv,
-            self.workflows,
-            self.store,
-            self.watches,
-            self.config.limits,
-            self._stale_after_ms,
-        )
+        add_store_services(server, self.store, self.sessions, self.watches)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
+        return server
+
+    async def start(self) -> int:
+        """Bind and serve (:meth:`run` in a task of the server's own); returns the bound port.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        if self._runner is not None:
+            raise RuntimeError("the server was already started")
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._runner = asyncio.create_task(self.run(ready), name="floxide-server")
+        either: list[asyncio.Future[Any]] = [ready, self._runner]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            self._runner.result()  # raises why it could not start
+        return ready.result()
+
+    async def run(self, ready: Ready[int]) -> None:
+        """Serve until :meth:`stop`; ``ready`` gets the bound port once serving.
+
+        Raises:
+            OSError: the address cannot be bound.
+            Exception: a server-wide part failed (logged): the server has stopped.
+        """
+        server = self._grpc_server()
         # The asyncio health servicer starts out SERVING: say NOT_SERVING before anyone asks.
         await self._set_health(serving=False)
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if not self.port:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await server.start()
-        self._server = server
-        await self._check_health()
-        self._tasks.append(asyncio.create_task(self._watch_health()))
-        self.maintenance.start()
-        log.info(
-            "floxide server %s listening on %s:%d",
-            self.config.server_id,
-            self.config.host,
-            self.port,
-        )
-        return self.port
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                parts = [
+                    (await started(tasks, part))[1]
+                    for part in (self.watches.run, self.dispatcher.run, self.maintenance.run)
+                ]
+                await self._check_health()
+                parts.append(tasks.create_task(self._watch_health()))
+                log.info(
+                    "floxide server %s listening on %s:%d",
+                    self.config.server_id,
+                    self.config.host,
+                    self.port,
+                )
+                ready.set_result(self.port)
+                await self.stopping.wait()
+                await self._shut_down(server)
+                for task in parts:
+                    task.cancel()
+        except BaseExceptionGroup as group:
+            error = first_error(group)
+            log.critical("the server stops: a server-wide task failed", exc_info=error)
+            raise error from None
+        finally:
+            self.stopping.set()  # waits still open end with UNAVAILABLE
+            await server.stop(0)
+
+    async def _shut_down(self, server: grpc.aio.Server) -> None:
+        """Stop gracefully: health says so, workers drain, calls in flight finish (bounded)."""
+        await self._health.enter_graceful_shutdown()
+        await self.workers.drain(self._grace)
+        await server.stop(self._grace.total_seconds())
 
     async def _set_health(self, *, serving: bool) -> None:
         status = (
@@ -193,33 +232,31 @@ class Server:
         return True
 
     async def _watch_health(self) -> None:
-        while not self.stopping.is_set():
+        while True:
             await asyncio.sleep(self.config.health_interval.total_seconds())
             await self._check_health()
 
     async def stop(self, grace: timedelta | None = None) -> None:
-        """Stop: end waits with UNAVAILABLE, finish calls in flight within the grace period."""
-        if self._stopped:
-            return
-        self._stopped = True
+        """Stop: end waits with UNAVAILABLE, finish calls in flight within the grace period.
+
+        Idempotent.
+
+        Raises:
+            Exception: the failure that had stopped the server, if one did.
+        """
+        if grace is not None:
+            self._grace = grace
         self.stopping.set()
-        await self._health.enter_graceful_shutdown()
-        await self.workers.drain(grace or self.config.grace)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._server is not None:
-            await self._server.stop((grace or self.config.grace).total_seconds())
-        await self.maintenance.close()
-        await self.dispatcher.close()
-        await self.watches.close()
+        await self.wait()
 
     async def wait(self) -> None:
-        """Return when the server has stopped."""
-        if self._server is not None:
-            await self._server.wait_for_termination()
+        """Return when the server has stopped.
+
+        Raises:
+            Exception: the failure that stopped it, if one did.
+        """
+        if self._runner is not None:
+            await asyncio.shield(self._runner)
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -18,7 +18,7 @@ from floxide_grpc import loop as event_loop
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
-from floxide_server.worker_service import SessionConfig
+from floxide_server.sessions import SessionConfig
 
 app = typer.Typer(name="floxide-server", add_completion=False)
 log = logging.getLogger("floxide_server")

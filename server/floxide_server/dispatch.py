@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import dataclasses
 import logging
-import time
 import typing
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
-from floxide_server.store.claims import Claim, Claims, ClaimToken, Snapshot
+from floxide_grpc.errors import FloxideError
+from floxide_server.sessions import Session, Sessions
+from floxide_server.store.claims import Claims, ClaimToken
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import Event, KVUnavailable
+from floxide_server.tasks import Ready, first_done
 from floxide_server.watch import RESYNC, Subscription, Watches
 
-__all__ = ["Dispatcher", "Session"]
+__all__ = ["Dispatcher", "Queued"]
 
 log = logging.getLogger(__name__)
 
@@ -36,80 +36,6 @@ _CANCELS = {
     records_pb2.RUN_STATUS_COMPLETED: worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
     records_pb2.RUN_STATUS_FAILED: worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
 }
-
-
-@dataclasses.dataclass(eq=False)
-class Session:
-    """One connected worker stream on this replica."""
-
-    lease: int
-    namespace: str
-    record: records_pb2.WorkerRecord
-    credit: int
-    max_credit: int
-    draining: bool = False
-    held: set[str] = dataclasses.field(default_factory=set)
-    snapshots: dict[str, Snapshot] = dataclasses.field(default_factory=dict)
-    outbox: asyncio.Queue[ConnectResponse | None] = dataclasses.field(default_factory=asyncio.Queue)
-    last_heard: float = dataclasses.field(default_factory=time.monotonic)
-    reporting: set[str] = dataclasses.field(default_factory=set)
-    tasks: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
-    idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-    def hold(self, claim: Claim) -> None:
-        """The worker was assigned this claim."""
-        self.held.add(claim.token)
-        if claim.snapshot is not None:
-            self.snapshots[claim.token] = claim.snapshot
-        self._settle()
-
-    def drop(self, token: str) -> None:
-        """The worker no longer holds this claim."""
-        self.held.discard(token)
-        self.snapshots.pop(token, None)
-        self._settle()
-
-    def assign(self, claim: Claim) -> worker_service_pb2.Assignment:
-        """Hold a claim, and make the assignment that tells the worker."""
-        assignment = worker_service_pb2.Assignment(
-            item=claim.item, claim_token=claim.token, context=claim.context
-        )
-        if claim.deadline_ms:
-            assignment.deadline.FromMilliseconds(claim.deadline_ms)
-        self.hold(claim)
-        return assignment
-
-    def report(self, tokens: set[str], *, done: bool = False) -> None:
-        """Results for these claims are being applied (``done``: and acknowledged)."""
-        if done:
-            self.reporting -= tokens
-        else:
-            self.reporting |= tokens
-        self._settle()
-
-    def _settle(self) -> None:
-        """Idle: nothing held, no result between its arrival and its acknowledgement."""
-        if self.held or self.reporting:
-            self.idle.clear()
-        else:
-            self.idle.set()
-
-    def serves(self, item: work_item_pb2.WorkItem) -> bool:
-        """Whether the worker runs this item's node (of this definition)."""
-        return any(
-            s.workflow == item.workflow
-            and s.node == item.node
-            and (not s.definition_hash or s.definition_hash == item.definition_hash)
-            for s in self.record.nodes
-        )
-
-    @property
-    def open(self) -> bool:
-        """Whether it takes new work now."""
-        return self.credit > 0 and not self.draining
 
 
 class Queued(typing.NamedTuple):
@@ -154,26 +80,38 @@ class _Ready:
 class Dispatcher:
     """Matches ready items with sessions of this replica."""
 
-    def __init__(self, claims: Claims, watches: Watches) -> None:
+    def __init__(self, claims: Claims, watches: Watches, sessions: Sessions) -> None:
         self.claims = claims
         self.watches = watches
-        self.sessions: dict[int, Session] = {}
+        self.sessions = sessions
         self._ready: dict[str, _Ready] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._claims: set[asyncio.Task[None]] = set()
+        self._group: asyncio.TaskGroup | None = None
+
+    async def run(self, ready: Ready[None]) -> None:
+        """Own dispatch's tasks until cancelled; ready once sessions may be added.
+
+        A failure of a namespace's dispatch loop or of a claim, other than the store not
+        answering, ends ``run()`` with it.
+        """
+        try:
+            async with asyncio.TaskGroup() as self._group:
+                ready.set_result(None)
+                await asyncio.Future()  # until cancelled
+        finally:
+            self._group = None
+            self._tasks.clear()
 
     def add(self, session: Session) -> None:
-        """Start dispatching to a session."""
-        self.sessions[session.lease] = session
+        """Start dispatching to a session (of :attr:`Sessions.live`)."""
         if session.namespace not in self._tasks or self._tasks[session.namespace].done():
             self._wake[session.namespace] = asyncio.Event()
-            self._tasks[session.namespace] = asyncio.create_task(self._follow(session.namespace))
+            assert self._group is not None, "dispatch is not running"
+            self._tasks[session.namespace] = self._group.create_task(
+                self._follow(session.namespace)
+            )
         self.wake(session.namespace)
-
-    def remove(self, session: Session) -> None:
-        """Stop dispatching to a session."""
-        self.sessions.pop(session.lease, None)
 
     def wake(self, namespace: str) -> None:
         """Look for work to push (credit was granted, or something changed)."""
@@ -211,12 +149,7 @@ class Dispatcher:
             await self._dispatch(namespace)
             queued = asyncio.ensure_future(queue.next())
             changed = asyncio.ensure_future(runs.next())
-            woken = asyncio.ensure_future(wake.wait())
-            done, pending = await asyncio.wait(
-                {queued, changed, woken}, return_when=asyncio.FIRST_COMPLETED
-            )
-            for future in pending:
-                future.cancel()
+            done = await first_done([queued, changed, asyncio.ensure_future(wake.wait())])
             wake.clear()
             if queued in done:
                 await self._queued(namespace, queued.result())
@@ -250,7 +183,7 @@ class Dispatcher:
 
     def _cancel_held(self, namespace: str, run_id: str, reason: int) -> None:
         """Tell this replica's workers to stop the items they hold of a finished run."""
-        for session in self.sessions.values():
+        for session in self.sessions.live.values():
             if session.namespace != namespace:
                 continue
             claims = [ClaimToken.parse(token) for token in session.held - session.reporting]
@@ -275,10 +208,10 @@ class Dispatcher:
         takes turns with the others and starves none.
         """
         ready = self._ready.get(namespace)
-        sessions = [s for s in self.sessions.values() if s.namespace == namespace and s.open]
+        sessions = [s for s in self.sessions.live.values() if s.namespace == namespace and s.open]
         if not ready or not ready.runs or not sessions:
             return []
-        credit = {s.lease: s.credit for s in sessions}
+        credit = {s.lease: s.credit.available for s in sessions}
         left = sum(credit.values())
         plan: list[tuple[Session, Queued]] = []
         while left:
@@ -305,22 +238,21 @@ class Dispatcher:
 
     async def _dispatch(self, namespace: str) -> None:
         """Start a claim for each planned item; the loop goes on watching meanwhile."""
+        assert self._group is not None
         for session, queued in self._plan(namespace):
-            session.credit -= 1  # spent now, given back if the claim fails
-            task = asyncio.create_task(self._claim_or_return(session, queued))
-            self._claims.add(task)
-            task.add_done_callback(self._claims.discard)
+            session.credit.take()  # given back if the claim fails
+            self._group.create_task(self._claim_or_return(session, queued))
 
     async def _claim_or_return(self, session: Session, queued: Queued) -> None:
         try:
             claimed = await self._claim(session, queued)
-        except Exception as exc:
+        except (KVUnavailable, OSError, FloxideError) as exc:
             log.warning("claim of %s/%s failed: %s", queued.item.run_id, queued.item.item_id, exc)
             claimed = False
             # Still queued, as far as we know: try it again in a while.
             asyncio.get_running_loop().call_later(1.0, self.give_back, session.namespace, queued)
         if not claimed:
-            session.credit += 1  # not claimed: the slot stays free
+            session.credit.give_back()  # not claimed: the slot stays free
             self.wake(session.namespace)
 
     def take(self, session: Session) -> Queued | None:
@@ -348,7 +280,7 @@ class Dispatcher:
         self.wake(namespace)
 
     async def _claim(self, session: Session, queued: Queued) -> bool:
-        if session.lease not in self.sessions:
+        if session.lease not in self.sessions.live:
             return False
         item = queued.item
         claim = await self.claims.claim(
@@ -358,12 +290,3 @@ class Dispatcher:
             return False
         session.outbox.put_nowait(ConnectResponse(assignments=[session.assign(claim)]))
         return True
-
-    async def close(self) -> None:
-        """Stop dispatching."""
-        for task in [*self._tasks.values(), *self._claims]:
-            task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()

@@ -1,34 +1,40 @@
 """What every replica tends in the background, for every namespace: safe on all of them at once.
 
-- **Expired sessions**: a watch on ``session/`` sees a session key deleted (its lease ended:
-  the worker was killed, frozen or cut off) and re-queues that session's claims, each a failed
-  attempt of kind WORKER_LOST. Releases are guarded Txns, so replicas racing do it once.
+- **Expired sessions**: :meth:`floxide_server.sessions.Sessions.follow_expiries` releases the
+  claims of each session whose lease ended (the worker was killed, frozen or cut off).
 - **Reconcile**: at start-up and then every lease TTL, claims whose session no longer exists
   (they expired while no replica ran) are released the same way, and wide fan-outs whose
   expansion a crash interrupted are finished.
 - **Retention**: runs finished longer ago than the retention period are removed in bounded
-  batches, one guarded Txn and one range delete per run.
-- **Retry timers**: due timers are fired (a Txn that checks the run and the item), woken by the
+  batches (:mod:`floxide_server.store.retention`).
+- **Retry timers**: due timers are fired (:mod:`floxide_server.store.timers`), woken by the
   earliest timer's due time or by a new timer, so a restart loses none.
+
+Every loop runs in the task group of :meth:`Maintenance.run`; one that fails for another
+reason than the store not answering ends ``run()``, and with it the server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
-from floxide_server.store import Store, fanout, timers
+from floxide_server.sessions import Sessions
+from floxide_server.store import fanout, timers
 from floxide_server.store.keys import NAMESPACES, Keys
 from floxide_server.store.kv import KV, KVUnavailable
 from floxide_server.store.retention import remove_finished
+from floxide_server.tasks import Ready
 from floxide_server.watch import RESYNC, Watches
 
 __all__ = ["Maintenance"]
 
 log = logging.getLogger(__name__)
+
+Tending = Callable[[str], Coroutine[Any, Any, None]]
 
 
 class Maintenance:
@@ -37,104 +43,71 @@ class Maintenance:
     def __init__(
         self,
         kv: KV,
-        store: Store,
+        sessions: Sessions,
         watches: Watches,
         reconcile_every: float,
         retention: float,
         retention_by_namespace: Mapping[str, float] | None = None,
     ) -> None:
         self.kv = kv
-        self.store = store
+        self.sessions = sessions
         self.watches = watches
         self.reconcile_every = reconcile_every
         self.retention = retention
         self.retention_by_namespace = dict(retention_by_namespace or {})
-        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
-        self._index: asyncio.Task[None] | None = None
+        self._tended: set[str] = set()
 
-    def start(self) -> None:
-        """Follow the namespace index, tending each namespace in it."""
-        self._index = asyncio.create_task(self._follow_index())
+    async def run(self, ready: Ready[None]) -> None:
+        """Follow the namespace index, tending each namespace in it, until cancelled."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._follow_index(tasks))
+                ready.set_result(None)
+        finally:
+            self._tended.clear()
 
-    async def _follow_index(self) -> None:
+    async def _follow_index(self, tasks: asyncio.TaskGroup) -> None:
         while True:
             try:
                 updates = await self.watches.open(NAMESPACES)
                 try:
                     found, _ = await self.kv.range(NAMESPACES)
                     for kv in found:
-                        self._tend(kv.key[len(NAMESPACES) :].decode())
+                        self._tend(tasks, kv.key[len(NAMESPACES) :].decode())
                     while True:
                         event = await updates.next()
                         if event is not RESYNC and not event.deleted:
-                            self._tend(event.kv.key[len(NAMESPACES) :].decode())
+                            self._tend(tasks, event.kv.key[len(NAMESPACES) :].decode())
                 finally:
                     updates.close()
             except KVUnavailable as exc:
                 log.warning("namespace index unavailable: %s", exc)
                 await asyncio.sleep(1.0)
 
-    def _tend(self, namespace: str) -> None:
-        if namespace in self._tasks:
+    def _tend(self, tasks: asyncio.TaskGroup, namespace: str) -> None:
+        if namespace in self._tended:
             return
-        self._tasks[namespace] = [
-            asyncio.create_task(self._guard(self._expiries, namespace)),
-            asyncio.create_task(self._guard(self._reconcile, namespace)),
-            asyncio.create_task(self._guard(self._timers, namespace)),
-            asyncio.create_task(self._guard(self._retain, namespace)),
-        ]
+        self._tended.add(namespace)
+        for body in (self.sessions.follow_expiries, self._reconcile, self._timers, self._retain):
+            tasks.create_task(self._guard(body, namespace))
 
-    async def _guard(self, body: object, namespace: str) -> None:
-        assert callable(body)
+    async def _guard(self, body: Tending, namespace: str) -> None:
+        """Run a loop of a namespace again after the store stopped answering."""
         while True:
             try:
                 await body(namespace)
             except (KVUnavailable, OSError) as exc:
-                log.warning(
-                    "%s of %r paused: %s", getattr(body, "__name__", "task"), namespace, exc
-                )
+                log.warning("%s of %r paused: %s", body.__name__, namespace, exc)
                 await asyncio.sleep(1.0)
 
-    async def release_session(self, namespace: str, lease: int) -> int:
-        """Re-queue every claim of an ended session; how many this call released."""
-        claims, _ = await self.kv.range(Keys(namespace).claim(lease))
-        released = 0
-        for kv in claims:
-            run_id, item_id = kv.key[len(Keys(namespace).claim(lease)) :].decode().split("/")
-            released += await self.store.claims.release(namespace, lease, run_id, item_id)
-        if released:
-            log.info("session %x of %r ended: re-queued %d items", lease, namespace, released)
-        return released
-
-    async def _expiries(self, namespace: str) -> None:
-        keys = Keys(namespace)
-        updates = await self.watches.open(keys.session())
-        try:
-            while True:
-                event = await updates.next()
-                if event is RESYNC:
-                    await self._reconcile_once(namespace)
-                elif event.deleted:
-                    lease = int(event.kv.key[len(keys.session()) :].decode(), 16)
-                    await self.release_session(namespace, lease)
-        finally:
-            updates.close()
-
-    async def _reconcile_once(self, namespace: str) -> None:
-        keys = Keys(namespace)
-        expansions, _ = await self.kv.range(keys.expansion())
-        for kv in expansions:  # fan-outs whose expansion a crash interrupted
-            run_id, item_id = kv.key[len(keys.expansion()) :].decode().split("/")
-            await fanout.expand(self.kv, namespace, run_id, item_id)
-        claims, _ = await self.kv.range(keys.prefix + b"claim/")
-        leases = {int(kv.key[len(keys.prefix + b"claim/") :].split(b"/")[0], 16) for kv in claims}
-        for lease in leases:
-            if await self.kv.get(keys.session(lease)) is None:
-                await self.release_session(namespace, lease)
-
     async def _reconcile(self, namespace: str) -> None:
+        keys = Keys(namespace)
         while True:
-            await self._reconcile_once(namespace)
+            expansions, _ = await self.kv.range(keys.expansion())
+            for kv in expansions:  # fan-outs whose expansion a crash interrupted
+                run_id, item_id = kv.key[len(keys.expansion()) :].decode().split("/")
+                await fanout.expand(self.kv, namespace, run_id, item_id)
+            await self.sessions.release_orphans(namespace)
             await asyncio.sleep(self.reconcile_every)
 
     async def _timers(self, namespace: str) -> None:
@@ -146,12 +119,12 @@ class Maintenance:
                 first, _ = await self.kv.range(keys.timer(), limit=1)
                 wait = 1.0
                 if first:
-                    due_ms = int(first[0].key[len(keys.timer()) :].split(b"/")[0])
-                    wait = min(max(due_ms / 1000 - time.time(), 0.0), 1.0)
-                event = asyncio.ensure_future(updates.next())
-                done, _ = await asyncio.wait({event}, timeout=wait)
-                if not done:
-                    event.cancel()
+                    wait = min(max(timers.due_ms(keys, first[0].key) / 1000 - time.time(), 0), 1)
+                try:
+                    async with asyncio.timeout(wait):
+                        await updates.next()  # a new timer may be due sooner
+                except TimeoutError:
+                    pass
         finally:
             updates.close()
 
@@ -164,15 +137,3 @@ class Maintenance:
                 log.info("retention removed %d finished runs of %r", removed, namespace)
                 continue  # there may be more: next batch at once
             await asyncio.sleep(min(max(retention / 10, 0.2), 60.0))
-
-    async def close(self) -> None:
-        """Stop tending."""
-        tasks = [t for ts in self._tasks.values() for t in ts]
-        if self._index is not None:
-            tasks.append(self._index)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()

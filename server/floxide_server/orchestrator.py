@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,56 +22,30 @@ from floxide_grpc._proto.floxide.v1 import (
     work_item_pb2,
 )
 from floxide_grpc.errors import Unavailable
+from floxide_server.sessions import Sessions
 from floxide_server.store import Store
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV
 from floxide_server.store.payloads import check_name, namespace_of
 from floxide_server.store.records import FINISHED
-from floxide_server.store.workflows import WorkflowStore
+from floxide_server.tasks import first_done
 from floxide_server.watch import RESYNC, Watches
 
-__all__ = ["OrchestratorService", "list_workers"]
+__all__ = ["OrchestratorService"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-async def list_workers(
-    kv: KV, namespace: str, stale_after_ms: int
-) -> list[records_pb2.WorkerRecord]:
-    """The namespace's live sessions, with liveness judged from their last heartbeat."""
-    found, _ = await kv.range(Keys(namespace).session())
-    now = time.time_ns() // 1_000_000
-    workers = []
-    for kv_entry in found:
-        record = records_pb2.WorkerRecord.FromString(kv_entry.value)
-        age = now - record.last_heartbeat.ToMilliseconds()
-        record.liveness = (
-            records_pb2.LIVENESS_STATUS_ALIVE
-            if age <= stale_after_ms
-            else records_pb2.LIVENESS_STATUS_STALE
-        )
-        workers.append(record)
-    return workers
 
 
 class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServicer):
     """The orchestrator API over the stores."""
 
     def __init__(
-        self,
-        kv: KV,
-        workflows: WorkflowStore,
-        store: Store,
-        watches: Watches,
-        stopping: asyncio.Event,
-        stale_after_ms: int,
+        self, store: Store, sessions: Sessions, watches: Watches, stopping: asyncio.Event
     ) -> None:
-        self.kv = kv
-        self.workflows = workflows
         self.store = store
+        self.workflows = store.workflows
+        self.sessions = sessions
         self.watches = watches
         self.stopping = stopping
-        self.stale_after_ms = stale_after_ms
 
     async def RegisterWorkflow(
         self, request: pb.RegisterWorkflowRequest, context: Context
@@ -202,7 +175,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         self, request: pb.ListWorkersRequest, context: Context
     ) -> pb.ListWorkersResponse:
         """The namespace's worker sessions."""
-        workers = await list_workers(self.kv, namespace_of(request.namespace), self.stale_after_ms)
+        workers = await self.sessions.list(namespace_of(request.namespace))
         return pb.ListWorkersResponse(workers=workers)
 
     async def WaitForCompletion(
@@ -213,16 +186,14 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         keys = Keys(namespace)
         key = keys.run_info(check_name("run id", request.run_id))
         updates = await self.watches.open(keys.run_infos, key)  # one watch per namespace, shared
-        stop = asyncio.ensure_future(self.stopping.wait())
         try:
             run = await self.store.reads.get(namespace, request.run_id)  # after subscribing: no gap
             yield pb.WaitForCompletionResponse(run=run)
             last_status = run.status
             while run.status not in FINISHED:
                 change = asyncio.ensure_future(updates.next())
-                done, _ = await asyncio.wait({change, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if stop in done:
-                    change.cancel()
+                stop = asyncio.ensure_future(self.stopping.wait())
+                if stop in await first_done([change, stop]):
                     raise Unavailable("the server is shutting down: wait again, on any replica")
                 event = change.result()
                 if event is RESYNC:
@@ -235,7 +206,6 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
                     last_status = run.status
                     yield pb.WaitForCompletionResponse(run=run)
         finally:
-            stop.cancel()
             updates.close()
 
 

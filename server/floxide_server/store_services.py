@@ -24,13 +24,12 @@ from floxide_grpc._proto.floxide.v1 import store_service_pb2 as pb
 from floxide_grpc.context import Operation, apply
 from floxide_grpc.errors import FailedPrecondition, NotFound, ResourceExhausted
 from floxide_grpc.routing import derive_id
-from floxide_server.orchestrator import list_workers
+from floxide_server.sessions import Sessions
 from floxide_server.store import Store
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, Get, Op, Put, Target, Txn
 from floxide_server.store.payloads import Limits, check_name, namespace_of, parse_json
 from floxide_server.store.records import FINISHED, status_name
-from floxide_server.store.workflows import WorkflowStore
 from floxide_server.watch import RESYNC, Watches
 
 __all__ = ["add_store_services"]
@@ -323,16 +322,15 @@ class ErrorStoreService(store_service_pb2_grpc.ErrorStoreServiceServicer):
 class LivenessStoreService(store_service_pb2_grpc.LivenessStoreServiceServicer):
     """Worker sessions, read-only."""
 
-    def __init__(self, kv: KV, stale_after_ms: int) -> None:
-        self.kv = kv
-        self.stale_after_ms = stale_after_ms
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
 
     async def GetWorkerHealth(
         self, request: pb.GetWorkerHealthRequest, context: Context
     ) -> pb.GetWorkerHealthResponse:
         """One session."""
         namespace = namespace_of(request.namespace)
-        for worker in await list_workers(self.kv, namespace, self.stale_after_ms):
+        for worker in await self.sessions.list(namespace):
             if worker.session_id == request.session_id:
                 return pb.GetWorkerHealthResponse(worker=worker)
         raise NotFound(f"session {request.session_id!r} not found")
@@ -342,9 +340,7 @@ class LivenessStoreService(store_service_pb2_grpc.LivenessStoreServiceServicer):
     ) -> pb.ListWorkerHealthResponse:
         """The namespace's sessions."""
         return pb.ListWorkerHealthResponse(
-            workers=await list_workers(
-                self.kv, namespace_of(request.namespace), self.stale_after_ms
-            )
+            workers=await self.sessions.list(namespace_of(request.namespace))
         )
 
 
@@ -413,16 +409,10 @@ class WorkItemStateStoreService(store_service_pb2_grpc.WorkItemStateStoreService
 
 
 def add_store_services(
-    server: grpc.aio.Server,
-    kv: KV,
-    workflows: WorkflowStore,
-    store: Store,
-    watches: Watches,
-    limits: Limits,
-    stale_after_ms: int,
+    server: grpc.aio.Server, store: Store, sessions: Sessions, watches: Watches
 ) -> None:
     """Register every store service on a server."""
-    del workflows
+    kv, limits = store.kv, store.limits
     store_service_pb2_grpc.add_CheckpointStoreServiceServicer_to_server(
         CheckpointStoreService(kv, limits), server
     )
@@ -440,7 +430,7 @@ def add_store_services(
         ErrorStoreService(kv, store), server
     )
     store_service_pb2_grpc.add_LivenessStoreServiceServicer_to_server(
-        LivenessStoreService(kv, stale_after_ms), server
+        LivenessStoreService(sessions), server
     )
     store_service_pb2_grpc.add_WorkItemStateStoreServiceServicer_to_server(
         WorkItemStateStoreService(kv, store, watches), server

@@ -11,8 +11,6 @@ it with a status (see ``worker_service.proto``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,53 +21,32 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from floxide_grpc import PROTOCOL_VERSION
-from floxide_grpc._proto.floxide.v1 import records_pb2, worker_service_pb2
+from floxide_grpc._proto.floxide.v1 import worker_service_pb2
 from floxide_grpc.errors import (
     AlreadyExists,
     ClaimLost,
-    FailedPrecondition,
     FloxideError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    SessionEnded,
     StatusCode,
     Unavailable,
-    WorkflowNotFound,
 )
-from floxide_server.dispatch import Dispatcher, Queued, Session
+from floxide_server.dispatch import Dispatcher, Queued
+from floxide_server.sessions import Session, SessionConfig, Sessions
 from floxide_server.store import Store
 from floxide_server.store.claims import ClaimToken
 from floxide_server.store.completion import MAX_CHAIN, Sticky
-from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, KVUnavailable, Put, Txn
-from floxide_server.store.payloads import Limits, namespace_of
-from floxide_server.store.workflows import WorkflowStore
+from floxide_server.store.kv import KVUnavailable
+from floxide_server.store.payloads import Limits
+from floxide_server.tasks import first_error
 
-__all__ = ["SessionConfig", "WorkerService", "add_worker_service"]
+__all__ = ["WorkerService", "add_worker_service"]
 
 log = logging.getLogger(__name__)
 
 ConnectRequest = worker_service_pb2.ConnectRequest
 ConnectResponse = worker_service_pb2.ConnectResponse
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionConfig:
-    """Worker sessions' parameters.
-
-    Attributes:
-        lease_ttl: How long a session lives without hearing from its worker (etcd's minimum
-            is about 2 s).
-        heartbeat_interval: How often workers should send a heartbeat.
-        max_credit: The most items one worker may hold at once.
-        hello_timeout: How long a new stream may take to say hello.
-    """
-
-    lease_ttl: timedelta = timedelta(seconds=10)
-    heartbeat_interval: timedelta = timedelta(seconds=3)
-    max_credit: int = 1024
-    hello_timeout: timedelta = timedelta(seconds=10)
 
 
 def _parse(data: bytes) -> ConnectRequest | None:
@@ -85,17 +62,15 @@ class WorkerService:
 
     def __init__(
         self,
-        kv: KV,
-        workflows: WorkflowStore,
         store: Store,
+        sessions: Sessions,
         dispatcher: Dispatcher,
         limits: Limits,
         config: SessionConfig,
         server_id: str,
     ) -> None:
-        self.kv = kv
-        self.workflows = workflows
         self.store = store
+        self.sessions = sessions
         self.dispatcher = dispatcher
         self.limits = limits
         self.config = config
@@ -106,7 +81,11 @@ class WorkerService:
         requests: AsyncIterator[ConnectRequest | None],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ConnectResponse]:
-        """Serve one worker stream (see the module's docstring)."""
+        """Serve one worker stream (see the module's docstring).
+
+        The stream's tasks (its reader, its lease keeper, its results being applied) live in
+        one task group of its own: a fault of the stream ends this stream only, with its status.
+        """
         try:
             async with asyncio.timeout(self.config.hello_timeout.total_seconds()):
                 first = await anext(requests, None)
@@ -114,68 +93,23 @@ class WorkerService:
             raise InvalidArgument("no hello within the hello timeout") from exc
         if first is None or not first.HasField("hello"):
             raise InvalidArgument("the first message of a worker stream must be a hello")
-        session = await self._open(first.hello)
+        session = await self.sessions.open(first.hello)
+        self.dispatcher.add(session)
         try:
             yield ConnectResponse(hello_ack=self._ack(session))
-            await self._take(session, first, skip_hello=True)
-            reader = asyncio.create_task(self._read(session, requests))
-            keeper = asyncio.create_task(self._keep(session))
             try:
-                async for response in _outgoing(session, reader, keeper):
-                    yield response
-            finally:
-                for task in (reader, keeper):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                async with asyncio.TaskGroup() as tasks:
+                    self._take(session, tasks, first, skip_hello=True)
+                    reader = tasks.create_task(self._read(session, tasks, requests))
+                    keeper = tasks.create_task(self.sessions.keep(session))
+                    async for response in _outgoing(session, reader, keeper):
+                        yield response
+                    reader.cancel()  # the stream is over; results being applied finish
+                    keeper.cancel()
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
         finally:
-            await self._close(session)
-
-    async def _open(self, hello: worker_service_pb2.Hello) -> Session:
-        if hello.protocol_version != PROTOCOL_VERSION:
-            raise FailedPrecondition(
-                f"protocol version {hello.protocol_version} is not supported; this server speaks "
-                f"{PROTOCOL_VERSION}"
-            )
-        namespace = namespace_of(hello.namespace)
-        if not hello.nodes:
-            raise InvalidArgument("hello names no node to serve")
-        for served in hello.nodes:
-            try:
-                record = await self.workflows.record(
-                    namespace, served.workflow, served.definition_hash
-                )
-            except (WorkflowNotFound, InvalidArgument) as exc:
-                raise NotFound(
-                    f"hello offers node {served.node!r} of {served.workflow!r}: {exc}"
-                ) from exc
-            if not any(n.name == served.node for n in record.definition.nodes):
-                raise NotFound(f"workflow {served.workflow!r} has no node {served.node!r}")
-        if hello.credit > self.config.max_credit:
-            raise ResourceExhausted(
-                f"credit {hello.credit} is over the limit of {self.config.max_credit}"
-            )
-        ttl = max(int(self.config.lease_ttl.total_seconds()), 1)
-        lease = await self.kv.grant(ttl)
-        worker = records_pb2.WorkerRecord(
-            session_id=f"{lease:x}",
-            worker_id=hello.worker_id,
-            namespace=namespace,
-            nodes=hello.nodes,
-            status=records_pb2.WORKER_STATUS_IDLE,
-            slots=hello.credit,
-            server_id=self.server_id,
-            sdk=hello.sdk,
-        )
-        worker.connected_at.GetCurrentTime()
-        worker.last_heartbeat.GetCurrentTime()
-        await self.kv.txn(
-            Txn([], [Put(Keys(namespace).session(lease), worker.SerializeToString(), lease)])
-        )
-        session = Session(lease, namespace, worker, hello.credit, self.config.max_credit)
-        self.dispatcher.add(session)
-        log.info("session %x opened for worker %r in %r", lease, hello.worker_id, namespace)
-        return session
+            await self.sessions.close(session)
 
     def _ack(self, session: Session) -> worker_service_pb2.HelloAck:
         ack = worker_service_pb2.HelloAck(
@@ -189,12 +123,22 @@ class WorkerService:
         ack.heartbeat_interval.FromTimedelta(self.config.heartbeat_interval)
         return ack
 
-    async def _read(self, session: Session, requests: AsyncIterator[ConnectRequest | None]) -> None:
+    async def _read(
+        self,
+        session: Session,
+        tasks: asyncio.TaskGroup,
+        requests: AsyncIterator[ConnectRequest | None],
+    ) -> None:
         async for request in requests:
-            await self._take(session, request)
+            self._take(session, tasks, request)
 
-    async def _take(
-        self, session: Session, request: ConnectRequest | None, *, skip_hello: bool = False
+    def _take(
+        self,
+        session: Session,
+        tasks: asyncio.TaskGroup,
+        request: ConnectRequest | None,
+        *,
+        skip_hello: bool = False,
     ) -> None:
         if request is None:
             raise InvalidArgument("a message of the stream does not parse as a ConnectRequest")
@@ -202,21 +146,14 @@ class WorkerService:
         if request.HasField("hello") and not skip_hello:
             raise InvalidArgument("hello is allowed in the first message only")
         if request.credit:
-            session.credit += request.credit
-            if session.credit + len(session.held) > session.max_credit:
-                raise ResourceExhausted(
-                    f"credit {session.credit + len(session.held)} is over the limit of "
-                    f"{session.max_credit}"
-                )
+            session.credit.grant(request.credit, len(session.held))
             session.record.slots += request.credit
         if request.results:
             tokens = {r.claim_token for r in request.results} & session.held
             session.report(tokens)  # no cancel for them, and a drain waits for their acks
             # Applied concurrently with the stream's next messages: one slow Txn must not hold
             # up the session's other results, nor its heartbeats.
-            task = asyncio.create_task(self._results(session, list(request.results), tokens))
-            session.tasks.add(task)
-            task.add_done_callback(session.tasks.discard)
+            tasks.create_task(self._results(session, list(request.results), tokens))
         if request.HasField("drain"):
             session.draining = True
             log.info("worker of session %x is draining", session.lease)
@@ -292,67 +229,28 @@ class WorkerService:
         if claim is not None:  # the result's slot goes to the successor
             assignment = session.assign(claim)
         elif held:  # a repeat of an answered result returns no slot
-            session.credit += 1
+            session.credit.give_back()
         if held:
             session.drop(result.claim_token)
         return ack, assignment
 
-    async def _keep(self, session: Session) -> None:
-        """Renew the lease while the worker is heard from; end the stream when it has ended."""
-        ttl = self.config.lease_ttl.total_seconds()
-        interval = min(self.config.heartbeat_interval.total_seconds(), ttl / 3)
-        keys = Keys(session.namespace)
-        while True:
-            await asyncio.sleep(interval)
-            if time.monotonic() - session.last_heard > ttl:
-                # Silent for a whole TTL: stop renewing. etcd ends the lease on its own clock.
-                if await self.kv.get(keys.session(session.lease)) is None:
-                    raise SessionEnded("the session's lease ended: no heartbeat within its TTL")
-                continue
-            if not await self.kv.keep_alive(session.lease):
-                raise SessionEnded("the session's lease ended; reconnect for a new session")
-            session.record.last_heartbeat.GetCurrentTime()
-            session.record.status = (
-                records_pb2.WORKER_STATUS_DRAINING
-                if session.draining
-                else records_pb2.WORKER_STATUS_BUSY
-                if session.held
-                else records_pb2.WORKER_STATUS_IDLE
-            )
-            key = keys.session(session.lease)
-            await self.kv.txn(
-                Txn(
-                    [Compare.exists(key)],
-                    [Put(key, session.record.SerializeToString(), session.lease)],
-                )
-            )
-
-    async def _close(self, session: Session) -> None:
-        """The stream ended: end the session now, so its claims are re-queued at once."""
-        self.dispatcher.remove(session)
-        if session.tasks:  # results being applied finish first (bounded)
-            await asyncio.wait(set(session.tasks), timeout=self.config.lease_ttl.total_seconds())
-        with contextlib.suppress(KVUnavailable, grpc.aio.AioRpcError):
-            await self.kv.revoke(session.lease)
-        log.info("session %x closed (%d claims left to re-queue)", session.lease, len(session.held))
-
     async def drain(self, grace: timedelta) -> None:
         """Tell every session of this replica to drain, and wait for what they hold (bounded)."""
-        for session in list(self.dispatcher.sessions.values()):
+        for session in list(self.sessions.live.values()):
             drain = worker_service_pb2.Drain(reason="the server is shutting down")
             drain.grace.FromTimedelta(grace)
             session.draining = True
             session.outbox.put_nowait(ConnectResponse(drain=drain))
         waits = [
             asyncio.ensure_future(s.idle.wait())
-            for s in self.dispatcher.sessions.values()
+            for s in self.sessions.live.values()
             if not s.idle.is_set()
         ]
         if waits:
             _, late = await asyncio.wait(waits, timeout=grace.total_seconds())
             for wait in late:
                 wait.cancel()
-        for session in list(self.dispatcher.sessions.values()):
+        for session in list(self.sessions.live.values()):
             session.outbox.put_nowait(None)
 
 

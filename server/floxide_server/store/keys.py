@@ -150,9 +150,14 @@ class Keys:
         key = self.prefix + b"session/"
         return key if lease is None else key + _b(f"{lease:016x}")
 
+    @property
+    def claims(self) -> bytes:
+        """The prefix of every session's claims."""
+        return self.prefix + b"claim/"
+
     def claim(self, lease: int, run_id: str = "", item_id: str = "") -> bytes:
         """A claim of an item by a session (or the prefix of a session's claims)."""
-        key = self.prefix + b"claim/" + _b(f"{lease:016x}") + b"/"
+        key = self.claims + _b(f"{lease:016x}") + b"/"
         if run_id:
             key += _b(run_id) + b"/" + _b(item_id)
         return key
