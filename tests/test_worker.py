@@ -356,23 +356,29 @@ async def test_credit_beyond_the_limit_ends_the_stream(cluster: Cluster, raw: Ra
     assert await cluster.client.workers() == []
 
 
-async def test_garbage_ends_the_stream_and_changes_nothing(cluster: Cluster) -> None:
+async def test_garbage_ends_its_stream_only_and_changes_nothing(cluster: Cluster) -> None:
+    """A fault of one stream ends that stream with its status: the server and the other
+    streams go on (each stream's tasks are in a task group of its own)."""
     await cluster.client.register_workflow(ECHO)
-    channel = grpc.aio.insecure_channel(cluster.target)
-    call = channel.stream_stream(
-        "/floxide.v1.WorkerService/Connect",
-        request_serializer=lambda raw_bytes: raw_bytes,
-        response_deserializer=worker_service_pb2.ConnectResponse.FromString,
-    )()
-    await call.write(hello(cluster.namespace).SerializeToString())
-    first = await call.read()
-    assert isinstance(first, worker_service_pb2.ConnectResponse) and first.hello_ack.session_id
-    await call.write(b"\xff\xff\xff\xff garbage")
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        while True:
-            await asyncio.wait_for(call.read(), 10)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    await channel.close()
+    async with cluster.worker(ECHO) as worker:  # a stream open before the fault, and after
+        channel = grpc.aio.insecure_channel(cluster.target)
+        call = channel.stream_stream(
+            "/floxide.v1.WorkerService/Connect",
+            request_serializer=lambda raw_bytes: raw_bytes,
+            response_deserializer=worker_service_pb2.ConnectResponse.FromString,
+        )()
+        await call.write(hello(cluster.namespace).SerializeToString())
+        first = await call.read()
+        assert isinstance(first, worker_service_pb2.ConnectResponse) and first.hello_ack.session_id
+        await call.write(b"\xff\xff\xff\xff garbage")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                await asyncio.wait_for(call.read(), 10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await channel.close()
+        assert await cluster.client.run("echo", 7, timeout=30) == 7
+        assert worker.executions == 1 and len(cluster.server.sessions.live) == 1
+    assert not cluster.server.stopping.is_set()
 
 
 async def test_a_busy_run_does_not_starve_another(cluster: Cluster) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import signal
@@ -19,6 +18,7 @@ from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.sessions import SessionConfig
+from floxide_server.tasks import first_done
 
 app = typer.Typer(name="floxide-server", add_completion=False)
 log = logging.getLogger("floxide_server")
@@ -29,23 +29,30 @@ DEFAULT_PORT = 50051
 async def serve(
     endpoints: list[str], config: ServerConfig, ready_file: Path | None, grace: timedelta
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully.
+
+    Raises:
+        Exception: the failure that stopped the server (a server-wide task failed).
+    """
     kv = EtcdKV(endpoints)
     server = Server(kv, config)
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled.set)
     try:
         port = await server.start()
         if ready_file is not None:
             await asyncio.to_thread(ready_file.write_text, f"{config.host}:{port}\n")
         log.info("serving floxide.v1 on %s:%d (etcd %s)", config.host, port, ",".join(endpoints))
-        await stop.wait()
-        log.info("shutting down")
+        stopped = asyncio.ensure_future(server.wait())
+        if stopped not in await first_done([stopped, asyncio.ensure_future(signalled.wait())]):
+            log.info("shutting down")
     finally:
-        await server.stop(grace)
-        await kv.close()
+        try:
+            await server.stop(grace)
+        finally:
+            await kv.close()
 
 
 @app.command()
@@ -111,10 +118,12 @@ def run(
         log.info("embedded etcd (development only) at %s", embedded.endpoint)
     try:
         event_loop.run(serve(endpoints, config, ready_file, timedelta(seconds=grace)))
+    except Exception as exc:  # logged where it happened when it is a bug; here, one line
+        log.error("floxide-server stopped: %s", exc)
+        raise typer.Exit(1) from None
     finally:
         if embedded is not None:
-            with contextlib.suppress(Exception):
-                embedded.stop(keep_data=data_dir is not None)
+            embedded.stop(keep_data=data_dir is not None)
 
 
 def main() -> None:
