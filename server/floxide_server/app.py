@@ -31,6 +31,7 @@ from floxide_server.dispatch import Dispatcher
 from floxide_server.errors import ErrorInterceptor
 from floxide_server.maintenance import Maintenance
 from floxide_server.orchestrator import OrchestratorService
+from floxide_server.store.format import ensure_format
 from floxide_server.store.kv import KV, KVUnavailable
 from floxide_server.store.payloads import Limits
 from floxide_server.store.runs import RunStore
@@ -121,6 +122,7 @@ class Server:
 
     async def start(self) -> int:
         """Bind, serve, and start watching etcd's health; returns the bound port."""
+        await ensure_format(self.kv)  # refuses an etcd of another storage format, before binding
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
