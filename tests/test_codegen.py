@@ -5,9 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+from floxide_grpc._proto.floxide.v1 import work_item_pb2
 from tests.conftest import Runner
 
 WORK_ITEM = Path("proto/floxide/v1/work_item.proto")
+STORAGE = Path("proto/floxide/storage/v1/storage.proto")
+PUBLIC_TREE = Path("floxide_grpc/_proto")
+SERVER_TREE = Path("server/floxide_server/_proto")
 
 
 def _renumber_run_id(top: Path) -> None:
@@ -35,12 +41,59 @@ def test_regeneration_check_catches_a_changed_field_number(
     assert "changed: floxide/v1/work_item_pb2.py" in result.stderr
 
 
-def test_generated_imports_use_the_package_path(repo_root: Path) -> None:
-    generated = sorted((repo_root / "floxide_grpc/_proto").rglob("*.py*"))
+def test_regeneration_check_catches_a_changed_storage_field(
+    run: Runner, python: str, proto_copy: Path
+) -> None:
+    proto = proto_copy / STORAGE
+    text = proto.read_text()
+    mutated = text.replace(
+        "repeated floxide.v1.WorkItem items = 6;", "repeated floxide.v1.WorkItem items = 7;"
+    )
+    assert mutated != text, "the mutation found no ExpansionRecord.items to renumber"
+    proto.write_text(mutated)
+    result = run(python, "scripts/gen_protos.py", "--check", "--proto-root", proto_copy / "proto")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[:-1] == [
+        "server/floxide_server/_proto changed: floxide/storage/v1/storage_pb2.py"
+    ], result.stderr
+
+
+@pytest.mark.parametrize("tree", [PUBLIC_TREE, SERVER_TREE])
+def test_generated_imports_use_the_package_path(repo_root: Path, tree: Path) -> None:
+    generated = sorted((repo_root / tree).rglob("*.py*"))
     assert generated, "no generated code found"
     for path in generated:
         for line in path.read_text().splitlines():
-            assert not re.match(r"\s*(from|import) floxide\.v1\b", line), f"{path}: {line}"
+            assert not re.match(r"\s*(from|import) floxide\.", line), f"{path}: {line}"
+
+
+def test_storage_code_is_the_servers_alone(repo_root: Path) -> None:
+    from floxide_server._proto.floxide.storage.v1 import storage_pb2  # noqa: PLC0415
+
+    assert not (repo_root / PUBLIC_TREE / "floxide" / "storage").exists()
+    for path in (repo_root / PUBLIC_TREE).rglob("*.py*"):
+        assert "floxide_server" not in path.read_text(), path
+    assert storage_pb2.ExpansionRecord.DESCRIPTOR.full_name == "floxide.storage.v1.ExpansionRecord"
+    # The contracts it uses are the public tree's, one descriptor for both.
+    items = storage_pb2.ExpansionRecord.DESCRIPTOR.fields_by_name["items"].message_type
+    assert items is work_item_pb2.WorkItem.DESCRIPTOR
+
+
+def test_a_contract_may_not_import_a_storage_proto(
+    run: Runner, python: str, proto_copy: Path
+) -> None:
+    proto = proto_copy / "proto/floxide/v1/workflow.proto"
+    text = proto.read_text()
+    text = text.replace(
+        'import "floxide/v1/work_item.proto";',
+        'import "floxide/storage/v1/storage.proto";\nimport "floxide/v1/work_item.proto";',
+        1,
+    )
+    text += "message Leak {\n  floxide.storage.v1.ExpansionRecord record = 1;\n}\n"
+    proto.write_text(text)
+    result = run(python, "scripts/gen_protos.py", "--check", "--proto-root", proto_copy / "proto")
+    assert result.returncode != 0
+    assert "floxide.v1 must not import floxide.storage.v1" in result.stderr, result.stderr
 
 
 def test_buf_lint_passes(run: Runner, buf: Path) -> None:

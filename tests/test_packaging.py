@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,32 @@ def test_no_generic_top_level_packages(repo_root: Path) -> None:
     assert found["include"] == ["floxide_grpc*", "floxide_server*", "floxide_worker*"]
     assert not (repo_root / "server" / "__init__.py").exists()
     assert not (repo_root / "worker" / "__init__.py").exists()
+
+
+def test_the_wheel_ships_both_generated_trees(run: Runner, repo_root: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the code
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("floxide_grpc", "server", "worker"):
+        shutil.copytree(repo_root / name, source / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo_root / name, source / name)
+    result = run(
+        sys.executable,
+        *("-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"),
+        *("--wheel-dir", tmp_path / "dist", source),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [wheel] = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for generated in (
+        "floxide_grpc/_proto/floxide/v1/work_item_pb2.py",
+        "floxide_grpc/_proto/floxide/v1/work_item_pb2.pyi",
+        "floxide_server/_proto/floxide/storage/v1/__init__.py",
+        "floxide_server/_proto/floxide/storage/v1/storage_pb2.py",
+        "floxide_server/_proto/floxide/storage/v1/storage_pb2.pyi",
+    ):
+        assert generated in names, generated
+    assert not [n for n in names if n.startswith("floxide_grpc/_proto/floxide/storage")]
 
 
 def _imported_modules(path: Path) -> set[str]:

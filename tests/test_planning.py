@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
+from floxide_server._proto.floxide.storage.v1 import storage_pb2
 from floxide_server.store import planning
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import Compare, Delete, KeyValue, Put
@@ -225,8 +226,8 @@ def test_a_fan_out_too_wide_for_one_txn_is_planned_as_an_expansion_record() -> N
     limits = Limits(max_txn_ops=64)
     plan = planning.plan_result(basis(flow, limits=limits), 1, fan(*range(30)), [])
     assert not plan.new_items and plan.expansions == [("r", "start")]
-    record = checkpoint_pb2.Checkpoint.FromString(written(plan, KEYS.expansion("r", "start")))
-    assert len(record.pending) == 30
+    record = storage_pb2.ExpansionRecord.FromString(written(plan, KEYS.expansion("r", "start")))
+    assert len(record.items) == 30
 
 
 def test_planning_is_deterministic_and_leaves_its_basis_alone() -> None:

@@ -38,6 +38,7 @@ from floxide_server.maintenance import Maintenance
 from floxide_server.orchestrator import OrchestratorService
 from floxide_server.sessions import SessionConfig, Sessions
 from floxide_server.store import Store
+from floxide_server.store.format import ensure_format
 from floxide_server.store.kv import KV, KVUnavailable
 from floxide_server.store.payloads import Limits
 from floxide_server.store_services import add_store_services
@@ -161,8 +162,9 @@ class Server:
         self._runner = asyncio.create_task(self.run(ready), name="floxide-server")
         either: list[asyncio.Future[Any]] = [ready, self._runner]
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done():
-            self._runner.result()  # raises why it could not start
+        if not ready.done():  # it could not start: raise why, once (stop() has nothing to do)
+            failed, self._runner = self._runner, None
+            failed.result()
         return ready.result()
 
     async def run(self, ready: Ready[int]) -> None:
@@ -172,6 +174,7 @@ class Server:
             OSError: the address cannot be bound.
             Exception: a server-wide part failed (logged): the server has stopped.
         """
+        await ensure_format(self.kv)  # refuses an etcd of another storage format, before binding
         server = self._grpc_server()
         # The asyncio health servicer starts out SERVING: say NOT_SERVING before anyone asks.
         await self._set_health(serving=False)

@@ -14,10 +14,12 @@ import typer
 
 from floxide_grpc import __version__
 from floxide_grpc import loop as event_loop
+from floxide_grpc.errors import FloxideError
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.sessions import SessionConfig
+from floxide_server.store.kv import KVUnavailable
 from floxide_server.tasks import first_done
 
 app = typer.Typer(name="floxide-server", add_completion=False)
@@ -118,7 +120,13 @@ def run(
         log.info("embedded etcd (development only) at %s", embedded.endpoint)
     try:
         event_loop.run(serve(endpoints, config, ready_file, timedelta(seconds=grace)))
-    except Exception as exc:  # logged where it happened when it is a bug; here, one line
+    except FloxideError as exc:  # refused to start: etcd's storage format is another one
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    except KVUnavailable as exc:  # etcd did not answer at startup
+        typer.echo(f"error: etcd does not answer ({','.join(endpoints)}): {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    except Exception as exc:  # a server-wide task failed: logged where it happened
         log.error("floxide-server stopped: %s", exc)
         raise typer.Exit(1) from None
     finally:

@@ -18,18 +18,17 @@ from floxide_grpc._proto.floxide.v1 import (
     records_pb2,
     store_service_pb2_grpc,
     work_item_pb2,
-    worker_service_pb2,
 )
 from floxide_grpc._proto.floxide.v1 import store_service_pb2 as pb
 from floxide_grpc.context import Operation, apply
 from floxide_grpc.errors import FailedPrecondition, NotFound, ResourceExhausted
 from floxide_grpc.routing import derive_id
 from floxide_server.sessions import Sessions
-from floxide_server.store import Store
+from floxide_server.store import Store, contexts
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, Delete, Get, Op, Put, Target, Txn
+from floxide_server.store.kv import KV, Compare, Delete, Get, Put, Txn
 from floxide_server.store.payloads import Limits, check_name, namespace_of, parse_json
-from floxide_server.store.records import FINISHED, status_name
+from floxide_server.store.records import FINISHED, unfinished
 from floxide_server.watch import RESYNC, Watches
 
 __all__ = ["add_store_services"]
@@ -91,8 +90,9 @@ class CheckpointStoreService(store_service_pb2_grpc.CheckpointStoreServiceServic
     ) -> pb.DeleteCheckpointResponse:
         """Delete a checkpoint (idempotent)."""
         key = Keys(namespace_of(request.namespace)).checkpoint(check_name("run id", request.run_id))
-        result = await self.kv.txn(Txn([], [Delete(key)]))
-        return pb.DeleteCheckpointResponse(deleted=bool(result.responses and result.responses[0]))
+        txn = Txn([], [Delete(key, name="deleted")])
+        deleted = txn.named(await self.kv.txn(txn)).get("deleted")
+        return pb.DeleteCheckpointResponse(deleted=bool(deleted))
 
 
 class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
@@ -126,26 +126,15 @@ class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
             operations.append(Operation.from_proto(op))
         current = await self.store.reads.context(namespace, request.run_id)
         apply(current, operations, definition.context)  # refuses bad operations, changes nothing
-        key = keys.context_ops(request.run_id, "ext-" + derive_id("context", request.request_id))
-        stored = worker_service_pb2.StepResult(
-            run_id=request.run_id, context_operations=request.operations
+        item_id = "ext-" + derive_id("context", request.request_id)
+        key = keys.context_ops(request.run_id, item_id)
+        txn = Txn(
+            [Compare.missing(key), *unfinished(keys, request.run_id)],
+            [contexts.record_operations(keys, request.run_id, item_id, request.operations)],
+            [Get(key, name="recorded")],
         )
-        result = await self.kv.txn(
-            Txn(
-                [
-                    Compare.missing(key),
-                    *(
-                        Compare(
-                            keys.status(request.run_id), Target.VALUE, Op.NOT_EQUAL, status_name(s)
-                        )
-                        for s in FINISHED
-                    ),
-                ],
-                [Put(key, stored.SerializeToString())],
-                [Get(key)],
-            )
-        )
-        if not result.succeeded and result.responses is not None and not result.responses[0]:
+        result = await self.kv.txn(txn)
+        if not result.succeeded and not txn.named(result).get("recorded", True):
             raise FailedPrecondition(f"run {request.run_id!r} is finished")
         value = await self.store.reads.context(namespace, request.run_id)
         return pb.ApplyContextOperationsResponse(context=_json(value), applied=result.succeeded)

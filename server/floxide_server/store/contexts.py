@@ -11,8 +11,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from floxide_grpc._proto.floxide.v1 import work_item_pb2, worker_service_pb2
+from floxide_grpc._proto.floxide.v1 import work_item_pb2
 from floxide_grpc.context import Operation, apply
+from floxide_server._proto.floxide.storage.v1 import storage_pb2
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KeyValue, Put
 from floxide_server.store.workflows import Definition
@@ -22,28 +23,29 @@ __all__ = ["fold", "payload", "record_operations"]
 
 def record_operations(
     keys: Keys,
-    item: work_item_pb2.WorkItem,
-    attempt: int,
+    run_id: str,
+    item_id: str,
     operations: Sequence[work_item_pb2.ContextOperation],
+    attempt: int = 0,
 ) -> Put:
-    """The write that records a step's context operations, applied once with its completion."""
-    stored = worker_service_pb2.StepResult(
-        run_id=item.run_id,
-        item_id=item.item_id,
-        attempt=attempt,
-        context_operations=operations,
+    """The write that records a step's context operations (or a client's, under ``ext-…``).
+
+    Written once, with the step's completion (or guarded by its absence): folded in order.
+    """
+    stored = storage_pb2.ContextOperationsRecord(
+        run_id=run_id, item_id=item_id, attempt=attempt, operations=operations
     )
-    return Put(keys.context_ops(item.run_id, item.item_id), stored.SerializeToString())
+    return Put(keys.context_ops(run_id, item_id), stored.SerializeToString())
 
 
 def fold(definition: Definition, init: KeyValue | None, ops: Sequence[KeyValue]) -> dict[str, Any]:
     """A run's context: its initial value and every item's operations, in commit order."""
     context: dict[str, Any] = json.loads(init.value) if init is not None else {}
     for kv in sorted(ops, key=lambda kv: kv.mod_revision):
-        stored = worker_service_pb2.StepResult.FromString(kv.value)
+        stored = storage_pb2.ContextOperationsRecord.FromString(kv.value)
         apply(
             context,
-            [Operation.from_proto(op) for op in stored.context_operations],
+            [Operation.from_proto(op) for op in stored.operations],
             definition.context,
         )
     return context

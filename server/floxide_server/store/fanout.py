@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, work_item_pb2
 from floxide_grpc.routing import Arrival, arrive
+from floxide_server._proto.floxide.storage.v1 import storage_pb2
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn
 from floxide_server.store.queue import new_items
@@ -186,7 +187,7 @@ def expansion(
     keys: Keys, run_id: str, item_id: str, items: Sequence[work_item_pb2.WorkItem]
 ) -> Put:
     """The durable record of a fan-out too wide for its completing Txn."""
-    record = checkpoint_pb2.Checkpoint(namespace=keys.namespace, run_id=run_id, pending=items)
+    record = storage_pb2.ExpansionRecord(namespace=keys.namespace, run_id=run_id, items=items)
     return Put(keys.expansion(run_id, item_id), record.SerializeToString())
 
 
@@ -197,7 +198,7 @@ async def expand(kv: KV, namespace: str, run_id: str, item_id: str) -> None:
     found = await kv.get(key)
     if found is None:
         return
-    items = list(checkpoint_pb2.Checkpoint.FromString(found.value).pending)
+    items = list(storage_pb2.ExpansionRecord.FromString(found.value).items)
     for start in range(0, len(items), EXPANSION_CHUNK):
         chunk = items[start : start + EXPANSION_CHUNK]
         first = keys.item(run_id, chunk[0].item_id)

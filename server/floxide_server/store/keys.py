@@ -1,10 +1,20 @@
 """Every key the server writes, in one place.
 
-Everything lives under ``/floxide/v1/ns/{namespace}/``. What belongs to one run lives under its
-own prefix (``run/{run}/``), so retention removes it with one range delete; the run's record is
-apart (``runinfo/{run}``) so that listing runs reads records only. Run ids are time-ordered
+Two keys are the whole cluster's, under ``/floxide/v1/``:
+
+| key | value | why |
+|---|---|---|
+| ``storage-format`` | decimal number | the layout of every key and value here (store.format) |
+| ``namespaces/{namespace}`` | empty | the namespaces that registered a workflow, to tend |
+
+Everything else lives under ``/floxide/v1/ns/{namespace}/``. What belongs to one run lives under
+its own prefix (``run/{run}/``), so retention removes it with one range delete; the run's record
+is apart (``runinfo/{run}``) so that listing runs reads records only. Run ids are time-ordered
 (UUIDv7), so ``runinfo/`` and ``queue/`` are in creation order. No key is rewritten by every step
-of a run: items, context operations and join arrivals each have a key of their own.
+of a run: items, context operations and join arrivals each have a key of their own. A value is a
+floxide.v1 message where the contracts define that record (RunRecord and WorkItemState are
+returned as stored; JoinGroup is the local runner's too), else one of the server's own
+floxide.storage.v1 (``proto/floxide/storage/v1``), which only the storage format binds.
 
 | key | value | why |
 |---|---|---|
@@ -14,13 +24,13 @@ of a run: items, context operations and join arrivals each have a key of their o
 | ``runinfo/{run}`` | RunRecord | status, output, error; listed newest first |
 | ``run/{run}/status`` | status name | the small key every step's Txn compares |
 | ``run/{run}/ctx/init`` | JSON object | the context a run started with |
-| ``run/{run}/ctx/ops/{item}`` | StepResult | an item's context operations, folded in order |
+| ``run/{run}/ctx/ops/{item}`` | ContextOperationsRecord | an item's context operations, in order |
 | ``run/{run}/item/{item}`` | WorkItemState | each item's state, attempts, last error |
 | ``run/{run}/group/{group}`` | JoinGroup | a fan-out group and the indexes arrived |
 | ``run/{run}/group/{group}/out/{index}`` | GroupArrival | one branch's output, not copied |
 | ``run/{run}/err/{item}/{attempt}`` | ErrorRecord | every failed attempt |
 | ``queue/{run}/{item}`` | WorkItem (no input) | ready to dispatch; deleted by the claim |
-| ``expand/{run}/{item}`` | Checkpoint (pending) | a fan-out wider than one Txn, expanding |
+| ``expand/{run}/{item}`` | ExpansionRecord | a fan-out wider than one Txn, expanding |
 | ``timer/{due_ms}/{run}/{item}`` | WorkItem (no input) | a durable retry, fired by any replica |
 | ``session/{lease}`` | WorkerRecord | a worker stream; the only key on a lease |
 | ``claim/{lease}/{run}/{item}`` | attempt | its create revision is the fencing token |
@@ -31,11 +41,13 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["NAMESPACES", "ROOT", "Keys"]
+__all__ = ["NAMESPACES", "ROOT", "STORAGE_FORMAT_KEY", "Keys"]
 
 ROOT = b"/floxide/v1/ns/"
 NAMESPACES = b"/floxide/v1/namespaces/"
 """One key per namespace that has registered a workflow: the replicas' list of what to tend."""
+STORAGE_FORMAT_KEY = b"/floxide/v1/storage-format"
+"""The storage-format version of everything under ``/floxide/v1/`` (see store.format)."""
 
 
 def _b(text: str) -> bytes:

@@ -127,7 +127,9 @@ def plan_result(
     keys = basis.keys
     plan.writes.append(Put(keys.item(item.run_id, item.item_id), state.SerializeToString()))
     if operations:
-        plan.writes.append(contexts.record_operations(keys, item, attempt, operations))
+        plan.writes.append(
+            contexts.record_operations(keys, item.run_id, item.item_id, operations, attempt)
+        )
     _plan_step(basis, run, item, step, plan)
     return plan
 

@@ -1,0 +1,196 @@
+"""The storage-format version in etcd, and the storage messages of format 1.
+
+The format key is the whole cluster's, so these tests run on an etcd of their own (emptied before
+each test), never on the session's shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from floxide_server._proto.floxide.storage.v1 import storage_pb2
+from floxide_server.app import Server, ServerConfig
+from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.etcd import TOKEN_PREFIX, EtcdKV
+from floxide_server.store.format import STORAGE_FORMAT, StorageFormatMismatch, ensure_format
+from floxide_server.store.keys import STORAGE_FORMAT_KEY
+from floxide_server.store.kv import KV, Delete, KeyValue, MemoryKV, Put, Txn
+
+from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, work_item_pb2, worker_service_pb2
+from floxide_grpc.errors import FailedPrecondition
+
+OTHER = b"2"
+
+
+@pytest.fixture(scope="module")
+def own_etcd() -> Iterator[EmbeddedEtcd]:
+    """An etcd for this module alone: the format key is global."""
+    server = EmbeddedEtcd(name="format").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def contents(kv: KV) -> list[KeyValue]:
+    """Every key but the etcd client's transaction tokens."""
+    found, _ = await kv.range(b"/")
+    return [k for k in found if not k.key.startswith(TOKEN_PREFIX)]
+
+
+async def _empty(endpoint: str) -> None:
+    kv = EtcdKV([endpoint])
+    try:
+        for found in await contents(kv):  # (a Txn may not delete its own token's range)
+            await kv.txn(Txn([], [Delete(found.key)]))
+    finally:
+        await kv.close()
+
+
+@pytest.fixture
+async def empty_etcd(own_etcd: EmbeddedEtcd) -> EmbeddedEtcd:
+    """The module's etcd, emptied."""
+    await _empty(own_etcd.endpoint)
+    return own_etcd
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[KV]:
+    """An empty store: in memory, or the module's etcd."""
+    kv: KV
+    if request.param == "memory":
+        kv = MemoryKV()
+    else:
+        endpoint = request.getfixturevalue("own_etcd").endpoint
+        await _empty(endpoint)
+        kv = EtcdKV([endpoint])
+    try:
+        yield kv
+    finally:
+        await kv.close()
+
+
+async def test_ensure_format_writes_it_once_and_accepts_it_after(store: KV) -> None:
+    await asyncio.gather(ensure_format(store), ensure_format(store))  # replicas starting together
+    written = await store.get(STORAGE_FORMAT_KEY)
+    assert written is not None and written.value == str(STORAGE_FORMAT).encode() == b"1"
+    await ensure_format(store)
+    assert await store.get(STORAGE_FORMAT_KEY) == written  # not rewritten
+
+
+async def test_ensure_format_refuses_another_one_and_changes_nothing(store: KV) -> None:
+    await store.txn(Txn([], [Put(STORAGE_FORMAT_KEY, OTHER)]))
+    before = await contents(store)
+    with pytest.raises(StorageFormatMismatch) as raised:
+        await ensure_format(store)
+    assert isinstance(raised.value, FailedPrecondition)
+    assert "etcd holds storage format 2" in str(raised.value)
+    assert "this server reads and writes storage format 1" in str(raised.value)
+    assert await contents(store) == before
+
+
+async def test_a_server_records_the_format_and_a_second_start_accepts_it(
+    empty_etcd: EmbeddedEtcd,
+) -> None:
+    kv = EtcdKV([empty_etcd.endpoint])
+    try:
+        seen = []
+        for _ in range(2):
+            server = Server(kv, ServerConfig(port=0))
+            try:
+                assert await server.start()
+                seen.append(await kv.get(STORAGE_FORMAT_KEY))
+            finally:
+                await server.stop()
+        first, second = seen
+        assert first is not None and first.value == b"1"
+        assert second == first  # the second start read it and wrote nothing
+    finally:
+        await kv.close()
+
+
+async def test_a_server_on_another_format_does_not_start(empty_etcd: EmbeddedEtcd) -> None:
+    kv = EtcdKV([empty_etcd.endpoint])
+    try:
+        await kv.txn(Txn([], [Put(STORAGE_FORMAT_KEY, OTHER)]))
+        before = await contents(kv)
+        server = Server(kv, ServerConfig(port=0))
+        with pytest.raises(StorageFormatMismatch, match=r"storage format 2 .* storage format 1"):
+            await server.start()
+        assert server.port == 0  # refused before binding
+        await server.stop()
+        assert await contents(kv) == before
+    finally:
+        await kv.close()
+
+
+async def test_floxide_server_on_another_format_exits_with_one_line(
+    empty_etcd: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    kv = EtcdKV([empty_etcd.endpoint])
+    try:
+        await kv.txn(Txn([], [Put(STORAGE_FORMAT_KEY, OTHER)]))
+    finally:
+        await kv.close()
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "floxide-server"),
+        *("--etcd", empty_etcd.endpoint, "--port", "0", "--ready-file", str(tmp_path / "ready")),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    stderr = err.decode()
+    assert process.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    [line] = [line for line in stderr.splitlines() if "storage format" in line]
+    assert line == (
+        "error: etcd holds storage format 2 at /floxide/v1/storage-format, but this server reads "
+        "and writes storage format 1: run a server of format 2, or migrate the data"
+    )
+    assert not (tmp_path / "ready").exists()
+
+
+# -- the storage messages read what format 1 stored before them ---------------------------------
+
+
+def _operation() -> work_item_pb2.ContextOperation:
+    return work_item_pb2.ContextOperation(
+        field="seen",
+        strategy=work_item_pb2.MERGE_STRATEGY_EVENT_LOG,
+        value=work_item_pb2.Payload(encoding=work_item_pb2.ENCODING_JSON, data=b"1"),
+        event_id="e1",
+    )
+
+
+def test_context_operations_records_read_as_step_results_stored_them() -> None:
+    for before, now in [
+        (  # a step's operations
+            worker_service_pb2.StepResult(
+                run_id="r", item_id="i", attempt=3, context_operations=[_operation()]
+            ),
+            storage_pb2.ContextOperationsRecord(
+                run_id="r", item_id="i", attempt=3, operations=[_operation()]
+            ),
+        ),
+        (  # operations applied through the store services
+            worker_service_pb2.StepResult(run_id="r", context_operations=[_operation()]),
+            storage_pb2.ContextOperationsRecord(run_id="r", operations=[_operation()]),
+        ),
+    ]:
+        assert before.SerializeToString() == now.SerializeToString()
+        assert storage_pb2.ContextOperationsRecord.FromString(before.SerializeToString()) == now
+
+
+def test_expansion_records_read_as_checkpoints_stored_them() -> None:
+    items = [
+        work_item_pb2.WorkItem(namespace="default", run_id="r", item_id=f"i{n}", node="branch")
+        for n in range(3)
+    ]
+    before = checkpoint_pb2.Checkpoint(namespace="default", run_id="r", pending=items)
+    now = storage_pb2.ExpansionRecord(namespace="default", run_id="r", items=items)
+    assert before.SerializeToString() == now.SerializeToString()
+    assert storage_pb2.ExpansionRecord.FromString(before.SerializeToString()) == now
