@@ -31,7 +31,7 @@ from tests.helpers import TcpProxy, eventually, start_server, stop_server
 pytestmark = pytest.mark.timeout(120)
 
 EXPECTED = 25  # prepare: 1 + 1, hold: * 10, finish: + 5
-WORKFLOWS = str(Path(__file__).parent / "faults" / "workflows.py")
+WORKFLOWS = str(Path(__file__).parent / "workflows.py")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from tests.helpers import eventually, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 
-NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
 
 
 @node
