@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from floxide_grpc import Workflow, node
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
-from tests.helpers import eventually, stop_server
+from tests.helpers import eventually, finish, stop_all, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,23 +98,21 @@ async def mixed(etcd: EmbeddedEtcd, tmp_path: Path) -> AsyncIterator[Mixed]:
         lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500)
     )
     server = Server(kv, ServerConfig(port=0, sessions=fast, grace=timedelta(seconds=1)))
-    await server.start()
     harness = Mixed(server, f"ns-{uuid.uuid4().hex[:8]}", tmp_path)
-    python = Worker(
-        [MIXED],
-        WorkerConfig(
-            server=harness.target,
-            namespace=harness.namespace,
-            nodes=frozenset({"py_parse", "py_format"}),
-        ),
-    )
     try:
+        await server.start()
+        python = Worker(
+            [MIXED],
+            WorkerConfig(
+                server=harness.target,
+                namespace=harness.namespace,
+                nodes=frozenset({"py_parse", "py_format"}),
+            ),
+        )
         async with python:  # registers `mixed`, serves its Python nodes
             yield harness
     finally:
-        for process in harness.processes:
-            if process.poll() is None:
-                stop_server(process, signal.SIGKILL)
+        stop_all(harness.processes)
         await server.stop()
         await kv.close()
 
@@ -180,7 +178,7 @@ async def test_a_node_client_registers_starts_and_waits(mixed: Mixed) -> None:
         node_binary(), "examples/client_run.js", mixed.target, mixed.namespace, '"ada"',
         cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    out, err = await finish(process, 60)
     assert process.returncode == 0, err.decode()
     assert out.decode().strip() == '"hello, ada"'
 

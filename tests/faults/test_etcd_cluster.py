@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -51,15 +52,16 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedE
         )
         for name in names
     ]
-    for member in made:  # from this thread: an etcd dies with the thread that launched it
-        member.launch()
-    for member in made:
-        member.wait_healthy(60)
     try:
+        for member in made:  # from this thread: an etcd dies with the thread that launched it
+            member.launch()
+        for member in made:
+            member.wait_healthy(60)
         yield made
     finally:
-        for member in made:
-            member.stop()
+        with contextlib.ExitStack() as stack:  # every member, even if stopping one fails
+            for member in made:
+                stack.callback(member.stop)
 
 
 def is_leader(member: EmbeddedEtcd) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -72,9 +73,10 @@ async def servers(etcd: EmbeddedEtcd) -> AsyncIterator[Factory]:
         return server
 
     yield make
-    for server, kv in made:
-        await server.stop()
-        await kv.close()
+    async with contextlib.AsyncExitStack() as stack:  # every one, even if stopping one fails
+        for server, kv in made:
+            stack.push_async_callback(kv.close)
+            stack.push_async_callback(server.stop)
 
 
 async def test_two_replicas_share_the_work_and_one_carries_on_alone(servers: Factory) -> None:
