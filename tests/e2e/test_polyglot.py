@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -99,7 +100,10 @@ async def mixed(etcd: EmbeddedEtcd, tmp_path: Path) -> AsyncIterator[Mixed]:
     )
     server = Server(kv, ServerConfig(port=0, sessions=fast, grace=timedelta(seconds=1)))
     harness = Mixed(server, f"ns-{uuid.uuid4().hex[:8]}", tmp_path)
-    try:
+    async with contextlib.AsyncExitStack() as undo:  # in reverse, each even if another fails
+        undo.push_async_callback(kv.close)
+        undo.push_async_callback(server.stop)
+        undo.callback(stop_all, harness.processes)
         await server.start()
         python = Worker(
             [MIXED],
@@ -111,10 +115,6 @@ async def mixed(etcd: EmbeddedEtcd, tmp_path: Path) -> AsyncIterator[Mixed]:
         )
         async with python:  # registers `mixed`, serves its Python nodes
             yield harness
-    finally:
-        stop_all(harness.processes)
-        await server.stop()
-        await kv.close()
 
 
 async def workers(mixed: Mixed) -> int:

@@ -216,5 +216,7 @@ async def serving(
         await server.start()
         yield server
     finally:
-        await server.stop()
-        await kv.close()
+        try:
+            await server.stop()  # raises what stopped the server, if something did
+        finally:
+            await kv.close()
