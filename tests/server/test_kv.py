@@ -10,7 +10,7 @@ from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.store.kv import KV, Compare, Delete, Get, KeyValue, Put, Txn
 
-from tests.helpers import TcpProxy, eventually
+from tests.helpers import TcpProxy, eventually, free_port
 
 
 async def put(kv: KV, key: bytes, value: bytes, lease: int = 0) -> int:
@@ -174,7 +174,6 @@ async def test_a_lost_reply_is_applied_once_and_reported_truthfully(
 
 
 async def test_an_unreachable_etcd_raises_unavailable() -> None:
-    from floxide_server.embedded import free_port  # noqa: PLC0415
     from floxide_server.store.kv import KVUnavailable  # noqa: PLC0415
 
     kv = EtcdKV([f"127.0.0.1:{free_port()}"], timeout=0.3, retry_for=1.0)

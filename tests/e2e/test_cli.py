@@ -12,7 +12,7 @@ from floxide_server.store import queue
 
 from floxide_grpc import Workflow, node
 from tests.conftest import Runner, Stack, run_to_completion
-from tests.helpers import eventually
+from tests.helpers import eventually, finish
 
 FLOXIDE = Path(sys.executable).parent / "floxide"
 
@@ -73,7 +73,7 @@ async def floxide(stack: Stack, *args: str) -> tuple[int, str, str]:
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "COLUMNS": "200"},
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    out, err = await finish(process, 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 

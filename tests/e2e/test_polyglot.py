@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -30,11 +31,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from floxide_grpc import Workflow, node
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
-from tests.helpers import eventually, stop_server
+from tests.helpers import eventually, finish, stop_all, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 
-NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
 
 
 @node
@@ -98,25 +99,22 @@ async def mixed(etcd: EmbeddedEtcd, tmp_path: Path) -> AsyncIterator[Mixed]:
         lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500)
     )
     server = Server(kv, ServerConfig(port=0, sessions=fast, grace=timedelta(seconds=1)))
-    await server.start()
     harness = Mixed(server, f"ns-{uuid.uuid4().hex[:8]}", tmp_path)
-    python = Worker(
-        [MIXED],
-        WorkerConfig(
-            server=harness.target,
-            namespace=harness.namespace,
-            nodes=frozenset({"py_parse", "py_format"}),
-        ),
-    )
-    try:
+    async with contextlib.AsyncExitStack() as undo:  # in reverse, each even if another fails
+        undo.push_async_callback(kv.close)
+        undo.push_async_callback(server.stop)
+        undo.callback(stop_all, harness.processes)
+        await server.start()
+        python = Worker(
+            [MIXED],
+            WorkerConfig(
+                server=harness.target,
+                namespace=harness.namespace,
+                nodes=frozenset({"py_parse", "py_format"}),
+            ),
+        )
         async with python:  # registers `mixed`, serves its Python nodes
             yield harness
-    finally:
-        for process in harness.processes:
-            if process.poll() is None:
-                stop_server(process, signal.SIGKILL)
-        await server.stop()
-        await kv.close()
 
 
 async def workers(mixed: Mixed) -> int:
@@ -180,7 +178,7 @@ async def test_a_node_client_registers_starts_and_waits(mixed: Mixed) -> None:
         node_binary(), "examples/client_run.js", mixed.target, mixed.namespace, '"ada"',
         cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    out, err = await finish(process, 60)
     assert process.returncode == 0, err.decode()
     assert out.decode().strip() == '"hello, ada"'
 

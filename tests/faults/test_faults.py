@@ -19,19 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from floxide_server.embedded import EmbeddedEtcd, free_port
+from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.store.keys import Keys
 
 from floxide_grpc._proto.floxide.v1 import records_pb2
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
-from tests.helpers import TcpProxy, eventually, start_server, stop_server
+from tests.helpers import TcpProxy, eventually, free_port, start_server, stop_all, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 
 EXPECTED = 25  # prepare: 1 + 1, hold: * 10, finish: + 5
-WORKFLOWS = str(Path(__file__).parent / "faults" / "workflows.py")
+WORKFLOWS = str(Path(__file__).parent / "workflows.py")
 
 
 @dataclass
@@ -121,12 +121,7 @@ class Faults:
             await kv.close()
 
     def stop_all(self) -> None:
-        for process in self.workers.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGCONT)
-                stop_server(process, signal.SIGKILL)
-        if self.server is not None and self.server.poll() is None:
-            stop_server(self.server, signal.SIGKILL)
+        stop_all([*self.workers.values(), *([self.server] if self.server else [])])
 
 
 @pytest.fixture

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 import pytest
 from floxide_server.app import Server, ServerConfig
-from floxide_server.embedded import EmbeddedEtcd, free_port
+from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.sessions import SessionConfig
 from floxide_worker import Worker, WorkerConfig
@@ -18,7 +19,7 @@ from floxide_grpc import Backoff, NextAll, NodeContext, RetryPolicy, Workflow, n
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import NotFound
 from floxide_grpc.records import RunStatus
-from tests.helpers import eventually
+from tests.helpers import eventually, free_port
 
 FAST = SessionConfig(lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500))
 
@@ -72,9 +73,10 @@ async def servers(etcd: EmbeddedEtcd) -> AsyncIterator[Factory]:
         return server
 
     yield make
-    for server, kv in made:
-        await server.stop()
-        await kv.close()
+    async with contextlib.AsyncExitStack() as stack:  # every one, even if stopping one fails
+        for server, kv in made:
+            stack.push_async_callback(kv.close)
+            stack.push_async_callback(server.stop)
 
 
 async def test_two_replicas_share_the_work_and_one_carries_on_alone(servers: Factory) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from floxide_server.app import Server, ServerConfig
@@ -34,17 +33,17 @@ def double(x: int) -> int:
 FLOW = Workflow("etcd_restart", start=slow_add).edge(slow_add, double)
 
 
-async def test_runs_complete_once_across_an_etcd_restart(tmp_path: Path) -> None:
-    etcd = EmbeddedEtcd(data_dir=tmp_path / "etcd", name="restarted").start()
+async def test_runs_complete_once_across_an_etcd_restart(own_etcd: EmbeddedEtcd) -> None:
+    etcd = own_etcd
     kv = EtcdKV([etcd.endpoint], timeout=2.0, retry_for=30.0)
     sessions = SessionConfig(
         lease_ttl=timedelta(seconds=5), heartbeat_interval=timedelta(seconds=1)
     )
     server = Server(kv, ServerConfig(port=0, sessions=sessions))
-    await server.start()
-    target = f"127.0.0.1:{server.port}"
     namespace = f"ns-{uuid.uuid4().hex[:8]}"
     try:
+        await server.start()
+        target = f"127.0.0.1:{server.port}"
         async with (
             Worker([FLOW], WorkerConfig(server=target, namespace=namespace, slots=4)),
             OrchestratorClient(target, namespace=namespace, retries=20, timeout=30) as client,
@@ -62,4 +61,3 @@ async def test_runs_complete_once_across_an_etcd_restart(tmp_path: Path) -> None
     finally:
         await server.stop()
         await kv.close()
-        etcd.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -11,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from floxide_server.app import Server, ServerConfig
-from floxide_server.embedded import EmbeddedEtcd, free_port
+from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.sessions import SessionConfig
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Workflow, node
 from floxide_grpc.client import OrchestratorClient
-from tests.helpers import serving
+from tests.helpers import free_port, serving
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,21 +40,28 @@ FLOW = Workflow("clustered", start=inc).edge(inc, square)
 def members(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedEtcd]]:
     root = tmp_path_factory.mktemp("cluster")
     names = ["m1", "m2", "m3"]
-    peers = {name: free_port() for name in names}
+    peers = {name: free_port() for name in names}  # free_port: six distinct ports in all
     cluster = ",".join(f"{name}=http://127.0.0.1:{port}" for name, port in peers.items())
     made = [
-        EmbeddedEtcd(data_dir=root / name, name=name, peer_port=peers[name], cluster=cluster)
+        EmbeddedEtcd(
+            data_dir=root / name,
+            name=name,
+            client_port=free_port(),
+            peer_port=peers[name],
+            cluster=cluster,
+        )
         for name in names
     ]
-    for member in made:  # from this thread: an etcd dies with the thread that launched it
-        member.launch()
-    for member in made:
-        member.wait_healthy(60)
     try:
+        for member in made:  # from this thread: an etcd dies with the thread that launched it
+            member.launch()
+        for member in made:
+            member.wait_healthy(60)
         yield made
     finally:
-        for member in made:
-            member.stop()
+        with contextlib.ExitStack() as stack:  # every member, even if stopping one fails
+            for member in made:
+                stack.callback(member.stop)
 
 
 def is_leader(member: EmbeddedEtcd) -> bool:
