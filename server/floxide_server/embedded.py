@@ -7,6 +7,7 @@ newer, and passes ``--etcd``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["EmbeddedEtcd", "etcd_binary", "free_port"]
+__all__ = ["EmbeddedEtcd", "etcd_binary", "free_port", "free_ports"]
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,22 @@ def etcd_binary() -> Path:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    The sockets are held open together until every port is known, so no two are the same.
+    """
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 # Run etcd through a tiny launcher that asks the kernel to send it SIGTERM when its parent dies
@@ -115,8 +129,10 @@ class EmbeddedEtcd:
         if self.data_dir is None:
             self._owned_dir = tempfile.mkdtemp(prefix="floxide-etcd-")
             self.data_dir = Path(self._owned_dir)
-        self.client_port = self.client_port or free_port()
-        self.peer_port = self.peer_port or free_port()
+        if not self.client_port or not self.peer_port:
+            client_port, peer_port = free_ports(2)  # two at once: never the same port twice
+            self.client_port = self.client_port or client_port
+            self.peer_port = self.peer_port or peer_port
         client = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         self.process = subprocess.Popen(

@@ -22,16 +22,17 @@ from floxide_server.store.kv import KV, Delete, KeyValue, MemoryKV, Put, Txn
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, work_item_pb2, worker_service_pb2
 from floxide_grpc.errors import FailedPrecondition
+from tests.helpers import free_port
 
 OTHER = b"2"
 
 
 @pytest.fixture(scope="module")
-def own_etcd() -> Iterator[EmbeddedEtcd]:
+def format_etcd() -> Iterator[EmbeddedEtcd]:
     """An etcd for this module alone: the format key is global."""
-    server = EmbeddedEtcd(name="format").start()
+    server = EmbeddedEtcd(client_port=free_port(), peer_port=free_port(), name="format")
     try:
-        yield server
+        yield server.start()
     finally:
         server.stop()
 
@@ -52,10 +53,10 @@ async def _empty(endpoint: str) -> None:
 
 
 @pytest.fixture
-async def empty_etcd(own_etcd: EmbeddedEtcd) -> EmbeddedEtcd:
+async def empty_etcd(format_etcd: EmbeddedEtcd) -> EmbeddedEtcd:
     """The module's etcd, emptied."""
-    await _empty(own_etcd.endpoint)
-    return own_etcd
+    await _empty(format_etcd.endpoint)
+    return format_etcd
 
 
 @pytest.fixture(params=["memory", "etcd"])
@@ -65,7 +66,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[KV]:
     if request.param == "memory":
         kv = MemoryKV()
     else:
-        endpoint = request.getfixturevalue("own_etcd").endpoint
+        endpoint = request.getfixturevalue("format_etcd").endpoint
         await _empty(endpoint)
         kv = EtcdKV([endpoint])
     try:
