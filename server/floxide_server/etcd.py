@@ -49,6 +49,7 @@ from floxide_server.store.kv import (
     TxnResult,
     prefix_end,
 )
+from floxide_server.tasks import Background
 
 __all__ = ["EtcdKV"]
 
@@ -118,6 +119,7 @@ class EtcdKV:
         self._current = 0
         self._token_lease = 0
         self._token_lock = asyncio.Lock()
+        self._background = Background("etcd token lease renewal")
         self._keepalive_task: asyncio.Task[None] | None = None
         self._closed = False
         self.group_commit = GroupCommit(self._commit)
@@ -241,7 +243,7 @@ class EtcdKV:
             if not self._token_lease:
                 self._token_lease = await self.grant(TOKEN_TTL)
                 if self._keepalive_task is None or self._keepalive_task.done():
-                    self._keepalive_task = asyncio.create_task(self._renew_tokens())
+                    self._keepalive_task = await self._background.spawn(self._renew_tokens())
             return self._token_lease
 
     async def _renew_tokens(self) -> None:
@@ -343,14 +345,13 @@ class EtcdKV:
     async def close(self) -> None:
         """Close the channels and stop renewing the token lease."""
         self._closed = True
-        await self.group_commit.close()
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive_task
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        try:
+            await self.group_commit.close()
+            await self._background.close()
+        finally:
+            for channel in self._channels.values():
+                await channel.close()
+            self._channels.clear()
 
 
 def _compare(compare: Compare) -> Any:

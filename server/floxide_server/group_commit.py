@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from floxide_server.store.kv import Delete, Put, Txn, TxnResult
+from floxide_server.tasks import Background
 
 __all__ = ["Footprint", "GroupCommit"]
 
@@ -142,15 +142,21 @@ class GroupCommit:
         self.max_members = max_members
         self.max_bytes = max_bytes
         self._waiting: collections.deque[_Waiting] = collections.deque()
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("group commit")
+        self._flushing = False
         self.batches = 0  # requests sent (a test counts them)
 
     async def submit(self, txn: Txn) -> TxnResult:
         """Apply a transaction, alone or with others; its result is its own."""
         waiting = _Waiting(txn, Footprint.of(txn), asyncio.get_running_loop().create_future())
         self._waiting.append(waiting)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run())
+        if not self._flushing:  # one flusher at most: it runs while transactions wait
+            self._flushing = True
+            try:
+                await self._background.spawn(self._run())
+            except BaseException:
+                self._flushing = False
+                raise
         return await waiting.future
 
     async def _run(self) -> None:
@@ -178,6 +184,8 @@ class GroupCommit:
             if not isinstance(exc, Exception):
                 raise
             log.exception("group commit failed")
+        finally:
+            self._flushing = False
 
     def _take(self) -> list[_Waiting]:
         """The next batch: the oldest waiting transaction, and those after it that fit.
@@ -209,10 +217,9 @@ class GroupCommit:
 
     async def close(self) -> None:
         """Stop; transactions still waiting fail with ``CancelledError``."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for waiting in self._waiting:
-            waiting.future.cancel()
-        self._waiting.clear()
+        try:
+            await self._background.close()
+        finally:
+            for waiting in self._waiting:
+                waiting.future.cancel()
+            self._waiting.clear()

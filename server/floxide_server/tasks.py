@@ -10,10 +10,13 @@ failure, and so the part that started it: nothing dies unseen. :func:`started` i
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["Ready", "first_done", "first_error", "started"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Background", "Ready", "first_done", "first_error", "started"]
 
 T = TypeVar("T")
 Ready = asyncio.Future
@@ -59,3 +62,76 @@ async def first_done(futures: Sequence[asyncio.Future[Any]]) -> set[asyncio.Futu
         for future in futures:
             future.cancel()  # a no-op on those done
     return done
+
+
+class Background:
+    """The task group of a part whose tasks start on demand, not from a ``run()`` of its own.
+
+    The etcd layer starts its flusher and its lease renewer when a call first needs them, from
+    any caller's task. They go in one task group, held by a task of its own from the first
+    :meth:`spawn` to :meth:`close`. A failure of one of them ends the group: it is logged at
+    once, later spawns raise it, and :meth:`close` raises it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._group: asyncio.TaskGroup | None = None
+        self._holder: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[asyncio.TaskGroup] | None = None
+        self._closing = asyncio.Event()
+
+    async def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coroutine`` in the group (started now if it is not running).
+
+        Raises:
+            RuntimeError: the group was closed, or failed (the failure is the cause).
+        """
+        if self._holder is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            self._holder = asyncio.create_task(self._hold(self._ready), name=self.name)
+        ready = self._ready
+        assert ready is not None
+        if not ready.done() and not self._holder.done():  # the first spawns wait for it
+            either: list[asyncio.Future[Any]] = [ready, self._holder]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if self._group is None or self._closing.is_set():
+            coroutine.close()
+            failure = self._failure()
+            raise RuntimeError(f"{self.name} is not running") from failure
+        return self._group.create_task(coroutine)
+
+    async def _hold(self, ready: asyncio.Future[asyncio.TaskGroup]) -> None:
+        try:
+            async with asyncio.TaskGroup() as self._group:
+                ready.set_result(self._group)
+                await self._closing.wait()
+                raise _Closing
+        except* _Closing:
+            pass
+        except* Exception as group:
+            log.critical("%s failed", self.name, exc_info=first_error(group))
+            raise
+        finally:
+            self._group = None
+
+    def _failure(self) -> BaseException | None:
+        if self._holder is None or not self._holder.done() or self._holder.cancelled():
+            return None
+        return self._holder.exception()
+
+    async def close(self) -> None:
+        """Cancel every task and wait for them. Idempotent.
+
+        Raises:
+            Exception: the failure that had ended the group, if one did.
+        """
+        self._closing.set()
+        if self._holder is not None:
+            await asyncio.wait([self._holder])
+            failure = self._failure()
+            if failure is not None:
+                raise first_error(failure) if isinstance(failure, BaseExceptionGroup) else failure
+
+
+class _Closing(Exception):
+    """Raised in a :class:`Background`'s group to cancel its tasks on close."""
