@@ -38,7 +38,7 @@ from tests.helpers import eventually, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 
-WORKFLOWS = str(Path(__file__).parent / "faults" / "workflows.py")
+WORKFLOWS = str(Path(__file__).parent.parent / "faults" / "workflows.py")
 LEFT_BEHIND = ("Task was destroyed but it is pending", "Task exception was never retrieved")
 
 
