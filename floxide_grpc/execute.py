@@ -119,6 +119,9 @@ async def _invoke(
         done, _ = await asyncio.wait(
             {task, cancelled}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
+    except asyncio.CancelledError:
+        _abandon(task)  # the attempt itself is cancelled (a worker abandons it): so is the node
+        raise
     finally:
         cancelled.cancel()
     if task not in done:
@@ -145,6 +148,16 @@ async def _invoke(
         raise AttemptFailed(
             node_error(ErrorKind.GENERIC, f"{type(exc).__name__}: {exc}", exc)
         ) from exc
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel a node's task whose outcome nobody awaits, and read that outcome when it comes.
+
+    Left running, the node would go on after its attempt ended; and whatever it raised then
+    would be logged as "Task exception was never retrieved".
+    """
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def to_transition(spec: NodeSpec, node: str, result: Any, routes: Collection[str]) -> Transition:

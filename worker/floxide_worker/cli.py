@@ -21,12 +21,48 @@ log = logging.getLogger("floxide_worker")
 
 
 async def serve(worker: Worker) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+    """Run ``worker`` until SIGTERM or SIGINT, then drain it.
+
+    ``worker.run()`` and a task waiting for the signal share one ``asyncio.TaskGroup``: the
+    signal handler only sets an event, and the waiter drains the worker (``shutdown()``), which
+    ends ``run()``; when ``run()`` ends, the waiter is cancelled.
+
+    Raises:
+        Whatever ``worker.run()`` raised (a refused hello, say), as itself.
+    """
     loop = asyncio.get_running_loop()
-    runner = asyncio.create_task(worker.run())
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.shutdown()))
-    await runner
+    signalled = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, signalled.set)
+
+    async def drain_when_signalled() -> None:
+        await signalled.wait()
+        log.info("draining: finishing what this worker holds, taking nothing new")
+        await worker.shutdown()
+
+    failed: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            running = tasks.create_task(worker.run(), name="floxide-worker run")
+            waiter = tasks.create_task(drain_when_signalled(), name="floxide-worker drain")
+            running.add_done_callback(lambda _: waiter.cancel())
+    except BaseExceptionGroup as group:  # only run() fails: the waiter raises nothing
+        if len(group.exceptions) > 1:
+            raise
+        failed = group.exceptions[0]
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    if failed is not None:
+        raise failed
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one line: its type and message, or those of each in a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @app.command()
@@ -66,11 +102,15 @@ def run(
         config = WorkerConfig(server=server, namespace=namespace, slots=slots, worker_id=worker_id)
     try:
         event_loop.run(serve(Worker(workflows, config)))
-    except FloxideError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from exc
-    except grpc.aio.AioRpcError as exc:  # the server refused this worker's hello
-        typer.echo(f"error: the server refused this worker: {exc.details()}", err=True)
+    except Exception as exc:  # run() failed: one line says why (and --log-level debug, where)
+        log.debug("the worker stopped on an error", exc_info=exc)
+        if isinstance(exc, FloxideError):
+            message = str(exc)
+        elif isinstance(exc, grpc.aio.AioRpcError):  # the server refused this worker's hello
+            message = f"the server refused this worker: {exc.details()}"
+        else:
+            message = f"the worker stopped: {_describe(exc)}"
+        typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code=1) from exc
 
 

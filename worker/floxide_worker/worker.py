@@ -9,24 +9,30 @@ reconnects with backoff and gets a new session; what it was running goes on, and
 sent on the new stream (the server refuses them if their claims were re-queued meanwhile).
 ``shutdown()`` drains: nothing new is taken, what is held is finished and reported, then the
 stream is closed.
+
+Every task the worker starts has an owner that outlives it (:class:`_Scope`, an
+``asyncio.TaskGroup``): the ``run()`` task belongs to the ``async with`` block, each item's
+execution to ``run()``, each stream's heartbeat to that stream. When an owner ends, what it still
+runs is cancelled and awaited, so nothing is left pending when the loop closes, and a failure
+comes out of its owner instead of waiting for the garbage collector to log it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import random
 import socket
+import sys
 import time
 import typing
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -50,6 +56,8 @@ __all__ = ["Worker", "WorkerConfig"]
 log = logging.getLogger(__name__)
 
 ConnectRequest = worker_service_pb2.ConnectRequest
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +96,55 @@ class _Held:
     session_id: str
     cancel: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+
+
+class _Scope:
+    """Tasks that live no longer than the block owning them (an ``asyncio.TaskGroup``).
+
+    Leaving the block (returning, raising, or cancelled) cancels the tasks still running and
+    waits for them. The block's own exception comes out as itself (a bare ``TaskGroup`` would
+    wrap it in an ``ExceptionGroup``). A task that is cancelled ends alone, as in a
+    ``TaskGroup``; a task that fails cancels the block and the other tasks, and its exception
+    comes out of the block: as itself when it is the only one, else in an ``ExceptionGroup``.
+    """
+
+    def __init__(self) -> None:
+        self._group = asyncio.TaskGroup()
+        self._running: set[asyncio.Task[Any]] = set()
+
+    def start(self, coroutine: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """Run ``coroutine`` as a task of this scope."""
+        task = self._group.create_task(coroutine, name=name)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    async def __aenter__(self) -> _Scope:
+        await self._group.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for task in self._running:
+            task.cancel()
+        if isinstance(exc, Exception):  # the block's own failure: not the group's to wrap
+            exc_type, exc, tb = None, None, None
+        try:
+            await self._group.__aexit__(exc_type, exc, tb)
+            return
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) > 1:
+                raise
+            failed = group.exceptions[0]
+        context = failed.__context__
+        try:
+            raise failed
+        finally:  # raising here chains it to the block's CancelledError: keep its own context
+            failed.__context__ = context
 
 
 class _Stream:
@@ -134,9 +191,11 @@ class Worker:
         self._stopped = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._connected = asyncio.Event()
         self._acked = False  # the current stream's hello was acknowledged
-        self._runner: asyncio.Task[None] | None = None
+        self._items: _Scope | None = None  # owns the executions while run() runs
+        self._ended: asyncio.Event | None = None  # set when run() has ended
+        self._scope: _Scope | None = None  # owns run() inside ``async with``
+        self._ready: asyncio.Future[None] | None = None  # done when a session opens
         self.executions = 0
         """How many attempts this worker ran (for tests and metrics)."""
 
@@ -145,9 +204,31 @@ class Worker:
     async def run(self) -> None:
         """Register the workflows, then serve until :meth:`shutdown` (reconnecting as needed).
 
-        Cancelling ``run()`` stops at once, abandoning held items (the server re-queues them
-        when the session ends); ``shutdown()`` finishes them first.
+        Each item runs in a task that ``run()`` owns: an item cancelled (by the server, or by its
+        deadline) or failing ends alone, as that item's result. Cancelling ``run()`` stops at
+        once: the items it holds are cancelled and abandoned (the server re-queues them when the
+        session ends), where ``shutdown()`` finishes and reports them first.
+
+        Raises:
+            grpc.aio.AioRpcError: The server refused this worker (its hello) while it held
+                nothing; retrying would not change the answer.
+            ConnectionError: The server ended a stream before acknowledging its hello.
         """
+        ended = self._ended = asyncio.Event()
+        try:
+            async with _Scope() as items:
+                self._items = items
+                try:
+                    await self._register_and_serve()
+                finally:
+                    self._items = None
+            self._stopped.set()
+        finally:
+            self._held.clear()  # cancelled with the scope, if any was left: abandoned
+            self._idle.set()  # nothing more will be reported: no shutdown() waits for it
+            ended.set()
+
+    async def _register_and_serve(self) -> None:
         backoff = self.config.reconnect_backoff.total_seconds()
         while not self._by_hash:  # the server may not be up yet: wait for it
             try:
@@ -183,44 +264,63 @@ class Worker:
                 break
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, self.config.max_backoff.total_seconds())
-        self._stopped.set()
 
     async def shutdown(self) -> None:
-        """Drain: take nothing new, finish and report what is held, then close. Idempotent."""
-        if self._draining.is_set():
-            await self._stopped.wait()
-            return
-        self._draining.set()
-        stream = self._stream
-        if stream is not None:
-            stream.outbox.put_nowait(
-                ConnectRequest(drain=worker_service_pb2.Drain(reason="worker shutting down"))
-            )
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.config.drain_grace.total_seconds()):
-                await self._idle.wait()
-        self._stopped.set()
-        if self._stream is not None:
-            self._stream.outbox.put_nowait(None)
-        for held in list(self._held.values()):
-            if held.task is not None:
-                held.task.cancel()
-        if self._runner is not None and self._runner is not asyncio.current_task():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._runner
+        """Drain: take nothing new, finish and report what is held, then close. Idempotent.
+
+        Items still held after ``config.drain_grace`` are cancelled and abandoned (the server
+        re-queues them). Returns once ``run()`` has ended, if it was running; every call waits
+        for the same end. Cancelling ``shutdown()`` cuts the drain short: it closes at once.
+        """
+        if not self._draining.is_set():
+            self._draining.set()
+            stream = self._stream
+            if stream is not None:
+                stream.outbox.put_nowait(
+                    ConnectRequest(drain=worker_service_pb2.Drain(reason="worker shutting down"))
+                )
+            try:
+                async with asyncio.timeout(self.config.drain_grace.total_seconds()):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning(
+                    "drain grace of %gs is over; abandoning %d held item(s)",
+                    self.config.drain_grace.total_seconds(),
+                    len(self._held),
+                )
+            finally:
+                self._stopped.set()
+                if self._stream is not None:
+                    self._stream.outbox.put_nowait(None)
+                for held in list(self._held.values()):
+                    if held.task is not None:
+                        held.task.cancel()
+        await self._stopped.wait()
+        if self._ended is not None:
+            await self._ended.wait()
 
     async def __aenter__(self) -> Worker:
-        """Start ``run()`` in the background; return once the first session is open.
+        """Start ``run()`` as a task this block owns; return once the first session is open.
+
+        Should ``run()`` fail while the block runs, the block is cancelled and leaving it raises
+        what ``run()`` raised.
 
         Raises:
             Whatever ``run()`` raised if it ended first (a refused hello, say).
         """
-        self._runner = asyncio.create_task(self.run())
-        connected = asyncio.ensure_future(self._connected.wait())
-        await asyncio.wait({connected, self._runner}, return_when=asyncio.FIRST_COMPLETED)
-        if not self._connected.is_set():
-            connected.cancel()
-            self._runner.result()
+        scope = _Scope()
+        await scope.__aenter__()
+        self._scope = scope
+        ready = self._ready = asyncio.get_running_loop().create_future()
+        try:
+            runner = scope.start(self.run(), name=f"floxide-worker {self.config.worker_id}")
+            await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # run() failed (the scope cancelled us) or we were cancelled
+            self._scope = None
+            await scope.__aexit__(*sys.exc_info())  # raises run()'s failure, if it failed
+            raise
+        finally:
+            self._ready = None
         return self
 
     async def __aexit__(
@@ -229,7 +329,13 @@ class Worker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.shutdown()
+        """Shut down (drain), then leave: raises what ``run()`` raised, if it failed."""
+        scope, self._scope = self._scope, None
+        try:
+            await self.shutdown()
+        finally:
+            if scope is not None:
+                await scope.__aexit__(exc_type, exc, tb)
 
     # -- registration --------------------------------------------------------------------------
 
@@ -278,7 +384,6 @@ class Worker:
         stream.outbox.put_nowait(ConnectRequest(hello=hello))
         self._acked = False
         call = worker_service_pb2_grpc.WorkerServiceStub(channel).Connect(stream.requests())
-        heartbeat: asyncio.Task[None] | None = None
         try:
             read = await call.read()
             if read is grpc.aio.EOF:
@@ -288,7 +393,8 @@ class Worker:
                 raise ConnectionError("the server did not acknowledge hello")
             stream.session_id = first.hello_ack.session_id
             self._acked = True
-            self._connected.set()
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
             stream.heartbeat = (
                 first.hello_ack.heartbeat_interval.ToTimedelta().total_seconds() or 3.0
             )
@@ -304,12 +410,11 @@ class Worker:
                 stream.outbox.put_nowait(
                     ConnectRequest(drain=worker_service_pb2.Drain(reason="worker draining"))
                 )
-            heartbeat = asyncio.create_task(self._heartbeat(stream))
-            while (read := await call.read()) is not grpc.aio.EOF:
-                self._take(stream, typing.cast(worker_service_pb2.ConnectResponse, read))
+            async with _Scope() as session:  # the heartbeat ends with the stream
+                session.start(self._heartbeat(stream), name=f"heartbeat {stream.session_id}")
+                while (read := await call.read()) is not grpc.aio.EOF:
+                    self._take(stream, typing.cast(worker_service_pb2.ConnectResponse, read))
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
             stream.outbox.put_nowait(None)
             self._stream = None
             call.cancel()
@@ -323,11 +428,12 @@ class Worker:
             stream.outbox.put_nowait(ConnectRequest(heartbeat=message))
 
     def _take(self, stream: _Stream, response: worker_service_pb2.ConnectResponse) -> None:
+        assert self._items is not None, "streams are served inside run()"
         for assignment in response.assignments:
             held = _Held(assignment, stream.session_id)
             self._held[assignment.claim_token] = held
             self._idle.clear()
-            held.task = asyncio.create_task(self._execute(held))
+            held.task = self._items.start(self._execute(held), name=assignment.claim_token)
         for ack in response.result_acks:
             if ack.code == StatusCode.UNAVAILABLE and ack.claim_token in self._unacked:
                 stream.outbox.put_nowait(ConnectRequest(results=[self._unacked[ack.claim_token]]))
@@ -388,7 +494,9 @@ class Worker:
             result.context_operations.extend(op.to_proto() for op in operations)
         except AttemptFailed as exc:
             result.transition.abort.CopyFrom(exc.error)
-        except Exception as exc:
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise  # the item is abandoned (run() ends, or the drain grace is over), or we exit
+        except BaseException as exc:  # whatever else escaped is this item's failure, not ours
             result.transition.abort.CopyFrom(
                 work_item_pb2.NodeError(
                     kind=work_item_pb2.ERROR_KIND_GENERIC, message=f"{type(exc).__name__}: {exc}"
