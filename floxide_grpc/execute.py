@@ -9,7 +9,6 @@ the route of a variant); collect the context operations it recorded. Any failure
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import traceback
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
@@ -126,8 +125,9 @@ async def _invoke(
         cancelled.cancel()
     if task not in done:
         task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        await asyncio.wait([task])  # the node ends before its failure is reported
+        if not task.cancelled():
+            task.exception()  # whatever it raised on its way out is superseded: retrieved
         if cancel.is_set():
             raise AttemptFailed(
                 node_error(ErrorKind.CANCELLED, f"node {spec.name!r} was cancelled")
