@@ -6,6 +6,7 @@ One module per role; :class:`Store` wires them on one KV:
 |---|---|
 | ``kv`` | the KV interface (etcd's model) and an in-memory one |
 | ``keys`` | every key the server writes, and why it is laid out so |
+| ``format`` | the storage-format version, checked at start |
 | ``records`` | run and item records: statuses, stamps, fresh states, run ids |
 | ``workflows`` | registered definitions by hash, the current one of each name |
 | ``reads`` | runs, items, errors, metrics and contexts as they stand |

@@ -144,27 +144,20 @@ class Completions:
             if snapshot is not None
             else None
         )
+        reported = _Reported(keys, claim, transition, operations)
         if not stack:
-            return await self._complete(keys, claim, transition, operations, snapshot, sticky)
+            return await self._complete(reported, snapshot, sticky)
         async with self.turns.turn(namespace, claim.run_id, stack[-1].group_id):
-            return await self._complete(keys, claim, transition, operations, snapshot, sticky)
+            return await self._complete(reported, snapshot, sticky)
 
     async def _complete(
-        self,
-        keys: Keys,
-        claim: ClaimToken,
-        transition: work_item_pb2.Transition,
-        operations: Sequence[work_item_pb2.ContextOperation],
-        snapshot: Snapshot | None,
-        sticky: Sticky | None,
+        self, reported: _Reported, snapshot: Snapshot | None, sticky: Sticky | None
     ) -> Completion:
         taken: list[Queued] = []  # a sibling, taken once, kept
         tried = False
         try:
             for attempt in range(ATTEMPTS_ON_CONFLICT):
-                done, tried = await self._attempt(
-                    keys, claim, transition, operations, snapshot, sticky, taken
-                )
+                done, tried = await self._attempt(reported, snapshot, sticky, taken)
                 if done is not None:
                     return done
                 snapshot = None  # anything else moved: retry from fresh reads
@@ -174,14 +167,12 @@ class Completions:
             if taken and not tried and sticky is not None:
                 sticky.give_back(taken[0])
         # The claim still stands: the worker sends the result again (never dropped).
-        raise Unavailable(f"item {claim.item_id!r}: too much contention, send the result again")
+        item_id = reported.claim.item_id
+        raise Unavailable(f"item {item_id!r}: too much contention, send the result again")
 
     async def _attempt(
         self,
-        keys: Keys,
-        claim: ClaimToken,
-        transition: work_item_pb2.Transition,
-        operations: Sequence[work_item_pb2.ContextOperation],
+        reported: _Reported,
         snapshot: Snapshot | None,
         sticky: Sticky | None,
         taken: list[Queued],
@@ -192,6 +183,7 @@ class Completions:
             The completion if the Txn committed, else ``None``; and whether a Txn tried the
             sibling in ``taken`` (taken from ``sticky`` at most once, kept across attempts).
         """
+        keys, claim = reported.keys, reported.claim
         namespace = keys.namespace
         claim_key = keys.claim(claim.lease, claim.run_id, claim.item_id)
         if snapshot is None:
@@ -201,9 +193,7 @@ class Completions:
         basis = planning.Basis(
             keys, definition, snapshot.run, snapshot.state, self.limits, now_ms()
         )
-        plan = await self.groups.planned(
-            self.kv, functools.partial(_plan_result, basis, claim.attempt, transition, operations)
-        )
+        plan = await self.groups.planned(self.kv, functools.partial(_plan_result, basis, reported))
         guards = [
             Compare.created_at(claim_key, claim.revision),
             Compare.exists(keys.session(claim.lease)),
@@ -300,12 +290,21 @@ class Completions:
 
 
 def _plan_result(
-    basis: planning.Basis,
-    attempt: int,
-    transition: work_item_pb2.Transition,
-    operations: Sequence[work_item_pb2.ContextOperation],
-    known: Mapping[bytes, KeyValue | None],
+    basis: planning.Basis, reported: _Reported, known: Mapping[bytes, KeyValue | None]
 ) -> planning.Plan:
     return planning.plan_result(
-        dataclasses.replace(basis, groups=known), attempt, transition, operations
+        dataclasses.replace(basis, groups=known),
+        reported.claim.attempt,
+        reported.transition,
+        reported.operations,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reported:
+    """A result as a worker reported it, with the claim its token names."""
+
+    keys: Keys
+    claim: ClaimToken
+    transition: work_item_pb2.Transition
+    operations: Sequence[work_item_pb2.ContextOperation]
