@@ -214,6 +214,10 @@ class Server:
         await self._health.enter_graceful_shutdown()
         await self.workers.drain(self._grace)
         await server.stop(self._grace.total_seconds())
+        # grpc does not wait for its handlers: each stream's session ends (its lease revoked)
+        # before the parts it uses stop.
+        if not await self.sessions.wait_closed(self._grace.total_seconds()):
+            log.warning("%d sessions still open at shutdown", len(self.sessions.live))
 
     async def _set_health(self, *, serving: bool) -> None:
         status = (

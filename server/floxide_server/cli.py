@@ -48,7 +48,9 @@ async def serve(
             await asyncio.to_thread(ready_file.write_text, f"{config.host}:{port}\n")
         log.info("serving floxide.v1 on %s:%d (etcd %s)", config.host, port, ",".join(endpoints))
         stopped = asyncio.ensure_future(server.wait())
-        if stopped not in await first_done([stopped, asyncio.ensure_future(signalled.wait())]):
+        if stopped in await first_done([stopped, asyncio.ensure_future(signalled.wait())]):
+            stopped.exception()  # a failure: stop() below raises it
+        else:
             log.info("shutting down")
     finally:
         try:

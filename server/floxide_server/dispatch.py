@@ -16,7 +16,7 @@ import logging
 import typing
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
-from floxide_grpc.errors import FloxideError
+from floxide_grpc.errors import FloxideError, Unavailable
 from floxide_server.sessions import Session, Sessions
 from floxide_server.store.claims import Claims, ClaimToken
 from floxide_server.store.keys import Keys
@@ -107,7 +107,8 @@ class Dispatcher:
         """Start dispatching to a session (of :attr:`Sessions.live`)."""
         if session.namespace not in self._tasks or self._tasks[session.namespace].done():
             self._wake[session.namespace] = asyncio.Event()
-            assert self._group is not None, "dispatch is not running"
+            if self._group is None:
+                raise Unavailable("the server is not dispatching (shutting down): reconnect")
             self._tasks[session.namespace] = self._group.create_task(
                 self._follow(session.namespace)
             )
@@ -246,8 +247,16 @@ class Dispatcher:
     async def _claim_or_return(self, session: Session, queued: Queued) -> None:
         try:
             claimed = await self._claim(session, queued)
-        except (KVUnavailable, OSError, FloxideError) as exc:
-            log.warning("claim of %s/%s failed: %s", queued.item.run_id, queued.item.item_id, exc)
+        except Exception as exc:  # one claim, not the loop: logged (whole if unexpected)
+            expected = isinstance(exc, (KVUnavailable, OSError, FloxideError))
+            log.log(
+                logging.WARNING if expected else logging.ERROR,
+                "claim of %s/%s failed: %s",
+                queued.item.run_id,
+                queued.item.item_id,
+                exc,
+                exc_info=not expected,
+            )
             claimed = False
             # Still queued, as far as we know: try it again in a while.
             asyncio.get_running_loop().call_later(1.0, self.give_back, session.namespace, queued)

@@ -120,7 +120,7 @@ class EtcdKV:
         self._token_lease = 0
         self._token_lock = asyncio.Lock()
         self._background = Background("etcd token lease renewal")
-        self._keepalive_task: asyncio.Task[None] | None = None
+        self._renewing = False
         self._closed = False
         self.group_commit = GroupCommit(self._commit)
 
@@ -242,8 +242,9 @@ class EtcdKV:
         async with self._token_lock:
             if not self._token_lease:
                 self._token_lease = await self.grant(TOKEN_TTL)
-                if self._keepalive_task is None or self._keepalive_task.done():
-                    self._keepalive_task = await self._background.spawn(self._renew_tokens())
+                if not self._renewing:
+                    self._background.spawn(self._renew_tokens())
+                    self._renewing = True
             return self._token_lease
 
     async def _renew_tokens(self) -> None:
@@ -346,8 +347,10 @@ class EtcdKV:
         """Close the channels and stop renewing the token lease."""
         self._closed = True
         try:
-            await self.group_commit.close()
-            await self._background.close()
+            try:
+                await self.group_commit.close()
+            finally:
+                await self._background.close()
         finally:
             for channel in self._channels.values():
                 await channel.close()

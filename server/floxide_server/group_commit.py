@@ -151,12 +151,12 @@ class GroupCommit:
         waiting = _Waiting(txn, Footprint.of(txn), asyncio.get_running_loop().create_future())
         self._waiting.append(waiting)
         if not self._flushing:  # one flusher at most: it runs while transactions wait
-            self._flushing = True
             try:
-                await self._background.spawn(self._run())
-            except BaseException:
-                self._flushing = False
+                self._background.spawn(self._run())
+            except RuntimeError:  # closed: this one is never sent
+                self._waiting.remove(waiting)
                 raise
+            self._flushing = True
         return await waiting.future
 
     async def _run(self) -> None:

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+import grpc
+
 from floxide_server.sessions import Sessions
 from floxide_server.store import fanout, timers
 from floxide_server.store.keys import NAMESPACES, Keys
@@ -96,7 +98,7 @@ class Maintenance:
         while True:
             try:
                 await body(namespace)
-            except (KVUnavailable, OSError) as exc:
+            except (KVUnavailable, OSError, grpc.aio.AioRpcError) as exc:  # etcd's condition
                 log.warning("%s of %r paused: %s", body.__name__, namespace, exc)
                 await asyncio.sleep(1.0)
 

@@ -196,6 +196,8 @@ class Sessions:
         self.config = config
         self.server_id = server_id
         self.live: dict[int, Session] = {}
+        self._none_live = asyncio.Event()
+        self._none_live.set()
 
     async def open(self, hello: worker_service_pb2.Hello) -> Session:
         """Check a hello, grant its session a lease and write the session's key.
@@ -245,6 +247,7 @@ class Sessions:
         )
         session = Session(lease, namespace, worker, credit)
         self.live[lease] = session
+        self._none_live.clear()
         log.info("session %x opened for worker %r in %r", lease, hello.worker_id, namespace)
         return session
 
@@ -286,14 +289,30 @@ class Sessions:
 
         If etcd does not answer, the lease ends by itself within its TTL.
         """
-        self.live.pop(session.lease, None)
         try:
             await self.kv.revoke(session.lease)
         except (KVUnavailable, grpc.aio.AioRpcError) as exc:
             log.warning(
                 "session %x: lease not revoked (%s); it ends with its TTL", session.lease, exc
             )
+        finally:
+            self.live.pop(session.lease, None)
+            if not self.live:
+                self._none_live.set()
         log.info("session %x closed (%d claims left to re-queue)", session.lease, len(session.held))
+
+    async def wait_closed(self, timeout: float) -> bool:
+        """Wait until every session of this replica has closed (at most ``timeout`` s).
+
+        Returns:
+            Whether they all did.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self._none_live.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def release(self, namespace: str, lease: int) -> int:
         """Re-queue every claim of an ended session; how many this call released."""

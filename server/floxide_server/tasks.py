@@ -77,33 +77,33 @@ class Background:
         self.name = name
         self._group: asyncio.TaskGroup | None = None
         self._holder: asyncio.Task[None] | None = None
-        self._ready: asyncio.Future[asyncio.TaskGroup] | None = None
+        self._starting: list[Coroutine[Any, Any, None]] = []
         self._closing = asyncio.Event()
 
-    async def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run ``coroutine`` in the group (started now if it is not running).
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` in the group (which starts now if it is not running).
+
+        Synchronous, so that a caller cancelled right after cannot leave it half started.
 
         Raises:
             RuntimeError: the group was closed, or failed (the failure is the cause).
         """
-        if self._holder is None:
-            self._ready = asyncio.get_running_loop().create_future()
-            self._holder = asyncio.create_task(self._hold(self._ready), name=self.name)
-        ready = self._ready
-        assert ready is not None
-        if not ready.done() and not self._holder.done():  # the first spawns wait for it
-            either: list[asyncio.Future[Any]] = [ready, self._holder]
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if self._group is None or self._closing.is_set():
+        if self._closing.is_set() or (self._holder is not None and self._holder.done()):
             coroutine.close()
-            failure = self._failure()
-            raise RuntimeError(f"{self.name} is not running") from failure
-        return self._group.create_task(coroutine)
+            raise RuntimeError(f"{self.name} is not running") from self._failure()
+        if self._group is not None:
+            self._group.create_task(coroutine)
+            return
+        self._starting.append(coroutine)  # the holder starts it with its group
+        if self._holder is None:
+            self._holder = asyncio.create_task(self._hold(), name=self.name)
 
-    async def _hold(self, ready: asyncio.Future[asyncio.TaskGroup]) -> None:
+    async def _hold(self) -> None:
         try:
             async with asyncio.TaskGroup() as self._group:
-                ready.set_result(self._group)
+                for coroutine in self._starting:
+                    self._group.create_task(coroutine)
+                self._starting.clear()
                 await self._closing.wait()
                 raise _Closing
         except* _Closing:
@@ -113,11 +113,15 @@ class Background:
             raise
         finally:
             self._group = None
+            for coroutine in self._starting:  # closed before it could start them
+                coroutine.close()
+            self._starting.clear()
 
     def _failure(self) -> BaseException | None:
         if self._holder is None or not self._holder.done() or self._holder.cancelled():
             return None
-        return self._holder.exception()
+        failure = self._holder.exception()
+        return first_error(failure) if isinstance(failure, BaseExceptionGroup) else failure
 
     async def close(self) -> None:
         """Cancel every task and wait for them. Idempotent.
@@ -130,7 +134,7 @@ class Background:
             await asyncio.wait([self._holder])
             failure = self._failure()
             if failure is not None:
-                raise first_error(failure) if isinstance(failure, BaseExceptionGroup) else failure
+                raise failure
 
 
 class _Closing(Exception):

@@ -88,7 +88,7 @@ class Watches:
         shared.subscribers.add(subscription)
         try:
             await asyncio.shield(shared.started)
-        except KVUnavailable:
+        except BaseException:  # could not start, or the opener was cancelled meanwhile
             subscription.close()
             raise
         return subscription
@@ -108,6 +108,14 @@ class Watches:
         A watch that cannot start tells its first subscribers why and ends; one that loses
         the store later tells its subscribers to re-read once it is back.
         """
+        try:
+            await self._deliver(prefix, shared)
+        finally:  # ended before it started: its openers must not wait for it
+            if not shared.started.done():
+                shared.started.set_exception(KVUnavailable(f"the watch of {prefix!r} stopped"))
+                shared.started.exception()
+
+    async def _deliver(self, prefix: bytes, shared: _Shared) -> None:
         while True:
             try:
                 _, revision = await self.kv.range(prefix, limit=1)

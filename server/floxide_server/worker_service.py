@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -39,7 +39,7 @@ from floxide_server.store.claims import ClaimToken
 from floxide_server.store.completion import MAX_CHAIN, Sticky
 from floxide_server.store.kv import KVUnavailable
 from floxide_server.store.payloads import Limits
-from floxide_server.tasks import first_error
+from floxide_server.tasks import first_done, first_error
 
 __all__ = ["WorkerService", "add_worker_service"]
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 ConnectRequest = worker_service_pb2.ConnectRequest
 ConnectResponse = worker_service_pb2.ConnectResponse
+Apply = Callable[[list[worker_service_pb2.StepResult], set[str]], None]
+"""Start applying a frame's results (and the tokens of those the session holds)."""
 
 
 def _parse(data: bytes) -> ConnectRequest | None:
@@ -83,8 +85,9 @@ class WorkerService:
     ) -> AsyncIterator[ConnectResponse]:
         """Serve one worker stream (see the module's docstring).
 
-        The stream's tasks (its reader, its lease keeper, its results being applied) live in
-        one task group of its own: a fault of the stream ends this stream only, with its status.
+        The stream's tasks run in :meth:`_serve`, in a task of this handler's own (never across
+        a ``yield``, where grpc runs the handler): a fault of the stream ends this stream only,
+        with its status; its end lets the results being applied finish, bounded by the TTL.
         """
         try:
             async with asyncio.timeout(self.config.hello_timeout.total_seconds()):
@@ -94,22 +97,62 @@ class WorkerService:
         if first is None or not first.HasField("hello"):
             raise InvalidArgument("the first message of a worker stream must be a hello")
         session = await self.sessions.open(first.hello)
-        self.dispatcher.add(session)
         try:
+            self.dispatcher.add(session)
             yield ConnectResponse(hello_ack=self._ack(session))
+            closing = asyncio.Event()
+            serving = asyncio.create_task(self._serve(session, first, requests, closing))
             try:
-                async with asyncio.TaskGroup() as tasks:
-                    self._take(session, tasks, first, skip_hello=True)
-                    reader = tasks.create_task(self._read(session, tasks, requests))
-                    keeper = tasks.create_task(self.sessions.keep(session))
-                    async for response in _outgoing(session, reader, keeper):
-                        yield response
-                    reader.cancel()  # the stream is over; results being applied finish
-                    keeper.cancel()
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
+                async for response in _outgoing(session, serving):
+                    yield response
+            finally:
+                closing.set()  # stop reading and renewing; results in flight finish
+                await asyncio.wait([serving])
+                if not serving.cancelled():
+                    serving.exception()  # a fault already ended the stream with its status
         finally:
             await self.sessions.close(session)
+
+    async def _serve(
+        self,
+        session: Session,
+        first: ConnectRequest,
+        requests: AsyncIterator[ConnectRequest | None],
+        closing: asyncio.Event,
+    ) -> None:
+        """Read the stream and keep the session's lease until the stream ends or ``closing``.
+
+        The reader and the lease keeper are one task group: a fault of either ends both, and
+        is raised here. Results are applied in a group of their own, which that does not cut
+        short: they finish (within a lease TTL) before this returns.
+
+        Raises:
+            FloxideError: a fault of the stream (garbage, a credit overrun, the lease ended).
+        """
+        applying: set[asyncio.Task[None]] = set()
+        fault: BaseException | None = None
+        async with asyncio.TaskGroup() as results:
+
+            def apply(results_of: list[worker_service_pb2.StepResult], tokens: set[str]) -> None:
+                task = results.create_task(self._results(session, results_of, tokens))
+                applying.add(task)
+                task.add_done_callback(applying.discard)
+
+            try:
+                async with asyncio.TaskGroup() as stream:
+                    self._take(session, apply, first, skip_hello=True)
+                    reader = stream.create_task(self._read(session, apply, requests))
+                    keeper = stream.create_task(self.sessions.keep(session))
+                    await first_done([reader, asyncio.ensure_future(closing.wait())])
+                    keeper.cancel()
+            except BaseExceptionGroup as group:
+                fault = first_error(group)
+            if applying:
+                await asyncio.wait(set(applying), timeout=self.config.lease_ttl.total_seconds())
+                for task in applying:
+                    task.cancel()
+        if fault is not None:
+            raise fault
 
     def _ack(self, session: Session) -> worker_service_pb2.HelloAck:
         ack = worker_service_pb2.HelloAck(
@@ -124,18 +167,15 @@ class WorkerService:
         return ack
 
     async def _read(
-        self,
-        session: Session,
-        tasks: asyncio.TaskGroup,
-        requests: AsyncIterator[ConnectRequest | None],
+        self, session: Session, apply: Apply, requests: AsyncIterator[ConnectRequest | None]
     ) -> None:
         async for request in requests:
-            self._take(session, tasks, request)
+            self._take(session, apply, request)
 
     def _take(
         self,
         session: Session,
-        tasks: asyncio.TaskGroup,
+        apply: Apply,
         request: ConnectRequest | None,
         *,
         skip_hello: bool = False,
@@ -153,7 +193,7 @@ class WorkerService:
             session.report(tokens)  # no cancel for them, and a drain waits for their acks
             # Applied concurrently with the stream's next messages: one slow Txn must not hold
             # up the session's other results, nor its heartbeats.
-            tasks.create_task(self._results(session, list(request.results), tokens))
+            apply(list(request.results), tokens)
         if request.HasField("drain"):
             session.draining = True
             log.info("worker of session %x is draining", session.lease)
@@ -246,41 +286,40 @@ class WorkerService:
             for s in self.sessions.live.values()
             if not s.idle.is_set()
         ]
-        if waits:
-            _, late = await asyncio.wait(waits, timeout=grace.total_seconds())
-            for wait in late:
+        try:
+            if waits:
+                await asyncio.wait(waits, timeout=grace.total_seconds())
+        finally:
+            for wait in waits:
                 wait.cancel()
         for session in list(self.sessions.live.values()):
             session.outbox.put_nowait(None)
 
 
 async def _outgoing(
-    session: Session, reader: asyncio.Task[None], keeper: asyncio.Task[None]
+    session: Session, serving: asyncio.Task[None]
 ) -> AsyncIterator[ConnectResponse]:
     """The session's outbox as the response stream, until its end or a fault of the stream."""
     while True:
-        if not session.outbox.empty() and not reader.done() and not keeper.done():
+        if not session.outbox.empty() and not serving.done():
             response = session.outbox.get_nowait()  # no wait needed: the common case under load
-            if response is None:
+        else:
+            message = asyncio.ensure_future(session.outbox.get())
+            try:
+                await asyncio.wait([message, serving], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                message.cancel()  # a no-op once it has its message
+            if not message.done() or message.cancelled():
+                serving.result()  # a stream fault ends the stream with its status
+                while not session.outbox.empty():  # the worker closed its side: flush
+                    response = session.outbox.get_nowait()
+                    if response is not None:
+                        yield response
                 return
-            yield _coalesced(session, response)
-            continue
-        message = asyncio.ensure_future(session.outbox.get())
-        done, _ = await asyncio.wait({message, reader, keeper}, return_when=asyncio.FIRST_COMPLETED)
-        if message in done:
             response = message.result()
-            if response is None:
-                return
-            yield _coalesced(session, response)
-            continue
-        message.cancel()
-        for task in done:
-            task.result()  # a stream fault ends the stream with its status
-        while not session.outbox.empty():  # the worker closed its side: flush
-            response = session.outbox.get_nowait()
-            if response is not None:
-                yield response
-        return
+        if response is None:
+            return
+        yield _coalesced(session, response)
 
 
 def _coalesced(session: Session, response: ConnectResponse) -> ConnectResponse:

@@ -135,10 +135,11 @@ class GroupCache:
     async def planned(self, kv: KV, plan: Callable[[Mapping[bytes, KeyValue | None]], P]) -> P:
         """Plan from the kept records; if a group is unknown, read it and plan again."""
         planned = plan(self.records)
-        if planned.needs:
+        fetched: dict[bytes, KeyValue | None] = {}
+        kept = typing.cast(MutableMapping[bytes, KeyValue | None], self.records)
+        while planned.needs:  # what is read stays known: this ends
             found = await asyncio.gather(*(kv.get(key) for key in planned.needs))
-            fetched: dict[bytes, KeyValue | None] = dict(zip(planned.needs, found, strict=True))
-            kept = typing.cast(MutableMapping[bytes, KeyValue | None], self.records)
+            fetched.update(zip(planned.needs, found, strict=True))
             planned = plan(collections.ChainMap(fetched, kept))
         return planned
 
