@@ -120,6 +120,7 @@ class Server:
             self.config.sessions.lease_ttl.total_seconds(),
             self.config.retention.total_seconds(),
             {ns: period.total_seconds() for ns, period in self.config.namespace_retention.items()},
+            self.config.limits.max_txn_ops,
         )
         self.stopping = asyncio.Event()
         self.port = 0

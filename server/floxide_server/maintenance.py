@@ -4,7 +4,7 @@
   claims of each session whose lease ended (the worker was killed, frozen or cut off).
 - **Reconcile**: at start-up and then every lease TTL, claims whose session no longer exists
   (they expired while no replica ran) are released the same way, and wide fan-outs whose
-  expansion a crash interrupted are finished.
+  expansion a crash interrupted are finished, and so is the settling of finished runs.
 - **Retention**: runs finished longer ago than the retention period are removed in bounded
   batches (:mod:`floxide_server.store.retention`).
 - **Retry timers**: due timers are fired (:mod:`floxide_server.store.timers`), woken by the
@@ -25,9 +25,9 @@ from typing import Any
 import grpc
 
 from floxide_server.sessions import Sessions
-from floxide_server.store import fanout, timers
+from floxide_server.store import fanout, settling, timers
 from floxide_server.store.keys import NAMESPACES, Keys
-from floxide_server.store.kv import KV, KVUnavailable
+from floxide_server.store.kv import KV, MAX_TXN_OPS, KVUnavailable
 from floxide_server.store.retention import remove_finished
 from floxide_server.tasks import Ready
 from floxide_server.watch import RESYNC, Watches
@@ -50,8 +50,10 @@ class Maintenance:
         reconcile_every: float,
         retention: float,
         retention_by_namespace: Mapping[str, float] | None = None,
+        max_txn_ops: int = MAX_TXN_OPS,
     ) -> None:
         self.kv = kv
+        self.max_txn_ops = max_txn_ops
         self.sessions = sessions
         self.watches = watches
         self.reconcile_every = reconcile_every
@@ -110,6 +112,7 @@ class Maintenance:
                 run_id, item_id = kv.key[len(keys.expansion()) :].decode().split("/")
                 await fanout.expand(self.kv, namespace, run_id, item_id)
             await self.sessions.release_orphans(namespace)
+            await settling.settle_all(self.kv, namespace, self.max_txn_ops)  # interrupted ones
             await asyncio.sleep(self.reconcile_every)
 
     async def _timers(self, namespace: str) -> None:

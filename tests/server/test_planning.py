@@ -136,6 +136,7 @@ def test_a_terminal_output_completes_the_run_and_settles_its_leftovers() -> None
     assert run.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(run.output.data) == 4
     assert written(plan, KEYS.status("r")) == status_name(records_pb2.RUN_STATUS_COMPLETED)
     assert Delete(KEYS.queue("r", ""), prefix=True) in plan.writes and not plan.new_items
+    assert written(plan, KEYS.settle("r")) == status_name(records_pb2.RUN_STATUS_COMPLETED)
 
 
 def test_an_abort_its_policy_retries_arms_a_timer_with_its_backoff() -> None:
@@ -149,12 +150,13 @@ def test_an_abort_its_policy_retries_arms_a_timer_with_its_backoff() -> None:
     assert any(w.key == KEYS.error("r", "start", 1) for w in plan.writes if isinstance(w, Put))
 
 
-def test_the_last_attempt_of_an_abort_fails_the_run_without_settling_it() -> None:
+def test_the_last_attempt_of_an_abort_fails_the_run_and_settles_its_leftovers() -> None:
     plan = planning.plan_result(basis(Workflow("f", start=flaky), attempts=3), 3, ABORT, [])
     assert plan.retry_in_ms is None and plan.ends_run == records_pb2.RUN_STATUS_FAILED
     assert item_state(plan).status == records_pb2.ITEM_STATUS_PERMANENTLY_FAILED
     run = records_pb2.RunRecord.FromString(written(plan, KEYS.run_info("r")))
-    assert run.error.message == "no" and not plan.settle
+    assert run.error.message == "no" and plan.settle
+    assert written(plan, KEYS.settle("r")) == status_name(records_pb2.RUN_STATUS_FAILED)
 
 
 def test_a_failure_with_a_fallback_routes_its_input_there() -> None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import pytest
 from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.store import Store, fanout, queue, retention, timers
+from floxide_server.store import Store, fanout, queue, retention, settling, timers
 from floxide_server.store.claims import Claim
 from floxide_server.store.completion import Sticky
 from floxide_server.store.keys import Keys
@@ -723,7 +723,7 @@ async def test_cancel_stops_the_run_and_refuses_late_results(stores: Stores) -> 
         stores.namespace, run.run_id, "no longer needed"
     )
     assert cancelled.status == records_pb2.RUN_STATUS_CANCELLED
-    with pytest.raises(ClaimLost, match="is cancelled"):
+    with pytest.raises(ClaimLost, match="was cancelled \\(run cancelled\\)"):
         await stores.store.completions.complete(stores.namespace, claim.token, nxt(2))
     assert await queue.ready(stores.kv, stores.namespace) == []
     with pytest.raises(FailedPrecondition, match=r"cannot cancel run .* it is cancelled"):
@@ -922,3 +922,128 @@ async def test_a_lost_reply_of_a_sticky_completion_still_hands_over_the_successo
     finally:
         await s.kv.close()
         await proxy.stop()
+
+
+# -- how a run ends: nothing is left in flight ----------------------------------------------
+
+
+def in_flight(metrics: records_pb2.RunMetrics) -> int:
+    return metrics.pending + metrics.in_progress + metrics.waiting_retry
+
+
+async def test_the_first_terminal_output_completes_the_run_and_settles_the_rest(
+    stores: Stores,
+) -> None:
+    await stores.register(Workflow("race", start=split).edge(split, inc))  # inc is terminal
+    run = await stores.start("race", 3)
+    lease = await stores.session()
+    await stores.store.completions.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2, 3)
+    )
+    first, second = await stores.claim_next(lease), await stores.claim_next(lease)
+    await stores.store.completions.complete(stores.namespace, first.token, nxt(5))
+    done = await stores.store.reads.get(stores.namespace, run.run_id)
+    assert done.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(done.output.data) == 5
+    metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
+    assert in_flight(metrics) == 0 and metrics.cancelled == 2 and metrics.completed == 2
+    items, _ = await stores.store.reads.items(
+        stores.namespace, run.run_id, [records_pb2.ITEM_STATUS_CANCELLED]
+    )
+    assert {i.last_error.message for i in items} == {"run completed"}
+    held = next(i for i in items if i.item.item_id == second.item.item_id)
+    assert held.attempts == 1 and held.item.input == second.item.input  # kept
+    with pytest.raises(ClaimLost, match=r"was cancelled \(run completed\)"):
+        await stores.store.completions.complete(stores.namespace, second.token, nxt(6))
+    assert await queue.ready(stores.kv, stores.namespace) == []
+    assert await stores.kv.get(stores.keys.settle(run.run_id)) is None
+
+
+async def test_a_failed_run_settles_its_retries_and_their_timers(stores: Stores) -> None:
+    await stores.register(Workflow("fails", start=split).edge(split, flaky))
+    run = await stores.start("fails", 2)
+    lease = await stores.session()
+    await stores.store.completions.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2)
+    )
+    waits, fails = await stores.claim_next(lease), await stores.claim_next(lease)
+    await stores.store.completions.complete(stores.namespace, waits.token, abort("later"))
+    assert len((await stores.kv.range(stores.keys.timer()))[0]) == 1  # a retry waits
+    for_good = work_item_pb2.NodeError(
+        kind=work_item_pb2.ERROR_KIND_GENERIC, message="no", non_retryable=True
+    )
+    await stores.store.completions.complete(
+        stores.namespace, fails.token, Transition(abort=for_good)
+    )
+    failed = await stores.store.reads.get(stores.namespace, run.run_id)
+    assert failed.status == records_pb2.RUN_STATUS_FAILED
+    metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
+    assert in_flight(metrics) == 0 and metrics.cancelled == 1 and metrics.failed == 1
+    assert (await stores.kv.range(stores.keys.timer()))[0] == []  # its timer is gone
+    assert await timers.fire_timers(stores.kv, stores.namespace, now=10**13) == 0
+
+
+async def test_a_failed_run_resumes_whole_and_its_join_fires_once_with_every_output(
+    stores: Stores,
+) -> None:
+    await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("fan", 10)
+    lease = await stores.session()
+    await stores.store.completions.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, fan(*range(10))
+    )
+    claims = [await stores.claim_next(lease) for _ in range(5)]
+    for claim in claims[:2]:  # two branches arrive before the failure
+        value = json.loads(claim.item.input.data) + 1
+        await stores.store.completions.complete(stores.namespace, claim.token, nxt(value))
+    await stores.store.completions.complete(stores.namespace, claims[2].token, abort("boom"))
+    failed = await stores.store.reads.get(stores.namespace, run.run_id)
+    assert failed.status == records_pb2.RUN_STATUS_FAILED
+    metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
+    assert in_flight(metrics) == 0 and metrics.cancelled == 7  # 2 held, 5 queued
+    resumed = await stores.store.lifecycle.resume(stores.namespace, run.run_id)
+    assert resumed.status == records_pb2.RUN_STATUS_RUNNING
+    with pytest.raises(ClaimLost):  # a result of before the failure is refused
+        await stores.store.completions.complete(stores.namespace, claims[3].token, nxt(4))
+    again = [await stores.claim_next(lease) for _ in range(8)]
+    assert {c.item.attempt for c in again if c.item.item_id == claims[2].item.item_id} == {2}
+    assert await queue.ready(stores.kv, stores.namespace) == []  # 8 re-queued, no more
+    for claim in again:
+        value = json.loads(claim.item.input.data) + 1
+        await stores.store.completions.complete(stores.namespace, claim.token, nxt(value))
+    join = await stores.claim_next(lease)
+    assert join.item.node == "gather"
+    assert json.loads(join.item.input.data) == [x + 1 for x in range(10)]
+    await stores.store.completions.complete(stores.namespace, join.token, nxt(55))
+    done = await stores.store.reads.get(stores.namespace, run.run_id)
+    assert done.status == records_pb2.RUN_STATUS_COMPLETED
+    assert await queue.ready(stores.kv, stores.namespace) == []  # the join fired once
+
+
+async def test_settling_a_crash_interrupted_is_finished_by_any_replica(stores: Stores) -> None:
+    await stores.register(Workflow("race", start=split).edge(split, inc))
+    run = await stores.start("race", 2)
+    lease = await stores.session()
+    await stores.store.completions.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2)
+    )
+    first, second = await stores.claim_next(lease), await stores.claim_next(lease)
+    await stores.store.completions.complete(stores.namespace, first.token, nxt(2))
+    # As if the replica had died between the run's ending Txn and its settling.
+    key = stores.keys.item(run.run_id, second.item.item_id)
+    found = await stores.kv.get(key)
+    assert found is not None
+    state = records_pb2.WorkItemState.FromString(found.value)
+    state.status = records_pb2.ITEM_STATUS_IN_PROGRESS
+    await stores.kv.txn(
+        Txn(
+            [],
+            [
+                Put(key, state.SerializeToString()),
+                Put(stores.keys.settle(run.run_id), b"COMPLETED"),
+            ],
+        )
+    )
+    assert await settling.settle_all(stores.kv, stores.namespace, 128) == 1
+    metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
+    assert in_flight(metrics) == 0 and metrics.cancelled == 1
+    assert await stores.kv.get(stores.keys.settle(run.run_id)) is None

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.errors import AlreadyExists, ClaimLost, NotFound, Unavailable
-from floxide_server.store import fanout, planning
+from floxide_server.store import fanout, planning, settling
 from floxide_server.store.claims import (
     ATTEMPTS_ON_CONFLICT,
     Claim,
@@ -33,7 +33,6 @@ from floxide_server.store.claims import (
 )
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Request, Txn
-from floxide_server.store.lifecycle import settle_leftovers
 from floxide_server.store.payloads import Limits
 from floxide_server.store.queue import new_items
 from floxide_server.store.reads import read_state
@@ -237,13 +236,7 @@ class Completions:
         for run_id, item_id in plan.expansions:
             await fanout.expand(self.kv, namespace, run_id, item_id)
         if plan.settle:
-            await settle_leftovers(
-                self.kv,
-                keys,
-                claim.run_id,
-                records_pb2.ITEM_STATUS_CANCELLED,
-                self.limits.max_txn_ops,
-            )
+            await settling.settle(self.kv, keys, claim.run_id, self.limits.max_txn_ops)
         completion = Completion(plan.code, plan.message)
         if handover is None:
             return completion, False
@@ -257,12 +250,23 @@ class Completions:
             self.kv.get(keys.claim(claim.lease, claim.run_id, claim.item_id)),
             self.kv.get(keys.run_info(claim.run_id)),
         )
-        if claim_kv is None or claim_kv.create_revision != claim.revision:
+        holds = (
+            claim_kv is not None
+            and claim_kv.create_revision == claim.revision
+            and state.status == records_pb2.ITEM_STATUS_IN_PROGRESS
+            and state.attempts == claim.attempt
+        )
+        if not holds:
             if (
                 state.status == records_pb2.ITEM_STATUS_COMPLETED
                 and state.attempts == claim.attempt
             ):
                 raise AlreadyExists(f"the result of item {claim.item_id!r} was already applied")
+            if state.status == records_pb2.ITEM_STATUS_CANCELLED:
+                raise ClaimLost(
+                    f"item {claim.item_id!r} of run {claim.run_id!r} was cancelled "
+                    f"({state.last_error.message}): result dropped"
+                )
             raise ClaimLost(
                 f"the claim on item {claim.item_id!r} of run {claim.run_id!r} no longer stands"
             )

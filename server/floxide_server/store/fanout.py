@@ -27,13 +27,13 @@ import typing
 from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
 from typing import Protocol, TypeVar
 
-from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, work_item_pb2
+from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
 from floxide_grpc.routing import Arrival, arrive
 from floxide_server._proto.floxide.storage.v1 import storage_pb2
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn
+from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Op, Put, Request, Target, Txn
 from floxide_server.store.queue import new_items
-from floxide_server.store.records import FINAL, unfinished
+from floxide_server.store.records import status_name, unfinished
 
 __all__ = [
     "EXPANSION_CHUNK",
@@ -193,11 +193,18 @@ def expansion(
 
 
 async def expand(kv: KV, namespace: str, run_id: str, item_id: str) -> None:
-    """Turn an expansion record into items, in bounded idempotent Txns, then delete it."""
+    """Turn an expansion record into items, in bounded idempotent Txns, then delete it.
+
+    A failed run's record is kept, not expanded: resuming the run expands it.
+    """
     keys = Keys(namespace)
     key = keys.expansion(run_id, item_id)
     found = await kv.get(key)
     if found is None:
+        return
+    failed = status_name(records_pb2.RUN_STATUS_FAILED)
+    status = await kv.get(keys.status(run_id))
+    if status is not None and status.value == failed:
         return
     items = list(storage_pb2.ExpansionRecord.FromString(found.value).items)
     for start in range(0, len(items), EXPANSION_CHUNK):
@@ -208,9 +215,10 @@ async def expand(kv: KV, namespace: str, run_id: str, item_id: str) -> None:
                 [
                     Compare.modified_at(key, found.mod_revision),
                     Compare.missing(first),
-                    *unfinished(keys, run_id, FINAL),
+                    *unfinished(keys, run_id),
                 ],
                 new_items(keys, chunk),
             )
         )
-    await kv.txn(Txn([Compare.modified_at(key, found.mod_revision)], [Delete(key)]))
+    kept = Compare(keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, failed)
+    await kv.txn(Txn([Compare.modified_at(key, found.mod_revision), kept], [Delete(key)]))

@@ -31,6 +31,7 @@ floxide.storage.v1 (``proto/floxide/storage/v1``), which only the storage format
 | ``run/{run}/err/{item}/{attempt}`` | ErrorRecord | every failed attempt |
 | ``queue/{run}/{item}`` | WorkItem (no input) | ready to dispatch; deleted by the claim |
 | ``expand/{run}/{item}`` | ExpansionRecord | a fan-out wider than one Txn, expanding |
+| ``settle/{run}`` | status name | a finished run whose leftovers are being settled |
 | ``timer/{due_ms}/{run}/{item}`` | WorkItem (no input) | a durable retry, fired by any replica |
 | ``session/{lease}`` | WorkerRecord | a worker stream; the only key on a lease |
 | ``claim/{lease}/{run}/{item}`` | attempt | its create revision is the fencing token |
@@ -149,6 +150,10 @@ class Keys:
         if run_id:
             key += _b(run_id) + b"/" + _b(item_id)
         return key
+
+    def settle(self, run_id: str = "") -> bytes:
+        """A finished run whose other items are being settled (or the prefix of all)."""
+        return self.prefix + b"settle/" + _b(run_id)
 
     def timer(self, due_ms: int = -1, run_id: str = "", item_id: str = "") -> bytes:
         """A retry timer (or, with no arguments, the prefix of every timer, due first)."""

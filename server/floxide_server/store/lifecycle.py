@@ -24,17 +24,17 @@ from floxide_grpc.errors import (
     ResourceExhausted,
     WorkflowNotFound,
 )
+from floxide_grpc.graph import Graph
 from floxide_grpc.routing import derive_id, start_item
-from floxide_server.store import payloads
+from floxide_server.store import fanout, payloads, settling
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, Delete, Op, Put, Request, Target, Txn
+from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn
 from floxide_server.store.queue import new_items, queue_entry
 from floxide_server.store.reads import RunReads
 from floxide_server.store.records import (
     FINISHED,
     PAUSED,
     RUNNING,
-    WAITING,
     RunStatus,
     new_run_id,
     now_ms,
@@ -43,7 +43,7 @@ from floxide_server.store.records import (
 )
 from floxide_server.store.workflows import Definition, WorkflowStore
 
-__all__ = ["RunLifecycle", "settle_leftovers"]
+__all__ = ["RunLifecycle"]
 
 ATTEMPTS_ON_CONFLICT = 16
 """Txns a control call tries before it gives up on a record that keeps moving."""
@@ -252,12 +252,13 @@ class RunLifecycle:
             (RUNNING, PAUSED, records_pb2.RUN_STATUS_FAILED),
             records_pb2.RUN_STATUS_CANCELLED,
             "cancel",
-            extra=[Delete(keys.queue(run_id, ""), prefix=True)],
+            extra=[
+                Delete(keys.queue(run_id, ""), prefix=True),
+                settling.settled(keys, run_id, status_name(records_pb2.RUN_STATUS_CANCELLED)),
+            ],
             error=error,
         )
-        await settle_leftovers(
-            self.kv, keys, run_id, records_pb2.ITEM_STATUS_CANCELLED, self.limits.max_txn_ops
-        )
+        await settling.settle(self.kv, keys, run_id, self.limits.max_txn_ops)
         return run
 
     async def pause(self, namespace: str, run_id: str) -> records_pb2.RunRecord:
@@ -265,7 +266,7 @@ class RunLifecycle:
         return await self._set_status(namespace, run_id, (RUNNING,), PAUSED, "pause")
 
     async def resume(self, namespace: str, run_id: str) -> records_pb2.RunRecord:
-        """Resume a paused run, or a failed one by re-queueing its failed items.
+        """Resume a paused run, or a failed one whole: every item that did not complete runs again.
 
         Raises:
             NotFound: no such run.
@@ -273,29 +274,44 @@ class RunLifecycle:
         """
         keys = Keys(namespace)
         found = await self.reads.get(namespace, run_id)
-        requeue: list[Request] = []
-        if found.status == records_pb2.RUN_STATUS_FAILED:
-            graph = (await self.workflows.get(namespace, found.definition_hash)).graph
-            states, _ = await self.kv.range(keys.item(run_id))
-            for kv in states:
-                state = records_pb2.WorkItemState.FromString(kv.value)
-                failed = state.status in (
-                    records_pb2.ITEM_STATUS_PERMANENTLY_FAILED,
-                    records_pb2.ITEM_STATUS_FAILED,
-                )
-                if failed and not graph.fallback.get(state.item.node):  # a fallback took over
-                    state.item.attempt = state.attempts + 1  # attempts are never lowered
-                    state.status = records_pb2.ITEM_STATUS_PENDING
-                    requeue.append(Put(kv.key, state.SerializeToString()))
-                    requeue.append(queue_entry(keys, state.item))
-        return await self._set_status(
-            namespace,
-            run_id,
-            (PAUSED, records_pb2.RUN_STATUS_FAILED),
-            RUNNING,
-            "resume",
-            extra=requeue,
+        failed = found.status == records_pb2.RUN_STATUS_FAILED
+        if failed:
+            await self._requeue(keys, found)
+        run = await self._set_status(
+            namespace, run_id, (PAUSED, records_pb2.RUN_STATUS_FAILED), RUNNING, "resume"
         )
+        if failed:  # wide fan-outs that were not expanded while the run had failed
+            expansions, _ = await self.kv.range(keys.expansion(run_id, ""))
+            for expansion in expansions:
+                item_id = expansion.key[len(keys.expansion(run_id, "")) :].decode()
+                await fanout.expand(self.kv, namespace, run_id, item_id)
+        return run
+
+    async def _requeue(self, keys: Keys, run: records_pb2.RunRecord) -> None:
+        """Re-queue every item of a failed run that did not complete, at attempt + 1.
+
+        Those that failed and those settled when the run failed; completed items, join
+        arrivals and failed items whose fallback took over stay. Settling stops first (its
+        Txns need its marker). Bounded Txns, each guarded by the run still failed and by the
+        items' revisions; a resume interrupted midway is finished by the next one.
+        """
+        run_id = run.run_id
+        still = Compare.value_is(keys.status(run_id), status_name(records_pb2.RUN_STATUS_FAILED))
+        await self.kv.txn(Txn([still], [Delete(keys.settle(run_id))]))
+        graph = (await self.workflows.get(keys.namespace, run.definition_hash)).graph
+        batch = max(1, (self.limits.max_txn_ops - 2) // 4)
+        for _ in range(ATTEMPTS_ON_CONFLICT):
+            found, _ = await self.kv.range(keys.item(run_id))
+            targets = [kv for kv in found if _to_requeue(graph, kv)]
+            moved = False
+            for start in range(0, len(targets), batch):
+                chunk = targets[start : start + batch]
+                guards = [still, *(Compare.modified_at(kv.key, kv.mod_revision) for kv in chunk)]
+                writes = [w for kv in chunk for w in _requeued(keys, kv)]
+                moved |= not (await self.kv.txn(Txn(guards, writes))).succeeded
+            if not moved:
+                return
+        raise FailedPrecondition(f"run {run_id!r} is changing too fast to resume; try again")
 
     async def enqueue(
         self,
@@ -350,15 +366,25 @@ class RunLifecycle:
         return records_pb2.WorkItemState.FromString(existing.value).item, False
 
 
-async def settle_leftovers(kv: KV, keys: Keys, run_id: str, status: int, max_ops: int) -> None:
-    """Mark what still waits in a finished run (best effort, in bounded batches)."""
-    states, _ = await kv.range(keys.item(run_id))
-    writes: list[Request] = []
-    for found in states:
-        state = records_pb2.WorkItemState.FromString(found.value)
-        if state.status in WAITING:
-            state.status = status  # type: ignore[assignment]
-            writes.append(Put(found.key, state.SerializeToString()))
-    settled = [Compare(keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, status_name(RUNNING))]
-    for start in range(0, len(writes), max_ops - 4):
-        await kv.txn(Txn(settled, writes[start : start + max_ops - 4]))
+def _to_requeue(graph: Graph, found: KeyValue) -> bool:
+    """Whether a failed run's item runs again when the run is resumed."""
+    state = records_pb2.WorkItemState.FromString(found.value)
+    if state.status == records_pb2.ITEM_STATUS_COMPLETED:
+        return False
+    failed = state.status in (
+        records_pb2.ITEM_STATUS_PERMANENTLY_FAILED,
+        records_pb2.ITEM_STATUS_FAILED,
+    )
+    return not (failed and graph.fallback.get(state.item.node))  # a fallback took over
+
+
+def _requeued(keys: Keys, found: KeyValue) -> list[Request]:
+    """The writes that make an item of a resumed run pending again, as its next attempt."""
+    state = records_pb2.WorkItemState.FromString(found.value)
+    writes = settling.holds(keys, state)
+    state.item.attempt = state.attempts + 1  # attempts are never lowered
+    state.status = records_pb2.ITEM_STATUS_PENDING
+    for field in ("retry_at", "session_id", "worker_id"):
+        state.ClearField(field)
+    stamp(state, "updated_at", now_ms())
+    return [*writes, Put(found.key, state.SerializeToString()), queue_entry(keys, state.item)]

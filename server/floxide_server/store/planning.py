@@ -14,7 +14,8 @@ state and its run as the claim saw them, the definition, the time, the group rec
   attempt of kind INVALID_OUTPUT, and the plan says so (``code``, ``message``);
 - **failure** (``Abort``, an invalid result, a lost worker): the error is recorded; the item
   retries on a durable timer if its policy allows (:mod:`floxide_server.store.timers`), else it
-  fails for good and its ``on_failure`` fallback takes its input, else the run fails.
+  fails for good and its ``on_failure`` fallback takes its input, else the run fails (and its
+  other items are settled).
   A lost worker says nothing about the item: it is re-queued at once up to ``LOST_ATTEMPTS``.
 
 A fan-out too wide for one Txn is planned as an expansion record (see ``fanout``). A plan that
@@ -32,7 +33,7 @@ from floxide_grpc.errors import FloxideError
 from floxide_grpc.retry import RetryPolicy
 from floxide_grpc.routing import Step, route, route_failure
 from floxide_grpc.transition import ErrorKind
-from floxide_server.store import contexts, fanout, payloads, timers
+from floxide_server.store import contexts, fanout, payloads, settling, timers
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import Compare, Delete, KeyValue, Put, Request
 from floxide_server.store.queue import queue_entry
@@ -81,7 +82,7 @@ class Plan:
         code: 0, or why the result was taken as a failed attempt (INVALID_ARGUMENT, ...).
         message: What was wrong with it.
         ends_run: The status the Txn ends the run with (0: the run goes on).
-        settle: The run completed: its other items are settled after the Txn.
+        settle: The run ended: its other items are settled after the Txn (``settling``).
         retry_in_ms: A retry timer is armed, due this long after ``now_ms``.
         expansions: Expansion records written, as (run, item), to expand after the Txn.
         groups: Group records written (``None``: the group is complete).
@@ -206,7 +207,6 @@ def _plan_step(
     if step.output is not None:
         run.output.CopyFrom(step.output)
         _end_run(basis, run, records_pb2.RUN_STATUS_COMPLETED, plan)
-        plan.settle = True
 
 
 def _plan_failure(
@@ -271,7 +271,10 @@ def _plan_failure(
 
 
 def _end_run(basis: Basis, run: records_pb2.RunRecord, status: int, plan: Plan) -> None:
-    """End the run in the step's Txn: its record, its status key, its queue emptied."""
+    """End the run in the step's Txn: its record, its status key, its queue emptied.
+
+    And the marker that has its other items settled right after (``settling``).
+    """
     keys = basis.keys
     run.status = status  # type: ignore[assignment]
     stamp(run, "finished_at", basis.now_ms)
@@ -279,4 +282,6 @@ def _end_run(basis: Basis, run: records_pb2.RunRecord, status: int, plan: Plan) 
     plan.writes.append(Put(keys.run_info(run.run_id), run.SerializeToString()))
     plan.writes.append(Put(keys.status(run.run_id), status_name(status)))
     plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
+    plan.writes.append(settling.settled(keys, run.run_id, status_name(status)))
     plan.ends_run = status
+    plan.settle = True

@@ -174,6 +174,8 @@ class RunReads:
                     metrics.in_progress += 1
                 case records_pb2.ITEM_STATUS_WAITING_RETRY:
                     metrics.waiting_retry += 1
+                case records_pb2.ITEM_STATUS_CANCELLED:
+                    metrics.cancelled += 1
         errors, _ = await self.kv.range(keys.error(run_id))
         metrics.worker_lost = sum(
             records_pb2.ErrorRecord.FromString(kv.value).error.kind

@@ -78,7 +78,9 @@ class _ItemStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemStatus
     ITEM_STATUS_COMPLETED: _ItemStatus.ValueType  # 6
     """Done; its transition was applied. Final."""
     ITEM_STATUS_CANCELLED: _ItemStatus.ValueType  # 7
-    """Stopped because its run was cancelled or completed by another branch. Final."""
+    """Stopped because its run ended: completed by another branch, failed, or cancelled (its
+    last_error says which). Final unless its run failed and is resumed.
+    """
 
 class ItemStatus(_ItemStatus, metaclass=_ItemStatusEnumTypeWrapper):
     """The state of a work item."""
@@ -98,7 +100,9 @@ ITEM_STATUS_PERMANENTLY_FAILED: ItemStatus.ValueType  # 5
 ITEM_STATUS_COMPLETED: ItemStatus.ValueType  # 6
 """Done; its transition was applied. Final."""
 ITEM_STATUS_CANCELLED: ItemStatus.ValueType  # 7
-"""Stopped because its run was cancelled or completed by another branch. Final."""
+"""Stopped because its run ended: completed by another branch, failed, or cancelled (its
+last_error says which). Final unless its run failed and is resumed.
+"""
 Global___ItemStatus: _TypeAlias = ItemStatus  # noqa: Y015
 
 class _WorkerStatus:
@@ -257,6 +261,7 @@ class RunMetrics(_message.Message):
     IN_PROGRESS_FIELD_NUMBER: _builtins.int
     WAITING_RETRY_FIELD_NUMBER: _builtins.int
     WORKER_LOST_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """The run's namespace."""
     run_id: _builtins.str
@@ -277,6 +282,10 @@ class RunMetrics(_message.Message):
     """Items waiting for a retry timer."""
     worker_lost: _builtins.int
     """Attempts lost with their worker's session."""
+    cancelled: _builtins.int
+    """Items stopped because their run ended (completed by another branch, failed or cancelled).
+    For a finished run, pending + in_progress + waiting_retry is 0.
+    """
     def __init__(
         self,
         *,
@@ -290,10 +299,11 @@ class RunMetrics(_message.Message):
         in_progress: _builtins.int = ...,
         waiting_retry: _builtins.int = ...,
         worker_lost: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failed", b"failed", "in_progress", b"in_progress", "namespace", b"namespace", "pending", b"pending", "retries", b"retries", "run_id", b"run_id", "total_work_items", b"total_work_items", "waiting_retry", b"waiting_retry", "worker_lost", b"worker_lost"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "in_progress", b"in_progress", "namespace", b"namespace", "pending", b"pending", "retries", b"retries", "run_id", b"run_id", "total_work_items", b"total_work_items", "waiting_retry", b"waiting_retry", "worker_lost", b"worker_lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,114 @@
+"""Settling: a finished run leaves nothing in flight.
+
+A run ends in one Txn: its first terminal output completes it (as in floxide), a failure with
+no retry and no fallback fails it, a cancel cancels it. That Txn also empties the run's queue
+and writes ``settle/{run}``. Then every other item is settled, in bounded Txns guarded by the
+run's status and each item's revision: a pending, waiting or held item becomes CANCELLED, with
+why ("run completed", "run failed", "run cancelled") as its last error, keeping its input and
+attempts; its retry timer and its claim are deleted, so a late result is refused
+(FAILED_PRECONDITION) and its worker's slot comes back. Workers holding such items are told to
+stop by dispatch, which follows the runs' records. Last, the marker is deleted.
+
+Settling is idempotent, so a crash in the middle loses nothing: the reconciler finishes every
+run that still has its marker (:func:`settle_all`). Resuming a failed run deletes the marker
+and re-queues what settling cancelled.
+"""
+
+from __future__ import annotations
+
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn
+from floxide_server.store.records import now_ms, stamp
+
+__all__ = ["IN_FLIGHT", "holds", "settle", "settle_all", "settled"]
+
+IN_FLIGHT = (
+    records_pb2.ITEM_STATUS_PENDING,
+    records_pb2.ITEM_STATUS_IN_PROGRESS,
+    records_pb2.ITEM_STATUS_WAITING_RETRY,
+)
+"""Statuses no item of a finished run keeps."""
+_WHY = {
+    b"COMPLETED": "run completed",
+    b"FAILED": "run failed",
+    b"CANCELLED": "run cancelled",
+}
+_ATTEMPTS = 16
+"""Passes over a run's items before settling gives up for now (the reconciler goes on)."""
+_OPS_PER_ITEM = 3
+"""Writes settling one item may take: its state, its timer, its claim."""
+
+
+def settled(keys: Keys, run_id: str, status: bytes) -> Put:
+    """The write of a run's ending Txn that says its leftovers are to be settled."""
+    return Put(keys.settle(run_id), status)
+
+
+async def settle(kv: KV, keys: Keys, run_id: str, max_txn_ops: int) -> bool:
+    """Settle what is still in flight in a finished run; idempotent.
+
+    Returns:
+        Whether the run is settled (or was resumed meanwhile, or had nothing to settle).
+    """
+    marker = await kv.get(keys.settle(run_id))
+    if marker is None:
+        return True
+    status = marker.value
+    # Not resumed meanwhile (a resume deletes the marker first, then re-queues).
+    still = [Compare.value_is(keys.status(run_id), status), Compare.exists(keys.settle(run_id))]
+    batch = max(1, (max_txn_ops - 2) // (_OPS_PER_ITEM + 1))
+    for _ in range(_ATTEMPTS):
+        found, _ = await kv.range(keys.item(run_id))
+        leftovers = [kv_ for kv_ in found if _state(kv_).status in IN_FLIGHT]
+        moved = False
+        for start in range(0, len(leftovers), batch):
+            chunk = leftovers[start : start + batch]
+            guards = [*still, *(Compare.modified_at(i.key, i.mod_revision) for i in chunk)]
+            writes = [w for item in chunk for w in _cancelled(keys, item, _WHY.get(status, ""))]
+            result = await kv.txn(Txn(guards, writes))
+            moved |= not result.succeeded
+        if not moved:
+            done = await kv.txn(Txn(still, [Delete(keys.settle(run_id))]))
+            return done.succeeded or await kv.get(keys.settle(run_id)) is None
+    return False
+
+
+async def settle_all(kv: KV, namespace: str, max_txn_ops: int) -> int:
+    """Finish settling every run of a namespace whose settling was interrupted; how many."""
+    keys = Keys(namespace)
+    markers, _ = await kv.range(keys.settle())
+    settled_now = 0
+    for marker in markers:
+        run_id = marker.key[len(keys.settle()) :].decode()
+        settled_now += await settle(kv, keys, run_id, max_txn_ops)
+    return settled_now
+
+
+def _state(found: KeyValue) -> records_pb2.WorkItemState:
+    return records_pb2.WorkItemState.FromString(found.value)
+
+
+def holds(keys: Keys, state: records_pb2.WorkItemState) -> list[Request]:
+    """Deletes of what an item in flight holds: its retry timer, or its claim."""
+    item = state.item
+    if state.status == records_pb2.ITEM_STATUS_WAITING_RETRY and state.HasField("retry_at"):
+        due = state.retry_at.ToMilliseconds()
+        return [Delete(keys.timer(due, item.run_id, item.item_id))]
+    if state.status == records_pb2.ITEM_STATUS_IN_PROGRESS and state.session_id:
+        return [Delete(keys.claim(int(state.session_id, 16), item.run_id, item.item_id))]
+    return []
+
+
+def _cancelled(keys: Keys, found: KeyValue, why: str) -> list[Request]:
+    """The writes that settle one item: CANCELLED, and its timer or claim gone."""
+    state = _state(found)
+    writes = holds(keys, state)
+    state.status = records_pb2.ITEM_STATUS_CANCELLED
+    state.last_error.CopyFrom(
+        work_item_pb2.NodeError(kind=work_item_pb2.ERROR_KIND_CANCELLED, message=why)
+    )
+    state.ClearField("retry_at")
+    stamp(state, "updated_at", now_ms())
+    writes.append(Put(found.key, state.SerializeToString()))
+    return writes
