@@ -26,8 +26,11 @@ class ErrorKind:
     WORKER_LOST = "WORKER_LOST"
     INVALID_INPUT = "INVALID_INPUT"
     INVALID_OUTPUT = "INVALID_OUTPUT"
+    STUCK = "STUCK"
+    """A run's error only (no work left, no terminal reached): never an attempt's."""
 
     ALL = (GENERIC, TIMEOUT, CANCELLED, WORKER_LOST, INVALID_INPUT, INVALID_OUTPUT)
+    """The kinds an attempt can fail with (and a retry policy filter by)."""
 
     @staticmethod
     def to_proto(kind: str) -> work_item_pb2.ErrorKind.ValueType:

@@ -72,6 +72,7 @@ class ServerConfig:
         server_id: This replica's name (in worker sessions and logs).
         sessions: Worker sessions' lease TTL, heartbeat interval and credit limit.
         retention: How long finished runs are kept.
+        reconcile_interval: How often running runs are checked for being stuck.
         namespace_retention: Retention periods of particular namespaces.
     """
 
@@ -84,6 +85,7 @@ class ServerConfig:
     server_id: str = dataclasses.field(default_factory=socket.gethostname)
     sessions: SessionConfig = dataclasses.field(default_factory=SessionConfig)
     retention: timedelta = timedelta(days=7)
+    reconcile_interval: timedelta = timedelta(seconds=30)
     namespace_retention: Mapping[str, timedelta] = dataclasses.field(default_factory=dict)
 
 
@@ -121,6 +123,7 @@ class Server:
             self.config.retention.total_seconds(),
             {ns: period.total_seconds() for ns, period in self.config.namespace_retention.items()},
             self.config.limits.max_txn_ops,
+            self.config.reconcile_interval.total_seconds(),
         )
         self.stopping = asyncio.Event()
         self.port = 0

@@ -80,6 +80,9 @@ def run(
     lease_ttl: Annotated[float, typer.Option(help="Seconds a session lives unheard.")] = 10.0,
     heartbeat: Annotated[float, typer.Option(help="Seconds between worker heartbeats.")] = 3.0,
     retention_days: Annotated[float, typer.Option(help="Days finished runs are kept.")] = 7.0,
+    reconcile_interval: Annotated[
+        float, typer.Option(help="Seconds between checks for runs that can no longer progress.")
+    ] = 30.0,
     namespace_retention: Annotated[
         list[str] | None, typer.Option(help="NAMESPACE=DAYS: another retention for a namespace.")
     ] = None,
@@ -108,6 +111,7 @@ def run(
         port=port,
         sessions=sessions,
         retention=timedelta(days=retention_days),
+        reconcile_interval=timedelta(seconds=reconcile_interval),
         namespace_retention=by_namespace,
     )
     if server_id:

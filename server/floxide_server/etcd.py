@@ -360,6 +360,8 @@ class EtcdKV:
 def _compare(compare: Compare) -> Any:
     message = rpc.Compare(key=compare.key, target=_TARGETS[compare.target], result=_OPS[compare.op])
     setattr(message, _FIELDS[compare.target], compare.value)
+    if compare.range_end:
+        message.range_end = compare.range_end
     return message
 
 

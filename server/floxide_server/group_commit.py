@@ -59,8 +59,11 @@ class Footprint:
 
     def _add(self, txn: Txn) -> None:
         for compare in txn.compares:
-            self._touch(compare.key, prefix=False, write=False)
-            self.size += len(compare.key) + 16
+            if compare.range_end:  # a range compare touches every key it may cover
+                self._touch(_covering(compare.key, compare.range_end), prefix=True, write=False)
+            else:
+                self._touch(compare.key, prefix=False, write=False)
+            self.size += len(compare.key) + len(compare.range_end) + 16
         for request in (*txn.success, *txn.failure):
             if isinstance(request, Txn):
                 self._add(request)
@@ -100,6 +103,13 @@ class Footprint:
         self.touch_ancestors |= other.touch_ancestors
         self.odd |= other.odd
         self.size += other.size
+
+
+def _covering(start: bytes, end: bytes) -> bytes:
+    """The longest prefix ending in ``/`` under which every key of ``[start, end)`` lies."""
+    length = next((n for n, (a, b) in enumerate(zip(start, end, strict=False)) if a != b), None)
+    common = start[: min(len(start), len(end)) if length is None else length]
+    return common[: common.rfind(b"/") + 1]
 
 
 def _ancestors(key: bytes) -> list[bytes]:

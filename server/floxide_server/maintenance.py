@@ -5,6 +5,8 @@
 - **Reconcile**: at start-up and then every lease TTL, claims whose session no longer exists
   (they expired while no replica ran) are released the same way, and wide fan-outs whose
   expansion a crash interrupted are finished, and so is the settling of finished runs.
+- **Stuck runs**: every ``--reconcile-interval`` (30 s), running runs with no live item are
+  failed as STUCK (:mod:`floxide_server.store.stuck`): those the step's own Txn could not end.
 - **Retention**: runs finished longer ago than the retention period are removed in bounded
   batches (:mod:`floxide_server.store.retention`).
 - **Retry timers**: due timers are fired (:mod:`floxide_server.store.timers`), woken by the
@@ -25,9 +27,10 @@ from typing import Any
 import grpc
 
 from floxide_server.sessions import Sessions
-from floxide_server.store import fanout, settling, timers
+from floxide_server.store import fanout, settling, stuck, timers
 from floxide_server.store.keys import NAMESPACES, Keys
 from floxide_server.store.kv import KV, MAX_TXN_OPS, KVUnavailable
+from floxide_server.store.records import now_ms
 from floxide_server.store.retention import remove_finished
 from floxide_server.tasks import Ready
 from floxide_server.watch import RESYNC, Watches
@@ -51,9 +54,11 @@ class Maintenance:
         retention: float,
         retention_by_namespace: Mapping[str, float] | None = None,
         max_txn_ops: int = MAX_TXN_OPS,
+        stuck_every: float = 30.0,
     ) -> None:
         self.kv = kv
         self.max_txn_ops = max_txn_ops
+        self.stuck_every = stuck_every
         self.sessions = sessions
         self.watches = watches
         self.reconcile_every = reconcile_every
@@ -92,7 +97,13 @@ class Maintenance:
         if namespace in self._tended:
             return
         self._tended.add(namespace)
-        for body in (self.sessions.follow_expiries, self._reconcile, self._timers, self._retain):
+        for body in (
+            self.sessions.follow_expiries,
+            self._reconcile,
+            self._stuck,
+            self._timers,
+            self._retain,
+        ):
             tasks.create_task(self._guard(body, namespace))
 
     async def _guard(self, body: Tending, namespace: str) -> None:
@@ -114,6 +125,14 @@ class Maintenance:
             await self.sessions.release_orphans(namespace)
             await settling.settle_all(self.kv, namespace, self.max_txn_ops)  # interrupted ones
             await asyncio.sleep(self.reconcile_every)
+
+    async def _stuck(self, namespace: str) -> None:
+        """Fail runs made stuck behind their Txns' back (a step's own Txn fails the others)."""
+        while True:
+            failed = await stuck.fail_stuck(self.kv, namespace, now_ms(), self.max_txn_ops)
+            if failed:
+                log.warning("reconcile failed %d stuck runs of %r", failed, namespace)
+            await asyncio.sleep(self.stuck_every)
 
     async def _timers(self, namespace: str) -> None:
         keys = Keys(namespace)

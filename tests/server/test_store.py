@@ -13,11 +13,11 @@ from typing import Annotated, Any
 
 import pytest
 from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.store import Store, fanout, queue, retention, settling, timers
+from floxide_server.store import Store, fanout, queue, retention, settling, stuck, timers
 from floxide_server.store.claims import Claim
 from floxide_server.store.completion import Sticky
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Put, Txn
+from floxide_server.store.kv import KV, Delete, Put, Txn
 from floxide_server.store.payloads import Limits
 from floxide_server.store.workflows import WorkflowStore
 
@@ -1047,3 +1047,77 @@ async def test_settling_a_crash_interrupted_is_finished_by_any_replica(stores: S
     metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
     assert in_flight(metrics) == 0 and metrics.cancelled == 1
     assert await stores.kv.get(stores.keys.settle(run.run_id)) is None
+
+
+HOLD = Transition(hold=Transition.Hold())
+
+
+@node
+def merge(x: int) -> int:  # holds in the tests: a merge that waits outside any join
+    return x
+
+
+async def test_a_run_whose_branches_all_hold_outside_a_join_fails_as_stuck(
+    stores: Stores,
+) -> None:
+    await stores.register(Workflow("held", start=split).edge(split, merge))
+    run = await stores.start("held", 2)
+    lease = await stores.session()
+    await stores.store.completions.complete(
+        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2)
+    )
+    first, second = await stores.claim_next(lease), await stores.claim_next(lease)
+    await stores.store.completions.complete(stores.namespace, first.token, HOLD)
+    running = await stores.store.reads.get(stores.namespace, run.run_id)
+    assert running.status == records_pb2.RUN_STATUS_RUNNING  # the other branch is live
+    await stores.store.completions.complete(stores.namespace, second.token, HOLD)
+    failed = await stores.store.reads.get(stores.namespace, run.run_id)
+    assert failed.status == records_pb2.RUN_STATUS_FAILED
+    assert failed.error.kind == work_item_pb2.ERROR_KIND_STUCK
+    assert "branches ended without a successor at 'merge'" in failed.error.message
+    metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
+    assert in_flight(metrics) == 0 and metrics.completed == 3
+    with pytest.raises(FailedPrecondition, match="it failed as stuck"):
+        await stores.store.lifecycle.resume(stores.namespace, run.run_id)
+
+
+@node
+def other(x: int) -> int:  # holds too, at another node: the two Txns share no key
+    return x
+
+
+async def test_the_last_two_branches_ending_at_once_still_end_the_run(stores: Stores) -> None:
+    """Their Txns go to etcd together: they must not share one request (each would see the
+    other's marker, as every compare of a request reads the state before it)."""
+    await stores.register(Workflow("held", start=inc).edge(inc, [merge, other]))
+    runs = [await stores.start("held", n) for n in range(4)]
+    lease = await stores.session()
+    starts = [await stores.claim_next(lease) for _ in runs]
+    for start in starts:
+        await stores.store.completions.complete(stores.namespace, start.token, nxt(1))
+    branches = [await stores.claim_next(lease) for _ in range(8)]
+    await asyncio.gather(
+        *(stores.store.completions.complete(stores.namespace, b.token, HOLD) for b in branches)
+    )
+    for run in runs:
+        ended = await stores.store.reads.get(stores.namespace, run.run_id)
+        assert ended.error.kind == work_item_pb2.ERROR_KIND_STUCK
+        assert "at 'merge', 'other'" in ended.error.message
+
+
+async def test_a_run_made_stuck_behind_its_txns_back_is_failed_by_the_reconciler(
+    stores: Stores,
+) -> None:
+    await stores.register(chain())
+    run = await stores.start("chain", 1)
+    live = await stores.start("chain", 2)
+    await stores.kv.txn(Txn([], [Delete(stores.keys.live(run.run_id), prefix=True)]))
+    assert await stuck.fail_stuck(stores.kv, stores.namespace, 0, 128) == 1
+    failed = await stores.store.reads.get(stores.namespace, run.run_id)
+    assert failed.status == records_pb2.RUN_STATUS_FAILED
+    assert failed.error.kind == work_item_pb2.ERROR_KIND_STUCK
+    metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
+    assert in_flight(metrics) == 0 and metrics.cancelled == 1  # its queued item, settled
+    still = await stores.store.reads.get(stores.namespace, live.run_id)
+    assert still.status == records_pb2.RUN_STATUS_RUNNING
+    assert await stuck.fail_stuck(stores.kv, stores.namespace, 0, 128) == 0

@@ -39,7 +39,7 @@ from floxide_server.store.kv import (
     TxnResult,
 )
 from floxide_server.store.payloads import Limits
-from floxide_server.store.queue import new_items
+from floxide_server.store.queue import live, new_items
 from floxide_server.store.reads import read_state
 from floxide_server.store.records import (
     FINISHED,
@@ -269,6 +269,7 @@ class Claims:
     ) -> Handover:
         """A successor claimed in its predecessor's completing Txn (never queued)."""
         handover = Handover.of(keys, lease, records_pb2.WorkItemState(item=item), now_ms())
+        handover.requests.insert(0, live(keys, item))  # a new item, never queued
         handover.run = KeyValue(b"", snapshot.run, 0, snapshot.run_revision, 0)
         handover.depth = snapshot.depth + 1
         return handover

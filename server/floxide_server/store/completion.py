@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.errors import AlreadyExists, ClaimLost, NotFound, Unavailable
-from floxide_server.store import fanout, planning, settling
+from floxide_server.store import fanout, planning, settling, stuck
 from floxide_server.store.claims import (
     ATTEMPTS_ON_CONFLICT,
     Claim,
@@ -32,7 +32,7 @@ from floxide_server.store.claims import (
     Snapshot,
 )
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Request, Txn
+from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Request, Txn, TxnResult
 from floxide_server.store.payloads import Limits
 from floxide_server.store.queue import new_items
 from floxide_server.store.reads import read_state
@@ -201,25 +201,17 @@ class Completions:
             Compare.modified_at(keys.run_info(claim.run_id), snapshot.run_revision),
             *plan.guards,
         ]
-        successor = None
-        handover: Handover | None = None
+        successor, handover = None, None
         # Nothing more for a run this Txn ends: and a nested claim's compares would read the
         # run as it was before it (etcd evaluates every compare of a Txn first).
-        if sticky is not None and not plan.ends_run and run.status == RUNNING:
+        # A branch that ends takes nothing either: it may be the run's last.
+        if sticky is not None and not (plan.ends_run or plan.ends_branch) and run.status == RUNNING:
             successor = next((i for i in plan.new_items if sticky.serves(i)), None)
             if successor is not None:  # claimed here, never queued
                 guards.append(Compare.value_is(keys.status(claim.run_id), status_name(RUNNING)))
                 handover = self.claims.successor(keys, sticky.lease, successor, snapshot)
             else:
-                if not taken and (sibling := sticky.take()) is not None:
-                    taken.append(sibling)
-                    if (sibling[0].run_id, sibling[0].item_id) == (claim.run_id, claim.item_id):
-                        taken.clear()  # a stale entry of this very item: nothing to claim
-                if taken:
-                    sibling_item, revision = taken[0]
-                    handover = self.claims.queued(
-                        keys, sticky.lease, fresh_state(sibling_item), revision
-                    )
+                handover = self._sibling(keys, claim, sticky, taken)
         writes: list[Request] = [
             Delete(claim_key),
             *plan.writes,
@@ -227,6 +219,9 @@ class Completions:
         ]
         if handover is not None:
             writes.extend(handover.in_txn)
+        if plan.ends_branch:  # fails the run in the same Txn if no other item is live
+            nodes = await stuck.ended_at(self.kv, keys, claim.run_id)
+            writes.append(planning.stuck(basis, nodes))
         txn = Txn(guards, writes)
         result = await self.kv.txn(txn)
         self.groups.remember(plan.groups, result.revision if result.succeeded else 0)
@@ -235,13 +230,32 @@ class Completions:
             return None, False
         for run_id, item_id in plan.expansions:
             await fanout.expand(self.kv, namespace, run_id, item_id)
-        if plan.settle:
+        if plan.settle or plan.ends_branch:  # (settling a run that did not end reads a key)
             await settling.settle(self.kv, keys, claim.run_id, self.limits.max_txn_ops)
+        failed = txn.named(result).get(stuck.STUCK)
+        if isinstance(failed, TxnResult) and failed.succeeded:
+            await stuck.name_all(self.kv, keys, claim.run_id, result.revision)
         completion = Completion(plan.code, plan.message)
         if handover is None:
             return completion, False
         next_claim = await self.claims.handed_over(keys, handover, txn, result)
         return dataclasses.replace(completion, claim=next_claim), handover.nested is not None
+
+    def _sibling(
+        self, keys: Keys, claim: ClaimToken, sticky: Sticky, taken: list[Queued]
+    ) -> Handover | None:
+        """A fresh queued item for the session to claim in a nested Txn, if there is one.
+
+        Taken from ``sticky`` at most once, and kept in ``taken`` across attempts.
+        """
+        if not taken and (sibling := sticky.take()) is not None:
+            taken.append(sibling)
+            if (sibling[0].run_id, sibling[0].item_id) == (claim.run_id, claim.item_id):
+                taken.clear()  # a stale entry of this very item: nothing to claim
+        if not taken:
+            return None
+        sibling_item, revision = taken[0]
+        return self.claims.queued(keys, sticky.lease, fresh_state(sibling_item), revision)
 
     async def _claimed(self, keys: Keys, claim: ClaimToken) -> Snapshot:
         """Read what a completion starts from (one round trip), if the claim still stands."""

@@ -221,4 +221,9 @@ async def expand(kv: KV, namespace: str, run_id: str, item_id: str) -> None:
             )
         )
     kept = Compare(keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, failed)
-    await kv.txn(Txn([Compare.modified_at(key, found.mod_revision), kept], [Delete(key)]))
+    await kv.txn(  # and the expanding item is done: its items are live in its place
+        Txn(
+            [Compare.modified_at(key, found.mod_revision), kept],
+            [Delete(key), Delete(keys.live(run_id, item_id))],
+        )
+    )

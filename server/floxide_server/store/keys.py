@@ -29,6 +29,8 @@ floxide.storage.v1 (``proto/floxide/storage/v1``), which only the storage format
 | ``run/{run}/group/{group}`` | JoinGroup | a fan-out group and the indexes arrived |
 | ``run/{run}/group/{group}/out/{index}`` | GroupArrival | one branch's output, not copied |
 | ``run/{run}/err/{item}/{attempt}`` | ErrorRecord | every failed attempt |
+| ``run/{run}/live/{item}`` | empty | an item not done, or its fan-out not expanded: none, stuck |
+| ``run/{run}/ended/{node}`` | empty | a node that ended a branch with no successor: says why |
 | ``queue/{run}/{item}`` | WorkItem (no input) | ready to dispatch; deleted by the claim |
 | ``expand/{run}/{item}`` | ExpansionRecord | a fan-out wider than one Txn, expanding |
 | ``settle/{run}`` | status name | a finished run whose leftovers are being settled |
@@ -126,6 +128,14 @@ class Keys:
     def group_outputs(self, run_id: str, group_id: str) -> bytes:
         """Prefix of a group's arrivals, in index order."""
         return self.group(run_id, group_id) + b"/out/"
+
+    def live(self, run_id: str, item_id: str = "") -> bytes:
+        """An item still to be done (or the prefix of a run's)."""
+        return self.run(run_id) + b"live/" + _b(item_id)
+
+    def ended(self, run_id: str, node: str = "") -> bytes:
+        """A node that ended a branch without a successor (or the prefix of a run's)."""
+        return self.run(run_id) + b"ended/" + _b(node)
 
     def error(self, run_id: str, item_id: str = "", attempt: int | None = None) -> bytes:
         """A failed attempt (or a prefix: a run's errors, or an item's)."""

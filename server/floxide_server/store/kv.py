@@ -83,17 +83,27 @@ class Op(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Compare:
-    """One guard of a transaction. A missing key has version, create and mod revision 0."""
+    """One guard of a transaction. A missing key has version, create and mod revision 0.
+
+    With ``range_end``, it holds for every key in ``[key, range_end)`` (etcd's range compare);
+    an empty range compares as one missing key (so "version == 0" says the range is empty).
+    """
 
     key: bytes
     target: Target
     op: Op
     value: int | bytes
+    range_end: bytes = b""
 
     @classmethod
     def missing(cls, key: bytes) -> Compare:
         """The key does not exist."""
         return cls(key, Target.VERSION, Op.EQUAL, 0)
+
+    @classmethod
+    def none_in(cls, start: bytes, end: bytes) -> Compare:
+        """No key exists in ``[start, end)``."""
+        return cls(start, Target.VERSION, Op.EQUAL, 0, end)
 
     @classmethod
     def exists(cls, key: bytes) -> Compare:
@@ -354,7 +364,7 @@ class MemoryKV:
                     self._check_txn(request, seen)
 
     def _run(self, txn: Txn, revision: int, events: list[Event]) -> TxnResult:
-        succeeded = all(c.holds(self._data.get(c.key)) for c in txn.compares)
+        succeeded = all(self._holds(c) for c in txn.compares)
         responses: list[object] = []
         for request in txn.success if succeeded else txn.failure:
             if isinstance(request, Put):
@@ -369,6 +379,14 @@ class MemoryKV:
             else:
                 responses.append(self._run(request, revision, events))
         return TxnResult(succeeded, revision, responses)
+
+    def _holds(self, compare: Compare) -> bool:
+        if not compare.range_end:
+            return compare.holds(self._data.get(compare.key))
+        low = bisect.bisect_left(self._keys, compare.key)
+        high = bisect.bisect_left(self._keys, compare.range_end)
+        found = [self._data[k] for k in self._keys[low:high]]
+        return all(compare.holds(kv) for kv in found) if found else compare.holds(None)
 
     def _put(self, request: Put, revision: int, events: list[Event]) -> None:
         if request.lease and request.lease not in self._leases:

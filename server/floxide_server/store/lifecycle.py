@@ -29,7 +29,7 @@ from floxide_grpc.routing import derive_id, start_item
 from floxide_server.store import fanout, payloads, settling
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn
-from floxide_server.store.queue import new_items, queue_entry
+from floxide_server.store.queue import live, new_items, queue_entry
 from floxide_server.store.reads import RunReads
 from floxide_server.store.records import (
     FINISHED,
@@ -270,11 +270,16 @@ class RunLifecycle:
 
         Raises:
             NotFound: no such run.
-            FailedPrecondition: the run is running, completed or cancelled.
+            FailedPrecondition: the run is running, completed or cancelled, or failed as stuck.
         """
         keys = Keys(namespace)
         found = await self.reads.get(namespace, run_id)
         failed = found.status == records_pb2.RUN_STATUS_FAILED
+        if failed and found.error.kind == work_item_pb2.ERROR_KIND_STUCK:
+            raise FailedPrecondition(
+                f"cannot resume run {run_id!r}: it failed as stuck ({found.error.message}), "
+                "so nothing is left to run again; start a new run"
+            )
         if failed:
             await self._requeue(keys, found)
         run = await self._set_status(
@@ -387,4 +392,9 @@ def _requeued(keys: Keys, found: KeyValue) -> list[Request]:
     for field in ("retry_at", "session_id", "worker_id"):
         state.ClearField(field)
     stamp(state, "updated_at", now_ms())
-    return [*writes, Put(found.key, state.SerializeToString()), queue_entry(keys, state.item)]
+    return [
+        *writes,
+        Put(found.key, state.SerializeToString()),
+        queue_entry(keys, state.item),
+        live(keys, state.item),
+    ]

@@ -35,12 +35,23 @@ from floxide_grpc.routing import Step, route, route_failure
 from floxide_grpc.transition import ErrorKind
 from floxide_server.store import contexts, fanout, payloads, settling, timers
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import Compare, Delete, KeyValue, Put, Request
+from floxide_server.store.kv import Compare, Delete, KeyValue, Put, Request, Txn
 from floxide_server.store.queue import queue_entry
-from floxide_server.store.records import stamp, status_name
+from floxide_server.store.records import stamp
+from floxide_server.store.stuck import STUCK
+from floxide_server.store.stuck import error as stuck_error
+from floxide_server.store.stuck import last_live as stuck_guards
 from floxide_server.store.workflows import Definition
 
-__all__ = ["LOST_ATTEMPTS", "TXN_HEADROOM", "Basis", "Plan", "plan_lost", "plan_result"]
+__all__ = [
+    "LOST_ATTEMPTS",
+    "TXN_HEADROOM",
+    "Basis",
+    "Plan",
+    "plan_lost",
+    "plan_result",
+    "stuck",
+]
 
 LOST_ATTEMPTS = 3
 """Attempts an item may lose with its worker before it fails, when its policy allows fewer."""
@@ -84,6 +95,8 @@ class Plan:
         ends_run: The status the Txn ends the run with (0: the run goes on).
         settle: The run ended: its other items are settled after the Txn (``settling``).
         retry_in_ms: A retry timer is armed, due this long after ``now_ms``.
+        ends_branch: The node whose item ended its branch with no successor: the step's Txn
+            then nests :func:`stuck`, which fails the run if nothing else is live.
         expansions: Expansion records written, as (run, item), to expand after the Txn.
         groups: Group records written (``None``: the group is complete).
         needs: Group records to read first: the plan is incomplete, plan again with them.
@@ -97,6 +110,7 @@ class Plan:
     ends_run: int = 0
     settle: bool = False
     retry_in_ms: int | None = None
+    ends_branch: str = ""
     expansions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     groups: dict[bytes, bytes | None] = dataclasses.field(default_factory=dict)
     needs: tuple[bytes, ...] = ()
@@ -132,6 +146,10 @@ def plan_result(
             contexts.record_operations(keys, item.run_id, item.item_id, operations, attempt)
         )
     _plan_step(basis, run, item, step, plan)
+    if not (step.items or step.arrivals or step.output is not None):
+        # The branch ends here with no successor: if no other item is live, the run is stuck.
+        plan.ends_branch = item.node
+        plan.writes.append(Put(keys.ended(item.run_id, item.node), b""))
     return plan
 
 
@@ -197,13 +215,15 @@ def _plan_step(
     new_items = [*step.items, *arrivals.joins]
     for new in new_items:
         stamp(new, "created_at", basis.now_ms)
-    if 2 * len(new_items) > basis.limits.max_txn_ops - TXN_HEADROOM:
+    if 3 * len(new_items) > basis.limits.max_txn_ops - TXN_HEADROOM:
         # Too wide for one Txn (etcd's --max-txn-ops): a durable expansion record now, the
         # items in bounded Txns right after; a crash in between loses nothing (reconcile).
+        # The item stays live until they are made.
         plan.writes.append(fanout.expansion(keys, run.run_id, item.item_id, new_items))
         plan.expansions.append((run.run_id, item.item_id))
     else:
         plan.new_items.extend(new_items)
+        plan.writes.append(Delete(keys.live(run.run_id, item.item_id)))  # done: others live
     if step.output is not None:
         run.output.CopyFrom(step.output)
         _end_run(basis, run, records_pb2.RUN_STATUS_COMPLETED, plan)
@@ -266,22 +286,33 @@ def _plan_failure(
     if fallback is not None:
         _plan_step(basis, run, item, fallback, plan)
         return
-    run.error.CopyFrom(error)
-    _end_run(basis, run, records_pb2.RUN_STATUS_FAILED, plan)
+    _end_run(basis, run, records_pb2.RUN_STATUS_FAILED, plan, error)
 
 
-def _end_run(basis: Basis, run: records_pb2.RunRecord, status: int, plan: Plan) -> None:
-    """End the run in the step's Txn: its record, its status key, its queue emptied.
-
-    And the marker that has its other items settled right after (``settling``).
-    """
-    keys = basis.keys
-    run.status = status  # type: ignore[assignment]
-    stamp(run, "finished_at", basis.now_ms)
-    stamp(run, "updated_at", basis.now_ms)
-    plan.writes.append(Put(keys.run_info(run.run_id), run.SerializeToString()))
-    plan.writes.append(Put(keys.status(run.run_id), status_name(status)))
-    plan.writes.append(Delete(keys.queue(run.run_id, ""), prefix=True))
-    plan.writes.append(settling.settled(keys, run.run_id, status_name(status)))
+def _end_run(
+    basis: Basis,
+    run: records_pb2.RunRecord,
+    status: int,
+    plan: Plan,
+    error: work_item_pb2.NodeError | None = None,
+) -> None:
+    """End the run in the step's Txn, and have its other items settled right after."""
+    plan.writes.extend(settling.ending(basis.keys, run, status, basis.now_ms, error))
     plan.ends_run = status
     plan.settle = True
+
+
+def stuck(basis: Basis, nodes: Sequence[str]) -> Txn:
+    """The Txn nested in a branch-ending step's: it fails the run if no other item is live.
+
+    ``nodes`` are those that ended branches before (``ended/``); the item's node is added.
+    """
+    run = records_pb2.RunRecord.FromString(basis.run)
+    item = records_pb2.WorkItemState.FromString(basis.state).item
+    failed = records_pb2.RUN_STATUS_FAILED
+    why = stuck_error([*nodes, item.node])
+    return Txn(
+        stuck_guards(basis.keys, item.run_id, item.item_id),
+        settling.ending(basis.keys, run, failed, basis.now_ms, why),
+        name=STUCK,
+    )

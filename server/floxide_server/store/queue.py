@@ -15,7 +15,7 @@ from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Put, Request
 from floxide_server.store.records import fresh_state
 
-__all__ = ["QUEUED_INPUT_BYTES", "entry", "new_items", "queue_entry", "ready"]
+__all__ = ["QUEUED_INPUT_BYTES", "entry", "live", "new_items", "queue_entry", "ready"]
 
 QUEUED_INPUT_BYTES = 1024
 """Inputs up to this size ride in fresh items' queue entries (held in dispatch's memory)."""
@@ -36,14 +36,20 @@ def queue_entry(keys: Keys, item: work_item_pb2.WorkItem, *, fresh: bool = False
 
 
 def new_items(keys: Keys, items: Sequence[work_item_pb2.WorkItem]) -> list[Request]:
-    """Writes that create pending items and their queue entries."""
+    """Writes that create pending items, their queue entries and their live markers."""
     writes: list[Request] = []
     for item in items:
         writes.append(
             Put(keys.item(item.run_id, item.item_id), fresh_state(item).SerializeToString())
         )
         writes.append(queue_entry(keys, item, fresh=True))
+        writes.append(live(keys, item))
     return writes
+
+
+def live(keys: Keys, item: work_item_pb2.WorkItem) -> Put:
+    """The marker of an item not done yet: a run with none left and no output is stuck."""
+    return Put(keys.live(item.run_id, item.item_id), b"")
 
 
 async def ready(kv: KV, namespace: str, limit: int = 0) -> list[work_item_pb2.WorkItem]:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn
-from floxide_server.store.records import now_ms, stamp
+from floxide_server.store.records import now_ms, stamp, status_name
 
-__all__ = ["IN_FLIGHT", "holds", "settle", "settle_all", "settled"]
+__all__ = ["IN_FLIGHT", "ending", "holds", "settle", "settle_all", "settled"]
 
 IN_FLIGHT = (
     records_pb2.ITEM_STATUS_PENDING,
@@ -43,6 +43,31 @@ _OPS_PER_ITEM = 3
 def settled(keys: Keys, run_id: str, status: bytes) -> Put:
     """The write of a run's ending Txn that says its leftovers are to be settled."""
     return Put(keys.settle(run_id), status)
+
+
+def ending(
+    keys: Keys,
+    run: records_pb2.RunRecord,
+    status: int,
+    now: int,
+    error: work_item_pb2.NodeError | None = None,
+) -> list[Request]:
+    """The writes of a run's ending Txn (``run`` is updated to say so).
+
+    Its record and its status key, its queue emptied, and the marker that has its other items
+    settled right after.
+    """
+    run.status = status  # type: ignore[assignment]
+    if error is not None:
+        run.error.CopyFrom(error)
+    stamp(run, "finished_at", now)
+    stamp(run, "updated_at", now)
+    return [
+        Put(keys.run_info(run.run_id), run.SerializeToString()),
+        Put(keys.status(run.run_id), status_name(status)),
+        Delete(keys.queue(run.run_id, ""), prefix=True),
+        settled(keys, run.run_id, status_name(status)),
+    ]
 
 
 async def settle(kv: KV, keys: Keys, run_id: str, max_txn_ops: int) -> bool:

@@ -64,6 +64,10 @@ class _ErrorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorKind.V
     """The item's input did not validate against the node's input schema."""
     ERROR_KIND_INVALID_OUTPUT: _ErrorKind.ValueType  # 6
     """The node's output did not validate against its output schema (or was not valid JSON)."""
+    ERROR_KIND_STUCK: _ErrorKind.ValueType  # 7
+    """A run's error only: no item was left to run and no terminal node was reached (every branch
+    ended without a successor, a Hold outside any join say). Such a run cannot be resumed.
+    """
 
 class ErrorKind(_ErrorKind, metaclass=_ErrorKindEnumTypeWrapper):
     """The kind of an error, used to decide whether a failed attempt is retried."""
@@ -82,6 +86,10 @@ ERROR_KIND_INVALID_INPUT: ErrorKind.ValueType  # 5
 """The item's input did not validate against the node's input schema."""
 ERROR_KIND_INVALID_OUTPUT: ErrorKind.ValueType  # 6
 """The node's output did not validate against its output schema (or was not valid JSON)."""
+ERROR_KIND_STUCK: ErrorKind.ValueType  # 7
+"""A run's error only: no item was left to run and no terminal node was reached (every branch
+ended without a successor, a Hold outside any join say). Such a run cannot be resumed.
+"""
 Global___ErrorKind: _TypeAlias = ErrorKind  # noqa: Y015
 
 class _MergeStrategy:
