@@ -1121,3 +1121,24 @@ async def test_a_run_made_stuck_behind_its_txns_back_is_failed_by_the_reconciler
     still = await stores.store.reads.get(stores.namespace, live.run_id)
     assert still.status == records_pb2.RUN_STATUS_RUNNING
     assert await stuck.fail_stuck(stores.kv, stores.namespace, 0, 128) == 0
+
+
+async def test_an_item_lost_too_often_fails_its_run_and_the_rest_is_settled(
+    stores: Stores,
+) -> None:
+    await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
+    run = await stores.start("fan", 2)
+    await stores.store.completions.complete(
+        stores.namespace, (await stores.claim_next(await stores.session())).token, fan(1, 2)
+    )
+    for _ in range(3):  # the same item, claimed and lost with its worker three times
+        lease = await stores.session()
+        lost = await stores.claim_next(lease)
+        assert await stores.store.claims.release(
+            stores.namespace, lease, run.run_id, lost.item.item_id
+        )
+    failed = await stores.store.reads.get(stores.namespace, run.run_id)
+    assert failed.status == records_pb2.RUN_STATUS_FAILED
+    assert failed.error.kind == work_item_pb2.ERROR_KIND_WORKER_LOST
+    metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
+    assert in_flight(metrics) == 0 and metrics.cancelled == 1

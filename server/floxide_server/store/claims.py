@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
 from floxide_grpc.errors import InvalidArgument
 from floxide_grpc.routing import join_input
-from floxide_server.store import contexts, fanout, planning
+from floxide_server.store import contexts, fanout, planning, settling
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import (
     KV,
@@ -388,6 +388,8 @@ class Claims:
             if result.succeeded:
                 for expanded_run, expanded_item in planned.expansions:
                     await fanout.expand(self.kv, namespace, expanded_run, expanded_item)
+                if planned.settle:  # the lost item failed its run: the rest is settled
+                    await settling.settle(self.kv, keys, run_id, self.limits.max_txn_ops)
                 return True
         return False
 
