@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from floxide_server.election import Election, NotLeading
+from floxide_server.election import MAINTENANCE, Election, NotLeading
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.store.keys import election
 from floxide_server.store.kv import KV, MemoryKV, Put, Txn
 
-from tests.helpers import TcpProxy, eventually
+from tests.helpers import TcpProxy, eventually, start_server, stop_all
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -274,3 +276,35 @@ async def test_a_duty_that_ends_or_fails_ends_lead_and_guard_fences_writes(
     assert not (await kv.txn(fenced)).succeeded  # a write fenced by a past leadership fails
     await candidates.stop_all()
     await kv.close()
+
+
+async def test_when_the_leading_server_process_is_killed_another_leads(
+    own_etcd: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    args = ("--etcd", own_etcd.endpoint, "--lease-ttl", "2", "--heartbeat", "0.5")
+    processes = {}
+    observer_kv = EtcdKV([own_etcd.endpoint])
+    observer = Election(observer_kv, MAINTENANCE, "observer", TTL)
+    try:
+        for identity in ("a", "b"):
+            processes[identity], _ = start_server(
+                *args, "--server-id", identity, ready_file=str(tmp_path / identity)
+            )
+        leader = await eventually(observer.leader, within=WITHIN)
+        assert leader in processes
+        follower = "b" if leader == "a" else "a"
+        processes[leader].send_signal(signal.SIGKILL)
+
+        async def follower_leads() -> bool:
+            return await observer.leader() == follower
+
+        await eventually(follower_leads, within=WITHIN)
+
+        async def logged() -> bool:
+            log = (tmp_path / f"{follower}.log").read_text()
+            return f"leading {MAINTENANCE} as {follower}" in log
+
+        await eventually(logged, within=WITHIN)
+    finally:
+        stop_all(processes.values())
+        await observer_kv.close()
