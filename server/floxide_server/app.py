@@ -5,9 +5,9 @@ interceptor, message size limits, keepalive, gRPC health (NOT_SERVING until etcd
 whenever it stops answering) and server reflection. It holds no state of its own: etcd is the
 only state, so any number of replicas may serve one cluster.
 
-Its server-wide parts (the shared watches, dispatch, maintenance, the health check) run in one
-task group (:meth:`Server.run`): if one fails, the server stops and :meth:`Server.wait` and
-:meth:`Server.stop` raise why, so that ``floxide-server`` exits non-zero for its supervisor to
+Its server-wide parts (the shared watches, dispatch, maintenance, the election, the health check)
+run in one task group (:meth:`Server.run`): if one fails, the server stops and :meth:`Server.wait`
+and :meth:`Server.stop` raise why, so that ``floxide-server`` exits non-zero for its supervisor to
 restart it, instead of serving on with a dead loop.
 """
 
@@ -33,6 +33,7 @@ from floxide_grpc._proto.floxide.v1 import (
     worker_service_pb2,
 )
 from floxide_server.dispatch import Dispatcher
+from floxide_server.election import MAINTENANCE, Election
 from floxide_server.errors import ErrorInterceptor
 from floxide_server.maintenance import Maintenance
 from floxide_server.orchestrator import OrchestratorService
@@ -74,6 +75,8 @@ class ServerConfig:
         retention: How long finished runs are kept.
         reconcile_interval: How often running runs are checked for being stuck.
         namespace_retention: Retention periods of particular namespaces.
+        election_ttl: The elected replica's lease TTL (a dead one is followed within it);
+            the sessions' lease TTL by default.
     """
 
     host: str = "127.0.0.1"
@@ -87,6 +90,7 @@ class ServerConfig:
     retention: timedelta = timedelta(days=7)
     reconcile_interval: timedelta = timedelta(seconds=30)
     namespace_retention: Mapping[str, timedelta] = dataclasses.field(default_factory=dict)
+    election_ttl: timedelta | None = None
 
 
 class Server:
@@ -124,6 +128,12 @@ class Server:
             {ns: period.total_seconds() for ns, period in self.config.namespace_retention.items()},
             self.config.limits.max_txn_ops,
             self.config.reconcile_interval.total_seconds(),
+        )
+        self.election = Election(
+            kv,
+            MAINTENANCE,
+            self.config.server_id,
+            self.config.election_ttl or self.config.sessions.lease_ttl,
         )
         self.stopping = asyncio.Event()
         self.port = 0
@@ -190,7 +200,12 @@ class Server:
             async with asyncio.TaskGroup() as tasks:
                 parts = [
                     (await started(tasks, part))[1]
-                    for part in (self.watches.run, self.dispatcher.run, self.maintenance.run)
+                    for part in (
+                        self.watches.run,
+                        self.dispatcher.run,
+                        self.maintenance.run,
+                        self.election.run,
+                    )
                 ]
                 await self._check_health()
                 parts.append(tasks.create_task(self._watch_health()))

@@ -1,11 +1,12 @@
 """Every key the server writes, in one place.
 
-Two keys are the whole cluster's, under ``/floxide/v1/``:
+These keys are the whole cluster's, under ``/floxide/v1/``:
 
 | key | value | why |
 |---|---|---|
 | ``storage-format`` | decimal number | the layout of every key and value here (store.format) |
 | ``namespaces/{namespace}`` | empty | the namespaces that registered a workflow, to tend |
+| ``election/{name}/{lease}`` | server id | a candidate, on its lease; the first created leads |
 
 Everything else lives under ``/floxide/v1/ns/{namespace}/``. What belongs to one run lives under
 its own prefix (``run/{run}/``), so retention removes it with one range delete; the run's record
@@ -44,17 +45,25 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["NAMESPACES", "ROOT", "STORAGE_FORMAT_KEY", "Keys"]
+__all__ = ["ELECTIONS", "NAMESPACES", "ROOT", "STORAGE_FORMAT_KEY", "Keys", "election"]
 
 ROOT = b"/floxide/v1/ns/"
 NAMESPACES = b"/floxide/v1/namespaces/"
 """One key per namespace that has registered a workflow: the replicas' list of what to tend."""
 STORAGE_FORMAT_KEY = b"/floxide/v1/storage-format"
 """The storage-format version of everything under ``/floxide/v1/`` (see store.format)."""
+ELECTIONS = b"/floxide/v1/election/"
+"""Leader elections among replicas (see :mod:`floxide_server.election`)."""
 
 
 def _b(text: str) -> bytes:
     return text.encode()
+
+
+def election(name: str, lease: int | None = None) -> bytes:
+    """A candidate's key in the election ``name`` (or, without ``lease``, the prefix of all)."""
+    key = ELECTIONS + _b(name) + b"/"
+    return key if lease is None else key + _b(f"{lease:016x}")
 
 
 class Keys:
