@@ -119,6 +119,12 @@ class Server:
             self.config.sessions,
             self.config.server_id,
         )
+        self.election = Election(
+            kv,
+            MAINTENANCE,
+            self.config.server_id,
+            self.config.election_ttl or self.config.sessions.lease_ttl,
+        )
         self.maintenance = Maintenance(
             kv,
             self.sessions,
@@ -128,12 +134,7 @@ class Server:
             {ns: period.total_seconds() for ns, period in self.config.namespace_retention.items()},
             self.config.limits.max_txn_ops,
             self.config.reconcile_interval.total_seconds(),
-        )
-        self.election = Election(
-            kv,
-            MAINTENANCE,
-            self.config.server_id,
-            self.config.election_ttl or self.config.sessions.lease_ttl,
+            self.election,
         )
         self.stopping = asyncio.Event()
         self.port = 0

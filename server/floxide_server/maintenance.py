@@ -5,8 +5,9 @@
 - **Reconcile**: at start-up and then every lease TTL, claims whose session no longer exists
   (they expired while no replica ran) are released the same way, and wide fan-outs whose
   expansion a crash interrupted are finished, and so is the settling of finished runs.
-- **Stuck runs**: every ``--reconcile-interval`` (30 s), running runs with no live item are
-  failed as STUCK (:mod:`floxide_server.store.stuck`): those the step's own Txn could not end.
+- **Stuck runs**: on the elected replica, every ``--reconcile-interval`` (30 s), running runs
+  with no live item are failed as STUCK (:mod:`floxide_server.store.stuck`): those the step's
+  own Txn could not end.
 - **Retention**: runs finished longer ago than the retention period are removed in bounded
   batches (:mod:`floxide_server.store.retention`).
 - **Retry timers**: due timers are fired (:mod:`floxide_server.store.timers`), woken by the
@@ -19,6 +20,7 @@ reason than the store not answering ends ``run()``, and with it the server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -26,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from floxide_server.election import Election
 from floxide_server.sessions import Sessions
 from floxide_server.store import fanout, settling, stuck, timers
 from floxide_server.store.keys import NAMESPACES, Keys
@@ -55,8 +58,10 @@ class Maintenance:
         retention_by_namespace: Mapping[str, float] | None = None,
         max_txn_ops: int = MAX_TXN_OPS,
         stuck_every: float = 30.0,
+        election: Election | None = None,
     ) -> None:
         self.kv = kv
+        self.election = election
         self.max_txn_ops = max_txn_ops
         self.stuck_every = stuck_every
         self.sessions = sessions
@@ -127,7 +132,17 @@ class Maintenance:
             await asyncio.sleep(self.reconcile_every)
 
     async def _stuck(self, namespace: str) -> None:
-        """Fail runs made stuck behind their Txns' back (a step's own Txn fails the others)."""
+        """Fail runs made stuck behind their Txns' back (a step's own Txn fails the others).
+
+        On the elected replica only (any replica, with no election): each run's Txn is
+        guarded by the run's own state, so two replicas at once would do no harm, only work.
+        """
+        if self.election is not None:
+            await self.election.lead(functools.partial(self._fail_stuck, namespace))
+        else:
+            await self._fail_stuck(namespace)
+
+    async def _fail_stuck(self, namespace: str) -> None:
         while True:
             failed = await stuck.fail_stuck(self.kv, namespace, now_ms(), self.max_txn_ops)
             if failed:

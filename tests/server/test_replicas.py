@@ -13,6 +13,8 @@ from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.sessions import SessionConfig
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import Delete, Txn
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Backoff, NextAll, NodeContext, RetryPolicy, Workflow, node
@@ -60,13 +62,18 @@ Factory = Callable[..., Server]
 async def servers(etcd: EmbeddedEtcd) -> AsyncIterator[Factory]:
     made: list[tuple[Server, EtcdKV]] = []
 
-    def make(port: int = 0, retention: dict[str, timedelta] | None = None) -> Server:
+    def make(
+        port: int = 0,
+        retention: dict[str, timedelta] | None = None,
+        reconcile: timedelta = timedelta(seconds=30),
+    ) -> Server:
         kv = EtcdKV([etcd.endpoint])
         config = ServerConfig(
             port=port,
             sessions=FAST,
             grace=timedelta(seconds=1),
             namespace_retention=retention or {},
+            reconcile_interval=reconcile,
         )
         server = Server(kv, config)
         made.append((server, kv))
@@ -216,3 +223,27 @@ async def test_a_worker_started_before_its_server_waits_for_it(
         assert await client.run("replicated", 2, timeout=30) == 9
     await worker.shutdown()
     await running
+
+
+async def test_the_elected_replica_fails_a_run_made_stuck_behind_its_back(
+    servers: Factory,
+) -> None:
+    """No step's Txn can see that this run has nothing left: its live markers are deleted by
+    hand. The reconciler of whichever replica leads finds it within its interval."""
+    first, second = servers(reconcile=timedelta(seconds=1)), servers(reconcile=timedelta(seconds=1))
+    await first.start()
+    await second.start()
+    namespace = f"ns-{uuid.uuid4().hex[:8]}"
+    async with OrchestratorClient(f"127.0.0.1:{first.port}", namespace=namespace) as client:
+        await client.register_workflow(CHAIN)
+        run, _ = await client.start_run("replicated", 1)
+        keys = Keys(namespace)
+        await first.kv.txn(Txn([], [Delete(keys.live(run.run_id), prefix=True)]))
+
+        async def stuck() -> bool:
+            record = await client.get_run(run.run_id)
+            return record.status is RunStatus.FAILED and "no item is left" in (record.error or "")
+
+        await eventually(stuck, within=20)
+        leaders = [s for s in (first, second) if s.election.leading]
+        assert len(leaders) == 1  # one replica leads, and so reconciles
