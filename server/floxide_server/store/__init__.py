@@ -10,13 +10,15 @@ One module per role; :class:`Store` wires them on one KV:
 | ``records`` | run and item records: statuses, stamps, fresh states, run ids |
 | ``workflows`` | registered definitions by hash, the current one of each name |
 | ``reads`` | runs, items, errors, metrics and contexts as they stand |
-| ``lifecycle`` | start, cancel, pause, resume, enqueue; settling a finished run's leftovers |
+| ``lifecycle`` | start, cancel, pause, resume (a failed run whole), enqueue |
 | ``queue`` | how an item becomes ready, and what is ready |
 | ``claims`` | claim tokens, claiming for a session, releasing lost claims |
 | ``completion`` | a result applied once in one fenced Txn (sticky chains) |
 | ``planning`` | pure: from a snapshot and a result to the Txn and what the step decides |
 | ``fanout`` | groups, arrivals and joins; wide fan-outs expanded |
 | ``timers`` | retry timers, armed and fired |
+| ``settling`` | a finished run's other items settled: nothing left in flight |
+| ``stuck`` | a run with nothing left to run fails as STUCK |
 | ``contexts`` | context operations stored and folded |
 | ``retention`` | finished runs removed after their period |
 | ``payloads`` | limits, JSON parsing and schema checks, pages |
