@@ -51,12 +51,15 @@ class TcpProxy:
     """A loopback TCP proxy in the test's event loop that can swallow replies or cut links.
 
     With ``blackhole`` set, bytes from the client still reach the server but the server's
-    replies are dropped: a request is applied and its reply is lost.
+    replies are dropped: a request is applied and its reply is lost. With ``latency`` set
+    (seconds), each reply reaches the client that much later (in order, none held up by
+    another): every round trip through the proxy is slowed, nothing is lost.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.blackhole = False
+        self.latency = 0.0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
@@ -75,20 +78,43 @@ class TcpProxy:
             return
         self._links.update({writer, up_writer})
         await asyncio.gather(
-            self._pipe(reader, up_writer, lambda: False),
-            self._pipe(up_reader, writer, lambda: self.blackhole),
+            self._pipe(reader, up_writer, lambda: False, lambda: 0.0),
+            self._pipe(up_reader, writer, lambda: self.blackhole, lambda: self.latency),
             return_exceptions=True,
         )
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, drop: Callable[[], bool]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        drop: Callable[[], bool],
+        delay: Callable[[], float],
     ) -> None:
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def send() -> None:  # in order, each chunk when it is due
+            while (entry := await pending.get()) is not None:
+                due, data = entry
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(send())
         try:
             while data := await reader.read(65536):
+                if sender.done():
+                    break
                 if not drop():
-                    writer.write(data)
-                    await writer.drain()
+                    pending.put_nowait((loop.time() + delay(), data))
+            pending.put_nowait(None)
+            await sender
         finally:
+            sender.cancel()
+            await asyncio.wait([sender])
+            if not sender.cancelled():
+                sender.exception()  # a link the other side closed: retrieved, not raised
             with contextlib.suppress(Exception):
                 writer.close()
 
