@@ -63,6 +63,7 @@ class TcpProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> TcpProxy:
         """Listen on a free loopback port."""
@@ -71,6 +72,10 @@ class TcpProxy:
         return self
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -126,10 +131,13 @@ class TcpProxy:
         self._links.clear()
 
     async def stop(self) -> None:
-        """Cut every link and stop listening."""
-        self.cut()
+        """Stop listening, cut every link, and wait for the links' tasks to end."""
         if self._server is not None:
             self._server.close()
+        self.cut()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        if self._server is not None:
             await self._server.wait_closed()
 
 
