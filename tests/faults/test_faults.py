@@ -9,119 +9,22 @@ attempt recorded.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.etcd import EtcdKV
-from floxide_server.store.keys import Keys
 
 from floxide_grpc._proto.floxide.v1 import records_pb2
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
-from tests.helpers import TcpProxy, eventually, free_port, start_server, stop_all, stop_server
+from tests.faults.harness import Faults
+from tests.helpers import TcpProxy, eventually, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 
 EXPECTED = 25  # prepare: 1 + 1, hold: * 10, finish: + 5
-WORKFLOWS = str(Path(__file__).parent / "workflows.py")
-
-
-@dataclass
-class Faults:
-    tmp: Path
-    etcd: EmbeddedEtcd
-    namespace: str = field(default_factory=lambda: f"faults-{uuid.uuid4().hex[:8]}")
-    port: int = field(default_factory=free_port)
-    server: subprocess.Popen[bytes] | None = None
-    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def gate(self) -> Path:
-        return self.tmp / "gate"
-
-    def start_server(self) -> None:
-        self.server, _ = start_server(
-            "--etcd", self.etcd.endpoint, "--lease-ttl", "2", "--heartbeat", "0.5",
-            ready_file=str(self.tmp / "ready"),
-        )  # fmt: skip
-        self.port = int(_.rsplit(":", 1)[1])
-
-    def restart_server(self) -> None:
-        self.server, _ = start_server(
-            "--etcd", self.etcd.endpoint, "--lease-ttl", "2", "--heartbeat", "0.5",
-            "--port", str(self.port), ready_file=str(self.tmp / "ready"),
-        )  # fmt: skip
-
-    def start_worker(self, name: str, target: str | None = None) -> subprocess.Popen[bytes]:
-        env = {
-            **os.environ,
-            "FLOXIDE_FAULT_LOG": str(self.tmp / "side.log"),
-            "FLOXIDE_FAULT_GATE": str(self.gate),
-        }
-        with (self.tmp / f"{name}.log").open("ab") as sink:
-            process = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "floxide-worker"), WORKFLOWS,
-                    "--server", target or self.target, "--namespace", self.namespace,
-                    "--slots", "1", "--worker-id", name, "--log-level", "info",
-                ],
-                env=env, stdout=sink, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self.workers[name] = process
-        return process
-
-    def log_of(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text()
-
-    def executions(self) -> list[tuple[str, int, int]]:
-        path = self.tmp / "side.log"
-        lines = path.read_text().split() if path.exists() else []
-        return [(lines[i], int(lines[i + 1]), int(lines[i + 2])) for i in range(0, len(lines), 3)]
-
-    async def started(self, attempt: int, pid: int | None = None) -> bool:
-        return any(
-            p.name.startswith(f"started-{attempt}-") and (pid is None or p.name.endswith(f"-{pid}"))
-            for p in self.gate.iterdir()
-        )
-
-    def release(self) -> None:
-        (self.gate / "release").write_text("")
-
-    async def connected(self, count: int) -> bool:
-        async with OrchestratorClient(self.target, namespace=self.namespace, retries=3) as client:
-            return len(await client.workers()) >= count
-
-    async def status_of(self, worker_id: str, status: str) -> bool:
-        async with OrchestratorClient(self.target, namespace=self.namespace, retries=3) as client:
-            return any(
-                w.worker_id == worker_id and w.status == status for w in await client.workers()
-            )
-
-    async def items(self, run_id: str) -> dict[str, records_pb2.WorkItemState]:
-        kv = EtcdKV([self.etcd.endpoint])
-        try:
-            found, _ = await kv.range(Keys(self.namespace).item(run_id))
-            ops, _ = await kv.range(Keys(self.namespace).context_ops(run_id))
-            states = [records_pb2.WorkItemState.FromString(k.value) for k in found]
-            assert len(ops) == len(states) == 3, "one item and one context operation per step"
-            return {s.item.node: s for s in states}
-        finally:
-            await kv.close()
-
-    def stop_all(self) -> None:
-        stop_all([*self.workers.values(), *([self.server] if self.server else [])])
 
 
 @pytest.fixture

@@ -51,15 +51,19 @@ class TcpProxy:
     """A loopback TCP proxy in the test's event loop that can swallow replies or cut links.
 
     With ``blackhole`` set, bytes from the client still reach the server but the server's
-    replies are dropped: a request is applied and its reply is lost.
+    replies are dropped: a request is applied and its reply is lost. With ``latency`` set
+    (seconds), each reply reaches the client that much later (in order, none held up by
+    another): every round trip through the proxy is slowed, nothing is lost.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.blackhole = False
+        self.latency = 0.0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> TcpProxy:
         """Listen on a free loopback port."""
@@ -68,6 +72,10 @@ class TcpProxy:
         return self
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -75,20 +83,43 @@ class TcpProxy:
             return
         self._links.update({writer, up_writer})
         await asyncio.gather(
-            self._pipe(reader, up_writer, lambda: False),
-            self._pipe(up_reader, writer, lambda: self.blackhole),
+            self._pipe(reader, up_writer, lambda: False, lambda: 0.0),
+            self._pipe(up_reader, writer, lambda: self.blackhole, lambda: self.latency),
             return_exceptions=True,
         )
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, drop: Callable[[], bool]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        drop: Callable[[], bool],
+        delay: Callable[[], float],
     ) -> None:
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def send() -> None:  # in order, each chunk when it is due
+            while (entry := await pending.get()) is not None:
+                due, data = entry
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(send())
         try:
             while data := await reader.read(65536):
+                if sender.done():
+                    break
                 if not drop():
-                    writer.write(data)
-                    await writer.drain()
+                    pending.put_nowait((loop.time() + delay(), data))
+            pending.put_nowait(None)
+            await sender
         finally:
+            sender.cancel()
+            await asyncio.wait([sender])
+            if not sender.cancelled():
+                sender.exception()  # a link the other side closed: retrieved, not raised
             with contextlib.suppress(Exception):
                 writer.close()
 
@@ -100,10 +131,13 @@ class TcpProxy:
         self._links.clear()
 
     async def stop(self) -> None:
-        """Cut every link and stop listening."""
-        self.cut()
+        """Stop listening, cut every link, and wait for the links' tasks to end."""
         if self._server is not None:
             self._server.close()
+        self.cut()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        if self._server is not None:
             await self._server.wait_closed()
 
 
