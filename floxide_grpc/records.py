@@ -93,6 +93,8 @@ class RunMetrics:
     in_progress: int
     waiting_retry: int
     worker_lost: int
+    cancelled: int = 0
+    """Items stopped because their run ended (0 in flight once a run is finished)."""
 
     @classmethod
     def from_proto(cls, metrics: records_pb2.RunMetrics) -> RunMetrics:

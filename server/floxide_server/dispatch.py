@@ -158,6 +158,7 @@ class Dispatcher:
                 event = changed.result()
                 if event is RESYNC:
                     await self._reread(namespace)
+                    await self._recheck_held(namespace)
                 elif not event.deleted:
                     record = records_pb2.RunRecord.FromString(event.kv.value)
                     if record.status == records_pb2.RUN_STATUS_RUNNING:
@@ -181,6 +182,25 @@ class Dispatcher:
         else:
             item = work_item_pb2.WorkItem.FromString(event.kv.value)
             ready.add(Queued(item, event.kv.mod_revision))
+
+    async def _recheck_held(self, namespace: str) -> None:
+        """After the runs' watch lost history: stop what workers hold of runs that ended."""
+        keys = Keys(namespace)
+        held = {
+            ClaimToken.parse(token).run_id
+            for session in self.sessions.live.values()
+            if session.namespace == namespace
+            for token in session.held
+        }
+        for run_id in held:
+            found = await self.claims.kv.get(keys.run_info(run_id))
+            status = (
+                records_pb2.RunRecord.FromString(found.value).status
+                if found is not None
+                else records_pb2.RUN_STATUS_COMPLETED  # removed: long over
+            )
+            if status in _CANCELS:
+                self._cancel_held(namespace, run_id, _CANCELS[status])
 
     def _cancel_held(self, namespace: str, run_id: str, reason: int) -> None:
         """Tell this replica's workers to stop the items they hold of a finished run."""

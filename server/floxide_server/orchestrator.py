@@ -23,7 +23,7 @@ from floxide_grpc._proto.floxide.v1 import (
 )
 from floxide_grpc.errors import Unavailable
 from floxide_server.sessions import Sessions
-from floxide_server.store import Store
+from floxide_server.store import Store, settling
 from floxide_server.store.keys import Keys
 from floxide_server.store.payloads import check_name, namespace_of
 from floxide_server.store.records import FINISHED
@@ -181,14 +181,14 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
     async def WaitForCompletion(
         self, request: pb.WaitForCompletionRequest, context: Context
     ) -> AsyncIterator[pb.WaitForCompletionResponse]:
-        """The run now, then at every change of status, until it is finished."""
+        """The run now, then at every change of status, until it is finished (and settled)."""
         namespace = namespace_of(request.namespace)
         keys = Keys(namespace)
         key = keys.run_info(check_name("run id", request.run_id))
         updates = await self.watches.open(keys.run_infos, key)  # one watch per namespace, shared
         try:
             run = await self.store.reads.get(namespace, request.run_id)  # after subscribing: no gap
-            yield pb.WaitForCompletionResponse(run=run)
+            yield pb.WaitForCompletionResponse(run=await self._settled(keys, run))
             last_status = run.status
             while run.status not in FINISHED:
                 change = asyncio.ensure_future(updates.next())
@@ -204,9 +204,19 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
                     continue
                 if run.status != last_status:
                     last_status = run.status
-                    yield pb.WaitForCompletionResponse(run=run)
+                    yield pb.WaitForCompletionResponse(run=await self._settled(keys, run))
         finally:
             updates.close()
+
+    async def _settled(self, keys: Keys, run: records_pb2.RunRecord) -> records_pb2.RunRecord:
+        """The run, once settled if it is finished.
+
+        Whoever learns this way that a run ended finds nothing of it in flight: this replica
+        helps settle it (settling is idempotent).
+        """
+        if run.status in FINISHED:
+            await settling.settle(self.store.kv, keys, run.run_id, self.store.limits.max_txn_ops)
+        return run
 
 
 def _json(value: object) -> work_item_pb2.Payload:

@@ -326,11 +326,6 @@ async def test_a_run_whose_only_branch_ends_in_a_hold_fails_as_stuck(endings: En
             await client.resume_run(run.run_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WaitForCompletion answers with the ending Txn's record, before the run's other "
-    "items are settled: read right after it, a finished run still has an item in flight",
-)
 async def test_a_run_read_right_after_wait_for_completion_has_nothing_in_flight(
     endings: Endings,
 ) -> None:
