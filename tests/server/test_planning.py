@@ -8,9 +8,9 @@ from datetime import timedelta
 from typing import Any
 
 from floxide_server._proto.floxide.storage.v1 import storage_pb2
-from floxide_server.store import planning
+from floxide_server.store import planning, settling
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import Compare, Delete, KeyValue, Put
+from floxide_server.store.kv import Compare, Delete, KeyValue, Put, Txn
 from floxide_server.store.payloads import Limits
 from floxide_server.store.records import fresh_state, status_name
 from floxide_server.store.workflows import Definition
@@ -116,6 +116,15 @@ def written(plan: planning.Plan, key: bytes) -> bytes:
     return value
 
 
+def marked(plan: planning.Plan) -> bytes:
+    """The settling marker a run's ending step writes if another item is still live."""
+    [nested] = [w for w in plan.writes if isinstance(w, Txn) and w.name == settling.SETTLING]
+    assert nested.compares == settling.alone(KEYS, "r", "start") and not nested.success
+    [marker] = nested.failure
+    assert isinstance(marker, Put) and marker.key == KEYS.settle("r")
+    return marker.value
+
+
 def item_state(plan: planning.Plan, item_id: str = "start") -> records_pb2.WorkItemState:
     return records_pb2.WorkItemState.FromString(written(plan, KEYS.item("r", item_id)))
 
@@ -136,7 +145,7 @@ def test_a_terminal_output_completes_the_run_and_settles_its_leftovers() -> None
     assert run.status == records_pb2.RUN_STATUS_COMPLETED and json.loads(run.output.data) == 4
     assert written(plan, KEYS.status("r")) == status_name(records_pb2.RUN_STATUS_COMPLETED)
     assert Delete(KEYS.queue("r", ""), prefix=True) in plan.writes and not plan.new_items
-    assert written(plan, KEYS.settle("r")) == status_name(records_pb2.RUN_STATUS_COMPLETED)
+    assert marked(plan) == status_name(records_pb2.RUN_STATUS_COMPLETED)
 
 
 def test_an_abort_its_policy_retries_arms_a_timer_with_its_backoff() -> None:
@@ -156,7 +165,7 @@ def test_the_last_attempt_of_an_abort_fails_the_run_and_settles_its_leftovers() 
     assert item_state(plan).status == records_pb2.ITEM_STATUS_PERMANENTLY_FAILED
     run = records_pb2.RunRecord.FromString(written(plan, KEYS.run_info("r")))
     assert run.error.message == "no" and plan.settle
-    assert written(plan, KEYS.settle("r")) == status_name(records_pb2.RUN_STATUS_FAILED)
+    assert marked(plan) == status_name(records_pb2.RUN_STATUS_FAILED)
 
 
 def test_a_failure_with_a_fallback_routes_its_input_there() -> None:

@@ -230,9 +230,11 @@ class Completions:
             return None, False
         for run_id, item_id in plan.expansions:
             await fanout.expand(self.kv, namespace, run_id, item_id)
-        if plan.settle or plan.ends_branch:  # (settling a run that did not end reads a key)
+        nested = txn.named(result)
+        alone = nested.get(settling.SETTLING)  # no other item was live: nothing to settle
+        if plan.settle and not (isinstance(alone, TxnResult) and alone.succeeded):
             await settling.settle(self.kv, keys, claim.run_id, self.limits.max_txn_ops)
-        failed = txn.named(result).get(stuck.STUCK)
+        failed = nested.get(stuck.STUCK)
         if isinstance(failed, TxnResult) and failed.succeeded:
             await stuck.name_all(self.kv, keys, claim.run_id, result.revision)
         completion = Completion(plan.code, plan.message)

@@ -40,7 +40,6 @@ from floxide_server.store.queue import queue_entry
 from floxide_server.store.records import stamp
 from floxide_server.store.stuck import STUCK
 from floxide_server.store.stuck import error as stuck_error
-from floxide_server.store.stuck import last_live as stuck_guards
 from floxide_server.store.workflows import Definition
 
 __all__ = [
@@ -296,8 +295,12 @@ def _end_run(
     plan: Plan,
     error: work_item_pb2.NodeError | None = None,
 ) -> None:
-    """End the run in the step's Txn, and have its other items settled right after."""
-    plan.writes.extend(settling.ending(basis.keys, run, status, basis.now_ms, error))
+    """End the run in the step's Txn; its other items are settled right after, if any is live.
+
+    See :func:`~floxide_server.store.settling.ending`.
+    """
+    item_id = records_pb2.WorkItemState.FromString(basis.state).item.item_id
+    plan.writes.extend(settling.ending(basis.keys, run, status, basis.now_ms, error, last=item_id))
     plan.ends_run = status
     plan.settle = True
 
@@ -312,7 +315,7 @@ def stuck(basis: Basis, nodes: Sequence[str]) -> Txn:
     failed = records_pb2.RUN_STATUS_FAILED
     why = stuck_error([*nodes, item.node])
     return Txn(
-        stuck_guards(basis.keys, item.run_id, item.item_id),
-        settling.ending(basis.keys, run, failed, basis.now_ms, why),
+        settling.alone(basis.keys, item.run_id, item.item_id),
+        settling.ending(basis.keys, run, failed, basis.now_ms, why, alone_known=True),
         name=STUCK,
     )

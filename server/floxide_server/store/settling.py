@@ -18,10 +18,19 @@ from __future__ import annotations
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn
+from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn, prefix_end
 from floxide_server.store.records import now_ms, stamp, status_name
 
-__all__ = ["IN_FLIGHT", "ending", "holds", "settle", "settle_all", "settled"]
+__all__ = [
+    "IN_FLIGHT",
+    "SETTLING",
+    "alone",
+    "ending",
+    "holds",
+    "settle",
+    "settle_all",
+    "settled",
+]
 
 IN_FLIGHT = (
     records_pb2.ITEM_STATUS_PENDING,
@@ -34,6 +43,8 @@ _WHY = {
     b"FAILED": "run failed",
     b"CANCELLED": "run cancelled",
 }
+SETTLING = "settling"
+"""The name of the nested Txn of a run's ending step that marks the run for settling."""
 _ATTEMPTS = 16
 """Passes over a run's items before settling gives up for now (the reconciler goes on)."""
 _OPS_PER_ITEM = 3
@@ -45,29 +56,50 @@ def settled(keys: Keys, run_id: str, status: bytes) -> Put:
     return Put(keys.settle(run_id), status)
 
 
+def alone(keys: Keys, run_id: str, item_id: str) -> list[Compare]:
+    """Compares that hold when no item of the run is live but ``item_id``."""
+    own = keys.live(run_id, item_id)
+    everything = keys.live(run_id)
+    return [
+        Compare.none_in(everything, own),
+        Compare.none_in(own + b"\0", prefix_end(everything)),
+    ]
+
+
 def ending(
     keys: Keys,
     run: records_pb2.RunRecord,
     status: int,
     now: int,
     error: work_item_pb2.NodeError | None = None,
+    *,
+    last: str = "",
+    alone_known: bool = False,
 ) -> list[Request]:
     """The writes of a run's ending Txn (``run`` is updated to say so).
 
     Its record and its status key, its queue emptied, and the marker that has its other items
-    settled right after.
+    settled right after. When the Txn is the step of item ``last``, the marker is written by a
+    nested Txn (:data:`SETTLING`) only if another item is live: a run ended by its last live
+    item (a chain's terminal step, say) costs no settling. ``alone_known``: the Txn already
+    knows no other item is live, and writes no marker.
     """
     run.status = status  # type: ignore[assignment]
     if error is not None:
         run.error.CopyFrom(error)
     stamp(run, "finished_at", now)
     stamp(run, "updated_at", now)
-    return [
+    marker = settled(keys, run.run_id, status_name(status))
+    writes: list[Request] = [
         Put(keys.run_info(run.run_id), run.SerializeToString()),
         Put(keys.status(run.run_id), status_name(status)),
         Delete(keys.queue(run.run_id, ""), prefix=True),
-        settled(keys, run.run_id, status_name(status)),
     ]
+    if alone_known:
+        return writes
+    if last:
+        return [*writes, Txn(alone(keys, run.run_id, last), [], [marker], name=SETTLING)]
+    return [*writes, marker]
 
 
 async def settle(kv: KV, keys: Keys, run_id: str, max_txn_ops: int) -> bool:

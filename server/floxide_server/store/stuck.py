@@ -23,22 +23,12 @@ from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Put, Txn, prefix_end
 from floxide_server.store.records import RUNNING, status_name
 
-__all__ = ["PAGE", "STUCK", "error", "fail_stuck", "last_live", "name_all"]
+__all__ = ["PAGE", "STUCK", "error", "fail_stuck", "name_all"]
 
 PAGE = 200
 """Runs the reconciler reads a time."""
 STUCK = "stuck"
 """The name of the nested Txn that fails a stuck run, in its step's Txn."""
-
-
-def last_live(keys: Keys, run_id: str, item_id: str) -> list[Compare]:
-    """Compares that hold when no item of the run is live but ``item_id``."""
-    own = keys.live(run_id, item_id)
-    everything = keys.live(run_id)
-    return [
-        Compare.none_in(everything, own),
-        Compare.none_in(own + b"\0", prefix_end(everything)),
-    ]
 
 
 def error(nodes: Sequence[str]) -> work_item_pb2.NodeError:
