@@ -34,6 +34,17 @@ def test_footprints_conflict_when_one_writes_what_the_other_touches() -> None:
     assert odd.conflicts(footprint(Put(b"/q", b"")))
 
 
+def test_settling_a_queue_and_a_range_compare_keep_their_txns_apart() -> None:
+    """etcd refuses a request in which one Txn empties a prefix another puts under; and a
+    range compare sees the state before the whole request: each must go alone."""
+    emptied = footprint(Delete(b"/ns/queue/r1/", prefix=True))
+    assert emptied.conflicts(footprint(Put(b"/ns/queue/r1/item", b"")))
+    assert not emptied.conflicts(footprint(Put(b"/ns/queue/r2/item", b"")))
+    last = footprint(compares=(Compare.none_in(b"/ns/run/r1/live/", b"/ns/run/r1/live/a"),))
+    assert last.conflicts(footprint(Delete(b"/ns/run/r1/live/b")))
+    assert not last.conflicts(footprint(Delete(b"/ns/run/r2/live/b")))
+
+
 @pytest.fixture
 async def kv(etcd: EmbeddedEtcd) -> AsyncIterator[EtcdKV]:
     store = EtcdKV([etcd.endpoint])
