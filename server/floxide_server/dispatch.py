@@ -38,6 +38,21 @@ _CANCELS = {
 }
 
 
+MAX_ENDED_KEPT = 10_000
+"""Runs this replica saw ending, kept to cancel what a completion hands over just after."""
+
+
+def cancel(claim: ClaimToken, reason: int) -> worker_service_pb2.Cancel:
+    """The Cancel that tells a worker to stop a claim of a run that is over."""
+    return worker_service_pb2.Cancel(
+        claim_token=str(claim),
+        run_id=claim.run_id,
+        item_id=claim.item_id,
+        reason=reason,  # type: ignore[arg-type]
+        message=f"run {claim.run_id} is over",
+    )
+
+
 class Queued(typing.NamedTuple):
     """A queue entry: the item (with its input when it is fresh and small) and its revision."""
 
@@ -88,6 +103,7 @@ class Dispatcher:
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
+        self._ended: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
 
     async def run(self, ready: Ready[None]) -> None:
         """Own dispatch's tasks until cancelled; ready once sessions may be added.
@@ -164,7 +180,7 @@ class Dispatcher:
                     if record.status == records_pb2.RUN_STATUS_RUNNING:
                         await self._reread(namespace, record.run_id)  # a resumed run's items
                     elif record.status in _CANCELS:
-                        self._cancel_held(namespace, record.run_id, _CANCELS[record.status])
+                        self.run_ended(namespace, record.run_id, _CANCELS[record.status])
             while not queue.queue.empty():
                 await self._queued(namespace, queue.queue.get_nowait())
 
@@ -200,27 +216,30 @@ class Dispatcher:
                 else records_pb2.RUN_STATUS_COMPLETED  # removed: long over
             )
             if status in _CANCELS:
-                self._cancel_held(namespace, run_id, _CANCELS[status])
+                self.run_ended(namespace, run_id, _CANCELS[status])
 
-    def _cancel_held(self, namespace: str, run_id: str, reason: int) -> None:
+    def run_ended(self, namespace: str, run_id: str, reason: int) -> None:
         """Tell this replica's workers to stop the items they hold of a finished run."""
+        self._ended[(namespace, run_id)] = reason
+        while len(self._ended) > MAX_ENDED_KEPT:
+            self._ended.popitem(last=False)
         for session in self.sessions.live.values():
             if session.namespace != namespace:
                 continue
             claims = [ClaimToken.parse(token) for token in session.held - session.reporting]
-            cancels = [
-                worker_service_pb2.Cancel(
-                    claim_token=str(claim),
-                    run_id=run_id,
-                    item_id=claim.item_id,
-                    reason=reason,  # type: ignore[arg-type]
-                    message=f"run {run_id} is over",
-                )
-                for claim in claims
-                if claim.run_id == run_id
-            ]
+            cancels = [cancel(claim, reason) for claim in claims if claim.run_id == run_id]
             if cancels:
                 session.outbox.put_nowait(ConnectResponse(cancels=cancels))
+
+    def cancel_if_ended(self, namespace: str, token: str) -> worker_service_pb2.Cancel | None:
+        """A Cancel for a claim just handed over, if its run was seen ending meanwhile.
+
+        A successor or sibling claimed with a result is held only once its completion
+        returns: a run that ended in between was not cancelled for it.
+        """
+        claim = ClaimToken.parse(token)
+        reason = self._ended.get((namespace, claim.run_id))
+        return cancel(claim, reason) if reason is not None else None
 
     def _plan(self, namespace: str) -> list[tuple[Session, Queued]]:
         """Take items for sessions with credit: one per run in a round, front runs first.

@@ -214,6 +214,11 @@ class WorkerService:
                 response.result_acks.append(ack)
                 if assignment is not None:  # the successor, claimed with the result (sticky)
                     response.assignments.append(assignment)
+                    ended = self.dispatcher.cancel_if_ended(
+                        session.namespace, assignment.claim_token
+                    )
+                    if ended is not None:  # after its assignment, in the same frame
+                        response.cancels.append(ended)
             session.outbox.put_nowait(response)
         finally:
             session.report(tokens, done=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import types
+import typing
 import uuid
 from dataclasses import dataclass
 from typing import Annotated
@@ -10,6 +12,10 @@ from typing import Annotated
 import grpc
 import pytest
 from floxide_server.app import SERVICE_NAMES
+from floxide_server.dispatch import Dispatcher
+from floxide_server.sessions import Sessions
+from floxide_server.store.claims import Claims, ClaimToken
+from floxide_server.watch import Watches
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -24,7 +30,11 @@ from floxide_grpc import (
     node,
 )
 from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2 as pb
-from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2_grpc, work_item_pb2
+from floxide_grpc._proto.floxide.v1 import (
+    orchestrator_service_pb2_grpc,
+    work_item_pb2,
+    worker_service_pb2,
+)
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from tests.conftest import Stack, run_to_completion
@@ -235,3 +245,17 @@ async def test_pending_work_and_errors_of_a_failed_attempt(stack: Stack) -> None
     )
     assert list(pending.items) == []
     await channel.close()
+
+
+def test_a_claim_handed_over_as_its_run_ends_is_cancelled_with_its_assignment() -> None:
+    """A completion hands its successor over only once its Txn returns: a run seen ending in
+    between must still be cancelled for it (the stream sends the Cancel after the assignment)."""
+    sessions = typing.cast(Sessions, types.SimpleNamespace(live={}))
+    dispatcher = Dispatcher(typing.cast(Claims, None), typing.cast(Watches, None), sessions)
+    token = str(ClaimToken(0x1F, 42, 1, "run-a", "item-b"))
+    assert dispatcher.cancel_if_ended("ns", token) is None
+    dispatcher.run_ended("ns", "run-a", worker_service_pb2.CANCEL_REASON_RUN_FINISHED)
+    cancel = dispatcher.cancel_if_ended("ns", token)
+    assert cancel is not None and (cancel.claim_token, cancel.item_id) == (token, "item-b")
+    assert cancel.reason == worker_service_pb2.CANCEL_REASON_RUN_FINISHED
+    assert dispatcher.cancel_if_ended("other-ns", token) is None
