@@ -103,7 +103,9 @@ class Dispatcher:
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
-        self._ended: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self._ended: collections.OrderedDict[tuple[str, str], tuple[int, int]] = (
+            collections.OrderedDict()
+        )
 
     async def run(self, ready: Ready[None]) -> None:
         """Own dispatch's tasks until cancelled; ready once sessions may be added.
@@ -180,7 +182,8 @@ class Dispatcher:
                     if record.status == records_pb2.RUN_STATUS_RUNNING:
                         await self._reread(namespace, record.run_id)  # a resumed run's items
                     elif record.status in _CANCELS:
-                        self.run_ended(namespace, record.run_id, _CANCELS[record.status])
+                        reason = _CANCELS[record.status]
+                        self.run_ended(namespace, record.run_id, reason, event.kv.mod_revision)
             while not queue.queue.empty():
                 await self._queued(namespace, queue.queue.get_nowait())
 
@@ -210,17 +213,19 @@ class Dispatcher:
         }
         for run_id in held:
             found = await self.claims.kv.get(keys.run_info(run_id))
-            status = (
-                records_pb2.RunRecord.FromString(found.value).status
-                if found is not None
-                else records_pb2.RUN_STATUS_COMPLETED  # removed: long over
-            )
+            if found is None:  # removed: long over
+                self.run_ended(namespace, run_id, _CANCELS[records_pb2.RUN_STATUS_COMPLETED], 0)
+                continue
+            status = records_pb2.RunRecord.FromString(found.value).status
             if status in _CANCELS:
-                self.run_ended(namespace, run_id, _CANCELS[status])
+                self.run_ended(namespace, run_id, _CANCELS[status], found.mod_revision)
 
-    def run_ended(self, namespace: str, run_id: str, reason: int) -> None:
-        """Tell this replica's workers to stop the items they hold of a finished run."""
-        self._ended[(namespace, run_id)] = reason
+    def run_ended(self, namespace: str, run_id: str, reason: int, revision: int) -> None:
+        """Tell this replica's workers to stop the items they hold of a run that ended.
+
+        ``revision`` is the ending's (0: unknown, long ago).
+        """
+        self._ended[(namespace, run_id)] = (reason, revision)
         while len(self._ended) > MAX_ENDED_KEPT:
             self._ended.popitem(last=False)
         for session in self.sessions.live.values():
@@ -238,8 +243,12 @@ class Dispatcher:
         returns: a run that ended in between was not cancelled for it.
         """
         claim = ClaimToken.parse(token)
-        reason = self._ended.get((namespace, claim.run_id))
-        return cancel(claim, reason) if reason is not None else None
+        ended = self._ended.get((namespace, claim.run_id))
+        if ended is None:
+            return None
+        reason, revision = ended
+        # Claimed before the run ended; a claim made after (a resumed run's) goes on.
+        return cancel(claim, reason) if not revision or claim.revision < revision else None
 
     def _plan(self, namespace: str) -> list[tuple[Session, Queued]]:
         """Take items for sessions with credit: one per run in a round, front runs first.

@@ -14,10 +14,11 @@ from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.sessions import SessionConfig
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import Delete, Txn
+from floxide_server.store.kv import Delete, Put, Txn
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Backoff, NextAll, NodeContext, RetryPolicy, Workflow, node
+from floxide_grpc._proto.floxide.v1 import records_pb2
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import NotFound
 from floxide_grpc.records import RunStatus
@@ -237,8 +238,21 @@ async def test_the_elected_replica_fails_a_run_made_stuck_behind_its_back(
     async with OrchestratorClient(f"127.0.0.1:{first.port}", namespace=namespace) as client:
         await client.register_workflow(CHAIN)
         run, _ = await client.start_run("replicated", 1)
-        keys = Keys(namespace)
-        await first.kv.txn(Txn([], [Delete(keys.live(run.run_id), prefix=True)]))
+        keys = Keys(namespace)  # as if its one item had ended, in a Txn that could not tell
+        found = await first.kv.get(keys.item(run.run_id, "start"))
+        assert found is not None
+        state = records_pb2.WorkItemState.FromString(found.value)
+        state.status = records_pb2.ITEM_STATUS_COMPLETED
+        await first.kv.txn(
+            Txn(
+                [],
+                [
+                    Put(found.key, state.SerializeToString()),
+                    Delete(keys.queue(run.run_id, "start")),
+                    Delete(keys.live(run.run_id), prefix=True),
+                ],
+            )
+        )
 
         async def stuck() -> bool:
             record = await client.get_run(run.run_id)

@@ -24,7 +24,7 @@ from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, work_item_pb2, worker
 from floxide_grpc.errors import FailedPrecondition
 from tests.helpers import free_port
 
-OTHER = b"2"
+OTHER = b"1"  # the format before live markers
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[KV]:
 async def test_ensure_format_writes_it_once_and_accepts_it_after(store: KV) -> None:
     await asyncio.gather(ensure_format(store), ensure_format(store))  # replicas starting together
     written = await store.get(STORAGE_FORMAT_KEY)
-    assert written is not None and written.value == str(STORAGE_FORMAT).encode() == b"1"
+    assert written is not None and written.value == str(STORAGE_FORMAT).encode() == b"2"
     await ensure_format(store)
     assert await store.get(STORAGE_FORMAT_KEY) == written  # not rewritten
 
@@ -89,8 +89,8 @@ async def test_ensure_format_refuses_another_one_and_changes_nothing(store: KV) 
     with pytest.raises(StorageFormatMismatch) as raised:
         await ensure_format(store)
     assert isinstance(raised.value, FailedPrecondition)
-    assert "etcd holds storage format 2" in str(raised.value)
-    assert "this server reads and writes storage format 1" in str(raised.value)
+    assert "etcd holds storage format 1" in str(raised.value)
+    assert "this server reads and writes storage format 2" in str(raised.value)
     assert await contents(store) == before
 
 
@@ -108,7 +108,7 @@ async def test_a_server_records_the_format_and_a_second_start_accepts_it(
             finally:
                 await server.stop()
         first, second = seen
-        assert first is not None and first.value == b"1"
+        assert first is not None and first.value == b"2"
         assert second == first  # the second start read it and wrote nothing
     finally:
         await kv.close()
@@ -120,7 +120,7 @@ async def test_a_server_on_another_format_does_not_start(empty_etcd: EmbeddedEtc
         await kv.txn(Txn([], [Put(STORAGE_FORMAT_KEY, OTHER)]))
         before = await contents(kv)
         server = Server(kv, ServerConfig(port=0))
-        with pytest.raises(StorageFormatMismatch, match=r"storage format 2 .* storage format 1"):
+        with pytest.raises(StorageFormatMismatch, match=r"storage format 1 .* storage format 2"):
             await server.start()
         assert server.port == 0  # refused before binding
         await server.stop()
@@ -149,8 +149,8 @@ async def test_floxide_server_on_another_format_exits_with_one_line(
     assert "Traceback" not in stderr, stderr
     [line] = [line for line in stderr.splitlines() if "storage format" in line]
     assert line == (
-        "error: etcd holds storage format 2 at /floxide/v1/storage-format, but this server reads "
-        "and writes storage format 1: run a server of format 2, or migrate the data"
+        "error: etcd holds storage format 1 at /floxide/v1/storage-format, but this server reads "
+        "and writes storage format 2: run a server of format 1, or migrate the data"
     )
     assert not (tmp_path / "ready").exists()
 

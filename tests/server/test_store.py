@@ -1111,13 +1111,26 @@ async def test_a_run_made_stuck_behind_its_txns_back_is_failed_by_the_reconciler
     await stores.register(chain())
     run = await stores.start("chain", 1)
     live = await stores.start("chain", 2)
+    # As if its one item had ended its branch in a Txn that could not fail the run.
     await stores.kv.txn(Txn([], [Delete(stores.keys.live(run.run_id), prefix=True)]))
+    assert await stuck.fail_stuck(stores.kv, stores.namespace, 0, 128) == 0  # it is queued
+    key = stores.keys.item(run.run_id, "start")
+    found = await stores.kv.get(key)
+    assert found is not None
+    state = records_pb2.WorkItemState.FromString(found.value)
+    state.status = records_pb2.ITEM_STATUS_COMPLETED
+    await stores.kv.txn(
+        Txn(
+            [],
+            [Put(key, state.SerializeToString()), Delete(stores.keys.queue(run.run_id, "start"))],
+        )
+    )
     assert await stuck.fail_stuck(stores.kv, stores.namespace, 0, 128) == 1
     failed = await stores.store.reads.get(stores.namespace, run.run_id)
     assert failed.status == records_pb2.RUN_STATUS_FAILED
     assert failed.error.kind == work_item_pb2.ERROR_KIND_STUCK
     metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
-    assert in_flight(metrics) == 0 and metrics.cancelled == 1  # its queued item, settled
+    assert in_flight(metrics) == 0 and metrics.completed == 1
     still = await stores.store.reads.get(stores.namespace, live.run_id)
     assert still.status == records_pb2.RUN_STATUS_RUNNING
     assert await stuck.fail_stuck(stores.kv, stores.namespace, 0, 128) == 0

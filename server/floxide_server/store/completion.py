@@ -219,7 +219,8 @@ class Completions:
         ]
         if handover is not None:
             writes.extend(handover.in_txn)
-        if plan.ends_branch:  # fails the run in the same Txn if no other item is live
+        if plan.ends_branch and await self._maybe_last(keys, claim):
+            # Fails the run in the same Txn if no other item is live then.
             nodes = await stuck.ended_at(self.kv, keys, claim.run_id)
             writes.append(planning.stuck(basis, nodes))
         txn = Txn(guards, writes)
@@ -242,6 +243,16 @@ class Completions:
             return completion, False
         next_claim = await self.claims.handed_over(keys, handover, txn, result)
         return dataclasses.replace(completion, claim=next_claim), handover.nested is not None
+
+    async def _maybe_last(self, keys: Keys, claim: ClaimToken) -> bool:
+        """Whether at most one other item of the run is live.
+
+        Only then is a branch's end worth a compare over the run's live markers (etcd reads
+        every key such a compare covers). Two last branches at once each see the other; more
+        at once are left to the reconciler.
+        """
+        found, _ = await self.kv.range(keys.live(claim.run_id), limit=3)
+        return len([kv for kv in found if kv.key != keys.live(claim.run_id, claim.item_id)]) <= 1
 
     def _sibling(
         self, keys: Keys, claim: ClaimToken, sticky: Sticky, taken: list[Queued]

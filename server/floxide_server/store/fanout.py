@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 EXPANSION_CHUNK = 40
-"""Items created per Txn when expanding a wide fan-out (two writes each, one compare per Txn)."""
+"""Items created per Txn when expanding a wide fan-out (three writes each: 120 of 128)."""
 MAX_GROUPS_KEPT = 10_000
 """Group records a replica keeps in memory for the next arrival (the oldest go first)."""
 

@@ -22,8 +22,12 @@ __all__ = ["STORAGE_FORMAT", "StorageFormatMismatch", "ensure_format"]
 
 log = logging.getLogger(__name__)
 
-STORAGE_FORMAT = 1
-"""The storage format this server reads and writes."""
+STORAGE_FORMAT = 2
+"""The storage format this server reads and writes.
+
+2: every item not yet done has a live marker (``run/{run}/live/{item}``), which tells a stuck run;
+a format-1 keyspace has none, so its running runs would all look stuck.
+"""
 
 
 class StorageFormatMismatch(FailedPrecondition):

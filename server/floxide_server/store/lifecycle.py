@@ -282,8 +282,17 @@ class RunLifecycle:
             )
         if failed:
             await self._requeue(keys, found)
+        # Only from the status it was found in: a paused run that failed meanwhile is resumed
+        # again by the caller, whole.
+        found_in = (
+            (found.status,) if found.status in (PAUSED, records_pb2.RUN_STATUS_FAILED) else ()
+        )
         run = await self._set_status(
-            namespace, run_id, (PAUSED, records_pb2.RUN_STATUS_FAILED), RUNNING, "resume"
+            namespace,
+            run_id,
+            found_in or (PAUSED, records_pb2.RUN_STATUS_FAILED),
+            RUNNING,
+            "resume",
         )
         if failed:  # wide fan-outs that were not expanded while the run had failed
             expansions, _ = await self.kv.range(keys.expansion(run_id, ""))
@@ -304,18 +313,20 @@ class RunLifecycle:
         still = Compare.value_is(keys.status(run_id), status_name(records_pb2.RUN_STATUS_FAILED))
         await self.kv.txn(Txn([still], [Delete(keys.settle(run_id))]))
         graph = (await self.workflows.get(keys.namespace, run.definition_hash)).graph
-        batch = max(1, (self.limits.max_txn_ops - 2) // 4)
         for _ in range(ATTEMPTS_ON_CONFLICT):
             found, _ = await self.kv.range(keys.item(run_id))
             targets = [kv for kv in found if _to_requeue(graph, kv)]
             moved = False
-            for start in range(0, len(targets), batch):
-                chunk = targets[start : start + batch]
+            for chunk in settling.batches(targets, self.limits.max_txn_ops - 2, per_item=5):
                 guards = [still, *(Compare.modified_at(kv.key, kv.mod_revision) for kv in chunk)]
                 writes = [w for kv in chunk for w in _requeued(keys, kv)]
                 moved |= not (await self.kv.txn(Txn(guards, writes))).succeeded
             if not moved:
                 return
+        # Given up: what was re-queued is settled again, as the run is still failed.
+        status = status_name(records_pb2.RUN_STATUS_FAILED)
+        await self.kv.txn(Txn([still], [settling.settled(keys, run_id, status)]))
+        await settling.settle(self.kv, keys, run_id, self.limits.max_txn_ops)
         raise FailedPrecondition(f"run {run_id!r} is changing too fast to resume; try again")
 
     async def enqueue(

@@ -38,6 +38,7 @@ async def remove_finished(kv: KV, namespace: str, finished_before_ms: int, batch
             Delete(keys.run(run.run_id), prefix=True),
             Delete(keys.queue(run.run_id, ""), prefix=True),
             Delete(keys.expansion(run.run_id, ""), prefix=True),
+            Delete(keys.settle(run.run_id)),
         ]
         if run.idempotency_key:
             deletes.append(Delete(keys.idempotency(run.idempotency_key)))

@@ -16,6 +16,8 @@ and re-queues what settling cancelled.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn, prefix_end
@@ -25,6 +27,7 @@ __all__ = [
     "IN_FLIGHT",
     "SETTLING",
     "alone",
+    "batches",
     "ending",
     "holds",
     "settle",
@@ -114,13 +117,13 @@ async def settle(kv: KV, keys: Keys, run_id: str, max_txn_ops: int) -> bool:
     status = marker.value
     # Not resumed meanwhile (a resume deletes the marker first, then re-queues).
     still = [Compare.value_is(keys.status(run_id), status), Compare.exists(keys.settle(run_id))]
-    batch = max(1, (max_txn_ops - 2) // (_OPS_PER_ITEM + 1))
-    for _ in range(_ATTEMPTS):
+    for attempt in range(_ATTEMPTS):
+        if attempt and await kv.get(keys.settle(run_id)) is None:
+            return True  # resumed meanwhile, or settled by another replica
         found, _ = await kv.range(keys.item(run_id))
         leftovers = [kv_ for kv_ in found if _state(kv_).status in IN_FLIGHT]
         moved = False
-        for start in range(0, len(leftovers), batch):
-            chunk = leftovers[start : start + batch]
+        for chunk in batches(leftovers, max_txn_ops - 2, per_item=_OPS_PER_ITEM):
             guards = [*still, *(Compare.modified_at(i.key, i.mod_revision) for i in chunk)]
             writes = [w for item in chunk for w in _cancelled(keys, item, _WHY.get(status, ""))]
             result = await kv.txn(Txn(guards, writes))
@@ -129,6 +132,29 @@ async def settle(kv: KV, keys: Keys, run_id: str, max_txn_ops: int) -> bool:
             done = await kv.txn(Txn(still, [Delete(keys.settle(run_id))]))
             return done.succeeded or await kv.get(keys.settle(run_id)) is None
     return False
+
+
+MAX_BATCH_BYTES = 1 << 20
+"""The most bytes of values one settling or re-queueing Txn writes (etcd takes 1.5 MiB)."""
+
+
+def batches(found: Sequence[KeyValue], max_ops: int, per_item: int) -> Iterator[list[KeyValue]]:
+    """``found`` in chunks whose Txns keep to etcd's operation and request-size limits.
+
+    Each item takes ``per_item`` operations and about its value's size in writes.
+    """
+    chunk: list[KeyValue] = []
+    size = 0
+    for kv in found:
+        if chunk and (
+            (len(chunk) + 1) * per_item > max_ops or size + len(kv.value) > MAX_BATCH_BYTES
+        ):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(kv)
+        size += len(kv.value) + len(kv.key)
+    if chunk:
+        yield chunk
 
 
 async def settle_all(kv: KV, namespace: str, max_txn_ops: int) -> int:

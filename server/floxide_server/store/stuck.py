@@ -84,7 +84,7 @@ async def fail_stuck(kv: KV, namespace: str, now_ms: int, max_txn_ops: int) -> i
             if run.status != RUNNING:
                 continue
             live, _ = await kv.range(keys.live(run.run_id), limit=1)
-            if live:
+            if live or not await _nothing_in_flight(kv, keys, run.run_id):
                 continue
             nodes = await ended_at(kv, keys, run.run_id)
             writes = settling.ending(keys, run, records_pb2.RUN_STATUS_FAILED, now_ms, error(nodes))
@@ -104,3 +104,18 @@ async def fail_stuck(kv: KV, namespace: str, now_ms: int, max_txn_ops: int) -> i
         if len(found) < PAGE:
             return failed
         start = found[-1].key + b"\0"
+
+
+async def _nothing_in_flight(kv: KV, keys: Keys, run_id: str) -> bool:
+    """Whether no item of the run waits, runs or expands, as the items themselves say.
+
+    The markers' story, checked again before a run is failed behind its Txns' back.
+    """
+    expanding, _ = await kv.range(keys.expansion(run_id, ""), limit=1)
+    if expanding:
+        return False
+    items, _ = await kv.range(keys.item(run_id))
+    return not any(
+        records_pb2.WorkItemState.FromString(found.value).status in settling.IN_FLIGHT
+        for found in items
+    )
