@@ -18,6 +18,11 @@ state and its run as the claim saw them, the definition, the time, the group rec
   other items are settled).
   A lost worker says nothing about the item: it is re-queued at once up to ``LOST_ATTEMPTS``.
 
+Every item not yet done has a live marker (``queue.live``): a step deletes its item's marker
+(kept while a wide fan-out of it is not expanded), and a step that ends its branch with no
+successor says so (``ends_branch``): its Txn then nests :func:`stuck`, which fails the run as
+STUCK if no other item is live (:mod:`floxide_server.store.stuck`).
+
 A fan-out too wide for one Txn is planned as an expansion record (see ``fanout``). A plan that
 needs a group record not in its basis is incomplete and names what to read (``needs``).
 """
