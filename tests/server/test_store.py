@@ -15,7 +15,7 @@ import pytest
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.store import Store, fanout, queue, retention, settling, stuck, timers
 from floxide_server.store.claims import Claim
-from floxide_server.store.completion import Sticky
+from floxide_server.store.completion import Completion, Sticky
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Delete, Put, Txn
 from floxide_server.store.payloads import Limits
@@ -142,6 +142,11 @@ class Stores:
         )
         assert claim is not None
         return claim
+
+    async def complete_next(self, lease: int, transition: Transition) -> Completion:
+        """Claim the next ready item for a session and complete it with ``transition``."""
+        claim = await self.claim_next(lease)
+        return await self.store.completions.complete(self.namespace, claim.token, transition)
 
     async def state(self, run_id: str) -> dict[str, tuple[int, int]]:
         items, _ = await self.store.reads.items(self.namespace, run_id)
@@ -547,9 +552,7 @@ async def test_a_fan_out_joins_once_in_index_order(stores: Stores) -> None:
     await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
     run = await stores.start("fan", 3)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, fan(10, 20, 30)
-    )
+    await stores.complete_next(lease, fan(10, 20, 30))
     branches = [await stores.claim_next(lease) for _ in range(3)]
     for claim in reversed(branches):  # arrive out of order
         value = json.loads(claim.item.input.data) + 1
@@ -585,9 +588,7 @@ async def test_a_result_that_keeps_losing_races_is_kept_for_a_resend(stores: Sto
     await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
     run = await stores.start("fan", 2)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2)
-    )
+    await stores.complete_next(lease, fan(1, 2))
     first = await stores.claim_next(lease)
     await stores.store.completions.complete(
         stores.namespace, first.token, nxt(2)
@@ -655,9 +656,7 @@ async def test_a_failed_attempt_waits_on_a_durable_timer_then_falls_back(stores:
     await stores.register(flow)
     run = await stores.start("retry", 1)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, abort("down")
-    )
+    await stores.complete_next(lease, abort("down"))
     assert (await stores.state(run.run_id))["flaky"] == (records_pb2.ITEM_STATUS_WAITING_RETRY, 1)
     assert await queue.ready(stores.kv, stores.namespace) == []
     assert await timers.fire_timers(stores.kv, stores.namespace, now=0) == 0  # not due yet
@@ -682,9 +681,7 @@ async def test_a_failed_run_resumes_with_attempts_kept(stores: Stores) -> None:
     await stores.register(chain())
     run = await stores.start("chain", 1)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, abort("boom")
-    )
+    await stores.complete_next(lease, abort("boom"))
     failed = await stores.store.reads.get(stores.namespace, run.run_id)
     assert failed.status == records_pb2.RUN_STATUS_FAILED and failed.error.message == "boom"
     resumed = await stores.store.lifecycle.resume(stores.namespace, run.run_id)
@@ -777,9 +774,7 @@ async def test_a_fan_out_wider_than_one_txn_expands_and_joins(stores: Stores) ->
     await stores.register(Workflow("wide", start=split).edge(split, inc).edge(inc, gather))
     run = await stores.start("wide", 100)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, fan(*range(100))
-    )
+    await stores.complete_next(lease, fan(*range(100)))
     assert await stores.kv.get(stores.keys.expansion(run.run_id, "start")) is None  # expanded
     ready = await queue.ready(stores.kv, stores.namespace)
     assert len(ready) == 100 and len({i.item_id for i in ready}) == 100
@@ -937,9 +932,7 @@ async def test_the_first_terminal_output_completes_the_run_and_settles_the_rest(
     await stores.register(Workflow("race", start=split).edge(split, inc))  # inc is terminal
     run = await stores.start("race", 3)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2, 3)
-    )
+    await stores.complete_next(lease, fan(1, 2, 3))
     first, second = await stores.claim_next(lease), await stores.claim_next(lease)
     await stores.store.completions.complete(stores.namespace, first.token, nxt(5))
     done = await stores.store.reads.get(stores.namespace, run.run_id)
@@ -962,9 +955,7 @@ async def test_a_failed_run_settles_its_retries_and_their_timers(stores: Stores)
     await stores.register(Workflow("fails", start=split).edge(split, flaky))
     run = await stores.start("fails", 2)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2)
-    )
+    await stores.complete_next(lease, fan(1, 2))
     waits, fails = await stores.claim_next(lease), await stores.claim_next(lease)
     await stores.store.completions.complete(stores.namespace, waits.token, abort("later"))
     assert len((await stores.kv.range(stores.keys.timer()))[0]) == 1  # a retry waits
@@ -988,9 +979,7 @@ async def test_a_failed_run_resumes_whole_and_its_join_fires_once_with_every_out
     await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
     run = await stores.start("fan", 10)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, fan(*range(10))
-    )
+    await stores.complete_next(lease, fan(*range(10)))
     claims = [await stores.claim_next(lease) for _ in range(5)]
     for claim in claims[:2]:  # two branches arrive before the failure
         value = json.loads(claim.item.input.data) + 1
@@ -1023,9 +1012,7 @@ async def test_settling_a_crash_interrupted_is_finished_by_any_replica(stores: S
     await stores.register(Workflow("race", start=split).edge(split, inc))
     run = await stores.start("race", 2)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2)
-    )
+    await stores.complete_next(lease, fan(1, 2))
     first, second = await stores.claim_next(lease), await stores.claim_next(lease)
     await stores.store.completions.complete(stores.namespace, first.token, nxt(2))
     # As if the replica had died between the run's ending Txn and its settling.
@@ -1063,9 +1050,7 @@ async def test_a_run_whose_branches_all_hold_outside_a_join_fails_as_stuck(
     await stores.register(Workflow("held", start=split).edge(split, merge))
     run = await stores.start("held", 2)
     lease = await stores.session()
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(lease)).token, fan(1, 2)
-    )
+    await stores.complete_next(lease, fan(1, 2))
     first, second = await stores.claim_next(lease), await stores.claim_next(lease)
     await stores.store.completions.complete(stores.namespace, first.token, HOLD)
     running = await stores.store.reads.get(stores.namespace, run.run_id)
@@ -1141,9 +1126,7 @@ async def test_an_item_lost_too_often_fails_its_run_and_the_rest_is_settled(
 ) -> None:
     await stores.register(Workflow("fan", start=split).edge(split, inc).edge(inc, gather))
     run = await stores.start("fan", 2)
-    await stores.store.completions.complete(
-        stores.namespace, (await stores.claim_next(await stores.session())).token, fan(1, 2)
-    )
+    await stores.complete_next(await stores.session(), fan(1, 2))
     for _ in range(3):  # the same item, claimed and lost with its worker three times
         lease = await stores.session()
         lost = await stores.claim_next(lease)
