@@ -231,13 +231,14 @@ class Completions:
             return None, False
         for run_id, item_id in plan.expansions:
             await fanout.expand(self.kv, namespace, run_id, item_id)
-        nested = txn.named(result)
-        alone = nested.get(settling.SETTLING)  # no other item was live: nothing to settle
-        if plan.settle and not (isinstance(alone, TxnResult) and alone.succeeded):
-            await settling.settle(self.kv, keys, claim.run_id, self.limits.max_txn_ops)
-        failed = nested.get(stuck.STUCK)
-        if isinstance(failed, TxnResult) and failed.succeeded:
-            await stuck.name_all(self.kv, keys, claim.run_id, result.revision)
+        if plan.settle or plan.ends_branch:  # a run that may have ended (not a chain's step)
+            nested = txn.named(result)
+            alone = nested.get(settling.SETTLING)  # no other item was live: nothing to settle
+            if plan.settle and not (isinstance(alone, TxnResult) and alone.succeeded):
+                await settling.settle(self.kv, keys, claim.run_id, self.limits.max_txn_ops)
+            failed = nested.get(stuck.STUCK)
+            if isinstance(failed, TxnResult) and failed.succeeded:
+                await stuck.name_all(self.kv, keys, claim.run_id, result.revision)
         completion = Completion(plan.code, plan.message)
         if handover is None:
             return completion, False
