@@ -120,13 +120,13 @@ class TcpProxy:
             await asyncio.wait([sender])
             if not sender.cancelled():
                 sender.exception()  # a link the other side closed: retrieved, not raised
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, RuntimeError):  # closed already, or its loop
                 writer.close()
 
     def cut(self) -> None:
         """Close every open link (new connections are still accepted)."""
         for writer in list(self._links):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, RuntimeError):  # closed already, or its loop
                 writer.close()
         self._links.clear()
 
