@@ -8,6 +8,7 @@ from floxide_grpc._proto.floxide.v1 import records_pb2 as _records_pb2
 from floxide_grpc._proto.floxide.v1 import work_item_pb2 as _work_item_pb2
 from floxide_grpc._proto.floxide.v1 import workflow_pb2 as _workflow_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
@@ -199,6 +200,7 @@ class StartRunRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    RUN_TIMEOUT_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """The namespace ("" means "default")."""
     workflow: _builtins.str
@@ -217,6 +219,13 @@ class StartRunRequest(_message.Message):
     def context(self) -> _work_item_pb2.Payload:
         """Initial values of context fields, a JSON object; unset fields take their declared initial."""
 
+    @_builtins.property
+    def run_timeout(self) -> _duration_pb2.Duration:
+        """How long the whole run may take, paused time included (unset: no limit). Past it the run ends
+        RUN_STATUS_TIMED_OUT: final, not resumable; its held items are cancelled. More than zero and
+        at most the server's maximum (a year by default), else INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -226,10 +235,11 @@ class StartRunRequest(_message.Message):
         input: _work_item_pb2.Payload | None = ...,
         idempotency_key: _builtins.str = ...,
         context: _work_item_pb2.Payload | None = ...,
+        run_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "input", b"input", "run_timeout", b"run_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "definition_hash", b"definition_hash", "idempotency_key", b"idempotency_key", "input", b"input", "namespace", b"namespace", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "definition_hash", b"definition_hash", "idempotency_key", b"idempotency_key", "input", b"input", "namespace", b"namespace", "run_timeout", b"run_timeout", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -154,8 +154,9 @@ class OrchestratorServiceServicer:
     def StartRun(self, request, context):
         """Starts a run. With an idempotency key, the same key, workflow and input return the existing
         run with created=false. Errors: NOT_FOUND (unknown workflow or hash), INVALID_ARGUMENT (input
-        or context not valid for the start node's or fields' schemas), RESOURCE_EXHAUSTED (payload
-        over the limit), ALREADY_EXISTS (idempotency key used with another workflow or input).
+        or context not valid for the start node's or fields' schemas; a run timeout of zero or less,
+        or over the server's maximum), RESOURCE_EXHAUSTED (payload over the limit), ALREADY_EXISTS
+        (idempotency key used with another workflow, input or run timeout).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -244,7 +245,7 @@ class OrchestratorServiceServicer:
 
     def WaitForCompletion(self, request, context):
         """Streams a run's record: first as it is now, then at every change of status; the stream ends
-        with OK after the first record whose status is completed, failed or cancelled. Errors:
+        with OK after the first record whose status is completed, failed, cancelled or timed out. Errors:
         NOT_FOUND, DEADLINE_EXCEEDED (the caller's deadline), UNAVAILABLE (the server is shutting
         down: call again, on any replica).
         """

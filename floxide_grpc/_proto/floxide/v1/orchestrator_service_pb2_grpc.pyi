@@ -50,8 +50,9 @@ class OrchestratorServiceStub:
     StartRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartRunRequest, _orchestrator_service_pb2.StartRunResponse]
     """Starts a run. With an idempotency key, the same key, workflow and input return the existing
     run with created=false. Errors: NOT_FOUND (unknown workflow or hash), INVALID_ARGUMENT (input
-    or context not valid for the start node's or fields' schemas), RESOURCE_EXHAUSTED (payload
-    over the limit), ALREADY_EXISTS (idempotency key used with another workflow or input).
+    or context not valid for the start node's or fields' schemas; a run timeout of zero or less,
+    or over the server's maximum), RESOURCE_EXHAUSTED (payload over the limit), ALREADY_EXISTS
+    (idempotency key used with another workflow, input or run timeout).
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]
     """Returns a run's record: its status, and its output once completed. Errors: NOT_FOUND."""
@@ -84,7 +85,7 @@ class OrchestratorServiceStub:
     """Lists the namespace's worker sessions with their health and liveness."""
     WaitForCompletion: _grpc.UnaryStreamMultiCallable[_orchestrator_service_pb2.WaitForCompletionRequest, _orchestrator_service_pb2.WaitForCompletionResponse]
     """Streams a run's record: first as it is now, then at every change of status; the stream ends
-    with OK after the first record whose status is completed, failed or cancelled. Errors:
+    with OK after the first record whose status is completed, failed, cancelled or timed out. Errors:
     NOT_FOUND, DEADLINE_EXCEEDED (the caller's deadline), UNAVAILABLE (the server is shutting
     down: call again, on any replica).
     """
@@ -111,8 +112,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     StartRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartRunRequest, _orchestrator_service_pb2.StartRunResponse]  # type: ignore[assignment]
     """Starts a run. With an idempotency key, the same key, workflow and input return the existing
     run with created=false. Errors: NOT_FOUND (unknown workflow or hash), INVALID_ARGUMENT (input
-    or context not valid for the start node's or fields' schemas), RESOURCE_EXHAUSTED (payload
-    over the limit), ALREADY_EXISTS (idempotency key used with another workflow or input).
+    or context not valid for the start node's or fields' schemas; a run timeout of zero or less,
+    or over the server's maximum), RESOURCE_EXHAUSTED (payload over the limit), ALREADY_EXISTS
+    (idempotency key used with another workflow, input or run timeout).
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunRequest, _orchestrator_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """Returns a run's record: its status, and its output once completed. Errors: NOT_FOUND."""
@@ -145,7 +147,7 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Lists the namespace's worker sessions with their health and liveness."""
     WaitForCompletion: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.WaitForCompletionRequest, _orchestrator_service_pb2.WaitForCompletionResponse]  # type: ignore[assignment]
     """Streams a run's record: first as it is now, then at every change of status; the stream ends
-    with OK after the first record whose status is completed, failed or cancelled. Errors:
+    with OK after the first record whose status is completed, failed, cancelled or timed out. Errors:
     NOT_FOUND, DEADLINE_EXCEEDED (the caller's deadline), UNAVAILABLE (the server is shutting
     down: call again, on any replica).
     """
@@ -193,8 +195,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orchestrator_service_pb2.StartRunResponse, _abc.Awaitable[_orchestrator_service_pb2.StartRunResponse]]:
         """Starts a run. With an idempotency key, the same key, workflow and input return the existing
         run with created=false. Errors: NOT_FOUND (unknown workflow or hash), INVALID_ARGUMENT (input
-        or context not valid for the start node's or fields' schemas), RESOURCE_EXHAUSTED (payload
-        over the limit), ALREADY_EXISTS (idempotency key used with another workflow or input).
+        or context not valid for the start node's or fields' schemas; a run timeout of zero or less,
+        or over the server's maximum), RESOURCE_EXHAUSTED (payload over the limit), ALREADY_EXISTS
+        (idempotency key used with another workflow, input or run timeout).
         """
 
     @_abc_1.abstractmethod
@@ -299,7 +302,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_service_pb2.WaitForCompletionResponse], _abc.AsyncIterator[_orchestrator_service_pb2.WaitForCompletionResponse]]:
         """Streams a run's record: first as it is now, then at every change of status; the stream ends
-        with OK after the first record whose status is completed, failed or cancelled. Errors:
+        with OK after the first record whose status is completed, failed, cancelled or timed out. Errors:
         NOT_FOUND, DEADLINE_EXCEEDED (the caller's deadline), UNAVAILABLE (the server is shutting
         down: call again, on any replica).
         """

@@ -23,34 +23,35 @@ _sym_db = _symbol_database.Default()
 
 
 from floxide_grpc._proto.floxide.v1 import work_item_pb2 as floxide_dot_v1_dot_work__item__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66loxide/v1/records.proto\x12\nfloxide.v1\x1a\x1a\x66loxide/v1/work_item.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbe\x03\n\tRunRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x04 \x01(\t\x12%\n\x06status\x18\x05 \x01(\x0e\x32\x15.floxide.v1.RunStatus\x12\"\n\x05input\x18\x06 \x01(\x0b\x32\x13.floxide.v1.Payload\x12#\n\x06output\x18\x07 \x01(\x0b\x32\x13.floxide.v1.Payload\x12$\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x15.floxide.v1.NodeError\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t\x12#\n\x06parent\x18\r \x01(\x0b\x32\x13.floxide.v1.ItemRef\"\xe2\x01\n\nRunMetrics\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x18\n\x10total_work_items\x18\x03 \x01(\x04\x12\x11\n\tcompleted\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\x12\x0f\n\x07retries\x18\x06 \x01(\x04\x12\x0f\n\x07pending\x18\x07 \x01(\x04\x12\x13\n\x0bin_progress\x18\x08 \x01(\x04\x12\x15\n\rwaiting_retry\x18\t \x01(\x04\x12\x13\n\x0bworker_lost\x18\n \x01(\x04\x12\x11\n\tcancelled\x18\x0b \x01(\x04\"\x9d\x02\n\rWorkItemState\x12\"\n\x04item\x18\x01 \x01(\x0b\x32\x14.floxide.v1.WorkItem\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.floxide.v1.ItemStatus\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12)\n\nlast_error\x18\x04 \x01(\x0b\x32\x15.floxide.v1.NodeError\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08retry_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x11\n\tworker_id\x18\x08 \x01(\t\"\xca\x01\n\x0b\x45rrorRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.floxide.v1.NodeError\x12/\n\x0boccurred_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworker_id\x18\x08 \x01(\t\"E\n\nServedNode\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x03 \x01(\t\"\x9d\x03\n\x0cWorkerRecord\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12%\n\x05nodes\x18\x04 \x03(\x0b\x32\x16.floxide.v1.ServedNode\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.floxide.v1.WorkerStatus\x12,\n\x08liveness\x18\x06 \x01(\x0e\x32\x1a.floxide.v1.LivenessStatus\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05slots\x18\t \x01(\r\x12*\n\rcurrent_items\x18\n \x03(\x0b\x32\x13.floxide.v1.ItemRef\x12\x13\n\x0b\x65rror_count\x18\x0b \x01(\x04\x12\x11\n\tserver_id\x18\x0c \x01(\t\x12\x0b\n\x03sdk\x18\r \x01(\t*\xa1\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x02\x12\x15\n\x11RUN_STATUS_FAILED\x10\x03\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x04\x12\x15\n\x11RUN_STATUS_PAUSED\x10\x05*\xf0\x01\n\nItemStatus\x12\x1b\n\x17ITEM_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13ITEM_STATUS_PENDING\x10\x01\x12\x1b\n\x17ITEM_STATUS_IN_PROGRESS\x10\x02\x12\x16\n\x12ITEM_STATUS_FAILED\x10\x03\x12\x1d\n\x19ITEM_STATUS_WAITING_RETRY\x10\x04\x12\"\n\x1eITEM_STATUS_PERMANENTLY_FAILED\x10\x05\x12\x19\n\x15ITEM_STATUS_COMPLETED\x10\x06\x12\x19\n\x15ITEM_STATUS_CANCELLED\x10\x07*y\n\x0cWorkerStatus\x12\x1d\n\x19WORKER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATUS_IDLE\x10\x01\x12\x16\n\x12WORKER_STATUS_BUSY\x10\x02\x12\x1a\n\x16WORKER_STATUS_DRAINING\x10\x03*\x81\x01\n\x0eLivenessStatus\x12\x1f\n\x1bLIVENESS_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15LIVENESS_STATUS_ALIVE\x10\x01\x12\x19\n\x15LIVENESS_STATUS_STALE\x10\x02\x12\x18\n\x14LIVENESS_STATUS_DEAD\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66loxide/v1/records.proto\x12\nfloxide.v1\x1a\x1a\x66loxide/v1/work_item.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xee\x03\n\tRunRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x04 \x01(\t\x12%\n\x06status\x18\x05 \x01(\x0e\x32\x15.floxide.v1.RunStatus\x12\"\n\x05input\x18\x06 \x01(\x0b\x32\x13.floxide.v1.Payload\x12#\n\x06output\x18\x07 \x01(\x0b\x32\x13.floxide.v1.Payload\x12$\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x15.floxide.v1.NodeError\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t\x12#\n\x06parent\x18\r \x01(\x0b\x32\x13.floxide.v1.ItemRef\x12.\n\x0brun_timeout\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe2\x01\n\nRunMetrics\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x18\n\x10total_work_items\x18\x03 \x01(\x04\x12\x11\n\tcompleted\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\x12\x0f\n\x07retries\x18\x06 \x01(\x04\x12\x0f\n\x07pending\x18\x07 \x01(\x04\x12\x13\n\x0bin_progress\x18\x08 \x01(\x04\x12\x15\n\rwaiting_retry\x18\t \x01(\x04\x12\x13\n\x0bworker_lost\x18\n \x01(\x04\x12\x11\n\tcancelled\x18\x0b \x01(\x04\"\x9d\x02\n\rWorkItemState\x12\"\n\x04item\x18\x01 \x01(\x0b\x32\x14.floxide.v1.WorkItem\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.floxide.v1.ItemStatus\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12)\n\nlast_error\x18\x04 \x01(\x0b\x32\x15.floxide.v1.NodeError\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08retry_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x11\n\tworker_id\x18\x08 \x01(\t\"\xca\x01\n\x0b\x45rrorRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.floxide.v1.NodeError\x12/\n\x0boccurred_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworker_id\x18\x08 \x01(\t\"E\n\nServedNode\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x03 \x01(\t\"\xcb\x03\n\x0cWorkerRecord\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12%\n\x05nodes\x18\x04 \x03(\x0b\x32\x16.floxide.v1.ServedNode\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.floxide.v1.WorkerStatus\x12,\n\x08liveness\x18\x06 \x01(\x0e\x32\x1a.floxide.v1.LivenessStatus\x12\x30\n\x0c\x63onnected_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05slots\x18\t \x01(\r\x12*\n\rcurrent_items\x18\n \x03(\x0b\x32\x13.floxide.v1.ItemRef\x12\x13\n\x0b\x65rror_count\x18\x0b \x01(\x04\x12\x11\n\tserver_id\x18\x0c \x01(\t\x12\x0b\n\x03sdk\x18\r \x01(\t\x12,\n\x08\x65nded_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xbb\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12\x18\n\x14RUN_STATUS_COMPLETED\x10\x02\x12\x15\n\x11RUN_STATUS_FAILED\x10\x03\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x04\x12\x15\n\x11RUN_STATUS_PAUSED\x10\x05\x12\x18\n\x14RUN_STATUS_TIMED_OUT\x10\x06*\xf0\x01\n\nItemStatus\x12\x1b\n\x17ITEM_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13ITEM_STATUS_PENDING\x10\x01\x12\x1b\n\x17ITEM_STATUS_IN_PROGRESS\x10\x02\x12\x16\n\x12ITEM_STATUS_FAILED\x10\x03\x12\x1d\n\x19ITEM_STATUS_WAITING_RETRY\x10\x04\x12\"\n\x1eITEM_STATUS_PERMANENTLY_FAILED\x10\x05\x12\x19\n\x15ITEM_STATUS_COMPLETED\x10\x06\x12\x19\n\x15ITEM_STATUS_CANCELLED\x10\x07*y\n\x0cWorkerStatus\x12\x1d\n\x19WORKER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATUS_IDLE\x10\x01\x12\x16\n\x12WORKER_STATUS_BUSY\x10\x02\x12\x1a\n\x16WORKER_STATUS_DRAINING\x10\x03*\x81\x01\n\x0eLivenessStatus\x12\x1f\n\x1bLIVENESS_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15LIVENESS_STATUS_ALIVE\x10\x01\x12\x19\n\x15LIVENESS_STATUS_STALE\x10\x02\x12\x18\n\x14LIVENESS_STATUS_DEAD\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'floxide_grpc._proto.floxide.v1.records_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATUS']._serialized_start=1760
-  _globals['_RUNSTATUS']._serialized_end=1921
-  _globals['_ITEMSTATUS']._serialized_start=1924
-  _globals['_ITEMSTATUS']._serialized_end=2164
-  _globals['_WORKERSTATUS']._serialized_start=2166
-  _globals['_WORKERSTATUS']._serialized_end=2287
-  _globals['_LIVENESSSTATUS']._serialized_start=2290
-  _globals['_LIVENESSSTATUS']._serialized_end=2419
-  _globals['_RUNRECORD']._serialized_start=102
-  _globals['_RUNRECORD']._serialized_end=548
-  _globals['_RUNMETRICS']._serialized_start=551
-  _globals['_RUNMETRICS']._serialized_end=777
-  _globals['_WORKITEMSTATE']._serialized_start=780
-  _globals['_WORKITEMSTATE']._serialized_end=1065
-  _globals['_ERRORRECORD']._serialized_start=1068
-  _globals['_ERRORRECORD']._serialized_end=1270
-  _globals['_SERVEDNODE']._serialized_start=1272
-  _globals['_SERVEDNODE']._serialized_end=1341
-  _globals['_WORKERRECORD']._serialized_start=1344
-  _globals['_WORKERRECORD']._serialized_end=1757
+  _globals['_RUNSTATUS']._serialized_start=1886
+  _globals['_RUNSTATUS']._serialized_end=2073
+  _globals['_ITEMSTATUS']._serialized_start=2076
+  _globals['_ITEMSTATUS']._serialized_end=2316
+  _globals['_WORKERSTATUS']._serialized_start=2318
+  _globals['_WORKERSTATUS']._serialized_end=2439
+  _globals['_LIVENESSSTATUS']._serialized_start=2442
+  _globals['_LIVENESSSTATUS']._serialized_end=2571
+  _globals['_RUNRECORD']._serialized_start=134
+  _globals['_RUNRECORD']._serialized_end=628
+  _globals['_RUNMETRICS']._serialized_start=631
+  _globals['_RUNMETRICS']._serialized_end=857
+  _globals['_WORKITEMSTATE']._serialized_start=860
+  _globals['_WORKITEMSTATE']._serialized_end=1145
+  _globals['_ERRORRECORD']._serialized_start=1148
+  _globals['_ERRORRECORD']._serialized_end=1350
+  _globals['_SERVEDNODE']._serialized_start=1352
+  _globals['_SERVEDNODE']._serialized_end=1421
+  _globals['_WORKERRECORD']._serialized_start=1424
+  _globals['_WORKERRECORD']._serialized_end=1883
 # @@protoc_insertion_point(module_scope)

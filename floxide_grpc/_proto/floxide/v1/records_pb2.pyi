@@ -6,6 +6,7 @@ What the server records about runs, items, errors, metrics and workers."""
 from collections import abc as _abc
 from floxide_grpc._proto.floxide.v1 import work_item_pb2 as _work_item_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -39,6 +40,11 @@ class _RunStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunStatus.V
     """Cancelled by a request. Final."""
     RUN_STATUS_PAUSED: _RunStatus.ValueType  # 5
     """Dispatch is stopped; items already held finish and are recorded. Resumable."""
+    RUN_STATUS_TIMED_OUT: _RunStatus.ValueType  # 6
+    """The run passed its run timeout (StartRunRequest.run_timeout): ended like a cancel, with
+    ERROR_KIND_TIMEOUT as its error. Final, not resumable. Clients built before it was added see
+    an unknown enum value (6 in proto3's open enums); they should treat it as final.
+    """
 
 class RunStatus(_RunStatus, metaclass=_RunStatusEnumTypeWrapper):
     """The state of a run."""
@@ -55,6 +61,11 @@ RUN_STATUS_CANCELLED: RunStatus.ValueType  # 4
 """Cancelled by a request. Final."""
 RUN_STATUS_PAUSED: RunStatus.ValueType  # 5
 """Dispatch is stopped; items already held finish and are recorded. Resumable."""
+RUN_STATUS_TIMED_OUT: RunStatus.ValueType  # 6
+"""The run passed its run timeout (StartRunRequest.run_timeout): ended like a cancel, with
+ERROR_KIND_TIMEOUT as its error. Final, not resumable. Clients built before it was added see
+an unknown enum value (6 in proto3's open enums); they should treat it as final.
+"""
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
 
 class _ItemStatus:
@@ -142,23 +153,40 @@ class _LivenessStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Livene
     LIVENESS_STATUS_UNSPECIFIED: _LivenessStatus.ValueType  # 0
     """Not set. Never a worker's state."""
     LIVENESS_STATUS_ALIVE: _LivenessStatus.ValueType  # 1
-    """Its lease stands and it heartbeats on time."""
+    """Its lease stands and was renewed on time (more than the lease TTL less two heartbeat
+    intervals remains).
+    """
     LIVENESS_STATUS_STALE: _LivenessStatus.ValueType  # 2
-    """Its lease stands but its last heartbeat is older than three heartbeat intervals."""
+    """Its lease stands but was not renewed for two heartbeat intervals: the worker is silent, or
+    its replica is. It ends within the lease TTL plus one heartbeat interval of the worker's last
+    message.
+    """
     LIVENESS_STATUS_DEAD: _LivenessStatus.ValueType  # 3
-    """Its lease has ended; its claims were re-queued."""
+    """Its session has ended; its claims were re-queued. Listed with include_dead for the
+    retention period of finished runs.
+    """
 
 class LivenessStatus(_LivenessStatus, metaclass=_LivenessStatusEnumTypeWrapper):
-    """Whether a worker is alive, judged by its session's lease and heartbeats."""
+    """Whether a worker is alive, judged by its session's etcd lease alone: the serving replica renews
+    the lease only while it hears from the worker, and etcd's leader times what remains of it. No
+    wall clock of any process is compared with another's.
+    """
 
 LIVENESS_STATUS_UNSPECIFIED: LivenessStatus.ValueType  # 0
 """Not set. Never a worker's state."""
 LIVENESS_STATUS_ALIVE: LivenessStatus.ValueType  # 1
-"""Its lease stands and it heartbeats on time."""
+"""Its lease stands and was renewed on time (more than the lease TTL less two heartbeat
+intervals remains).
+"""
 LIVENESS_STATUS_STALE: LivenessStatus.ValueType  # 2
-"""Its lease stands but its last heartbeat is older than three heartbeat intervals."""
+"""Its lease stands but was not renewed for two heartbeat intervals: the worker is silent, or
+its replica is. It ends within the lease TTL plus one heartbeat interval of the worker's last
+message.
+"""
 LIVENESS_STATUS_DEAD: LivenessStatus.ValueType  # 3
-"""Its lease has ended; its claims were re-queued."""
+"""Its session has ended; its claims were re-queued. Listed with include_dead for the
+retention period of finished runs.
+"""
 Global___LivenessStatus: _TypeAlias = LivenessStatus  # noqa: Y015
 
 @_typing.final
@@ -180,6 +208,7 @@ class RunRecord(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PARENT_FIELD_NUMBER: _builtins.int
+    RUN_TIMEOUT_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """The run's namespace ("default" when started with "")."""
     run_id: _builtins.str
@@ -220,6 +249,14 @@ class RunRecord(_message.Message):
     def parent(self) -> _work_item_pb2.ItemRef:
         """For a child run (a nested workflow): the item of the parent run that waits for it."""
 
+    @_builtins.property
+    def run_timeout(self) -> _duration_pb2.Duration:
+        """How long the run may take, paused time included, as it was started; unset without one. The
+        elected replica measures it on its own monotonic clock from when it first saw the run (never
+        early; late by at most a few seconds plus a leader election), then ends the run
+        RUN_STATUS_TIMED_OUT.
+        """
+
     def __init__(
         self,
         *,
@@ -236,10 +273,11 @@ class RunRecord(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         idempotency_key: _builtins.str = ...,
         parent: _work_item_pb2.ItemRef | None = ...,
+        run_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "input", b"input", "output", b"output", "parent", b"parent", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "input", b"input", "output", b"output", "parent", b"parent", "run_timeout", b"run_timeout", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "definition_hash", b"definition_hash", "error", b"error", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "input", b"input", "namespace", b"namespace", "output", b"output", "parent", b"parent", "run_id", b"run_id", "status", b"status", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "definition_hash", b"definition_hash", "error", b"error", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "input", b"input", "namespace", b"namespace", "output", b"output", "parent", b"parent", "run_id", b"run_id", "run_timeout", b"run_timeout", "status", b"status", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,6 +510,7 @@ class WorkerRecord(_message.Message):
     ERROR_COUNT_FIELD_NUMBER: _builtins.int
     SERVER_ID_FIELD_NUMBER: _builtins.int
     SDK_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session, assigned by the server at hello."""
     worker_id: _builtins.str
@@ -500,11 +539,17 @@ class WorkerRecord(_message.Message):
 
     @_builtins.property
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp:
-        """When the server last heard from it."""
+        """When the serving replica last renewed its lease on hearing from it, by that replica's clock
+        (for people; liveness is not judged from it).
+        """
 
     @_builtins.property
     def current_items(self) -> _containers.RepeatedCompositeFieldContainer[_work_item_pb2.ItemRef]:
-        """Items it holds."""
+        """Items it holds now: its claims in etcd."""
+
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp:
+        """When the session ended, by the clock of the replica that saw it end; unset while it lives."""
 
     def __init__(
         self,
@@ -522,10 +567,11 @@ class WorkerRecord(_message.Message):
         error_count: _builtins.int = ...,
         server_id: _builtins.str = ...,
         sdk: _builtins.str = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "last_heartbeat", b"last_heartbeat"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "ended_at", b"ended_at", "last_heartbeat", b"last_heartbeat"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "current_items", b"current_items", "error_count", b"error_count", "last_heartbeat", b"last_heartbeat", "liveness", b"liveness", "namespace", b"namespace", "nodes", b"nodes", "sdk", b"sdk", "server_id", b"server_id", "session_id", b"session_id", "slots", b"slots", "status", b"status", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "current_items", b"current_items", "ended_at", b"ended_at", "error_count", b"error_count", "last_heartbeat", b"last_heartbeat", "liveness", b"liveness", "namespace", b"namespace", "nodes", b"nodes", "sdk", b"sdk", "server_id", b"server_id", "session_id", b"session_id", "slots", b"slots", "status", b"status", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

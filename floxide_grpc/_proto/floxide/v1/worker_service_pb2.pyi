@@ -23,6 +23,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _CancelReason:
@@ -291,6 +296,7 @@ class Assignment(_message.Message):
     CLAIM_TOKEN_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     claim_token: _builtins.str
     """Fences this claim: unique forever, it names the item, the attempt and the session. The
     worker sends it back unchanged with the result. Opaque.
@@ -304,9 +310,21 @@ class Assignment(_message.Message):
         """The run's context as of dispatch, a JSON object. The node sees it plus its own operations."""
 
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def deadline(self) -> _timestamp_pb2.Timestamp:
-        """When the attempt times out (the node's timeout from dispatch); unset without a timeout. The
-        worker cancels the node then and reports ERROR_KIND_TIMEOUT.
+        """Never set: an absolute time by the server's clock, which no worker can compare with its own.
+        See timeout.
+        """
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long the attempt may take (the node's timeout, or the server's default node timeout);
+        unset without one. The worker measures it on its own monotonic clock from when it receives
+        this assignment, then cancels the node and reports ERROR_KIND_TIMEOUT. The server enforces it
+        whatever the worker does: past the timeout plus its grace (2 s by default) from when it sent
+        the assignment, it records the attempt as failed with ERROR_KIND_TIMEOUT, sends a Cancel
+        (CANCEL_REASON_TIMEOUT), lets the node's retry policy decide, and refuses a later result
+        with FAILED_PRECONDITION. The slot stays taken until the worker reports the claim.
         """
 
     def __init__(
@@ -316,10 +334,11 @@ class Assignment(_message.Message):
         claim_token: _builtins.str = ...,
         context: _work_item_pb2.Payload | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "deadline", b"deadline", "item", b"item"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "deadline", b"deadline", "item", b"item", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token", "context", b"context", "deadline", b"deadline", "item", b"item"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token", "context", b"context", "deadline", b"deadline", "item", b"item", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

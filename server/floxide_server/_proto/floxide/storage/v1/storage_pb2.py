@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from floxide_grpc._proto.floxide.v1 import work_item_pb2 as floxide_dot_v1_dot_work__item__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n floxide/storage/v1/storage.proto\x12\x12\x66loxide.storage.v1\x1a\x1a\x66loxide/v1/work_item.proto\"}\n\x17\x43ontextOperationsRecord\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x30\n\noperations\x18\x06 \x03(\x0b\x32\x1c.floxide.v1.ContextOperation\"Y\n\x0f\x45xpansionRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12#\n\x05items\x18\x06 \x03(\x0b\x32\x14.floxide.v1.WorkItemb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n floxide/storage/v1/storage.proto\x12\x12\x66loxide.storage.v1\x1a\x1a\x66loxide/v1/work_item.proto\"}\n\x17\x43ontextOperationsRecord\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x30\n\noperations\x18\x06 \x03(\x0b\x32\x1c.floxide.v1.ContextOperation\"Y\n\x0f\x45xpansionRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12#\n\x05items\x18\x06 \x03(\x0b\x32\x14.floxide.v1.WorkItem\"d\n\x0bTimerRecord\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x04item\x18\x02 \x01(\x0b\x32\x14.floxide.v1.WorkItem\x12\x10\n\x08\x64\x65lay_ms\x18\x03 \x01(\x04\x12\x0f\n\x07seen_at\x18\x04 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,4 +36,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTEXTOPERATIONSRECORD']._serialized_end=209
   _globals['_EXPANSIONRECORD']._serialized_start=211
   _globals['_EXPANSIONRECORD']._serialized_end=300
+  _globals['_TIMERRECORD']._serialized_start=302
+  _globals['_TIMERRECORD']._serialized_end=402
 # @@protoc_insertion_point(module_scope)

@@ -102,3 +102,44 @@ class ExpansionRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExpansionRecord: _TypeAlias = ExpansionRecord  # noqa: Y015
+
+@_typing.final
+class TimerRecord(_message.Message):
+    """A durable timer: the value of timer/{run}/{item} (a retry of the item) or timer/{run}/ (the
+    run's timeout). It holds a duration, never a due time: the elected replica measures it on its
+    own monotonic clock from when a replica first saw it, on the namespace's timer clock
+    (timer-clock, advanced by the elected replica and written every few seconds), so a failover
+    resumes it from there and no clock of another process is ever compared with its own.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
+    DELAY_MS_FIELD_NUMBER: _builtins.int
+    SEEN_AT_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run."""
+    delay_ms: _builtins.int
+    """How long after it was first seen it fires, in milliseconds."""
+    seen_at: _builtins.int
+    """The timer clock's reading when the elected replica first saw it; 0 until it wrote that."""
+    @_builtins.property
+    def item(self) -> _work_item_pb2.WorkItem:
+        """The item to retry, as its queue entry would hold it; unset for the run's timeout."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        item: _work_item_pb2.WorkItem | None = ...,
+        delay_ms: _builtins.int = ...,
+        seen_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_ms", b"delay_ms", "item", b"item", "run_id", b"run_id", "seen_at", b"seen_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimerRecord: _TypeAlias = TimerRecord  # noqa: Y015
