@@ -9,6 +9,7 @@ the route of a variant); collect the context operations it recorded. Any failure
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
@@ -53,6 +54,7 @@ async def attempt(
     routes: Collection[str] = (),
     cancel: asyncio.Event | None = None,
     timeout: float | None = None,
+    since: float | None = None,
     run_subworkflow: SubworkflowRunner | None = None,
 ) -> tuple[Transition, list[Operation]]:
     """Run one attempt of ``item`` with node ``spec``.
@@ -66,6 +68,8 @@ async def attempt(
             its route when it is one of them).
         cancel: Set to cancel the attempt; the node sees it on its context.
         timeout: Seconds the attempt may take (``None``: the node's own timeout, if any).
+        since: When the timeout began, by ``time.monotonic()`` (``None``: now); a worker counts
+            from when the assignment arrived.
         run_subworkflow: Runs a ``SUBWORKFLOW`` node's workflow on an input.
 
     Returns:
@@ -92,7 +96,7 @@ async def attempt(
     )
     if timeout is None and spec.timeout is not None:
         timeout = spec.timeout.total_seconds()
-    result = await _invoke(spec, ctx, value, cancel, timeout, run_subworkflow)
+    result = await _invoke(spec, ctx, value, cancel, timeout, since, run_subworkflow)
     return to_transition(spec, item.node, result, routes), ctx.operations
 
 
@@ -102,6 +106,7 @@ async def _invoke(
     value: Any,
     cancel: asyncio.Event,
     timeout: float | None,
+    since: float | None,
     run_subworkflow: SubworkflowRunner | None,
 ) -> Any:
     if spec.kind is NodeKind.SUBWORKFLOW:
@@ -114,9 +119,12 @@ async def _invoke(
         call = spec.invoke(ctx, value)
     task = asyncio.ensure_future(call)
     cancelled = asyncio.ensure_future(cancel.wait())
+    left = None
+    if timeout is not None:
+        left = max(timeout - (time.monotonic() - since), 0) if since is not None else timeout
     try:
         done, _ = await asyncio.wait(
-            {task, cancelled}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            {task, cancelled}, timeout=left, return_when=asyncio.FIRST_COMPLETED
         )
     except asyncio.CancelledError:
         _abandon(task)  # the attempt itself is cancelled (a worker abandons it): so is the node
@@ -132,8 +140,11 @@ async def _invoke(
             raise AttemptFailed(
                 node_error(ErrorKind.CANCELLED, f"node {spec.name!r} was cancelled")
             )
+        assert timeout is not None
         raise AttemptFailed(
-            node_error(ErrorKind.TIMEOUT, f"node {spec.name!r} timed out after {timeout:g}s")
+            node_error(
+                ErrorKind.TIMEOUT, f"node {spec.name!r} timed out after {format_seconds(timeout)}"
+            )
         )
     try:
         return task.result()
@@ -191,3 +202,8 @@ def _output(spec: NodeSpec, value: Any, where: str) -> tuple[work_item_pb2.Paylo
     variant = type(value).__name__
     codec.convert(builtins, spec.variants.get(variant, spec.output_type), where=where)
     return codec.to_payload(builtins, where=where), variant
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as it was configured, for messages: ``0.05s``, not ``0.0484138s``."""
+    return f"{round(seconds, 6):g}s"

@@ -142,8 +142,8 @@ class Session:
         assignment = worker_service_pb2.Assignment(
             item=claim.item, claim_token=claim.token, context=claim.context
         )
-        if claim.deadline_ms:
-            assignment.deadline.FromMilliseconds(claim.deadline_ms)
+        if claim.timeout_ms:
+            assignment.timeout.FromMilliseconds(claim.timeout_ms)
         self.hold(claim)
         return assignment
 

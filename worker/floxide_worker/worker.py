@@ -96,6 +96,8 @@ class _Held:
     session_id: str
     cancel: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    received: float = dataclasses.field(default_factory=time.monotonic)
+    """When it arrived: its timeout counts from then, on this process's monotonic clock."""
 
 
 class _Scope:
@@ -477,8 +479,8 @@ class Worker:
             workflow = self._by_hash[item.definition_hash]
             context = json.loads(assignment.context.data) if assignment.context.data else {}
             timeout = None
-            if assignment.HasField("deadline"):
-                timeout = max(assignment.deadline.ToMilliseconds() / 1000 - time.time(), 0.001)
+            if assignment.HasField("timeout"):
+                timeout = assignment.timeout.ToTimedelta().total_seconds()
             self.executions += 1
             transition, operations = await attempt(
                 workflow.spec(item.node),
@@ -488,6 +490,7 @@ class Worker:
                 routes=self._graphs[item.definition_hash].node(item.node).routes,
                 cancel=held.cancel,
                 timeout=timeout,
+                since=held.received,
                 run_subworkflow=_run_subworkflow,
             )
             result.transition.CopyFrom(transition)

@@ -118,14 +118,14 @@ class Claim:
         token: The fencing token the worker sends back with its result.
         item: The item, with its input (a join's list of outputs, assembled now).
         context: The run's context as of the claim.
-        deadline_ms: When the attempt times out (0: no timeout).
+        timeout_ms: How long the attempt may take, measured from when it is sent (0: no limit).
         snapshot: What its completion may start from (none after a lost reply).
     """
 
     token: str
     item: work_item_pb2.WorkItem
     context: work_item_pb2.Payload
-    deadline_ms: int
+    timeout_ms: int
     snapshot: Snapshot | None = None
 
 
@@ -331,12 +331,16 @@ class Claims:
             arrivals = [checkpoint_pb2.GroupArrival.FromString(kv.value) for kv in outputs]
             item.input.CopyFrom(join_input([a.output for a in arrivals if not a.held]))
         node = definition.graph.node(item.node)
-        timeout = node.timeout.ToMilliseconds() if node.HasField("timeout") else 0
+        timeout = (
+            node.timeout.ToMilliseconds()
+            if node.HasField("timeout")
+            else self.limits.default_node_timeout_ms
+        )
         return Claim(
             token=str(ClaimToken(lease, revision, state.attempts, run_id, item_id)),
             item=item,
             context=contexts.payload(contexts.fold(definition, init, ops)),
-            deadline_ms=now_ms() + timeout if timeout else 0,
+            timeout_ms=timeout,
             snapshot=snapshot,
         )
 

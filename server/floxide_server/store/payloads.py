@@ -36,19 +36,23 @@ _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Size limits. etcd takes 1.5 MiB a request and 128 operations a transaction by default.
+    """Size and time limits. etcd takes 1.5 MiB a request and 128 operations a Txn by default.
 
     Attributes:
         max_payload_bytes: The largest payload (input, output, context operation value).
         max_context_bytes: The largest context, as JSON.
         max_definition_bytes: The largest workflow definition, encoded.
         max_txn_ops: etcd's ``--max-txn-ops``.
+        default_node_timeout_ms: The timeout of a node that declares none (0: none).
+        max_run_timeout_ms: The longest run timeout a start may ask for.
     """
 
     max_payload_bytes: int = 256 * 1024
     max_context_bytes: int = 1024 * 1024
     max_definition_bytes: int = 1024 * 1024
     max_txn_ops: int = 128
+    default_node_timeout_ms: int = 0
+    max_run_timeout_ms: int = 365 * 24 * 3600 * 1000
 
 
 def namespace_of(namespace: str) -> str:
