@@ -10,6 +10,7 @@ thin blocking wrapper for scripts and shells.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import random
 import threading
@@ -30,7 +31,7 @@ from floxide_grpc._proto.floxide.v1 import (
     work_item_pb2,
     workflow_pb2,
 )
-from floxide_grpc.errors import RunCancelled, RunFailed
+from floxide_grpc.errors import RunCancelled, RunFailed, RunTimedOut
 from floxide_grpc.records import ErrorInfo, ItemInfo, RunInfo, RunMetrics, RunStatus, WorkerInfo
 from floxide_grpc.status import error_from_status
 from floxide_grpc.workflow import Workflow
@@ -150,8 +151,13 @@ class OrchestratorClient:
         idempotency_key: str | None = None,
         definition_hash: str = "",
         context: Mapping[str, Any] | None = None,
+        run_timeout: datetime.timedelta | float | None = None,
     ) -> tuple[RunInfo, bool]:
-        """Start a run; returns it and whether it was created (``False``: the key's earlier run)."""
+        """Start a run; returns it and whether it was created (``False``: the key's earlier run).
+
+        ``run_timeout`` (seconds, or a timedelta): how long the whole run may take, paused time
+        included; past it the server ends it TIMED_OUT.
+        """
         name = workflow.name if isinstance(workflow, Workflow) else workflow
         request = pb.StartRunRequest(
             namespace=self.namespace,
@@ -162,6 +168,10 @@ class OrchestratorClient:
         )
         if context is not None:
             request.context.CopyFrom(_payload(dict(context), "context"))
+        if run_timeout is not None:
+            if not isinstance(run_timeout, datetime.timedelta):
+                run_timeout = datetime.timedelta(seconds=run_timeout)
+            request.run_timeout.FromTimedelta(run_timeout)
         response = await self._call(self._stub.StartRun, request)
         return RunInfo.from_proto(response.run), response.created
 
@@ -305,7 +315,7 @@ class OrchestratorClient:
                 await asyncio.sleep(0.1 * 2**failures)
 
     async def wait_for_completion(self, run_id: str, timeout: float | None = None) -> RunInfo:
-        """Wait until a run is completed, failed or cancelled; returns its final record.
+        """Wait until a run is completed, failed, cancelled or timed out; returns its final record.
 
         Raises:
             TimeoutError: ``timeout`` seconds passed first.
@@ -317,20 +327,31 @@ class OrchestratorClient:
         return await self.get_run(run_id)
 
     async def run(
-        self, workflow: str | Workflow, input: Any, *, timeout: float | None = None
+        self,
+        workflow: str | Workflow,
+        input: Any,
+        *,
+        timeout: float | None = None,
+        run_timeout: datetime.timedelta | float | None = None,
     ) -> Any:
         """Start a run, wait for it, and return its output.
+
+        ``timeout`` bounds the wait here; ``run_timeout`` is the run's own, on the server.
 
         Raises:
             RunFailed: the run failed.
             RunCancelled: the run was cancelled.
+            RunTimedOut: the run passed its run timeout.
+            TimeoutError: ``timeout`` seconds passed first (the run goes on).
         """
-        started, _ = await self.start_run(workflow, input)
+        started, _ = await self.start_run(workflow, input, run_timeout=run_timeout)
         final = await self.wait_for_completion(started.run_id, timeout)
         if final.status is RunStatus.COMPLETED:
             return final.output
         if final.status is RunStatus.CANCELLED:
             raise RunCancelled(f"run {final.run_id} was cancelled: {final.error}")
+        if final.status is RunStatus.TIMED_OUT:
+            raise RunTimedOut(f"run {final.run_id} timed out: {final.error}")
         raise RunFailed(f"run {final.run_id} failed: {final.error}", node="", kind="", attempts=0)
 
 

@@ -183,5 +183,11 @@ class RunCancelled(FloxideError):
     code = StatusCode.CANCELLED
 
 
+class RunTimedOut(FloxideError):
+    """Raised when a run passes its run timeout before it completes."""
+
+    code = StatusCode.DEADLINE_EXCEEDED
+
+
 class RunStuck(FailedPrecondition):
     """Raised when a run has no work left but never reached a terminal node."""

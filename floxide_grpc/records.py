@@ -21,6 +21,7 @@ class RunStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     PAUSED = "paused"
+    TIMED_OUT = "timed_out"
 
     @classmethod
     def from_proto(cls, value: int) -> RunStatus:
@@ -37,8 +38,13 @@ class RunStatus(enum.StrEnum):
 
     @property
     def finished(self) -> bool:
-        """Whether waiting for the run ends here (completed, failed or cancelled)."""
-        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+        """Whether waiting for the run ends here (completed, failed, cancelled or timed out)."""
+        return self in (
+            RunStatus.COMPLETED,
+            RunStatus.FAILED,
+            RunStatus.CANCELLED,
+            RunStatus.TIMED_OUT,
+        )
 
 
 def _time(stamp: Any, present: bool) -> datetime.datetime | None:
@@ -63,6 +69,7 @@ class RunInfo:
     error: str | None
     created_at: datetime.datetime | None
     finished_at: datetime.datetime | None
+    run_timeout: datetime.timedelta | None = None
 
     @classmethod
     def from_proto(cls, record: records_pb2.RunRecord) -> RunInfo:
@@ -78,6 +85,9 @@ class RunInfo:
             error=record.error.message if record.HasField("error") else None,
             created_at=_time(record.created_at, record.HasField("created_at")),
             finished_at=_time(record.finished_at, record.HasField("finished_at")),
+            run_timeout=(
+                record.run_timeout.ToTimedelta() if record.HasField("run_timeout") else None
+            ),
         )
 
 

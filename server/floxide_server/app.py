@@ -204,6 +204,7 @@ class Server:
                     for part in (
                         self.watches.run,
                         self.dispatcher.run,
+                        self.sessions.deadlines.run,
                         self.maintenance.run,
                         self.election.run,
                     )

@@ -20,6 +20,7 @@ from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.sessions import SessionConfig
 from floxide_server.store.kv import KVUnavailable
+from floxide_server.store.payloads import Limits
 from floxide_server.tasks import first_done
 
 app = typer.Typer(name="floxide-server", add_completion=False)
@@ -86,6 +87,19 @@ def run(
     namespace_retention: Annotated[
         list[str] | None, typer.Option(help="NAMESPACE=DAYS: another retention for a namespace.")
     ] = None,
+    deadline_grace: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Seconds past a node's timeout before the server fails the attempt."
+        ),
+    ] = 2.0,
+    default_node_timeout: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Seconds a node without a timeout may take (default: any)."),
+    ] = None,
+    max_run_timeout_days: Annotated[
+        float, typer.Option(min=0.001, help="The longest run timeout a start may ask for, in days.")
+    ] = 365.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
@@ -97,7 +111,13 @@ def run(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     sessions = SessionConfig(
-        lease_ttl=timedelta(seconds=lease_ttl), heartbeat_interval=timedelta(seconds=heartbeat)
+        lease_ttl=timedelta(seconds=lease_ttl),
+        heartbeat_interval=timedelta(seconds=heartbeat),
+        deadline_grace=timedelta(seconds=deadline_grace),
+    )
+    limits = Limits(
+        default_node_timeout_ms=round((default_node_timeout or 0) * 1000),
+        max_run_timeout_ms=round(max_run_timeout_days * 86_400_000),
     )
     try:
         by_namespace = {
@@ -109,6 +129,7 @@ def run(
     config = ServerConfig(
         host=host,
         port=port,
+        limits=limits,
         sessions=sessions,
         retention=timedelta(days=retention_days),
         reconcile_interval=timedelta(seconds=reconcile_interval),

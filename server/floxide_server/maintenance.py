@@ -10,8 +10,9 @@
   own Txn could not end.
 - **Retention**: runs finished longer ago than the retention period are removed in bounded
   batches (:mod:`floxide_server.store.retention`).
-- **Retry timers**: due timers are fired (:mod:`floxide_server.store.timers`), woken by the
-  earliest timer's due time or by a new timer, so a restart loses none.
+- **Timers** (retries, run timeouts): on the elected replica, fired by
+  :class:`floxide_server.firing.Firer` on its monotonic clock, never early; a failover resumes
+  them from the timer clock written in etcd.
 
 Every loop runs in the task group of :meth:`Maintenance.run`; one that fails for another
 reason than the store not answering ends ``run()``, and with it the server.
@@ -29,8 +30,9 @@ from typing import Any
 import grpc
 
 from floxide_server.election import Election
+from floxide_server.firing import Firer
 from floxide_server.sessions import Sessions
-from floxide_server.store import fanout, settling, stuck, timers
+from floxide_server.store import fanout, settling, stuck
 from floxide_server.store.keys import NAMESPACES, Keys
 from floxide_server.store.kv import KV, MAX_TXN_OPS, KVUnavailable
 from floxide_server.store.records import now_ms
@@ -150,22 +152,17 @@ class Maintenance:
             await asyncio.sleep(self.stuck_every)
 
     async def _timers(self, namespace: str) -> None:
-        keys = Keys(namespace)
-        updates = await self.watches.open(keys.timer())
-        try:
-            while True:
-                await timers.fire_timers(self.kv, namespace)
-                first, _ = await self.kv.range(keys.timer(), limit=1)
-                wait = 1.0
-                if first:
-                    wait = min(max(timers.due_ms(keys, first[0].key) / 1000 - time.time(), 0), 1)
-                try:
-                    async with asyncio.timeout(wait):
-                        await updates.next()  # a new timer may be due sooner
-                except TimeoutError:
-                    pass
-        finally:
-            updates.close()
+        """Fire the namespace's timers, on the elected replica only (see :mod:`.firing`)."""
+        if self.election is None:
+            await Firer(self.kv, namespace, None, self.max_txn_ops).run(self.watches)
+            return
+        election = self.election
+
+        async def fire() -> None:
+            firer = Firer(self.kv, namespace, election.guard, self.max_txn_ops)
+            await firer.run(self.watches)
+
+        await election.lead(fire)
 
     async def _retain(self, namespace: str) -> None:
         retention = self.retention_by_namespace.get(namespace, self.retention)

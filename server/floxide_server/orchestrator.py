@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from floxide_grpc._proto.floxide.v1 import (
     orchestrator_service_pb2 as pb,
@@ -83,6 +84,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
             request.input,
             request.idempotency_key,
             request.context if request.HasField("context") else None,
+            _milliseconds(request.run_timeout) if request.HasField("run_timeout") else None,
         )
         return pb.StartRunResponse(run=run, created=created)
 
@@ -223,3 +225,9 @@ def _json(value: object) -> work_item_pb2.Payload:
     return work_item_pb2.Payload(
         encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(value, separators=(",", ":")).encode()
     )
+
+
+def _milliseconds(duration: Duration) -> int:
+    """A duration in whole milliseconds, a fraction of one rounded up (never to zero)."""
+    nanos = duration.ToNanoseconds()
+    return -(-nanos // 1_000_000) if nanos > 0 else nanos // 1_000_000

@@ -34,6 +34,7 @@ from floxide_grpc.errors import (
     SessionEnded,
     WorkflowNotFound,
 )
+from floxide_server.deadlines import Deadlines
 from floxide_server.store.claims import Claim, Claims, Snapshot
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, KVUnavailable, Put, Txn
@@ -58,12 +59,15 @@ class SessionConfig:
         heartbeat_interval: How often workers should send a heartbeat.
         max_credit: The most items one worker may hold at once.
         hello_timeout: How long a new stream may take to say hello.
+        deadline_grace: How long past an attempt's timeout the server waits for its result
+            before it fails the attempt itself (:mod:`floxide_server.deadlines`).
     """
 
     lease_ttl: timedelta = timedelta(seconds=10)
     heartbeat_interval: timedelta = timedelta(seconds=3)
     max_credit: int = 1024
     hello_timeout: timedelta = timedelta(seconds=10)
+    deadline_grace: timedelta = timedelta(seconds=2)
 
     @property
     def stale_after_ms(self) -> int:
@@ -120,6 +124,7 @@ class Session:
     last_heard: float = dataclasses.field(default_factory=time.monotonic)
     reporting: set[str] = dataclasses.field(default_factory=set)
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    deadlines: Deadlines | None = None
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -135,6 +140,8 @@ class Session:
         """The worker no longer holds this claim."""
         self.held.discard(token)
         self.snapshots.pop(token, None)
+        if self.deadlines is not None:
+            self.deadlines.stop(token)
         self._settle()
 
     def assign(self, claim: Claim) -> worker_service_pb2.Assignment:
@@ -145,6 +152,8 @@ class Session:
         if claim.timeout_ms:
             assignment.timeout.FromMilliseconds(claim.timeout_ms)
         self.hold(claim)
+        if self.deadlines is not None:
+            self.deadlines.start(self, claim)
         return assignment
 
     def report(self, tokens: set[str], *, done: bool = False) -> None:
@@ -196,6 +205,7 @@ class Sessions:
         self.config = config
         self.server_id = server_id
         self.live: dict[int, Session] = {}
+        self.deadlines = Deadlines(claims, config.deadline_grace)
         self._none_live = asyncio.Event()
         self._none_live.set()
 
@@ -245,7 +255,7 @@ class Sessions:
         await self.kv.txn(
             Txn([], [Put(Keys(namespace).session(lease), worker.SerializeToString(), lease)])
         )
-        session = Session(lease, namespace, worker, credit)
+        session = Session(lease, namespace, worker, credit, deadlines=self.deadlines)
         self.live[lease] = session
         self._none_live.clear()
         log.info("session %x opened for worker %r in %r", lease, hello.worker_id, namespace)

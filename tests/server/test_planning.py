@@ -154,8 +154,9 @@ def test_an_abort_its_policy_retries_arms_a_timer_with_its_backoff() -> None:
     state = item_state(plan)
     assert state.status == records_pb2.ITEM_STATUS_WAITING_RETRY
     assert state.retry_at.ToMilliseconds() == NOW + 5000
-    timer = written(plan, KEYS.timer(NOW + 5000, "r", "start"))
-    assert not work_item_pb2.WorkItem.FromString(timer).HasField("input")
+    timer = storage_pb2.TimerRecord.FromString(written(plan, KEYS.timer("r", "start")))
+    assert timer.delay_ms == 5000 and not timer.seen_at  # a delay, never a due time
+    assert timer.item.item_id == "start" and not timer.item.HasField("input")
     assert any(w.key == KEYS.error("r", "start", 1) for w in plan.writes if isinstance(w, Put))
 
 

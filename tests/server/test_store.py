@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 import pytest
 from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.store import Store, fanout, queue, retention, settling, stuck, timers
+from floxide_server.firing import Firer
+from floxide_server.store import Store, fanout, queue, retention, settling, stuck
 from floxide_server.store.claims import Claim
 from floxide_server.store.completion import Completion, Sticky
 from floxide_server.store.keys import Keys
@@ -147,6 +148,14 @@ class Stores:
         """Claim the next ready item for a session and complete it with ``transition``."""
         claim = await self.claim_next(lease)
         return await self.store.completions.complete(self.namespace, claim.token, transition)
+
+    async def fire_timers(self, after: float) -> int:
+        """Fire the timers due ``after`` seconds after the firer first saw them."""
+        clock = [0.0]
+        firer = Firer(self.kv, self.namespace, None, Limits().max_txn_ops, lambda: clock[0])
+        await firer.load()
+        clock[0] = after
+        return await firer.fire_due()
 
     async def state(self, run_id: str) -> dict[str, tuple[int, int]]:
         items, _ = await self.store.reads.items(self.namespace, run_id)
@@ -659,8 +668,8 @@ async def test_a_failed_attempt_waits_on_a_durable_timer_then_falls_back(stores:
     await stores.complete_next(lease, abort("down"))
     assert (await stores.state(run.run_id))["flaky"] == (records_pb2.ITEM_STATUS_WAITING_RETRY, 1)
     assert await queue.ready(stores.kv, stores.namespace) == []
-    assert await timers.fire_timers(stores.kv, stores.namespace, now=0) == 0  # not due yet
-    assert await timers.fire_timers(stores.kv, stores.namespace, now=10**13) == 1
+    assert await stores.fire_timers(after=0) == 0  # its backoff is 1 ms: not due yet
+    assert await stores.fire_timers(after=0.001) == 1
     retry = await stores.claim_next(lease)
     assert retry.item.attempt == 2
     await stores.store.completions.complete(stores.namespace, retry.token, abort("still down"))
@@ -970,7 +979,7 @@ async def test_a_failed_run_settles_its_retries_and_their_timers(stores: Stores)
     metrics = await stores.store.reads.metrics(stores.namespace, run.run_id)
     assert in_flight(metrics) == 0 and metrics.cancelled == 1 and metrics.failed == 1
     assert (await stores.kv.range(stores.keys.timer()))[0] == []  # its timer is gone
-    assert await timers.fire_timers(stores.kv, stores.namespace, now=10**13) == 0
+    assert await stores.fire_timers(after=10**6) == 0
 
 
 async def test_a_failed_run_resumes_whole_and_its_join_fires_once_with_every_output(

@@ -12,7 +12,9 @@ or a queued sibling in a nested Txn of its own (:meth:`Claims.queued`).
 **Claim loss.** When a session's lease ends, its claims are released (:meth:`Claims.release`):
 each item is re-queued as a failed attempt of kind WORKER_LOST, or fails by its policy, in one
 Txn guarded by the claim itself, so replicas racing to release it do it once; and a late result
-of the lost claim is refused (its claim key is gone).
+of the lost claim is refused (its claim key is gone). A claim past its deadline ends the same
+way, as a failed attempt of kind TIMEOUT (:meth:`Claims.time_out`, which
+:mod:`floxide_server.deadlines` calls).
 """
 
 from __future__ import annotations
@@ -352,11 +354,40 @@ class Claims:
         Returns:
             Whether this call released it.
         """
+        plan = functools.partial(planning.plan_lost, lease=lease)
+        return await self._end_claim(namespace, lease, run_id, item_id, None, plan)
+
+    async def time_out(
+        self, namespace: str, token: ClaimToken, timeout_ms: int, grace_ms: int
+    ) -> bool:
+        """End a claim that passed its deadline: a failed attempt of kind TIMEOUT.
+
+        The node's retry policy decides what follows, as for any failed attempt. Guarded by the
+        claim itself: a result applied first wins, and a result sent later is refused.
+
+        Returns:
+            Whether this call ended it (``False``: its result, or its run's end, came first).
+        """
+        plan = functools.partial(planning.plan_timed_out, timeout_ms=timeout_ms, grace_ms=grace_ms)
+        return await self._end_claim(
+            namespace, token.lease, token.run_id, token.item_id, token.revision, plan
+        )
+
+    async def _end_claim(
+        self,
+        namespace: str,
+        lease: int,
+        run_id: str,
+        item_id: str,
+        revision: int | None,
+        plan: typing.Callable[[planning.Basis], planning.Plan],
+    ) -> bool:
+        """End a claim as a failed attempt (``revision``: only the claim made then)."""
         keys = Keys(namespace)
         claim_key = keys.claim(lease, run_id, item_id)
         for _ in range(ATTEMPTS_ON_CONFLICT):
             claim = await self.kv.get(claim_key)
-            if claim is None:
+            if claim is None or revision not in (None, claim.create_revision):
                 return False
             state_kv = await self.kv.get(keys.item(run_id, item_id))
             run_kv = await self.kv.get(keys.run_info(run_id))
@@ -374,9 +405,7 @@ class Claims:
             basis = planning.Basis(
                 keys, definition, run_kv.value, state_kv.value, self.limits, now_ms()
             )
-            planned = await self.groups.planned(
-                self.kv, functools.partial(_plan_lost, basis, lease)
-            )
+            planned = await self.groups.planned(self.kv, functools.partial(_plan_with, basis, plan))
             result = await self.kv.txn(
                 Txn(
                     [
@@ -398,7 +427,9 @@ class Claims:
         return False
 
 
-def _plan_lost(
-    basis: planning.Basis, lease: int, known: Mapping[bytes, KeyValue | None]
+def _plan_with(
+    basis: planning.Basis,
+    plan: typing.Callable[[planning.Basis], planning.Plan],
+    known: Mapping[bytes, KeyValue | None],
 ) -> planning.Plan:
-    return planning.plan_lost(dataclasses.replace(basis, groups=known), lease)
+    return plan(dataclasses.replace(basis, groups=known))

@@ -35,7 +35,9 @@ floxide.storage.v1 (``proto/floxide/storage/v1``), which only the storage format
 | ``queue/{run}/{item}`` | WorkItem (no input) | ready to dispatch; deleted by the claim |
 | ``expand/{run}/{item}`` | ExpansionRecord | a fan-out wider than one Txn, expanding |
 | ``settle/{run}`` | status name | a finished run whose leftovers are being settled |
-| ``timer/{due_ms}/{run}/{item}`` | WorkItem (no input) | a durable retry, fired by any replica |
+| ``timer/{run}/{item}`` | TimerRecord | a durable retry: a delay, never a due time |
+| ``timer/{run}`` | TimerRecord | the run's timeout, likewise |
+| ``timer-clock`` | decimal ms | the timer clock, advanced and written by the elected replica |
 | ``session/{lease}`` | WorkerRecord | a worker stream; the only key on a lease |
 | ``claim/{lease}/{run}/{item}`` | attempt | its create revision is the fencing token |
 | ``checkpoint/{run}`` | Checkpoint | checkpoints of local runs (CheckpointStoreService) |
@@ -174,12 +176,22 @@ class Keys:
         """A finished run whose other items are being settled (or the prefix of all)."""
         return self.prefix + b"settle/" + _b(run_id)
 
-    def timer(self, due_ms: int = -1, run_id: str = "", item_id: str = "") -> bytes:
-        """A retry timer (or, with no arguments, the prefix of every timer, due first)."""
+    def timer(self, run_id: str = "", item_id: str | None = None) -> bytes:
+        """A run's timeout (or with ``item_id``, an item's retry; with nothing, every timer).
+
+        A run's timeout key is also the prefix of all its timers (run ids have one length).
+        """
         key = self.prefix + b"timer/"
-        if due_ms >= 0:
-            key += _b(f"{due_ms:013d}/{run_id}/{item_id}")
+        if run_id:
+            key += _b(run_id)
+            if item_id is not None:
+                key += b"/" + _b(item_id)
         return key
+
+    @property
+    def timer_clock(self) -> bytes:
+        """The namespace's timer clock (see store.timers)."""
+        return self.prefix + b"timer-clock"
 
     def session(self, lease: int | None = None) -> bytes:
         """A worker session (or the prefix of every session)."""

@@ -26,7 +26,7 @@ from floxide_grpc.errors import (
 )
 from floxide_grpc.graph import Graph
 from floxide_grpc.routing import derive_id, start_item
-from floxide_server.store import fanout, payloads, settling
+from floxide_server.store import fanout, payloads, settling, timers
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn
 from floxide_server.store.queue import live, new_items, queue_entry
@@ -68,16 +68,26 @@ class RunLifecycle:
         input: work_item_pb2.Payload,
         idempotency_key: str,
         context: work_item_pb2.Payload | None,
+        run_timeout_ms: int | None = None,
     ) -> tuple[records_pb2.RunRecord, bool]:
         """Start a run, or return the one this idempotency key started.
 
+        ``run_timeout_ms``: how long the run may take, paused time included (``None``: no
+        limit); a durable timer armed in the start's Txn ends it TIMED_OUT then.
+
         Raises:
             WorkflowNotFound: unknown workflow or hash.
+            InvalidArgument: the run timeout is zero or less, or over the limit.
             InvalidPayload: the input or context does not fit its schema.
             ResourceExhausted: a payload is over the limit.
             AlreadyExists: the idempotency key started a run with another request.
         """
         keys = Keys(namespace)
+        if run_timeout_ms is not None and not 0 < run_timeout_ms <= self.limits.max_run_timeout_ms:
+            raise InvalidArgument(
+                f"run_timeout must be more than 0 and at most "
+                f"{self.limits.max_run_timeout_ms // 1000} s; got {run_timeout_ms / 1000:g} s"
+            )
         for _ in range(ATTEMPTS_ON_CONFLICT):
             current = 0
             if not definition_hash:
@@ -87,7 +97,9 @@ class RunLifecycle:
                 raise WorkflowNotFound(
                     f"definition {definition.hash!r} is not of workflow {workflow!r}"
                 )
-            started = await self._start(keys, definition, current, input, idempotency_key, context)
+            started = await self._start(
+                keys, definition, current, input, idempotency_key, context, run_timeout_ms
+            )
             if started is not None:
                 return started
             self.workflows.forget(namespace, workflow)  # registered anew meanwhile
@@ -101,6 +113,7 @@ class RunLifecycle:
         input: work_item_pb2.Payload,
         idempotency_key: str,
         context: work_item_pb2.Payload | None,
+        run_timeout_ms: int | None,
     ) -> tuple[records_pb2.RunRecord, bool] | None:
         """Start a run of this definition, or ``None`` if it is no longer current.
 
@@ -115,23 +128,13 @@ class RunLifecycle:
         payloads.validate(
             value, start.input_schema, f"workflow {workflow!r} input (node {start.name!r})"
         )
-        overrides: dict[str, Any] = {}
-        if context is not None and context.data:
-            overrides = payloads.parse_json(context, self.limits.max_context_bytes, "context")
-            if not isinstance(overrides, dict):
-                raise InvalidPayload("context: must be a JSON object")
-        try:
-            initial = definition.context.initial(overrides)
-        except ContextError as exc:
-            raise InvalidPayload(str(exc)) from exc
-        context_bytes = json.dumps(initial, separators=(",", ":"), allow_nan=False).encode()
-        if len(context_bytes) > self.limits.max_context_bytes:
-            raise ResourceExhausted(f"context of {len(context_bytes)} bytes is over the limit")
+        context_bytes = self._initial_context(definition, context)
         if len(idempotency_key) > 256:
             raise InvalidArgument("idempotency_key is longer than 256 characters")
-        fingerprint = hashlib.sha256(
-            b"\0".join([workflow.encode(), record.hash.encode(), input.data, context_bytes])
-        ).hexdigest()
+        fingerprinted = [workflow.encode(), record.hash.encode(), input.data, context_bytes]
+        if run_timeout_ms is not None:
+            fingerprinted.append(b"run_timeout=%d" % run_timeout_ms)
+        fingerprint = hashlib.sha256(b"\0".join(fingerprinted)).hexdigest()
         run_id = new_run_id()
         now = now_ms()
         run = records_pb2.RunRecord(
@@ -143,6 +146,8 @@ class RunLifecycle:
             input=input,
             idempotency_key=idempotency_key,
         )
+        if run_timeout_ms is not None:
+            run.run_timeout.FromMilliseconds(run_timeout_ms)
         stamp(run, "created_at", now)
         stamp(run, "updated_at", now)
         first = start_item(
@@ -159,6 +164,8 @@ class RunLifecycle:
             Put(keys.context_init(run_id), context_bytes),
             *new_items(keys, [first]),
         ]
+        if run_timeout_ms is not None:
+            writes.append(timers.arm_run_timeout(keys, run_id, run_timeout_ms))
         guards = []
         if current:
             guards.append(Compare.modified_at(keys.workflow_current(workflow), current))
@@ -183,9 +190,32 @@ class RunLifecycle:
         if existing_fingerprint != fingerprint:
             raise AlreadyExists(
                 f"idempotency key {idempotency_key!r} already started run {existing_run} "
-                "with another workflow or input"
+                "with another workflow, input or run timeout"
             )
         return await self.reads.get(namespace, existing_run), False
+
+    def _initial_context(
+        self, definition: Definition, context: work_item_pb2.Payload | None
+    ) -> bytes:
+        """A run's initial context: the declared initials with the start's overrides.
+
+        Raises:
+            InvalidPayload: the overrides are not an object of declared fields.
+            ResourceExhausted: the context is over the limit.
+        """
+        overrides: dict[str, Any] = {}
+        if context is not None and context.data:
+            overrides = payloads.parse_json(context, self.limits.max_context_bytes, "context")
+            if not isinstance(overrides, dict):
+                raise InvalidPayload("context: must be a JSON object")
+        try:
+            initial = definition.context.initial(overrides)
+        except ContextError as exc:
+            raise InvalidPayload(str(exc)) from exc
+        context_bytes = json.dumps(initial, separators=(",", ":"), allow_nan=False).encode()
+        if len(context_bytes) > self.limits.max_context_bytes:
+            raise ResourceExhausted(f"context of {len(context_bytes)} bytes is over the limit")
+        return context_bytes
 
     async def _set_status(
         self,

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.context import Operation
 from floxide_grpc.errors import FloxideError
+from floxide_grpc.execute import format_seconds
 from floxide_grpc.retry import RetryPolicy
 from floxide_grpc.routing import Step, route, route_failure
 from floxide_grpc.transition import ErrorKind
@@ -170,6 +171,22 @@ def plan_lost(basis: Basis, lease: int) -> Plan:
     return plan
 
 
+def plan_timed_out(basis: Basis, timeout_ms: int, grace_ms: int) -> Plan:
+    """Plan the Txn that ends an attempt past its deadline: failed, of kind TIMEOUT."""
+    run = records_pb2.RunRecord.FromString(basis.run)
+    state = records_pb2.WorkItemState.FromString(basis.state)
+    error = work_item_pb2.NodeError(
+        kind=work_item_pb2.ERROR_KIND_TIMEOUT,
+        message=(
+            f"node {state.item.node!r} timed out after {format_seconds(timeout_ms / 1000)}: "
+            f"no result came within it and the server's grace of {format_seconds(grace_ms / 1000)}"
+        ),
+    )
+    plan = Plan()
+    _plan_failure(basis, run, state, error, plan)
+    return plan
+
+
 def _route_success(
     basis: Basis,
     item: work_item_pb2.WorkItem,
@@ -281,7 +298,7 @@ def _plan_failure(
         kind, state.attempts, non_retryable=error.non_retryable
     ):
         plan.retry_in_ms = int(policy.backoff_for(state.attempts).total_seconds() * 1000)
-        plan.writes.extend(timers.arm(keys, state, now + plan.retry_in_ms))
+        plan.writes.extend(timers.arm(keys, state, now, plan.retry_in_ms))
         return
     state.status = records_pb2.ITEM_STATUS_PERMANENTLY_FAILED
     state.ClearField("retry_at")

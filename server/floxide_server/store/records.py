@@ -20,6 +20,7 @@ __all__ = [
     "FINISHED",
     "PAUSED",
     "RUNNING",
+    "TIMED_OUT",
     "WAITING",
     "fresh_state",
     "new_run_id",
@@ -32,7 +33,8 @@ __all__ = [
 RunStatus = records_pb2.RunStatus
 RUNNING = records_pb2.RUN_STATUS_RUNNING
 PAUSED = records_pb2.RUN_STATUS_PAUSED
-FINAL = (records_pb2.RUN_STATUS_COMPLETED, records_pb2.RUN_STATUS_CANCELLED)
+TIMED_OUT = records_pb2.RUN_STATUS_TIMED_OUT
+FINAL = (records_pb2.RUN_STATUS_COMPLETED, records_pb2.RUN_STATUS_CANCELLED, TIMED_OUT)
 """Statuses a run never leaves."""
 FINISHED = (*FINAL, records_pb2.RUN_STATUS_FAILED)
 """Statuses of a run that has ended (a failed one may still be resumed)."""

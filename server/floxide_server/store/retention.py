@@ -39,6 +39,7 @@ async def remove_finished(kv: KV, namespace: str, finished_before_ms: int, batch
             Delete(keys.queue(run.run_id, ""), prefix=True),
             Delete(keys.expansion(run.run_id, ""), prefix=True),
             Delete(keys.settle(run.run_id)),
+            Delete(keys.timer(run.run_id), prefix=True),
         ]
         if run.idempotency_key:
             deletes.append(Delete(keys.idempotency(run.idempotency_key)))

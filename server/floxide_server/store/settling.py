@@ -45,6 +45,7 @@ _WHY = {
     b"COMPLETED": "run completed",
     b"FAILED": "run failed",
     b"CANCELLED": "run cancelled",
+    b"TIMED_OUT": "run timed out",
 }
 SETTLING = "settling"
 """The name of the nested Txn of a run's ending step that marks the run for settling."""
@@ -175,9 +176,8 @@ def _state(found: KeyValue) -> records_pb2.WorkItemState:
 def holds(keys: Keys, state: records_pb2.WorkItemState) -> list[Request]:
     """Deletes of what an item in flight holds: its retry timer, or its claim."""
     item = state.item
-    if state.status == records_pb2.ITEM_STATUS_WAITING_RETRY and state.HasField("retry_at"):
-        due = state.retry_at.ToMilliseconds()
-        return [Delete(keys.timer(due, item.run_id, item.item_id))]
+    if state.status == records_pb2.ITEM_STATUS_WAITING_RETRY:
+        return [Delete(keys.timer(item.run_id, item.item_id))]
     if state.status == records_pb2.ITEM_STATUS_IN_PROGRESS and state.session_id:
         return [Delete(keys.claim(int(state.session_id, 16), item.run_id, item.item_id))]
     return []

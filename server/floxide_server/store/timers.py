@@ -1,86 +1,145 @@
-"""Retry timers: a failed attempt whose policy retries waits on a durable timer in etcd.
+"""Durable timers (retries, run timeouts): armed by the Txn that decides them, never early.
 
-Arming is part of the failing step's Txn: the item is marked WAITING_RETRY and a timer key
-``timer/{due_ms}/{run}/{item}`` is written, ordered by its due time so that the earliest is
-first in a range read. Firing (:func:`fire_timers`) is a Txn per due timer that checks the run is
-running and the item still waits at the revision read, deletes the timer, and queues the item
-as its next attempt. Any replica may fire; the guards make it happen once, and a restart loses
-no timer.
+A timer is a key ``timer/{run}/{item}`` (a retry) or ``timer/{run}`` (the run's timeout) whose
+TimerRecord holds a *delay*, never a due time: whatever the replicas' clocks say, the elected
+replica measures it on its own monotonic clock (:mod:`floxide_server.firing`). ``retry_at`` on
+an item is an estimate for people and is never read to fire.
+
+Firing is one Txn per timer, guarded by the timer's create revision (a timer re-armed on the
+same key is another timer) and by the run and item it acts on, so a deposed leader that has not
+heard yet does no harm. A retry whose run is paused, or a run timeout whose run failed
+(resumable), waits: it fires after a resume, as paused and failed time both count.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc.execute import format_seconds
+from floxide_server._proto.floxide.storage.v1.storage_pb2 import TimerRecord
+from floxide_server.store import settling
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, Put, Request, Txn
 from floxide_server.store.queue import entry, queue_entry
-from floxide_server.store.records import PAUSED, RUNNING, now_ms, stamp, status_name
+from floxide_server.store.records import (
+    PAUSED,
+    RUNNING,
+    TIMED_OUT,
+    now_ms,
+    stamp,
+    status_name,
+)
 
-__all__ = ["arm", "due_ms", "fire_timers"]
+__all__ = ["Timer", "arm", "arm_run_timeout", "drop", "fire_retry", "time_out"]
 
-FIRED_PER_ROUND = 256
-"""Timers read per call of :func:`fire_timers`."""
+log = logging.getLogger(__name__)
 
 
-def arm(keys: Keys, state: records_pb2.WorkItemState, due: int) -> list[Request]:
-    """Writes that make an item wait for a retry at ``due`` (ms); ``state`` is updated."""
+def arm(keys: Keys, state: records_pb2.WorkItemState, now: int, delay_ms: int) -> list[Request]:
+    """Writes that make an item wait ``delay_ms`` for a retry; ``state`` is updated.
+
+    ``retry_at`` is stamped ``now + delay_ms``: an estimate for people, never read to fire.
+    """
     item = state.item
     state.status = records_pb2.ITEM_STATUS_WAITING_RETRY
-    stamp(state, "retry_at", due)
+    stamp(state, "retry_at", now + delay_ms)
+    timer = TimerRecord(run_id=item.run_id, item=entry(item), delay_ms=delay_ms)
     return [
         Put(keys.item(item.run_id, item.item_id), state.SerializeToString()),
-        Put(keys.timer(due, item.run_id, item.item_id), entry(item).SerializeToString()),
+        Put(keys.timer(item.run_id, item.item_id), timer.SerializeToString()),
     ]
 
 
-def due_ms(keys: Keys, timer_key: bytes) -> int:
-    """A timer's due time, read from its key."""
-    return int(timer_key[len(keys.timer()) :].split(b"/")[0])
+def arm_run_timeout(keys: Keys, run_id: str, timeout_ms: int) -> Put:
+    """The write that ends the run ``timeout_ms`` after it starts (fired by ``firing``)."""
+    return Put(
+        keys.timer(run_id), TimerRecord(run_id=run_id, delay_ms=timeout_ms).SerializeToString()
+    )
 
 
-async def fire_timers(kv: KV, namespace: str, now: int | None = None) -> int:
-    """Make due retries pending again (any replica may call it); returns how many fired."""
-    keys = Keys(namespace)
-    now = now_ms() if now is None else now
-    due, _ = await kv.range(keys.timer(), limit=FIRED_PER_ROUND)
-    fired = 0
-    for timer in due:
-        if due_ms(keys, timer.key) > now:
-            break
-        waiting = work_item_pb2.WorkItem.FromString(timer.value)
-        run_id, item_id = waiting.run_id, waiting.item_id
-        status = await kv.get(keys.status(run_id))
-        if status is not None and status.value == status_name(PAUSED):
-            continue  # fires after resume
-        found = await kv.get(keys.item(run_id, item_id))
-        if found is None:
-            await kv.txn(Txn([], [Delete(timer.key)]))
-            continue
-        state = records_pb2.WorkItemState.FromString(found.value)
-        if (
-            status is None
-            or status.value != status_name(RUNNING)
-            or state.status != records_pb2.ITEM_STATUS_WAITING_RETRY
-        ):
-            await kv.txn(Txn([Compare.exists(timer.key)], [Delete(timer.key)]))
-            continue
-        state.status = records_pb2.ITEM_STATUS_PENDING
-        state.item.attempt = state.attempts + 1
-        state.ClearField("retry_at")
-        stamp(state, "updated_at", now)
-        result = await kv.txn(
-            Txn(
-                [
-                    Compare.exists(timer.key),
-                    Compare.value_is(keys.status(run_id), status_name(RUNNING)),
-                    Compare.modified_at(found.key, found.mod_revision),
-                ],
-                [
-                    Delete(timer.key),
-                    Put(found.key, state.SerializeToString()),
-                    queue_entry(keys, state.item),
-                ],
-            )
+@dataclasses.dataclass
+class Timer:
+    """A timer as read: its key, its create revision and its record.
+
+    The create revision is its identity: a timer re-armed on the same key is another timer.
+    """
+
+    key: bytes
+    created: int
+    record: TimerRecord
+
+
+async def fire_retry(kv: KV, keys: Keys, timer: Timer) -> int | None:
+    """Queue the item's next attempt; 1 if fired, 0 if moot, ``None`` if its run is paused."""
+    waiting = timer.record.item
+    run_id, item_id = waiting.run_id, waiting.item_id
+    status = await kv.get(keys.status(run_id))
+    if status is not None and status.value == status_name(PAUSED):
+        return None
+    found = await kv.get(keys.item(run_id, item_id))
+    state = records_pb2.WorkItemState.FromString(found.value) if found else None
+    if (
+        state is None
+        or status is None
+        or status.value != status_name(RUNNING)
+        or state.status != records_pb2.ITEM_STATUS_WAITING_RETRY
+    ):
+        await drop(kv, timer)
+        return 0
+    assert found is not None
+    state.status = records_pb2.ITEM_STATUS_PENDING
+    state.item.attempt = state.attempts + 1
+    state.ClearField("retry_at")
+    stamp(state, "updated_at", now_ms())
+    result = await kv.txn(
+        Txn(
+            [
+                Compare.created_at(timer.key, timer.created),
+                Compare.value_is(keys.status(run_id), status_name(RUNNING)),
+                Compare.modified_at(found.key, found.mod_revision),
+            ],
+            [
+                Delete(timer.key),
+                Put(found.key, state.SerializeToString()),
+                queue_entry(keys, state.item),
+            ],
         )
-        fired += result.succeeded
-    return fired
+    )
+    return int(result.succeeded)
+
+
+async def time_out(kv: KV, keys: Keys, timer: Timer, max_txn_ops: int) -> int | None:
+    """End the run TIMED_OUT; 1 if it did, 0 if moot, ``None`` if its run failed."""
+    run_id = timer.record.run_id
+    found = await kv.get(keys.run_info(run_id))
+    run = records_pb2.RunRecord.FromString(found.value) if found else None
+    if run is not None and run.status == records_pb2.RUN_STATUS_FAILED:
+        return None  # resumable: it times out if resumed
+    if found is None or run is None or run.status not in (RUNNING, PAUSED):
+        await drop(kv, timer)
+        return 0
+    error = work_item_pb2.NodeError(
+        kind=work_item_pb2.ERROR_KIND_TIMEOUT,
+        message=f"the run passed its run timeout of {format_seconds(timer.record.delay_ms / 1000)}",
+    )
+    result = await kv.txn(
+        Txn(
+            [
+                Compare.created_at(timer.key, timer.created),
+                Compare.modified_at(found.key, found.mod_revision),
+                Compare.value_is(keys.status(run_id), status_name(run.status)),
+            ],
+            [Delete(timer.key), *settling.ending(keys, run, TIMED_OUT, now_ms(), error)],
+        )
+    )
+    if result.succeeded:
+        log.info("run %s of %r timed out", run_id, keys.namespace)
+        await settling.settle(kv, keys, run_id, max_txn_ops)
+    return int(result.succeeded)
+
+
+async def drop(kv: KV, timer: Timer) -> None:
+    """Delete a timer that has nothing left to do (if it is still the same timer)."""
+    await kv.txn(Txn([Compare.created_at(timer.key, timer.created)], [Delete(timer.key)]))
