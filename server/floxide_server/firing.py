@@ -71,7 +71,7 @@ class Firer:
         self.max_txn_ops = max_txn_ops
         self.monotonic = monotonic
         self.pending: dict[bytes, _Pending] = {}
-        self._base = 0
+        self._base = 1
         self._since = monotonic()
 
     def now(self) -> int:
@@ -83,10 +83,7 @@ class Firer:
         keys = self.keys
         updates = await watches.open(keys.timer())
         try:
-            if self.guard is not None:
-                clock = await self.kv.get(keys.timer_clock)
-                self._base, self._since = int(clock.value) if clock else 0, self.monotonic()
-            await self.load()
+            await self.resume()
             checkpoint = self.monotonic()
             while True:
                 await self.fire_due()
@@ -115,6 +112,14 @@ class Firer:
                         self._add(event.kv, self.pending)
         finally:
             updates.close()
+
+    async def resume(self) -> None:
+        """Take the clock up where the last leader wrote it, and read every timer."""
+        if self.guard is not None:
+            clock = await self.kv.get(self.keys.timer_clock)
+            # It starts at 1: a seen_at of 0 says "not seen yet".
+            self._base, self._since = int(clock.value) if clock else 1, self.monotonic()
+        await self.load()
 
     async def load(self) -> None:
         """Read every timer (those already followed keep their ``seen_at``)."""

@@ -123,7 +123,9 @@ class TimerRecord(_message.Message):
     delay_ms: _builtins.int
     """How long after it was first seen it fires, in milliseconds."""
     seen_at: _builtins.int
-    """The timer clock's reading when the elected replica first saw it; 0 until it wrote that."""
+    """The timer clock's reading (which starts at 1) when the elected replica first saw it; 0 until
+    it wrote that.
+    """
     @_builtins.property
     def item(self) -> _work_item_pb2.WorkItem:
         """The item to retry, as its queue entry would hold it; unset for the run's timeout."""
