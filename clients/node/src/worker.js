@@ -120,21 +120,33 @@ class Worker {
       attempt: item.attempt,
       started_at: now(),
     };
+    // The attempt's timeout is a duration, measured from now on this process's clock.
+    const timeoutMs = durationMs(assignment.timeout);
+    let timedOut = false;
+    const timer = timeoutMs > 0 ? setTimeout(() => {
+      timedOut = true;
+      abort.abort(new Error(`node '${item.node}' timed out after ${timeoutMs / 1000}s`));
+    }, timeoutMs) : null;
     try {
       const handler = this.nodes[item.node];
       if (!handler) throw new Error(`this worker has no code for node ${item.node}`);
       this.executions += 1;
-      const output = await handler(fromPayload(item.input), {
-        context: fromPayload(assignment.context) || {},
-        attempt: item.attempt,
-        runId: item.run_id,
-        itemId: item.item_id,
-        signal: abort.signal,
-      });
+      const output = await Promise.race([
+        handler(fromPayload(item.input), {
+          context: fromPayload(assignment.context) || {},
+          attempt: item.attempt,
+          runId: item.run_id,
+          itemId: item.item_id,
+          signal: abort.signal,
+        }),
+        aborted(abort.signal), // a handler that ignores its signal is not waited for
+      ]);
       result.transition = { next: { output: toPayload(output), route: '' } };
     } catch (error) {
-      const kind = abort.signal.aborted ? 'ERROR_KIND_CANCELLED' : 'ERROR_KIND_GENERIC';
+      const kind = timedOut ? 'ERROR_KIND_TIMEOUT' : abort.signal.aborted ? 'ERROR_KIND_CANCELLED' : 'ERROR_KIND_GENERIC';
       result.transition = { abort: { kind, message: String(error && error.message ? error.message : error), error_type: error && error.name ? error.name : 'Error' } };
+    } finally {
+      if (timer) clearTimeout(timer);
     }
     result.finished_at = now();
     this.held.delete(assignment.claim_token);
@@ -174,6 +186,20 @@ class Worker {
 function now() {
   const ms = Date.now();
   return { seconds: String(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 };
+}
+
+/** A google.protobuf.Duration in milliseconds (0 when unset). */
+function durationMs(duration) {
+  if (!duration) return 0;
+  return Number(duration.seconds || 0) * 1000 + Math.floor((duration.nanos || 0) / 1e6);
+}
+
+/** A promise rejected with the signal's reason once it aborts. */
+function aborted(signal) {
+  return new Promise((_, reject) => {
+    if (signal.aborted) reject(signal.reason);
+    else signal.addEventListener('abort', () => reject(signal.reason), { once: true });
+  });
 }
 
 module.exports = { Worker, PROTOCOL_VERSION };
