@@ -135,6 +135,7 @@ PUBLIC_API = [
     "RunCancelled",
     "RunFailed",
     "RunStuck",
+    "RunTimedOut",
     "StatusCode",
     "Transition",
     "Unavailable",

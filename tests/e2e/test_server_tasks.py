@@ -55,11 +55,11 @@ async def test_a_failed_server_wide_loop_ends_the_process_with_the_error_logged(
 ) -> None:
     ready = tmp_path / "ready"
     namespace = f"corrupt-{uuid.uuid4().hex[:8]}"
-    corrupt = [NAMESPACES + namespace.encode(), Keys(namespace).timer() + b"not-a-time/run/item"]
+    corrupt = {NAMESPACES + namespace.encode(): b"", Keys(namespace).timer("run", "item"): b"\xff"}
     process, _ = start_server("--etcd", etcd.endpoint, ready_file=str(ready))
     kv = EtcdKV([etcd.endpoint])
-    try:  # a timer key no server wrote: the timers loop cannot read its due time
-        await kv.txn(Txn([], [Put(key, b"") for key in corrupt]))
+    try:  # a timer no server wrote: the timers loop cannot parse it
+        await kv.txn(Txn([], [Put(key, value) for key, value in corrupt.items()]))
         code = await asyncio.to_thread(exit_code, process, 30.0)
     finally:
         stop_server(process, signal.SIGKILL)
@@ -67,7 +67,7 @@ async def test_a_failed_server_wide_loop_ends_the_process_with_the_error_logged(
         await kv.close()
     log = await asyncio.to_thread(Path(f"{ready}.log").read_text)
     assert code == 1, log[-3000:]
-    assert "a server-wide task failed" in log and "invalid literal for int()" in log
+    assert "a server-wide task failed" in log and "Error parsing message" in log
     assert "floxide-server stopped" in log
     assert not [line for line in LEFT_PENDING if line in log], log[-3000:]
 
