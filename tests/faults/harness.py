@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,12 +58,19 @@ class Faults:
         )  # fmt: skip
 
     def start_worker(
-        self, name: str, target: str | None = None, *, slots: int = 1
+        self,
+        name: str,
+        target: str | None = None,
+        *,
+        slots: int = 1,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        env = {
+        """Start a worker process serving ``self.workflows``; ``env`` adds to its environment."""
+        environment = {
             **os.environ,
             "FLOXIDE_FAULT_LOG": str(self.tmp / "side.log"),
             "FLOXIDE_FAULT_GATE": str(self.gate),
+            **(env or {}),
         }
         with (self.tmp / f"{name}.log").open("ab") as sink:
             process = subprocess.Popen(
@@ -71,7 +79,7 @@ class Faults:
                     "--server", target or self.target, "--namespace", self.namespace,
                     "--slots", str(slots), "--worker-id", name, "--log-level", "info",
                 ],
-                env=env, stdout=sink, stderr=subprocess.STDOUT,
+                env=environment, stdout=sink, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.workers[name] = process
         return process

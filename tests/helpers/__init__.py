@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -142,12 +143,13 @@ class TcpProxy:
 
 
 def start_server(
-    *args: str, ready_file: str, timeout: float = 60.0
+    *args: str, ready_file: str, timeout: float = 60.0, env: Mapping[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``floxide-server`` as a process on a free port; return it and its address once ready.
 
-    Its log goes to ``{ready_file}.log`` (a pipe nobody reads could fill up and block it). The
-    caller stops it (``stop_server``); if it never gets ready, it is killed and reaped here.
+    Its log goes to ``{ready_file}.log`` (a pipe nobody reads could fill up and block it). Its
+    environment is the test's, with ``env`` added. The caller stops it (``stop_server``); if it
+    never gets ready, it is killed and reaped here.
 
     Raises:
         AssertionError: it exited, or was not ready within ``timeout`` seconds.
@@ -165,6 +167,7 @@ def start_server(
                 ready_file,
                 *args,
             ],
+            env={**os.environ, **(env or {})},
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
