@@ -90,7 +90,13 @@ class Deadlines:
 
     def stop(self, token: str) -> None:
         """The claim's result arrived (or its session ended): no deadline any more."""
-        self._timing.pop(token, None)
+        if (
+            self._timing.pop(token, None) is not None
+            and len(self._heap) > 2 * len(self._timing) + 64
+        ):
+            # Stopped deadlines stay in the heap until due: rebuilt, it holds the live ones only.
+            self._heap = list(self._timing.values())
+            heapq.heapify(self._heap)
 
     async def run(self, ready: Ready[None]) -> None:
         """Time out claims past their deadline, until cancelled."""

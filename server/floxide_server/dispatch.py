@@ -35,6 +35,7 @@ _CANCELS = {
     records_pb2.RUN_STATUS_CANCELLED: worker_service_pb2.CANCEL_REASON_RUN_CANCELLED,
     records_pb2.RUN_STATUS_COMPLETED: worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
     records_pb2.RUN_STATUS_FAILED: worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
+    records_pb2.RUN_STATUS_TIMED_OUT: worker_service_pb2.CANCEL_REASON_RUN_TIMED_OUT,
 }
 
 

@@ -21,6 +21,7 @@ from floxide_server.election import NotLeading
 from floxide_server.store import timers
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Event, KeyValue, Put, Request, Txn
+from floxide_server.store.timers import Outcome
 from floxide_server.watch import RESYNC, Watches
 
 __all__ = ["CHECKPOINT_EVERY", "Firer"]
@@ -29,6 +30,8 @@ CHECKPOINT_EVERY = 2.0
 """Seconds between writes of the timer clock: how late a failover may make a timer."""
 PAGE = 512
 """Timers read per range when a leader loads them."""
+RACED_AGAIN_MS = 50
+"""How soon a timer whose Txn lost a race with another write is tried again."""
 
 
 @dataclasses.dataclass
@@ -161,10 +164,13 @@ class Firer:
                 outcome = await timers.fire_retry(self.kv, self.keys, timer)
             else:
                 outcome = await timers.time_out(self.kv, self.keys, timer, self.max_txn_ops)
-            if outcome is None:  # waits for its run (paused, or failed): look again later
+            if outcome is Outcome.WAITS:  # for its run (paused, or failed): look again later
                 timer.retry_from = self.now() + int(CHECKPOINT_EVERY * 1000)
                 continue
-            fired += outcome
+            if outcome is Outcome.RACED:  # its run or item moved as it fired: read them again
+                timer.retry_from = self.now() + RACED_AGAIN_MS
+                continue
+            fired += outcome is Outcome.FIRED
             if self.pending.get(timer.key) is timer:
                 del self.pending[timer.key]  # its delete is on its way through the watch
         return fired

@@ -204,6 +204,25 @@ async def test_a_run_timeout_racing_its_join_ends_it_once_and_settled(stack: Sta
             assert (await stack.client.get_run(final.run_id)).status is RunStatus.TIMED_OUT
 
 
+async def test_a_run_timeout_tells_the_worker_holding_its_item_to_stop(
+    stack: Stack, raw: Raw
+) -> None:
+    await stack.client.register_workflow(BOUNDED)
+    await raw.send(hello(stack.namespace, "bounded", "bounded", credit=1))
+    await raw.read()
+    run, _ = await stack.client.start_run("bounded", 1, run_timeout=timedelta(milliseconds=300))
+    [held] = (await next_with(raw, "assignments")).assignments
+    [cancel] = (await next_with(raw, "cancels")).cancels  # before the node's own 1 s timeout
+    assert cancel.claim_token == held.claim_token
+    assert cancel.reason == worker_service_pb2.CANCEL_REASON_RUN_TIMED_OUT
+    await raw.send(result_of(held, 1))
+    [refused] = await raw.acks()
+    assert refused.code == FAILED_PRECONDITION and "timed out" in refused.message
+    final = await stack.client.get_run(run.run_id)
+    assert final.status is RunStatus.TIMED_OUT
+    assert await stack.client.run_errors(run.run_id) == []  # no attempt failed: the run ended
+
+
 async def test_run_timeout_and_its_errors_over_the_wire(stack: Stack) -> None:
     await stack.client.register_workflow(BOUNDED)
     for bad in (timedelta(0), timedelta(seconds=-1), timedelta(days=366)):

@@ -13,7 +13,7 @@ import pytest
 from floxide_server._proto.floxide.storage.v1.storage_pb2 import TimerRecord
 from floxide_server.firing import CHECKPOINT_EVERY, Firer
 from floxide_server.store import Store
-from floxide_server.store.kv import KV, Compare, Put, Txn
+from floxide_server.store.kv import KV, Compare, Put, Txn, TxnResult
 from floxide_server.store.payloads import Limits
 from floxide_server.store.workflows import WorkflowStore
 
@@ -169,6 +169,30 @@ async def test_a_timer_armed_again_on_its_key_is_another_timer(stores: Stores) -
     clock.now += 5
     assert await fires.fire_due() == 1
     assert (await stores.state(run_id))["patient"] == (records_pb2.ITEM_STATUS_PENDING, 2)
+
+
+async def test_a_timer_whose_txn_lost_a_race_is_fired_again(stores: Stores) -> None:
+    run_id = await failed_once(stores)
+    clock = Clock()
+    fires = await firer(stores, clock)
+    item_key = stores.keys.item(run_id, "start")
+    txn = stores.kv.txn
+
+    async def racing(request: Txn) -> TxnResult:
+        """Another writer moves the item just before the firing Txn (once)."""
+        fires.kv.txn = txn  # type: ignore[method-assign]
+        found = await stores.kv.get(item_key)
+        assert found is not None
+        await txn(Txn([], [Put(item_key, found.value)]))
+        return await txn(request)
+
+    fires.kv.txn = racing  # type: ignore[method-assign]
+    clock.now += 5
+    assert await fires.fire_due() == 0  # lost the race: not dropped, tried again soon
+    assert (await stores.kv.range(stores.keys.timer()))[0] != []
+    clock.now += 0.06
+    assert await fires.fire_due() == 1
+    assert (await stores.state(run_id))["patient"] == (records_pb2.ITEM_STATUS_PENDING, 1)
 
 
 # -- run timeouts ------------------------------------------------------------------------------

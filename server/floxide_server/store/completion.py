@@ -316,9 +316,8 @@ class Completions:
             await self.kv.txn(
                 Txn([Compare.created_at(claim_key, claim.revision)], [Delete(claim_key)])
             )
-            raise ClaimLost(
-                f"run {claim.run_id!r} is {status.value.decode().lower()}: result dropped"
-            )
+            state = status.value.decode().lower().replace("_", " ")  # "timed out"
+            raise ClaimLost(f"run {claim.run_id!r} is {state}: result dropped")
 
 
 def _plan_result(

@@ -14,6 +14,7 @@ heard yet does no harm. A retry whose run is paused, or a run timeout whose run 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
@@ -32,7 +33,7 @@ from floxide_server.store.records import (
     status_name,
 )
 
-__all__ = ["Timer", "arm", "arm_run_timeout", "drop", "fire_retry", "time_out"]
+__all__ = ["Outcome", "Timer", "arm", "arm_run_timeout", "drop", "fire_retry", "time_out"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,15 @@ def arm_run_timeout(keys: Keys, run_id: str, timeout_ms: int) -> Put:
     )
 
 
+class Outcome(enum.Enum):
+    """What an attempt to fire a timer did."""
+
+    FIRED = "fired"
+    MOOT = "moot"  # nothing left to do: deleted
+    WAITS = "waits"  # its run is paused (a retry) or failed (a run timeout): again later
+    RACED = "raced"  # another write moved its run or item meanwhile: again at once
+
+
 @dataclasses.dataclass
 class Timer:
     """A timer as read: its key, its create revision and its record.
@@ -71,13 +81,13 @@ class Timer:
     record: TimerRecord
 
 
-async def fire_retry(kv: KV, keys: Keys, timer: Timer) -> int | None:
-    """Queue the item's next attempt; 1 if fired, 0 if moot, ``None`` if its run is paused."""
+async def fire_retry(kv: KV, keys: Keys, timer: Timer) -> Outcome:
+    """Queue the item's next attempt (it waits while its run is paused)."""
     waiting = timer.record.item
     run_id, item_id = waiting.run_id, waiting.item_id
     status = await kv.get(keys.status(run_id))
     if status is not None and status.value == status_name(PAUSED):
-        return None
+        return Outcome.WAITS
     found = await kv.get(keys.item(run_id, item_id))
     state = records_pb2.WorkItemState.FromString(found.value) if found else None
     if (
@@ -87,7 +97,7 @@ async def fire_retry(kv: KV, keys: Keys, timer: Timer) -> int | None:
         or state.status != records_pb2.ITEM_STATUS_WAITING_RETRY
     ):
         await drop(kv, timer)
-        return 0
+        return Outcome.MOOT
     assert found is not None
     state.status = records_pb2.ITEM_STATUS_PENDING
     state.item.attempt = state.attempts + 1
@@ -107,19 +117,19 @@ async def fire_retry(kv: KV, keys: Keys, timer: Timer) -> int | None:
             ],
         )
     )
-    return int(result.succeeded)
+    return Outcome.FIRED if result.succeeded else Outcome.RACED
 
 
-async def time_out(kv: KV, keys: Keys, timer: Timer, max_txn_ops: int) -> int | None:
-    """End the run TIMED_OUT; 1 if it did, 0 if moot, ``None`` if its run failed."""
+async def time_out(kv: KV, keys: Keys, timer: Timer, max_txn_ops: int) -> Outcome:
+    """End the run TIMED_OUT (it waits while its run has failed: resumable)."""
     run_id = timer.record.run_id
     found = await kv.get(keys.run_info(run_id))
     run = records_pb2.RunRecord.FromString(found.value) if found else None
     if run is not None and run.status == records_pb2.RUN_STATUS_FAILED:
-        return None  # resumable: it times out if resumed
+        return Outcome.WAITS  # resumable: it times out if resumed
     if found is None or run is None or run.status not in (RUNNING, PAUSED):
         await drop(kv, timer)
-        return 0
+        return Outcome.MOOT
     error = work_item_pb2.NodeError(
         kind=work_item_pb2.ERROR_KIND_TIMEOUT,
         message=f"the run passed its run timeout of {format_seconds(timer.record.delay_ms / 1000)}",
@@ -137,7 +147,8 @@ async def time_out(kv: KV, keys: Keys, timer: Timer, max_txn_ops: int) -> int | 
     if result.succeeded:
         log.info("run %s of %r timed out", run_id, keys.namespace)
         await settling.settle(kv, keys, run_id, max_txn_ops)
-    return int(result.succeeded)
+        return Outcome.FIRED
+    return Outcome.RACED
 
 
 async def drop(kv: KV, timer: Timer) -> None:

@@ -45,7 +45,9 @@ class _CancelReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancelRe
     CANCEL_REASON_CLAIM_LOST: _CancelReason.ValueType  # 3
     """The claim no longer stands (re-queued elsewhere); a result would be refused."""
     CANCEL_REASON_TIMEOUT: _CancelReason.ValueType  # 4
-    """The attempt passed its deadline."""
+    """The attempt passed its timeout (the server's deadline: see Assignment.timeout)."""
+    CANCEL_REASON_RUN_TIMED_OUT: _CancelReason.ValueType  # 5
+    """Its run passed its run timeout (RUN_STATUS_TIMED_OUT)."""
 
 class CancelReason(_CancelReason, metaclass=_CancelReasonEnumTypeWrapper):
     """Why an item must stop."""
@@ -59,7 +61,9 @@ CANCEL_REASON_RUN_FINISHED: CancelReason.ValueType  # 2
 CANCEL_REASON_CLAIM_LOST: CancelReason.ValueType  # 3
 """The claim no longer stands (re-queued elsewhere); a result would be refused."""
 CANCEL_REASON_TIMEOUT: CancelReason.ValueType  # 4
-"""The attempt passed its deadline."""
+"""The attempt passed its timeout (the server's deadline: see Assignment.timeout)."""
+CANCEL_REASON_RUN_TIMED_OUT: CancelReason.ValueType  # 5
+"""Its run passed its run timeout (RUN_STATUS_TIMED_OUT)."""
 Global___CancelReason: _TypeAlias = CancelReason  # noqa: Y015
 
 @_typing.final
