@@ -171,7 +171,9 @@ async def test_a_timer_armed_again_on_its_key_is_another_timer(stores: Stores) -
     assert (await stores.state(run_id))["patient"] == (records_pb2.ITEM_STATUS_PENDING, 2)
 
 
-async def test_a_timer_whose_txn_lost_a_race_is_fired_again(stores: Stores) -> None:
+async def test_a_timer_whose_txn_lost_a_race_is_fired_again(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_id = await failed_once(stores)
     clock = Clock()
     fires = await firer(stores, clock)
@@ -180,13 +182,13 @@ async def test_a_timer_whose_txn_lost_a_race_is_fired_again(stores: Stores) -> N
 
     async def racing(request: Txn) -> TxnResult:
         """Another writer moves the item just before the firing Txn (once)."""
-        fires.kv.txn = txn  # type: ignore[method-assign]
+        monkeypatch.undo()
         found = await stores.kv.get(item_key)
         assert found is not None
         await txn(Txn([], [Put(item_key, found.value)]))
         return await txn(request)
 
-    fires.kv.txn = racing  # type: ignore[method-assign]
+    monkeypatch.setattr(stores.kv, "txn", racing)
     clock.now += 5
     assert await fires.fire_due() == 0  # lost the race: not dropped, tried again soon
     assert (await stores.kv.range(stores.keys.timer()))[0] != []
