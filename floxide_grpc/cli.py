@@ -88,6 +88,7 @@ def _print_run(run: RunInfo) -> None:
         ("error", run.error or ""),
         ("created", str(run.created_at or "")),
         ("finished", str(run.finished_at or "")),
+        ("run timeout", str(run.run_timeout or "")),
     ):
         table.add_row(f"[bold]{name}[/]", value)
     console.print(table)
@@ -202,6 +203,10 @@ def start(
         bool, typer.Option(help="Follow the run to its end, with a live view.")
     ] = False,
     idempotency_key: Annotated[str, typer.Option(help="Start at most one run per key.")] = "",
+    run_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds the whole run may take, paused time included (default: any)."),
+    ] = None,
 ) -> None:
     """Start a run of a registered workflow."""
     try:
@@ -211,7 +216,9 @@ def start(
         raise typer.Exit(code=1) from exc
 
     async def go(client: OrchestratorClient) -> RunInfo:
-        run, _ = await client.start_run(workflow, value, idempotency_key=idempotency_key or None)
+        run, _ = await client.start_run(
+            workflow, value, idempotency_key=idempotency_key or None, run_timeout=run_timeout
+        )
         if not wait:
             return run
         with Live(_progress(run, await client.run_metrics(run.run_id)), console=console) as live:

@@ -121,6 +121,15 @@ async def test_start_wait_follows_the_run_to_its_output(stack: Stack) -> None:
     assert "completed" in out and "15" in out
 
 
+async def test_start_with_a_run_timeout_waits_for_it_to_time_out(stack: Stack) -> None:
+    await stack.client.register_workflow(TRIPLE)  # no worker: it can only time out
+    code, out, _ = await floxide(
+        stack, "start", "triple", "--input", "5", "--run-timeout", "0.2", "--wait"
+    )
+    assert code == 1 and "timed_out" in out and "run timeout of 0.2s" in out
+    assert "0:00:00.200000" in out  # the run timeout, as the run records it
+
+
 async def test_server_command_errors_are_clear(stack: Stack) -> None:
     code, _, err = await floxide(stack, "status", "01a213b2-0000-7000-8000-000000000000")
     assert code == 1 and "error: run '01a213b2-0000-7000-8000-000000000000' not found" in err
