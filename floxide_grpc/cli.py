@@ -274,11 +274,17 @@ def errors(ctx: typer.Context, run_id: str) -> None:
 
 
 @app.command()
-def workers(ctx: typer.Context) -> None:
-    """List the connected workers."""
-    table = Table("session", "worker", "status", "liveness", "slots", "in flight", "last heartbeat")
-    for worker in _remote(ctx, lambda c: c.workers()):
-        table.add_row(
+def workers(
+    ctx: typer.Context,
+    all_: Annotated[
+        bool, typer.Option("--all", "-a", help="Also the sessions that ended recently.")
+    ] = False,
+) -> None:
+    """List the connected workers (with --all, the recently ended ones too)."""
+    columns = ["session", "worker", "status", "liveness", "slots", "in flight", "last heartbeat"]
+    table = Table(*columns, *(["ended"] if all_ else []))
+    for worker in _remote(ctx, lambda c: c.workers(include_dead=all_)):
+        row = [
             worker.session_id,
             worker.worker_id,
             worker.status,
@@ -286,7 +292,8 @@ def workers(ctx: typer.Context) -> None:
             str(worker.slots),
             str(worker.in_flight),
             str(worker.last_heartbeat or ""),
-        )
+        ]
+        table.add_row(*row, *([str(worker.ended_at or "")] if all_ else []))
     console.print(table)
 
 

@@ -280,10 +280,16 @@ class OrchestratorClient:
             if not token:
                 return found
 
-    async def workers(self) -> list[WorkerInfo]:
-        """The namespace's worker sessions."""
+    async def workers(self, *, include_dead: bool = False) -> list[WorkerInfo]:
+        """The namespace's live worker sessions.
+
+        Args:
+            include_dead: Also the sessions that ended within the retention period of finished
+                runs (liveness ``dead``, newest first, after the live ones).
+        """
         response = await self._call(
-            self._stub.ListWorkers, pb.ListWorkersRequest(namespace=self.namespace)
+            self._stub.ListWorkers,
+            pb.ListWorkersRequest(namespace=self.namespace, include_dead=include_dead),
         )
         return [WorkerInfo.from_proto(w) for w in response.workers]
 

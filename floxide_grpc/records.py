@@ -160,7 +160,15 @@ class ItemInfo:
 
 @dataclasses.dataclass(frozen=True)
 class WorkerInfo:
-    """A connected worker session."""
+    """A worker session: a connected one, or one that ended (liveness ``dead``).
+
+    Attributes:
+        liveness: ``alive``, ``stale`` (its lease was not renewed for two heartbeat intervals)
+            or ``dead`` (ended; listed with ``include_dead``).
+        in_flight: How many items it holds now (its claims).
+        last_heartbeat: When its replica last renewed its lease, by that replica's clock.
+        ended_at: When its session ended, by the clock of the replica that saw it end.
+    """
 
     session_id: str
     worker_id: str
@@ -169,6 +177,7 @@ class WorkerInfo:
     slots: int
     in_flight: int
     last_heartbeat: datetime.datetime | None
+    ended_at: datetime.datetime | None = None
 
     @classmethod
     def from_proto(cls, record: records_pb2.WorkerRecord) -> WorkerInfo:
@@ -185,4 +194,5 @@ class WorkerInfo:
             slots=record.slots,
             in_flight=len(record.current_items),
             last_heartbeat=_time(record.last_heartbeat, record.HasField("last_heartbeat")),
+            ended_at=_time(record.ended_at, record.HasField("ended_at")),
         )

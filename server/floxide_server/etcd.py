@@ -16,7 +16,8 @@ transactions included; neither builds nested transactions. This module owns:
   in flight go together in the next request, each a sub-transaction with its own token;
 - **watches that survive** a restart or a failover: they resume from the last revision + 1, and
   raise :class:`~floxide_server.store.kv.Compacted` when that revision is gone;
-- **leases** (grant, keep-alive over one stream, revoke).
+- **leases** (grant, keep-alive over one stream, revoke, and the time left as etcd's leader
+  times it).
 """
 
 from __future__ import annotations
@@ -292,6 +293,18 @@ class EtcdKV:
         except grpc.aio.AioRpcError as exc:
             if "lease not found" not in (exc.details() or ""):
                 raise
+
+    async def time_to_live(self, lease: int) -> int | None:
+        """Whole seconds left of a lease as etcd's leader times them, rounded down.
+
+        ``None`` when the lease no longer exists (etcd answers TTL -1).
+        """
+        response = await self._call(
+            lambda ch: rpc.LeaseStub(ch).LeaseTimeToLive(
+                rpc.LeaseTimeToLiveRequest(ID=lease), timeout=self.timeout
+            )
+        )
+        return None if response.TTL < 0 else int(response.TTL)
 
     # -- watches -------------------------------------------------------------------------------
 

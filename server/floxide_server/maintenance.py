@@ -1,15 +1,18 @@
 """What every replica tends in the background, for every namespace: safe on all of them at once.
 
 - **Expired sessions**: :meth:`floxide_server.sessions.Sessions.follow_expiries` releases the
-  claims of each session whose lease ended (the worker was killed, frozen or cut off).
+  claims of each session whose lease ended (the worker was killed, frozen, cut off or silent)
+  and stamps its record's ``ended_at``.
 - **Reconcile**: at start-up and then every lease TTL, claims whose session no longer exists
-  (they expired while no replica ran) are released the same way, and wide fan-outs whose
-  expansion a crash interrupted are finished, and so is the settling of finished runs.
+  (they expired while no replica ran) are released the same way, records of sessions that
+  ended unseen get their ``ended_at``, wide fan-outs whose expansion a crash interrupted are
+  finished, and so is the settling of finished runs.
 - **Stuck runs**: on the elected replica, every ``--reconcile-interval`` (30 s), running runs
   with no live item are failed as STUCK (:mod:`floxide_server.store.stuck`): those the step's
   own Txn could not end.
-- **Retention**: runs finished longer ago than the retention period are removed in bounded
-  batches (:mod:`floxide_server.store.retention`).
+- **Retention**: runs finished longer ago than the retention period, and the records of worker
+  sessions that ended longer ago, are removed in bounded batches
+  (:mod:`floxide_server.store.retention`).
 - **Timers** (retries, run timeouts): on the elected replica, fired by
   :class:`floxide_server.firing.Firer` on its monotonic clock, never early; a failover resumes
   them from the timer clock written in etcd.
@@ -36,7 +39,7 @@ from floxide_server.store import fanout, settling, stuck
 from floxide_server.store.keys import NAMESPACES, Keys
 from floxide_server.store.kv import KV, MAX_TXN_OPS, KVUnavailable
 from floxide_server.store.records import now_ms
-from floxide_server.store.retention import remove_finished
+from floxide_server.store.retention import remove_ended_sessions, remove_finished
 from floxide_server.tasks import Ready
 from floxide_server.watch import RESYNC, Watches
 
@@ -169,7 +172,13 @@ class Maintenance:
         while True:
             cutoff = int((time.time() - retention) * 1000)
             removed = await remove_finished(self.kv, namespace, cutoff)
-            if removed:
-                log.info("retention removed %d finished runs of %r", removed, namespace)
+            sessions = await remove_ended_sessions(self.kv, namespace, cutoff)
+            if removed or sessions:
+                log.info(
+                    "retention removed %d finished runs and %d ended sessions of %r",
+                    removed,
+                    sessions,
+                    namespace,
+                )
                 continue  # there may be more: next batch at once
             await asyncio.sleep(min(max(retention / 10, 0.2), 60.0))

@@ -176,8 +176,10 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
     async def ListWorkers(
         self, request: pb.ListWorkersRequest, context: Context
     ) -> pb.ListWorkersResponse:
-        """The namespace's worker sessions."""
-        workers = await self.sessions.list(namespace_of(request.namespace))
+        """The namespace's live worker sessions (with ``include_dead``, the ended ones too)."""
+        workers = await self.sessions.list(
+            namespace_of(request.namespace), include_dead=request.include_dead
+        )
         return pb.ListWorkersResponse(workers=workers)
 
     async def WaitForCompletion(

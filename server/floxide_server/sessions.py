@@ -1,13 +1,22 @@
 """Worker sessions: one per connected worker stream, on an etcd lease; their credit; their end.
 
-A worker says hello; :meth:`Sessions.open` grants a lease and writes the session key
-``session/{lease}`` on it (the only key a lease carries). While the worker is heard from,
-:meth:`Sessions.keep` renews the lease; when it is not heard from for a TTL, renewal stops and
-the lease ends in etcd, which deletes the key. Every replica follows those deletions
-(:meth:`Sessions.follow_expiries`) and releases the ended session's claims: each item is
-re-queued as a failed attempt of kind WORKER_LOST (:meth:`floxide_server.store.claims.Claims.
-release`, guarded, so replicas racing do it once). A periodic sweep
-(:meth:`Sessions.release_orphans`) catches sessions that ended while no replica ran.
+A worker says hello; :meth:`Sessions.open` grants a lease and writes, in one Txn, the session
+key ``session/{lease}`` on it (the only key a lease carries) and the session's durable record
+``worker/{lease}`` (on no lease). :meth:`Sessions.keep` renews the lease only while the worker
+was heard from within two heartbeat intervals, and revokes it after a TTL of silence, so a silent
+worker's session ends within the TTL plus one heartbeat interval of its last message; if the
+replica dies, etcd ends the lease within a TTL of its last renewal. Every replica follows the
+session keys' deletions (:meth:`Sessions.follow_expiries`): it stamps the durable record's
+``ended_at`` and releases the ended session's claims, each item re-queued as a failed attempt of
+kind WORKER_LOST (:meth:`floxide_server.store.claims.Claims.release`, guarded, so replicas racing
+do it once). A periodic sweep (:meth:`Sessions.release_orphans`) catches sessions that ended
+while no replica watched.
+
+**Liveness** comes from the lease alone (:meth:`Sessions.list`): the time left of it, as etcd's
+leader times it, says whether it was renewed within two heartbeat intervals (ALIVE) or not
+(STALE); a session whose lease is gone is not live, and is listed DEAD from its durable record
+until retention removes it. What a session holds is read from its claim keys. No wall clock of
+one process is compared with another's.
 
 **Credit.** A worker grants slots; each item pushed to it takes one (:meth:`Credit.take`), and
 each result that does not pass its slot to a successor gives it back (:meth:`Credit.give_back`).
@@ -19,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from datetime import timedelta
 
@@ -37,7 +47,7 @@ from floxide_grpc.errors import (
 from floxide_server.deadlines import Deadlines
 from floxide_server.store.claims import Claim, Claims, Snapshot
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, KVUnavailable, Put, Txn
+from floxide_server.store.kv import KV, Compare, KeyValue, KVUnavailable, Put, Txn
 from floxide_server.store.payloads import namespace_of
 from floxide_server.store.workflows import WorkflowStore
 from floxide_server.watch import RESYNC, Watches
@@ -55,8 +65,9 @@ class SessionConfig:
 
     Attributes:
         lease_ttl: How long a session lives without hearing from its worker (etcd's minimum
-            is about 2 s).
-        heartbeat_interval: How often workers should send a heartbeat.
+            is about 2 s; etcd counts whole seconds).
+        heartbeat_interval: How often workers should send a heartbeat; the lease is renewed
+            only while the worker was heard from within two of them.
         max_credit: The most items one worker may hold at once.
         hello_timeout: How long a new stream may take to say hello.
         deadline_grace: How long past an attempt's timeout the server waits for its result
@@ -70,9 +81,23 @@ class SessionConfig:
     deadline_grace: timedelta = timedelta(seconds=2)
 
     @property
-    def stale_after_ms(self) -> int:
-        """A worker unheard for three heartbeats is stale (its lease may still stand)."""
-        return int(self.heartbeat_interval.total_seconds() * 3000)
+    def lease_seconds(self) -> int:
+        """The lease's TTL as granted: etcd's whole seconds."""
+        return max(int(self.lease_ttl.total_seconds()), 1)
+
+    @property
+    def alive_seconds(self) -> int:
+        """The whole seconds a session's lease must have left for it to be ALIVE.
+
+        More than ``lease_ttl - 2 * heartbeat_interval`` seconds left means that the lease was
+        renewed within two heartbeat intervals. etcd reports what is left in whole seconds,
+        rounded down, so the rule reads: at least ``floor(lease_ttl - 2 * heartbeat_interval)``
+        whole seconds left, and at least 1 (with a TTL of a few seconds, as in tests, the
+        difference may be under a second, and a renewed lease always has a whole second left:
+        renewals come at least three times per TTL, and etcd's minimum TTL is 2 s).
+        """
+        heartbeats = 2 * self.heartbeat_interval.total_seconds()
+        return max(math.floor(self.lease_seconds - heartbeats), 1)
 
 
 class Credit:
@@ -239,7 +264,7 @@ class Sessions:
                 raise NotFound(f"workflow {served.workflow!r} has no node {served.node!r}")
         credit = Credit(0, self.config.max_credit)
         credit.grant(hello.credit, 0)
-        lease = await self.kv.grant(max(int(self.config.lease_ttl.total_seconds()), 1))
+        lease = await self.kv.grant(self.config.lease_seconds)
         worker = records_pb2.WorkerRecord(
             session_id=f"{lease:x}",
             worker_id=hello.worker_id,
@@ -252,8 +277,10 @@ class Sessions:
         )
         worker.connected_at.GetCurrentTime()
         worker.last_heartbeat.GetCurrentTime()
+        keys = Keys(namespace)
+        value = worker.SerializeToString()
         await self.kv.txn(
-            Txn([], [Put(Keys(namespace).session(lease), worker.SerializeToString(), lease)])
+            Txn([], [Put(keys.session(lease), value, lease), Put(keys.worker(lease), value)])
         )
         session = Session(lease, namespace, worker, credit, deadlines=self.deadlines)
         self.live[lease] = session
@@ -262,21 +289,36 @@ class Sessions:
         return session
 
     async def keep(self, session: Session) -> None:
-        """Renew the lease while the worker is heard from, until the session ends.
+        """Renew the lease on evidence that the worker lives; revoke it after a TTL of silence.
+
+        Silence is measured on this replica's monotonic clock from the worker's last message
+        (any message counts: :attr:`Session.last_heard`). Every heartbeat interval (at most a
+        third of the TTL) the lease is renewed if the worker was heard from within the last
+        two heartbeat intervals, and left to run down otherwise. The loop never sleeps past the
+        moment the silence reaches the TTL, and then revokes the lease itself: a silent
+        worker's session ends within the TTL (plus etcd's answer) of its last message, inside
+        the documented bound of the TTL plus one heartbeat interval. Should this replica die,
+        etcd ends the lease by itself within a TTL of its last renewal.
 
         Raises:
-            SessionEnded: the lease ended (the worker was silent for a TTL, or etcd ended it).
+            SessionEnded: the worker was silent for a TTL (the lease is revoked), or the lease
+                ended otherwise.
         """
         ttl = self.config.lease_ttl.total_seconds()
-        interval = min(self.config.heartbeat_interval.total_seconds(), ttl / 3)
+        heartbeat = self.config.heartbeat_interval.total_seconds()
+        interval = min(heartbeat, ttl / 3)
         key = Keys(session.namespace).session(session.lease)
         while True:
-            await asyncio.sleep(interval)
-            if time.monotonic() - session.last_heard > ttl:
-                # Silent for a whole TTL: stop renewing. etcd ends the lease on its own clock.
-                if await self.kv.get(key) is None:
-                    raise SessionEnded("the session's lease ended: no heartbeat within its TTL")
-                continue
+            await asyncio.sleep(min(interval, max(session.last_heard + ttl - time.monotonic(), 0)))
+            silent = time.monotonic() - session.last_heard
+            if silent >= ttl:
+                await self._revoke(session)
+                raise SessionEnded(
+                    f"no message from the worker for {ttl:g} s (the lease TTL): the session "
+                    "ended; reconnect for a new session"
+                )
+            if silent > 2 * heartbeat:
+                continue  # no evidence: not renewed; etcd's leader times what is left
             if not await self.kv.keep_alive(session.lease):
                 raise SessionEnded("the session's lease ended; reconnect for a new session")
             session.record.last_heartbeat.GetCurrentTime()
@@ -294,17 +336,29 @@ class Sessions:
                 )
             )
 
-    async def close(self, session: Session) -> None:
-        """The stream ended: end the session now, so that its claims are re-queued at once.
-
-        If etcd does not answer, the lease ends by itself within its TTL.
-        """
+    async def _revoke(self, session: Session) -> bool:
+        """End the session's lease now; whether etcd answered (if not, it ends by its TTL)."""
         try:
             await self.kv.revoke(session.lease)
         except (KVUnavailable, grpc.aio.AioRpcError) as exc:
             log.warning(
                 "session %x: lease not revoked (%s); it ends with its TTL", session.lease, exc
             )
+            return False
+        return True
+
+    async def close(self, session: Session) -> None:
+        """The stream ended: end the session now, so that its claims are re-queued at once.
+
+        Its durable record gets its ``ended_at``, with the session's last state. If etcd does
+        not answer, the lease ends by itself within its TTL, and a replica that sees it end (or
+        the reconcile sweep) stamps the record.
+        """
+        try:
+            if await self._revoke(session):
+                await self._record_end(session.namespace, session.lease, session.record)
+        except (KVUnavailable, grpc.aio.AioRpcError) as exc:
+            log.warning("session %x: its end not recorded (%s)", session.lease, exc)
         finally:
             self.live.pop(session.lease, None)
             if not self.live:
@@ -324,8 +378,46 @@ class Sessions:
             return False
         return True
 
+    async def _record_end(
+        self, namespace: str, lease: int, latest: records_pb2.WorkerRecord | None = None
+    ) -> bool:
+        """Stamp an ended session's durable record with ``ended_at`` (a time for people), once.
+
+        Guarded by the record's revision, so it never recreates a record retention removed,
+        nor stamps one twice. ``latest``: the session's last state, written with it.
+
+        Returns:
+            Whether this call stamped it.
+        """
+        key = Keys(namespace).worker(lease)
+        for _ in range(3):  # only another replica stamping the same end moves it
+            found = await self.kv.get(key)
+            if found is None:
+                return False
+            record = records_pb2.WorkerRecord.FromString(found.value)
+            if record.HasField("ended_at"):
+                return False
+            if latest is not None:
+                record.CopyFrom(latest)
+            record.ClearField("liveness")
+            record.ended_at.GetCurrentTime()
+            stamped = await self.kv.txn(
+                Txn(
+                    [Compare.modified_at(key, found.mod_revision)],
+                    [Put(key, record.SerializeToString())],
+                )
+            )
+            if stamped.succeeded:
+                return True
+        return False
+
     async def release(self, namespace: str, lease: int) -> int:
-        """Re-queue every claim of an ended session; how many this call released."""
+        """A session ended: stamp its record's end, and re-queue every claim it held.
+
+        Returns:
+            How many claims this call released.
+        """
+        await self._record_end(namespace, lease)
         prefix = Keys(namespace).claim(lease)
         claims, _ = await self.kv.range(prefix)
         released = 0
@@ -346,31 +438,83 @@ class Sessions:
                 if event is RESYNC:
                     await self.release_orphans(namespace)
                 elif event.deleted:
-                    await self.release(namespace, int(event.kv.key[len(keys.session()) :], 16))
+                    await self.release(namespace, _lease_of(event.kv.key, keys.session()))
         finally:
             updates.close()
 
     async def release_orphans(self, namespace: str) -> None:
-        """Release claims whose session no longer exists (it ended while no replica ran)."""
+        """Release sessions that ended unseen (while no replica watched, or in a crash).
+
+        Their claims are re-queued, and their durable records without ``ended_at`` stamped.
+        """
         keys = Keys(namespace)
         claims, _ = await self.kv.range(keys.claims)
+        records, _ = await self.kv.range(keys.worker())
         leases = {int(kv.key[len(keys.claims) :].split(b"/")[0], 16) for kv in claims}
-        for lease in leases:
-            if await self.kv.get(keys.session(lease)) is None:
-                await self.release(namespace, lease)
+        leases |= {
+            _lease_of(kv.key, keys.worker())
+            for kv in records
+            if not records_pb2.WorkerRecord.FromString(kv.value).HasField("ended_at")
+        }
+        # Read after the claims and records: a session that ended in between is seen ended.
+        sessions, _ = await self.kv.range(keys.session())
+        for lease in sorted(leases - {_lease_of(kv.key, keys.session()) for kv in sessions}):
+            await self.release(namespace, lease)
 
-    async def list(self, namespace: str) -> list[records_pb2.WorkerRecord]:
-        """The namespace's sessions, with liveness judged from their last heartbeat."""
-        found, _ = await self.kv.range(Keys(namespace).session())
-        now = time.time_ns() // 1_000_000
+    async def list(
+        self, namespace: str, *, include_dead: bool = False
+    ) -> list[records_pb2.WorkerRecord]:
+        """The namespace's live sessions (and, with ``include_dead``, those that ended).
+
+        Liveness is the lease's time left as etcd's leader times it (asked for every session
+        at once): ALIVE with at least :attr:`SessionConfig.alive_seconds` left, STALE with
+        less; a session whose lease is gone is not live. ``current_items`` are the session's
+        claim keys, read now. Ended sessions come from their durable records, DEAD, newest
+        first, until retention removes them.
+        """
+        keys = Keys(namespace)
+        kept: list[KeyValue] = []
+        if include_dead:  # read before the sessions: one that ends in between is still listed
+            kept, _ = await self.kv.range(keys.worker())
+        found, _ = await self.kv.range(keys.session())
+        leases = [_lease_of(entry.key, keys.session()) for entry in found]
+        ttls, held = await asyncio.gather(
+            asyncio.gather(*(self.kv.time_to_live(lease) for lease in leases)),
+            asyncio.gather(*(self.kv.range(keys.claim(lease)) for lease in leases)),
+        )
         workers = []
-        for entry in found:
+        live = set()
+        for entry, lease, ttl, (claims, _) in zip(found, leases, ttls, held, strict=True):
+            if ttl is None:
+                continue  # its lease ended since the read: not live
+            live.add(lease)
             record = records_pb2.WorkerRecord.FromString(entry.value)
-            age = now - record.last_heartbeat.ToMilliseconds()
             record.liveness = (
                 records_pb2.LIVENESS_STATUS_ALIVE
-                if age <= self.config.stale_after_ms
+                if ttl >= self.config.alive_seconds
                 else records_pb2.LIVENESS_STATUS_STALE
             )
+            prefix = keys.claim(lease)
+            for claim in claims:
+                run_id, item_id = claim.key[len(prefix) :].decode().split("/")
+                record.current_items.add(namespace=namespace, run_id=run_id, item_id=item_id)
+            if record.status != records_pb2.WORKER_STATUS_DRAINING:
+                record.status = (
+                    records_pb2.WORKER_STATUS_BUSY
+                    if record.current_items
+                    else records_pb2.WORKER_STATUS_IDLE
+                )
             workers.append(record)
-        return workers
+        ended = []
+        for entry in kept:
+            if _lease_of(entry.key, keys.worker()) not in live:
+                record = records_pb2.WorkerRecord.FromString(entry.value)
+                record.liveness = records_pb2.LIVENESS_STATUS_DEAD
+                ended.append(record)
+        ended.sort(key=lambda record: record.ended_at.ToNanoseconds(), reverse=True)
+        return workers + ended
+
+
+def _lease_of(key: bytes, prefix: bytes) -> int:
+    """The lease a session's key (or its durable record's) names."""
+    return int(key[len(prefix) :], 16)

@@ -317,9 +317,9 @@ class LivenessStoreService(store_service_pb2_grpc.LivenessStoreServiceServicer):
     async def GetWorkerHealth(
         self, request: pb.GetWorkerHealthRequest, context: Context
     ) -> pb.GetWorkerHealthResponse:
-        """One session."""
+        """One session, live or ended (until retention removes it)."""
         namespace = namespace_of(request.namespace)
-        for worker in await self.sessions.list(namespace):
+        for worker in await self.sessions.list(namespace, include_dead=True):
             if worker.session_id == request.session_id:
                 return pb.GetWorkerHealthResponse(worker=worker)
         raise NotFound(f"session {request.session_id!r} not found")
@@ -327,9 +327,11 @@ class LivenessStoreService(store_service_pb2_grpc.LivenessStoreServiceServicer):
     async def ListWorkerHealth(
         self, request: pb.ListWorkerHealthRequest, context: Context
     ) -> pb.ListWorkerHealthResponse:
-        """The namespace's sessions."""
+        """The namespace's live sessions (with ``include_dead``, the ended ones too)."""
         return pb.ListWorkerHealthResponse(
-            workers=await self.sessions.list(namespace_of(request.namespace))
+            workers=await self.sessions.list(
+                namespace_of(request.namespace), include_dead=request.include_dead
+            )
         )
 
 

@@ -1,11 +1,11 @@
 """``WorkerService.Connect``: one bidirectional stream per worker, a session on an etcd lease.
 
 The worker says hello; the server grants a lease, writes the session key on it (the only key a
-lease carries) and answers with the session's parameters. While the worker is heard from, the
-server renews the lease; when it is not heard from for a TTL, the server stops renewing and the
-lease ends in etcd, which deletes the session key, and every replica's expiry watch re-queues
-the session's claims. Results are acknowledged in-band; only faults of the stream as a whole end
-it with a status (see ``worker_service.proto``).
+lease carries) and answers with the session's parameters. The server renews the lease only while
+it hears from the worker (within two heartbeat intervals), and revokes it after a TTL of silence;
+etcd deletes the session key, and every replica's expiry watch re-queues the session's claims.
+Results are acknowledged in-band; only faults of the stream as a whole end it with a status (see
+``worker_service.proto``).
 """
 
 from __future__ import annotations

@@ -103,6 +103,8 @@ async def test_server_commands_start_list_show_and_control_runs(stack: Stack) ->
     assert code == 0
     code, out, _ = await floxide(stack, "workers")
     assert code == 0 and "session" in out
+    code, out, _ = await floxide(stack, "workers", "--all")
+    assert code == 0 and "session" in out and "ended" in out
     code, out, _ = await floxide(stack, "graph", "triple")
     assert code == 0 and out == TRIPLE.to_mermaid()
 

@@ -196,3 +196,29 @@ async def test_a_transaction_over_the_operation_limit_is_refused(kv: KV, prefix:
     with pytest.raises(ValueError, match="too many operations"):
         await kv.txn(Txn([], [Put(prefix + str(n).encode(), b"") for n in range(129)]))
     assert (await kv.range(prefix))[0] == []
+
+
+async def test_time_to_live_counts_down_and_ends_with_the_lease(kv: KV, prefix: bytes) -> None:
+    lease = await kv.grant(5)
+    left = await kv.time_to_live(lease)
+    assert left is not None and 3 <= left <= 5  # whole seconds, rounded down
+    assert await kv.keep_alive(lease) == 5
+    renewed = await kv.time_to_live(lease)
+    assert renewed is not None and 3 <= renewed <= 5
+    await kv.revoke(lease)
+    assert await kv.time_to_live(lease) is None
+    assert await kv.time_to_live(0x7FFF_0000_0001) is None  # never granted
+
+
+async def test_time_to_live_falls_below_a_second_before_the_lease_ends(kv: KV) -> None:
+    lease = await kv.grant(2)
+
+    async def under_a_second() -> bool:
+        return await kv.time_to_live(lease) == 0
+
+    await eventually(under_a_second, within=5)
+
+    async def ended() -> bool:
+        return await kv.time_to_live(lease) is None
+
+    await eventually(ended, within=15)  # etcd may renew a lease on leader change

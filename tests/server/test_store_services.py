@@ -23,6 +23,7 @@ from floxide_grpc import (
 )
 from floxide_grpc._proto.floxide.v1 import (
     checkpoint_pb2,
+    records_pb2,
     store_service_pb2,
     store_service_pb2_grpc,
     work_item_pb2,
@@ -30,6 +31,8 @@ from floxide_grpc._proto.floxide.v1 import (
 from floxide_grpc._proto.floxide.v1 import store_service_pb2 as pb
 from floxide_grpc.stores import RemoteCheckpointStore
 from tests.conftest import Stack, run_to_completion
+from tests.helpers import eventually
+from tests.helpers.worker_stream import Raw, hello
 
 Payload = work_item_pb2.Payload
 
@@ -241,15 +244,37 @@ async def test_errors_are_recorded_once_and_listed(stack: Stack, stubs: Stubs) -
 
 
 async def test_liveness_lists_sessions(stack: Stack, stubs: Stubs) -> None:
-    listed = await stubs.LivenessStoreService.ListWorkerHealth(
-        pb.ListWorkerHealthRequest(namespace=stack.namespace)
-    )
+    ns = stack.namespace
+    liveness = stubs.LivenessStoreService
+    listed = await liveness.ListWorkerHealth(pb.ListWorkerHealthRequest(namespace=ns))
     assert list(listed.workers) == []
-    missing = pb.GetWorkerHealthRequest(namespace=stack.namespace, session_id="nope")
-    assert (
-        await code_of(stubs.LivenessStoreService.GetWorkerHealth(missing))
-        == grpc.StatusCode.NOT_FOUND
-    )
+    missing = pb.GetWorkerHealthRequest(namespace=ns, session_id="nope")
+    assert await code_of(liveness.GetWorkerHealth(missing)) == grpc.StatusCode.NOT_FOUND
+    await stack.client.register_workflow(FLOW)
+    raw = Raw(stack.target)
+    try:
+        await raw.send(hello(ns, workflow="logged", node_name="first"))
+        session_id = (await raw.read()).hello_ack.session_id
+        [live] = (await liveness.ListWorkerHealth(pb.ListWorkerHealthRequest(namespace=ns))).workers
+        assert (live.session_id, live.liveness) == (session_id, records_pb2.LIVENESS_STATUS_ALIVE)
+    finally:
+        await raw.close()  # the stream ends: so does its session
+
+    async def ended() -> bool:
+        listed = await liveness.ListWorkerHealth(pb.ListWorkerHealthRequest(namespace=ns))
+        return not listed.workers
+
+    await eventually(ended)
+    with_dead = pb.ListWorkerHealthRequest(namespace=ns, include_dead=True)
+
+    async def stamped() -> bool:
+        [dead] = (await liveness.ListWorkerHealth(with_dead)).workers
+        return bool(dead.HasField("ended_at"))
+
+    await eventually(stamped)
+    one = pb.GetWorkerHealthRequest(namespace=ns, session_id=session_id)
+    found = (await liveness.GetWorkerHealth(one)).worker  # until retention forgets it
+    assert (found.session_id, found.liveness) == (session_id, records_pb2.LIVENESS_STATUS_DEAD)
 
 
 async def test_checkpoint_saves_are_conditional_on_request(stack: Stack, stubs: Stubs) -> None:

@@ -40,6 +40,7 @@ floxide.storage.v1 (``proto/floxide/storage/v1``), which only the storage format
 | ``timer-clock`` | decimal ms | the timer clock, advanced and written by the elected replica |
 | ``session/{lease}`` | WorkerRecord | a worker stream; the only key on a lease |
 | ``claim/{lease}/{run}/{item}`` | attempt | its create revision is the fencing token |
+| ``worker/{lease}`` | WorkerRecord | a session, kept (no lease) with ``ended_at`` once it ends |
 | ``checkpoint/{run}`` | Checkpoint | checkpoints of local runs (CheckpointStoreService) |
 """
 
@@ -209,6 +210,11 @@ class Keys:
         if run_id:
             key += _b(run_id) + b"/" + _b(item_id)
         return key
+
+    def worker(self, lease: int | None = None) -> bytes:
+        """A session's durable record, kept after it ends (or the prefix of every one)."""
+        key = self.prefix + b"worker/"
+        return key if lease is None else key + _b(f"{lease:016x}")
 
     def checkpoint(self, run_id: str) -> bytes:
         """A local run's checkpoint."""

@@ -275,6 +275,12 @@ class KV(Protocol):
     async def revoke(self, lease: int) -> None:
         """End a lease now, deleting its keys. Idempotent."""
 
+    async def time_to_live(self, lease: int) -> int | None:
+        """The whole seconds left of a lease (rounded down), as the store's leader times them.
+
+        ``None`` when the lease no longer exists (ended, revoked, or never granted).
+        """
+
     def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[Event]:
         """Every change under ``prefix`` from ``start_revision`` on, in revision order.
 
@@ -442,6 +448,14 @@ class MemoryKV:
     async def revoke(self, lease: int) -> None:
         """End a lease now; its keys are deleted in one revision."""
         self._end(lease)
+
+    async def time_to_live(self, lease: int) -> int | None:
+        """Whole seconds left of a lease on the event loop's clock, rounded down as etcd does."""
+        self._expire()
+        entry = self._leases.get(lease)
+        if entry is None:
+            return None
+        return max(int(entry[1] - asyncio.get_running_loop().time()), 0)
 
     def _end(self, lease: int) -> None:
         entry = self._leases.pop(lease, None)

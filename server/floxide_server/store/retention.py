@@ -1,7 +1,9 @@
-"""Retention: finished runs are kept for a period, then removed, so the keyspace stays bounded.
+"""Retention: finished runs and ended sessions are kept for a period, then removed.
 
-A run's keys live under its own prefix (``run/{run}/``), so removing it is one guarded Txn with
-a range delete, plus its record, idempotency key, queue and expansion entries.
+So the keyspace stays bounded. A run's keys live under its own prefix (``run/{run}/``), so
+removing it is one guarded Txn with a range delete, plus its record, idempotency key, queue and
+expansion entries. An ended session's record (``worker/{lease}``) is one key, removed by a Txn
+guarded by its revision.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, Request, Txn
 from floxide_server.store.records import FINISHED
 
-__all__ = ["remove_finished"]
+__all__ = ["remove_ended_sessions", "remove_finished"]
 
 
 async def remove_finished(kv: KV, namespace: str, finished_before_ms: int, batch: int = 50) -> int:
@@ -45,4 +47,40 @@ async def remove_finished(kv: KV, namespace: str, finished_before_ms: int, batch
             deletes.append(Delete(keys.idempotency(run.idempotency_key)))
         result = await kv.txn(Txn([Compare.modified_at(record.key, record.mod_revision)], deletes))
         removed += result.succeeded
+    return removed
+
+
+async def remove_ended_sessions(
+    kv: KV, namespace: str, ended_before_ms: int, batch: int = 50
+) -> int:
+    """Remove up to ``batch`` records of worker sessions ended before a time.
+
+    Records are keyed by lease, not by time: they are scanned a page at a time, and each
+    removed by one Txn guarded by its revision. A record without ``ended_at`` (a live session,
+    or one the reconcile sweep has yet to stamp) stays.
+
+    Returns:
+        How many records were removed.
+    """
+    prefix = Keys(namespace).worker()
+    removed = 0
+    start: bytes | None = None
+    while removed < batch:
+        found, _ = await kv.range(prefix, start=start, limit=batch * 4)
+        for entry in found:
+            record = records_pb2.WorkerRecord.FromString(entry.value)
+            if (
+                not record.HasField("ended_at")
+                or record.ended_at.ToMilliseconds() >= ended_before_ms
+            ):
+                continue
+            result = await kv.txn(
+                Txn([Compare.modified_at(entry.key, entry.mod_revision)], [Delete(entry.key)])
+            )
+            removed += result.succeeded
+            if removed >= batch:
+                break
+        if len(found) < batch * 4:
+            break
+        start = found[-1].key + b"\0"
     return removed

@@ -1,0 +1,59 @@
+"""A hand-driven worker stream: the protocol spoken frame by frame, from the contracts alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from floxide_grpc import PROTOCOL_VERSION
+from floxide_grpc._proto.floxide.v1 import records_pb2, worker_service_pb2, worker_service_pb2_grpc
+
+__all__ = ["Raw", "hello"]
+
+
+def hello(
+    namespace: str, workflow: str = "echo", node_name: str = "echo", credit: int = 1
+) -> worker_service_pb2.ConnectRequest:
+    return worker_service_pb2.ConnectRequest(
+        hello=worker_service_pb2.Hello(
+            protocol_version=PROTOCOL_VERSION,
+            namespace=namespace,
+            worker_id="raw",
+            nodes=[records_pb2.ServedNode(workflow=workflow, node=node_name)],
+            credit=credit,
+        )
+    )
+
+
+class Raw:
+    """A hand-driven worker stream."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.call = worker_service_pb2_grpc.WorkerServiceStub(self.channel).Connect()
+
+    async def send(self, message: worker_service_pb2.ConnectRequest) -> None:
+        await self.call.write(message)
+
+    async def read(self) -> worker_service_pb2.ConnectResponse:
+        response = await asyncio.wait_for(self.call.read(), 10)
+        assert response is not grpc.aio.EOF
+        return response  # type: ignore[return-value]
+
+    async def acks(self) -> list[worker_service_pb2.ResultAck]:
+        """The next result acknowledgements (other messages, such as cancels, are skipped)."""
+        while not (response := await self.read()).result_acks:
+            pass
+        return list(response.result_acks)
+
+    async def status(self) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                await asyncio.wait_for(self.call.read(), 10)
+        return caught.value.code()
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
