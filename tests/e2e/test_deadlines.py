@@ -26,9 +26,8 @@ from floxide_grpc._proto.floxide.v1 import worker_service_pb2
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import AlreadyExists, InvalidArgument
 from floxide_grpc.records import RunStatus
-from tests.e2e.test_worker import result_of
 from tests.helpers import serving
-from tests.helpers.worker_stream import Raw, hello
+from tests.helpers.worker_stream import Raw, hello, result_of
 
 GRACE = timedelta(milliseconds=200)
 SESSIONS = SessionConfig(

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 import grpc
 import pytest
@@ -29,13 +29,12 @@ from floxide_grpc import (
     node,
 )
 from floxide_grpc._proto.floxide.v1 import (
-    work_item_pb2,
     worker_service_pb2,
 )
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from tests.helpers import eventually, serving
-from tests.helpers.worker_stream import Raw, hello
+from tests.helpers.worker_stream import Raw, hello, result_of
 
 FAST = SessionConfig(
     lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500), max_credit=16
@@ -184,27 +183,6 @@ async def raw(cluster: Cluster) -> AsyncIterator[Raw]:
     stream = Raw(cluster.target)
     yield stream
     await stream.close()
-
-
-def result_of(
-    assignment: worker_service_pb2.Assignment, output: Any
-) -> worker_service_pb2.ConnectRequest:
-    payload = work_item_pb2.Payload(
-        encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(output).encode()
-    )
-    return worker_service_pb2.ConnectRequest(
-        results=[
-            worker_service_pb2.StepResult(
-                claim_token=assignment.claim_token,
-                run_id=assignment.item.run_id,
-                item_id=assignment.item.item_id,
-                attempt=assignment.item.attempt,
-                transition=work_item_pb2.Transition(
-                    next=work_item_pb2.Transition.Next(output=payload)
-                ),
-            )
-        ]
-    )
 
 
 async def test_results_are_fenced_in_band(cluster: Cluster, raw: Raw) -> None:

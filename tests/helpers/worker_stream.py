@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import grpc
 import pytest
 
 from floxide_grpc import PROTOCOL_VERSION
-from floxide_grpc._proto.floxide.v1 import records_pb2, worker_service_pb2, worker_service_pb2_grpc
+from floxide_grpc._proto.floxide.v1 import (
+    records_pb2,
+    work_item_pb2,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
 
-__all__ = ["Raw", "hello"]
+__all__ = ["Raw", "hello", "result_of"]
 
 
 def hello(
@@ -57,3 +64,25 @@ class Raw:
     async def close(self) -> None:
         self.call.cancel()
         await self.channel.close()
+
+
+def result_of(
+    assignment: worker_service_pb2.Assignment, output: Any
+) -> worker_service_pb2.ConnectRequest:
+    """The result of an assignment: its node returned ``output``."""
+    payload = work_item_pb2.Payload(
+        encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(output).encode()
+    )
+    return worker_service_pb2.ConnectRequest(
+        results=[
+            worker_service_pb2.StepResult(
+                claim_token=assignment.claim_token,
+                run_id=assignment.item.run_id,
+                item_id=assignment.item.item_id,
+                attempt=assignment.item.attempt,
+                transition=work_item_pb2.Transition(
+                    next=work_item_pb2.Transition.Next(output=payload)
+                ),
+            )
+        ]
+    )
