@@ -19,6 +19,7 @@ from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.sessions import SessionConfig
 from floxide_server.store.keys import Keys
+from floxide_server.store.payloads import Limits
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Backoff, NextAll, RetryPolicy, Workflow, node
@@ -130,6 +131,40 @@ async def test_a_worker_that_never_answers_times_out_its_attempt_and_the_retry_r
     assert applied.code == 0
     done = await stack.client.wait_for_completion(run.run_id, 10)
     assert done.status is RunStatus.COMPLETED and done.output == 8
+
+
+@node
+def unbounded(x: int) -> int:
+    return x
+
+
+async def test_the_default_node_timeout_covers_a_node_without_one(etcd: EmbeddedEtcd) -> None:
+    limits = Limits(default_node_timeout_ms=300)
+    config = ServerConfig(port=0, sessions=SESSIONS, limits=limits, grace=timedelta(seconds=2))
+    namespace = f"ns-{uuid.uuid4().hex[:10]}"
+    async with serving([etcd.endpoint], config) as server:
+        target = f"127.0.0.1:{server.port}"
+        async with OrchestratorClient(target, namespace=namespace, retries=0) as client:
+            await client.register_workflow(Workflow("unbounded", start=unbounded))
+            raw = Raw(target)
+            try:
+                await raw.send(hello(namespace, "unbounded", "unbounded", credit=1))
+                await raw.read()
+                run, _ = await client.start_run("unbounded", 1)
+                [held] = (await next_with(raw, "assignments")).assignments
+                assert held.timeout.ToTimedelta() == timedelta(milliseconds=300)
+                [cancel] = (await next_with(raw, "cancels")).cancels
+                assert cancel.claim_token == held.claim_token  # timed out; its run failed too
+                assert cancel.reason in (
+                    worker_service_pb2.CANCEL_REASON_TIMEOUT,
+                    worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
+                )
+            finally:
+                await raw.close()
+            final = await client.wait_for_completion(run.run_id, 10)
+            assert final.status is RunStatus.FAILED
+            [error] = await client.run_errors(run.run_id)
+            assert error.kind == "TIMEOUT" and "timed out after 0.3s" in error.message
 
 
 async def test_a_result_in_flight_at_its_deadline_is_applied_or_times_out_never_both(
