@@ -17,8 +17,9 @@ from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import TOKEN_PREFIX, EtcdKV
 from floxide_server.store.format import STORAGE_FORMAT, StorageFormatMismatch, ensure_format
-from floxide_server.store.keys import STORAGE_FORMAT_KEY
+from floxide_server.store.keys import NAMESPACES, STORAGE_FORMAT_KEY, Keys
 from floxide_server.store.kv import KV, Delete, KeyValue, MemoryKV, Put, Txn
+from floxide_server.store.records import now_ms
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, work_item_pb2, worker_service_pb2
 from floxide_grpc.errors import FailedPrecondition
@@ -78,7 +79,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[KV]:
 async def test_ensure_format_writes_it_once_and_accepts_it_after(store: KV) -> None:
     await asyncio.gather(ensure_format(store), ensure_format(store))  # replicas starting together
     written = await store.get(STORAGE_FORMAT_KEY)
-    assert written is not None and written.value == str(STORAGE_FORMAT).encode() == b"2"
+    assert written is not None and written.value == str(STORAGE_FORMAT).encode() == b"3"
     await ensure_format(store)
     assert await store.get(STORAGE_FORMAT_KEY) == written  # not rewritten
 
@@ -90,8 +91,33 @@ async def test_ensure_format_refuses_another_one_and_changes_nothing(store: KV) 
         await ensure_format(store)
     assert isinstance(raised.value, FailedPrecondition)
     assert "etcd holds storage format 1" in str(raised.value)
-    assert "this server reads and writes storage format 2" in str(raised.value)
+    assert "this server reads and writes storage format 3" in str(raised.value)
     assert await contents(store) == before
+
+
+async def test_format_2_timers_are_migrated_to_delays_once(store: KV) -> None:
+    keys = Keys("migrating")
+    item = work_item_pb2.WorkItem(run_id="r", item_id="i", node="n", attempt=2)
+    due = now_ms() + 60_000
+    old = keys.timer() + f"{due:013d}/r/i".encode()
+    await store.txn(
+        Txn(
+            [],
+            [
+                Put(STORAGE_FORMAT_KEY, b"2"),
+                Put(NAMESPACES + b"migrating", b""),
+                Put(old, item.SerializeToString()),
+            ],
+        )
+    )
+    await asyncio.gather(ensure_format(store), ensure_format(store))  # replicas starting together
+    assert (await store.get(STORAGE_FORMAT_KEY)).value == b"3"  # type: ignore[union-attr]
+    assert await store.get(old) is None
+    [timer] = (await store.range(keys.timer()))[0]
+    assert timer.key == keys.timer("r", "i")
+    record = storage_pb2.TimerRecord.FromString(timer.value)
+    assert record.item == item and record.run_id == "r" and not record.seen_at
+    assert 55_000 <= record.delay_ms <= 60_000  # what was left of it
 
 
 async def test_a_server_records_the_format_and_a_second_start_accepts_it(
@@ -108,7 +134,7 @@ async def test_a_server_records_the_format_and_a_second_start_accepts_it(
             finally:
                 await server.stop()
         first, second = seen
-        assert first is not None and first.value == b"2"
+        assert first is not None and first.value == b"3"
         assert second == first  # the second start read it and wrote nothing
     finally:
         await kv.close()
@@ -120,7 +146,7 @@ async def test_a_server_on_another_format_does_not_start(empty_etcd: EmbeddedEtc
         await kv.txn(Txn([], [Put(STORAGE_FORMAT_KEY, OTHER)]))
         before = await contents(kv)
         server = Server(kv, ServerConfig(port=0))
-        with pytest.raises(StorageFormatMismatch, match=r"storage format 1 .* storage format 2"):
+        with pytest.raises(StorageFormatMismatch, match=r"storage format 1 .* storage format 3"):
             await server.start()
         assert server.port == 0  # refused before binding
         await server.stop()
@@ -150,7 +176,7 @@ async def test_floxide_server_on_another_format_exits_with_one_line(
     [line] = [line for line in stderr.splitlines() if "storage format" in line]
     assert line == (
         "error: etcd holds storage format 1 at /floxide/v1/storage-format, but this server reads "
-        "and writes storage format 2: run a server of format 1, or migrate the data"
+        "and writes storage format 3: run a server of format 1, or migrate the data"
     )
     assert not (tmp_path / "ready").exists()
 
