@@ -233,11 +233,14 @@ async def test_a_run_past_its_timeout_ends_timed_out_and_settles(stores: Stores)
     assert (await stores.kv.range(stores.keys.timer(run_id)))[0] == []
 
 
-async def test_a_paused_run_times_out_and_a_failed_one_when_resumed(stores: Stores) -> None:
+async def test_a_paused_run_times_out_and_a_cancelled_one_drops_its_timeout(
+    stores: Stores,
+) -> None:
     paused = await start_bounded(stores, 1000)
     await stores.store.lifecycle.pause(stores.namespace, paused)
-    failed = await start_bounded(stores, 1000)
-    await stores.store.lifecycle.cancel(stores.namespace, failed, "")  # moot: dropped
+    cancelled = await start_bounded(stores, 1000)
+    await stores.store.lifecycle.cancel(stores.namespace, cancelled, "")
+    assert (await stores.kv.range(stores.keys.timer(cancelled)))[0] == []  # in its ending Txn
     clock = Clock()
     fires = await firer(stores, clock)
     clock.now += 1
@@ -245,27 +248,28 @@ async def test_a_paused_run_times_out_and_a_failed_one_when_resumed(stores: Stor
     assert (await stores.store.reads.get(stores.namespace, paused)).status == (
         records_pb2.RUN_STATUS_TIMED_OUT
     )
-    assert (await stores.kv.range(stores.keys.timer(failed)))[0] == []
 
 
-async def test_a_failed_run_keeps_its_timeout_and_times_out_once_resumed(stores: Stores) -> None:
+async def test_a_failed_run_keeps_its_timeout_and_times_out_then_for_good(stores: Stores) -> None:
     run_id = await start_bounded(stores, 1000)
     lease = await stores.session()
-    for_good = work_item_pb2.NodeError(kind=work_item_pb2.ERROR_KIND_GENERIC, non_retryable=True)
+    for_good = work_item_pb2.NodeError(
+        kind=work_item_pb2.ERROR_KIND_GENERIC, message="bad input", non_retryable=True
+    )
     await stores.complete_next(lease, work_item_pb2.Transition(abort=for_good))
     assert (await stores.store.reads.get(stores.namespace, run_id)).status == (
         records_pb2.RUN_STATUS_FAILED
     )
+    assert (await stores.kv.range(stores.keys.timer(run_id)))[0] != []  # resumable: it runs on
     clock = Clock()
     fires = await firer(stores, clock)
-    clock.now += 5
-    assert await fires.fire_due() == 0  # failed, resumable: the timer waits
-    await stores.store.lifecycle.resume(stores.namespace, run_id)
-    clock.now += CHECKPOINT_EVERY
+    clock.now += 1
     assert await fires.fire_due() == 1
-    assert (await stores.store.reads.get(stores.namespace, run_id)).status == (
-        records_pb2.RUN_STATUS_TIMED_OUT
-    )
+    run = await stores.store.reads.get(stores.namespace, run_id)
+    assert run.status == records_pb2.RUN_STATUS_TIMED_OUT
+    assert run.error.message == "the run passed its run timeout of 1s (it had failed: bad input)"
+    with pytest.raises(FailedPrecondition):
+        await stores.store.lifecycle.resume(stores.namespace, run_id)
 
 
 async def test_a_run_that_completes_first_drops_its_timeout(stores: Stores) -> None:

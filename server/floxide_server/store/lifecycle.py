@@ -284,6 +284,7 @@ class RunLifecycle:
             "cancel",
             extra=[
                 Delete(keys.queue(run_id, ""), prefix=True),
+                Delete(keys.timer(run_id)),  # its run timeout
                 settling.settled(keys, run_id, status_name(records_pb2.RUN_STATUS_CANCELLED)),
             ],
             error=error,

@@ -16,6 +16,7 @@ from floxide_server.store.keys import Keys
 from floxide_server.store.kv import Compare, Op, Target
 
 __all__ = [
+    "FAILED",
     "FINAL",
     "FINISHED",
     "PAUSED",
@@ -33,10 +34,11 @@ __all__ = [
 RunStatus = records_pb2.RunStatus
 RUNNING = records_pb2.RUN_STATUS_RUNNING
 PAUSED = records_pb2.RUN_STATUS_PAUSED
+FAILED = records_pb2.RUN_STATUS_FAILED
 TIMED_OUT = records_pb2.RUN_STATUS_TIMED_OUT
 FINAL = (records_pb2.RUN_STATUS_COMPLETED, records_pb2.RUN_STATUS_CANCELLED, TIMED_OUT)
 """Statuses a run never leaves."""
-FINISHED = (*FINAL, records_pb2.RUN_STATUS_FAILED)
+FINISHED = (*FINAL, FAILED)
 """Statuses of a run that has ended (a failed one may still be resumed)."""
 WAITING = (records_pb2.ITEM_STATUS_PENDING, records_pb2.ITEM_STATUS_WAITING_RETRY)
 """Item statuses that wait for dispatch or for a retry timer."""

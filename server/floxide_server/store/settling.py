@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn, prefix_end
-from floxide_server.store.records import now_ms, stamp, status_name
+from floxide_server.store.records import FINAL, now_ms, stamp, status_name
 
 __all__ = [
     "IN_FLIGHT",
@@ -99,6 +99,8 @@ def ending(
         Put(keys.status(run.run_id), status_name(status)),
         Delete(keys.queue(run.run_id, ""), prefix=True),
     ]
+    if status in FINAL:  # its run timeout is moot (a failed run's still runs: it may resume)
+        writes.append(Delete(keys.timer(run.run_id)))
     if alone_known:
         return writes
     if last:

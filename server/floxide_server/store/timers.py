@@ -7,8 +7,9 @@ an item is an estimate for people and is never read to fire.
 
 Firing is one Txn per timer, guarded by the timer's create revision (a timer re-armed on the
 same key is another timer) and by the run and item it acts on, so a deposed leader that has not
-heard yet does no harm. A retry whose run is paused, or a run timeout whose run failed
-(resumable), waits: it fires after a resume, as paused and failed time both count.
+heard yet does no harm. A retry whose run is paused waits, and fires after a resume. A run
+timeout counts paused and failed time: it ends a paused run, and a failed one (which can then no
+longer be resumed). A run that ends otherwise deletes its timeout in its ending Txn.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, Put, Request, Txn
 from floxide_server.store.queue import entry, queue_entry
 from floxide_server.store.records import (
+    FAILED,
     PAUSED,
     RUNNING,
     TIMED_OUT,
@@ -65,7 +67,7 @@ class Outcome(enum.Enum):
 
     FIRED = "fired"
     MOOT = "moot"  # nothing left to do: deleted
-    WAITS = "waits"  # its run is paused (a retry) or failed (a run timeout): again later
+    WAITS = "waits"  # its run is paused: again later
     RACED = "raced"  # another write moved its run or item meanwhile: again at once
 
 
@@ -121,19 +123,17 @@ async def fire_retry(kv: KV, keys: Keys, timer: Timer) -> Outcome:
 
 
 async def time_out(kv: KV, keys: Keys, timer: Timer, max_txn_ops: int) -> Outcome:
-    """End the run TIMED_OUT (it waits while its run has failed: resumable)."""
+    """End the run TIMED_OUT: running, paused, or failed (its time to be resumed is over)."""
     run_id = timer.record.run_id
     found = await kv.get(keys.run_info(run_id))
     run = records_pb2.RunRecord.FromString(found.value) if found else None
-    if run is not None and run.status == records_pb2.RUN_STATUS_FAILED:
-        return Outcome.WAITS  # resumable: it times out if resumed
-    if found is None or run is None or run.status not in (RUNNING, PAUSED):
+    if found is None or run is None or run.status not in (RUNNING, PAUSED, FAILED):
         await drop(kv, timer)
         return Outcome.MOOT
-    error = work_item_pb2.NodeError(
-        kind=work_item_pb2.ERROR_KIND_TIMEOUT,
-        message=f"the run passed its run timeout of {format_seconds(timer.record.delay_ms / 1000)}",
-    )
+    message = f"the run passed its run timeout of {format_seconds(timer.record.delay_ms / 1000)}"
+    if run.status == FAILED:  # the failure is kept in the message
+        message += f" (it had failed: {run.error.message})"
+    error = work_item_pb2.NodeError(kind=work_item_pb2.ERROR_KIND_TIMEOUT, message=message)
     result = await kv.txn(
         Txn(
             [
@@ -141,7 +141,7 @@ async def time_out(kv: KV, keys: Keys, timer: Timer, max_txn_ops: int) -> Outcom
                 Compare.modified_at(found.key, found.mod_revision),
                 Compare.value_is(keys.status(run_id), status_name(run.status)),
             ],
-            [Delete(timer.key), *settling.ending(keys, run, TIMED_OUT, now_ms(), error)],
+            settling.ending(keys, run, TIMED_OUT, now_ms(), error),  # the timer deleted too
         )
     )
     if result.succeeded:

@@ -221,8 +221,9 @@ class StartRunRequest(_message.Message):
 
     @_builtins.property
     def run_timeout(self) -> _duration_pb2.Duration:
-        """How long the whole run may take, paused time included (unset: no limit). Past it the run ends
-        RUN_STATUS_TIMED_OUT: final, not resumable; its held items are cancelled. More than zero and
+        """How long the whole run may take, paused and failed time included (unset: no limit). Past it
+        the run ends RUN_STATUS_TIMED_OUT (a failed one too): final, not resumable; its held items
+        are cancelled. More than zero and
         at most the server's maximum (a year by default), else INVALID_ARGUMENT.
         """
 

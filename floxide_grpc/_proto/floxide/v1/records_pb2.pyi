@@ -41,8 +41,8 @@ class _RunStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunStatus.V
     RUN_STATUS_PAUSED: _RunStatus.ValueType  # 5
     """Dispatch is stopped; items already held finish and are recorded. Resumable."""
     RUN_STATUS_TIMED_OUT: _RunStatus.ValueType  # 6
-    """The run passed its run timeout (StartRunRequest.run_timeout): ended like a cancel, with
-    ERROR_KIND_TIMEOUT as its error. Final, not resumable. Clients built before it was added see
+    """The run passed its run timeout (StartRunRequest.run_timeout) while running, paused or failed:
+    ended like a cancel, with ERROR_KIND_TIMEOUT as its error. Final, not resumable. Clients built before it was added see
     an unknown enum value (6 in proto3's open enums); they should treat it as final.
     """
 
@@ -62,8 +62,8 @@ RUN_STATUS_CANCELLED: RunStatus.ValueType  # 4
 RUN_STATUS_PAUSED: RunStatus.ValueType  # 5
 """Dispatch is stopped; items already held finish and are recorded. Resumable."""
 RUN_STATUS_TIMED_OUT: RunStatus.ValueType  # 6
-"""The run passed its run timeout (StartRunRequest.run_timeout): ended like a cancel, with
-ERROR_KIND_TIMEOUT as its error. Final, not resumable. Clients built before it was added see
+"""The run passed its run timeout (StartRunRequest.run_timeout) while running, paused or failed:
+ended like a cancel, with ERROR_KIND_TIMEOUT as its error. Final, not resumable. Clients built before it was added see
 an unknown enum value (6 in proto3's open enums); they should treat it as final.
 """
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
@@ -251,9 +251,9 @@ class RunRecord(_message.Message):
 
     @_builtins.property
     def run_timeout(self) -> _duration_pb2.Duration:
-        """How long the run may take, paused time included, as it was started; unset without one. The
-        elected replica measures it on its own monotonic clock from when it first saw the run (never
-        early; late by at most a few seconds plus a leader election), then ends the run
+        """How long the run may take, paused and failed time included, as it was started; unset without
+        one. The elected replica measures it on its own monotonic clock from when it first saw the run
+        (never early; late by at most a few seconds plus a leader election), then ends the run
         RUN_STATUS_TIMED_OUT.
         """
 
