@@ -17,6 +17,7 @@ from typing import Any
 from floxide_grpc import codec
 from floxide_grpc._proto.floxide.v1 import work_item_pb2
 from floxide_grpc.context import ContextSchema, NodeContext, Operation
+from floxide_grpc.durations import format_seconds
 from floxide_grpc.errors import FloxideError, InvalidPayload, InvalidTransition
 from floxide_grpc.node import NodeKind, NodeSpec
 from floxide_grpc.transition import Abort, ErrorKind, Hold, Next, NextAll
@@ -202,8 +203,3 @@ def _output(spec: NodeSpec, value: Any, where: str) -> tuple[work_item_pb2.Paylo
     variant = type(value).__name__
     codec.convert(builtins, spec.variants.get(variant, spec.output_type), where=where)
     return codec.to_payload(builtins, where=where), variant
-
-
-def format_seconds(seconds: float) -> str:
-    """A duration as it was configured, for messages: ``0.05s``, not ``0.0484138s``."""
-    return f"{round(seconds, 6):g}s"

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from floxide_grpc._proto.floxide.v1 import worker_service_pb2
-from floxide_grpc.execute import format_seconds
-from floxide_server.store.claims import Claim, Claims, ClaimToken
+from floxide_grpc.durations import format_seconds
+from floxide_server.store.claims import Claims, ClaimToken
 from floxide_server.store.kv import KVUnavailable
 from floxide_server.tasks import Ready
 
@@ -78,13 +78,16 @@ class Deadlines:
         self._timing: dict[str, _Deadline] = {}
         self._changed = asyncio.Event()
 
-    def start(self, holder: Holder, claim: Claim) -> None:
+    def start(self, holder: Holder, token: str, timeout_ms: int) -> None:
         """The claim was sent to the holder's worker now: its deadline runs from here."""
-        if not claim.timeout_ms:
-            return
-        due = self.monotonic() + claim.timeout_ms / 1000 + self.grace
-        deadline = _Deadline(due, claim.token, claim.timeout_ms, holder)
-        self._timing[claim.token] = deadline
+        if timeout_ms:
+            self._time(_Deadline(self._after(timeout_ms / 1000), token, timeout_ms, holder))
+
+    def _after(self, seconds: float) -> float:
+        return self.monotonic() + seconds + self.grace
+
+    def _time(self, deadline: _Deadline) -> None:
+        self._timing[deadline.token] = deadline
         heapq.heappush(self._heap, deadline)
         self._changed.set()
 
@@ -125,12 +128,17 @@ class Deadlines:
             ended = await self.claims.time_out(
                 holder.namespace, parsed, deadline.timeout_ms, int(self.grace * 1000)
             )
-        except KVUnavailable as exc:
-            log.warning(
-                "deadline of %s not enforced yet (%s); again in %gs", token, exc, RETRY_AFTER
+        except Exception as exc:  # etcd's condition, or a bug: this deadline, not the server
+            log.log(
+                logging.WARNING if isinstance(exc, KVUnavailable) else logging.ERROR,
+                "deadline of %s not enforced yet (%r); again in %gs",
+                token,
+                exc,
+                RETRY_AFTER,
             )
-            deadline.due = self.monotonic() + RETRY_AFTER
-            heapq.heappush(self._heap, deadline)
+            again = _Deadline(self.monotonic() + RETRY_AFTER, token, deadline.timeout_ms, holder)
+            if self._timing.get(token) is deadline:  # not answered meanwhile
+                self._time(again)
             return
         self._timing.pop(token, None)
         if not ended:

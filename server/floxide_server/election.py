@@ -40,7 +40,7 @@ __all__ = ["MAINTENANCE", "Election", "NotLeading"]
 log = logging.getLogger(__name__)
 
 MAINTENANCE = "maintenance"
-"""The server's election: its leader runs the stuck-run reconciler (and, later, timers)."""
+"""The server's election: its leader runs the stuck-run reconciler and fires the timers."""
 
 _ETCD_DOWN = (KVUnavailable, grpc.aio.AioRpcError)
 """etcd's condition, not a fault of ours: paused and retried."""

@@ -177,9 +177,14 @@ class Session:
         if claim.timeout_ms:
             assignment.timeout.FromMilliseconds(claim.timeout_ms)
         self.hold(claim)
-        if self.deadlines is not None:
-            self.deadlines.start(self, claim)
         return assignment
+
+    def sent(self, response: ConnectResponse) -> None:
+        """A frame goes to the worker now: the deadlines of its assignments start."""
+        if self.deadlines is not None:
+            for assignment in response.assignments:
+                timeout = assignment.timeout.ToMilliseconds()
+                self.deadlines.start(self, assignment.claim_token, timeout)
 
     def report(self, tokens: set[str], *, done: bool = False) -> None:
         """Results for these claims are being applied (``done``: and acknowledged)."""
@@ -361,6 +366,8 @@ class Sessions:
             log.warning("session %x: its end not recorded (%s)", session.lease, exc)
         finally:
             self.live.pop(session.lease, None)
+            for token in session.held:  # released with the session, as WORKER_LOST
+                self.deadlines.stop(token)
             if not self.live:
                 self._none_live.set()
         log.info("session %x closed (%d claims left to re-queue)", session.lease, len(session.held))

@@ -324,7 +324,9 @@ async def _outgoing(
             response = message.result()
         if response is None:
             return
-        yield _coalesced(session, response)
+        response = _coalesced(session, response)
+        session.sent(response)
+        yield response
 
 
 def _coalesced(session: Session, response: ConnectResponse) -> ConnectResponse:

@@ -55,10 +55,13 @@ async def test_a_failed_server_wide_loop_ends_the_process_with_the_error_logged(
 ) -> None:
     ready = tmp_path / "ready"
     namespace = f"corrupt-{uuid.uuid4().hex[:8]}"
-    corrupt = {NAMESPACES + namespace.encode(): b"", Keys(namespace).timer("run", "item"): b"\xff"}
+    corrupt = {
+        NAMESPACES + namespace.encode(): b"",
+        Keys(namespace).expansion("run", "item"): b"\xff",
+    }
     process, _ = start_server("--etcd", etcd.endpoint, ready_file=str(ready))
     kv = EtcdKV([etcd.endpoint])
-    try:  # a timer no server wrote: the timers loop cannot parse it
+    try:  # an expansion no server wrote: the reconcile loop cannot parse it
         await kv.txn(Txn([], [Put(key, value) for key, value in corrupt.items()]))
         code = await asyncio.to_thread(exit_code, process, 30.0)
     finally:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from floxide_grpc import Backoff, ErrorKind, InvalidDefinition, RetryPolicy
 from floxide_grpc._proto.floxide.v1 import workflow_pb2
+from floxide_grpc.durations import format_seconds
 
 MS = timedelta(milliseconds=1)
 
@@ -72,3 +73,9 @@ def test_bad_policies_are_refused() -> None:
         RetryPolicy(retry_on=frozenset({"OOPS"}))
     with pytest.raises(InvalidDefinition, match="retry policy"):
         RetryPolicy.from_proto(workflow_pb2.RetryPolicy(max_attempts=2))  # no strategy
+
+
+def test_durations_in_messages_are_the_configured_values() -> None:
+    assert format_seconds(0.05) == "0.05s" and format_seconds(0.5) == "0.5s"
+    assert format_seconds(2) == "2s" and format_seconds(14 * 86_400) == "1209600s"
+    assert format_seconds(1234567.5) == "1234567.5s" and format_seconds(0.000001) == "0.000001s"

@@ -143,6 +143,19 @@ async def test_a_deposed_leader_writes_no_clock(stores: Stores) -> None:
     assert TimerRecord.FromString(timer.value).seen_at == 0
 
 
+async def test_a_timer_that_does_not_parse_is_skipped_not_fatal(
+    stores: Stores, caplog: pytest.LogCaptureFixture
+) -> None:
+    await failed_once(stores)
+    bad = stores.keys.timer("not-a-run", "x")
+    await stores.kv.txn(Txn([], [Put(bad, b"\xff")]))
+    clock = Clock()
+    fires = await firer(stores, clock)  # no exception: one bad key must not stop every leader
+    assert bad not in fires.pending and "does not parse" in caplog.text
+    clock.now += 5
+    assert await fires.fire_due() == 1  # the good one fires
+
+
 async def test_a_retry_of_a_paused_run_waits_for_its_resume(stores: Stores) -> None:
     run_id = await failed_once(stores)
     clock = Clock()
@@ -291,7 +304,7 @@ async def test_a_run_timeout_out_of_range_is_invalid_and_starts_nothing(
     stores: Stores, timeout_ms: int
 ) -> None:
     await stores.register(Workflow("one", start=hold))
-    with pytest.raises(InvalidArgument, match="run_timeout must be more than 0 and at most 3600 s"):
+    with pytest.raises(InvalidArgument, match="run_timeout must be more than 0 and at most 3600s"):
         await stores.store.lifecycle.start(
             stores.namespace, "one", "", js(1), "k", None, timeout_ms
         )

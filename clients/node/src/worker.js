@@ -131,16 +131,16 @@ class Worker {
       const handler = this.nodes[item.node];
       if (!handler) throw new Error(`this worker has no code for node ${item.node}`);
       this.executions += 1;
-      const output = await Promise.race([
-        handler(fromPayload(item.input), {
-          context: fromPayload(assignment.context) || {},
-          attempt: item.attempt,
-          runId: item.run_id,
-          itemId: item.item_id,
-          signal: abort.signal,
-        }),
-        aborted(abort.signal), // a handler that ignores its signal is not waited for
-      ]);
+      // A handler that ignores its signal keeps its slot until it returns (the server has
+      // already failed the attempt if its timeout passed; its result will be refused).
+      const output = await handler(fromPayload(item.input), {
+        context: fromPayload(assignment.context) || {},
+        attempt: item.attempt,
+        runId: item.run_id,
+        itemId: item.item_id,
+        signal: abort.signal,
+      });
+      if (abort.signal.aborted) throw abort.signal.reason;
       result.transition = { next: { output: toPayload(output), route: '' } };
     } catch (error) {
       const kind = timedOut ? 'ERROR_KIND_TIMEOUT' : abort.signal.aborted ? 'ERROR_KIND_CANCELLED' : 'ERROR_KIND_GENERIC';
@@ -192,14 +192,6 @@ function now() {
 function durationMs(duration) {
   if (!duration) return 0;
   return Number(duration.seconds || 0) * 1000 + Math.floor((duration.nanos || 0) / 1e6);
-}
-
-/** A promise rejected with the signal's reason once it aborts. */
-function aborted(signal) {
-  return new Promise((_, reject) => {
-    if (signal.aborted) reject(signal.reason);
-    else signal.addEventListener('abort', () => reject(signal.reason), { once: true });
-  });
 }
 
 module.exports = { Worker, PROTOCOL_VERSION };

@@ -16,7 +16,7 @@ One module per role; :class:`Store` wires them on one KV:
 | ``completion`` | a result applied once in one fenced Txn (sticky chains) |
 | ``planning`` | pure: from a snapshot and a result to the Txn and what the step decides |
 | ``fanout`` | groups, arrivals and joins; wide fan-outs expanded |
-| ``timers`` | retry timers, armed and fired |
+| ``timers`` | durable timers (retries, run timeouts): delays, never due times; their Txns |
 | ``settling`` | a finished run's other items settled: nothing left in flight |
 | ``stuck`` | a run with nothing left to run fails as STUCK |
 | ``contexts`` | context operations stored and folded |

@@ -352,7 +352,7 @@ class Claims:
         Idempotent: the claim is the guard, so several replicas may race to release it.
 
         Returns:
-            Whether this call released it.
+            Whether this call released it (not a claim of a run that ended, only dropped).
         """
         plan = functools.partial(planning.plan_lost, lease=lease)
         return await self._end_claim(namespace, lease, run_id, item_id, None, plan)
@@ -397,10 +397,11 @@ class Claims:
             state = records_pb2.WorkItemState.FromString(state_kv.value)
             run = records_pb2.RunRecord.FromString(run_kv.value)
             if run.status in FINISHED or state.status != records_pb2.ITEM_STATUS_IN_PROGRESS:
-                dropped = await self.kv.txn(
+                # A leftover of a run that ended: dropped, no attempt recorded.
+                await self.kv.txn(
                     Txn([Compare.created_at(claim_key, claim.create_revision)], [Delete(claim_key)])
                 )
-                return dropped.succeeded
+                return False
             definition = await self.workflows.get(namespace, run.definition_hash)
             basis = planning.Basis(
                 keys, definition, run_kv.value, state_kv.value, self.limits, now_ms()

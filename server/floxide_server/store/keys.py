@@ -191,7 +191,7 @@ class Keys:
 
     @property
     def timer_clock(self) -> bytes:
-        """The namespace's timer clock (see store.timers)."""
+        """The namespace's timer clock (see floxide_server.firing)."""
         return self.prefix + b"timer-clock"
 
     def session(self, lease: int | None = None) -> bytes:

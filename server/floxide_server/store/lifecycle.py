@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc.durations import format_seconds
 from floxide_grpc.errors import (
     AlreadyExists,
     ContextError,
@@ -85,8 +86,9 @@ class RunLifecycle:
         keys = Keys(namespace)
         if run_timeout_ms is not None and not 0 < run_timeout_ms <= self.limits.max_run_timeout_ms:
             raise InvalidArgument(
-                f"run_timeout must be more than 0 and at most "
-                f"{self.limits.max_run_timeout_ms // 1000} s; got {run_timeout_ms / 1000:g} s"
+                "run_timeout must be more than 0 and at most "
+                f"{format_seconds(self.limits.max_run_timeout_ms / 1000)}; "
+                f"got {format_seconds(run_timeout_ms / 1000)}"
             )
         for _ in range(ATTEMPTS_ON_CONFLICT):
             current = 0

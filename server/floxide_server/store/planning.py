@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.context import Operation
+from floxide_grpc.durations import format_seconds
 from floxide_grpc.errors import FloxideError
-from floxide_grpc.execute import format_seconds
 from floxide_grpc.retry import RetryPolicy
 from floxide_grpc.routing import Step, route, route_failure
 from floxide_grpc.transition import ErrorKind

@@ -19,7 +19,7 @@ import enum
 import logging
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
-from floxide_grpc.execute import format_seconds
+from floxide_grpc.durations import format_seconds
 from floxide_server._proto.floxide.storage.v1.storage_pb2 import TimerRecord
 from floxide_server.store import settling
 from floxide_server.store.keys import Keys
