@@ -175,14 +175,16 @@ class Clocks(Faults):
     workflows: str = str(Path(__file__).parent / "timed.py")
     replicas: dict[str, Replica] = field(default_factory=dict)
 
-    async def start_replica(self, name: str, clock: Clock | None = None) -> Replica:
+    async def start_replica(
+        self, name: str, clock: Clock | None = None, *, lease_ttl: float = 2, heartbeat: float = 0.5
+    ) -> Replica:
         """Start a replica named ``name`` (its ``--server-id``) on ``clock`` (the machine's if
         ``None``); return it once it serves and is checked to run on its clock."""
         ready = self.tmp / f"{name}.ready"
         started = time.time()
         process, address = start_server(
             "--etcd", self.etcd.endpoint, "--server-id", name,
-            "--lease-ttl", "2", "--heartbeat", "0.5",
+            "--lease-ttl", str(lease_ttl), "--heartbeat", str(heartbeat),
             ready_file=str(ready), env=clock.env() if clock else None,
         )  # fmt: skip
         replica = Replica(name, process, address, Path(f"{ready}.log"))

@@ -25,8 +25,8 @@ from tests.helpers import eventually
 pytestmark = pytest.mark.timeout(60)
 
 MINUTES = 60
-HEARTBEAT = 0.5
-"""The replicas' ``--heartbeat`` (tests/faults/clocks.py)."""
+HEARTBEAT = 1.0
+"""The listing test's ``--heartbeat``."""
 
 
 @pytest.fixture
@@ -143,8 +143,12 @@ async def test_a_live_worker_is_alive_on_every_replica_whatever_the_clocks(
 ) -> None:
     """ListWorkers on one replica shows a worker connected to another, skewed differently,
     ALIVE in every sample over six heartbeat intervals."""
-    lister = await clocks.start_replica("lister", Clock.skewed(listing))
-    peer = await clocks.start_replica("peer", Clock.skewed(serving) if serving else None)
+    # A TTL over four heartbeats: ALIVE survives a stall of up to a heartbeat.
+    sessions = {"lease_ttl": 6 * HEARTBEAT, "heartbeat": HEARTBEAT}
+    lister = await clocks.start_replica("lister", Clock.skewed(listing), **sessions)
+    peer = await clocks.start_replica(
+        "peer", Clock.skewed(serving) if serving else None, **sessions
+    )
     await clocks.start_worker_on("worker", peer)
     samples = []
     async with client(clocks, lister) as orchestrator:
