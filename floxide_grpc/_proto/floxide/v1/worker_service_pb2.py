@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66loxide/v1/worker_service.proto\x12\nfloxide.v1\x1a\x18\x66loxide/v1/records.proto\x1a\x1a\x66loxide/v1/work_item.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x0e\x43onnectRequest\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x11.floxide.v1.Hello\x12\x0e\n\x06\x63redit\x18\x02 \x01(\r\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x15.floxide.v1.Heartbeat\x12\'\n\x07results\x18\x04 \x03(\x0b\x32\x16.floxide.v1.StepResult\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x11.floxide.v1.Drain\"\xda\x01\n\x0f\x43onnectResponse\x12\'\n\thello_ack\x18\x01 \x01(\x0b\x32\x14.floxide.v1.HelloAck\x12+\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x16.floxide.v1.Assignment\x12*\n\x0bresult_acks\x18\x03 \x03(\x0b\x32\x15.floxide.v1.ResultAck\x12#\n\x07\x63\x61ncels\x18\x04 \x03(\x0b\x32\x12.floxide.v1.Cancel\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x11.floxide.v1.Drain\"\x8b\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12%\n\x05nodes\x18\x04 \x03(\x0b\x32\x16.floxide.v1.ServedNode\x12\x0e\n\x06\x63redit\x18\x05 \x01(\r\x12\x0b\n\x03sdk\x18\x06 \x01(\t\"\xdf\x01\n\x08HelloAck\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x11\n\tserver_id\x18\x05 \x01(\t\x12\x19\n\x11max_payload_bytes\x18\x06 \x01(\x04\x12\x12\n\nmax_credit\x18\x07 \x01(\r\"8\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x01\n\nAssignment\x12\"\n\x04item\x18\x01 \x01(\x0b\x32\x14.floxide.v1.WorkItem\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12$\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\x30\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9a\x02\n\nStepResult\x12\x13\n\x0b\x63laim_token\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12*\n\ntransition\x18\x05 \x01(\x0b\x32\x16.floxide.v1.Transition\x12\x38\n\x12\x63ontext_operations\x18\x06 \x03(\x0b\x32\x1c.floxide.v1.ContextOperation\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\tResultAck\x12\x13\n\x0b\x63laim_token\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"y\n\x06\x43\x61ncel\x12\x13\n\x0b\x63laim_token\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12(\n\x06reason\x18\x04 \x01(\x0e\x32\x18.floxide.v1.CancelReason\x12\x0f\n\x07message\x18\x05 \x01(\t\"A\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration*\xc8\x01\n\x0c\x43\x61ncelReason\x12\x1d\n\x19\x43\x41NCEL_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43\x41NCEL_REASON_RUN_CANCELLED\x10\x01\x12\x1e\n\x1a\x43\x41NCEL_REASON_RUN_FINISHED\x10\x02\x12\x1c\n\x18\x43\x41NCEL_REASON_CLAIM_LOST\x10\x03\x12\x19\n\x15\x43\x41NCEL_REASON_TIMEOUT\x10\x04\x12\x1f\n\x1b\x43\x41NCEL_REASON_RUN_TIMED_OUT\x10\x05\x32W\n\rWorkerService\x12\x46\n\x07\x43onnect\x12\x1a.floxide.v1.ConnectRequest\x1a\x1b.floxide.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66loxide/v1/worker_service.proto\x12\nfloxide.v1\x1a\x18\x66loxide/v1/records.proto\x1a\x1a\x66loxide/v1/work_item.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x0e\x43onnectRequest\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x11.floxide.v1.Hello\x12\x0e\n\x06\x63redit\x18\x02 \x01(\r\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x15.floxide.v1.Heartbeat\x12\'\n\x07results\x18\x04 \x03(\x0b\x32\x16.floxide.v1.StepResult\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x11.floxide.v1.Drain\"\xda\x01\n\x0f\x43onnectResponse\x12\'\n\thello_ack\x18\x01 \x01(\x0b\x32\x14.floxide.v1.HelloAck\x12+\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x16.floxide.v1.Assignment\x12*\n\x0bresult_acks\x18\x03 \x03(\x0b\x32\x15.floxide.v1.ResultAck\x12#\n\x07\x63\x61ncels\x18\x04 \x03(\x0b\x32\x12.floxide.v1.Cancel\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x11.floxide.v1.Drain\"\xa1\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12%\n\x05nodes\x18\x04 \x03(\x0b\x32\x16.floxide.v1.ServedNode\x12\x0e\n\x06\x63redit\x18\x05 \x01(\r\x12\x0b\n\x03sdk\x18\x06 \x01(\t\x12\x14\n\x0clists_claims\x18\x07 \x01(\x08\"\xdf\x01\n\x08HelloAck\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x11\n\tserver_id\x18\x05 \x01(\t\x12\x19\n\x11max_payload_bytes\x18\x06 \x01(\x04\x12\x12\n\nmax_credit\x18\x07 \x01(\r\"S\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11held_claim_tokens\x18\x02 \x03(\t\"\xc9\x01\n\nAssignment\x12\"\n\x04item\x18\x01 \x01(\x0b\x32\x14.floxide.v1.WorkItem\x12\x13\n\x0b\x63laim_token\x18\x02 \x01(\t\x12$\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\x30\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9a\x02\n\nStepResult\x12\x13\n\x0b\x63laim_token\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12*\n\ntransition\x18\x05 \x01(\x0b\x32\x16.floxide.v1.Transition\x12\x38\n\x12\x63ontext_operations\x18\x06 \x03(\x0b\x32\x1c.floxide.v1.ContextOperation\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\tResultAck\x12\x13\n\x0b\x63laim_token\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"y\n\x06\x43\x61ncel\x12\x13\n\x0b\x63laim_token\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12(\n\x06reason\x18\x04 \x01(\x0e\x32\x18.floxide.v1.CancelReason\x12\x0f\n\x07message\x18\x05 \x01(\t\"A\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12(\n\x05grace\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration*\xc8\x01\n\x0c\x43\x61ncelReason\x12\x1d\n\x19\x43\x41NCEL_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43\x41NCEL_REASON_RUN_CANCELLED\x10\x01\x12\x1e\n\x1a\x43\x41NCEL_REASON_RUN_FINISHED\x10\x02\x12\x1c\n\x18\x43\x41NCEL_REASON_CLAIM_LOST\x10\x03\x12\x19\n\x15\x43\x41NCEL_REASON_TIMEOUT\x10\x04\x12\x1f\n\x1b\x43\x41NCEL_REASON_RUN_TIMED_OUT\x10\x05\x32W\n\rWorkerService\x12\x46\n\x07\x43onnect\x12\x1a.floxide.v1.ConnectRequest\x1a\x1b.floxide.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,28 +37,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ASSIGNMENT'].fields_by_name['deadline']._loaded_options = None
   _globals['_ASSIGNMENT'].fields_by_name['deadline']._serialized_options = b'\030\001'
-  _globals['_CANCELREASON']._serialized_start=1744
-  _globals['_CANCELREASON']._serialized_end=1944
+  _globals['_CANCELREASON']._serialized_start=1793
+  _globals['_CANCELREASON']._serialized_end=1993
   _globals['_CONNECTREQUEST']._serialized_start=167
   _globals['_CONNECTREQUEST']._serialized_end=350
   _globals['_CONNECTRESPONSE']._serialized_start=353
   _globals['_CONNECTRESPONSE']._serialized_end=571
   _globals['_HELLO']._serialized_start=574
-  _globals['_HELLO']._serialized_end=713
-  _globals['_HELLOACK']._serialized_start=716
-  _globals['_HELLOACK']._serialized_end=939
-  _globals['_HEARTBEAT']._serialized_start=941
-  _globals['_HEARTBEAT']._serialized_end=997
-  _globals['_ASSIGNMENT']._serialized_start=1000
-  _globals['_ASSIGNMENT']._serialized_end=1201
-  _globals['_STEPRESULT']._serialized_start=1204
-  _globals['_STEPRESULT']._serialized_end=1486
-  _globals['_RESULTACK']._serialized_start=1488
-  _globals['_RESULTACK']._serialized_end=1551
-  _globals['_CANCEL']._serialized_start=1553
-  _globals['_CANCEL']._serialized_end=1674
-  _globals['_DRAIN']._serialized_start=1676
-  _globals['_DRAIN']._serialized_end=1741
-  _globals['_WORKERSERVICE']._serialized_start=1946
-  _globals['_WORKERSERVICE']._serialized_end=2033
+  _globals['_HELLO']._serialized_end=735
+  _globals['_HELLOACK']._serialized_start=738
+  _globals['_HELLOACK']._serialized_end=961
+  _globals['_HEARTBEAT']._serialized_start=963
+  _globals['_HEARTBEAT']._serialized_end=1046
+  _globals['_ASSIGNMENT']._serialized_start=1049
+  _globals['_ASSIGNMENT']._serialized_end=1250
+  _globals['_STEPRESULT']._serialized_start=1253
+  _globals['_STEPRESULT']._serialized_end=1535
+  _globals['_RESULTACK']._serialized_start=1537
+  _globals['_RESULTACK']._serialized_end=1600
+  _globals['_CANCEL']._serialized_start=1602
+  _globals['_CANCEL']._serialized_end=1723
+  _globals['_DRAIN']._serialized_start=1725
+  _globals['_DRAIN']._serialized_end=1790
+  _globals['_WORKERSERVICE']._serialized_start=1995
+  _globals['_WORKERSERVICE']._serialized_end=2082
 # @@protoc_insertion_point(module_scope)

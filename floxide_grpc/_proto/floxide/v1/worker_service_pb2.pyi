@@ -182,6 +182,7 @@ class Hello(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
     SDK_FIELD_NUMBER: _builtins.int
+    LISTS_CLAIMS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     """The protocol version the worker speaks; this file describes version 1."""
     namespace: _builtins.str
@@ -194,6 +195,11 @@ class Hello(_message.Message):
     """The worker's initial credit: how many items it may hold at once."""
     sdk: _builtins.str
     """The worker's SDK and version, for example "python/0.1.0" or "node/0.1.0". Informational."""
+    lists_claims: _builtins.bool
+    """The worker's heartbeats list the claim tokens it holds (Heartbeat.held_claim_tokens), so
+    that the server can release a claim whose assignment never reached it. A worker that does
+    not set this is never checked so.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_records_pb2.ServedNode]:
         """The nodes the worker runs. At least one; each must exist in a registered workflow."""
@@ -207,10 +213,11 @@ class Hello(_message.Message):
         nodes: _abc.Iterable[_records_pb2.ServedNode] | None = ...,
         credit: _builtins.int = ...,
         sdk: _builtins.str = ...,
+        lists_claims: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "namespace", b"namespace", "nodes", b"nodes", "protocol_version", b"protocol_version", "sdk", b"sdk", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "lists_claims", b"lists_claims", "namespace", b"namespace", "nodes", b"nodes", "protocol_version", b"protocol_version", "sdk", b"sdk", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -273,18 +280,28 @@ class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SENT_AT_FIELD_NUMBER: _builtins.int
+    HELD_CLAIM_TOKENS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp:
         """When the worker sent it, by the worker's clock. Informational."""
+
+    @_builtins.property
+    def held_claim_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With Hello.lists_claims: every claim token of this session the worker holds, assigned and
+        not yet reported, or reported and not yet acknowledged. A claim of the session that two
+        heartbeats in a row do not list, although it was made before the first of them arrived (an
+        assignment the worker never received), is released by the server without using an attempt.
+        """
 
     def __init__(
         self,
         *,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
+        held_claim_tokens: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_claim_tokens", b"held_claim_tokens", "sent_at", b"sent_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
