@@ -9,9 +9,14 @@ transactions included; neither builds nested transactions. This module owns:
 - **failover** across ``--etcd a,b,c``: one channel per endpoint, the next one on UNAVAILABLE;
 - **transactions that apply once** although their reply may be lost. Each is wrapped as
   ``if token missing: (the transaction, writing token=branch) else: get token``, under a unique
-  token key (on a lease, so tokens expire). A lost reply is retried with the same token on any
-  endpoint: if the first attempt was applied, the retry reads which branch ran instead of
-  applying it again; so a lost reply never becomes a double effect or a false "claim lost";
+  token key. A lost reply is retried with the same token on any endpoint: if the first attempt
+  was applied, the retry reads which branch ran instead of applying it again; so a lost reply
+  never becomes a double effect or a false "claim lost". **An outcome stays unknown until it is
+  known**: a transaction sent is retried through its token for as long as etcd does not answer
+  (never reported as not applied), so nothing treats an applied claim as not made. Tokens are on
+  no lease (a lease could end during a long silence and take the token with it): each is
+  deleted once its outcome is read, with the next request, and any left behind by a process
+  that died are swept a day after they were made (:data:`TOKEN_SWEEP_AFTER`);
 - **group commit** (:mod:`floxide_server.group_commit`): transactions that arrive while one is
   in flight go together in the next request, each a sub-transaction with its own token;
 - **watches that survive** a restart or a failover: they resume from the last revision + 1, and
@@ -59,13 +64,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TOKEN_PREFIX = b"/floxide/v1/txn/"
-"""Where transaction tokens live (each on the client's token lease, so they expire)."""
-TOKEN_TTL = 600
+"""Where transaction tokens live: ``txn/{made_ms:013d}-{uuid}``, oldest first."""
+TOKEN_SWEEP_AFTER = 86_400.0
+"""Seconds after which a token is swept: longer than any unknown outcome lasts."""
+TOKEN_SWEEP_EVERY = 3_600.0
+"""Seconds between sweeps of old tokens."""
+MAX_REQUEST_OPS = 128
+"""etcd's default ``--max-txn-ops``: spent tokens' deletes ride along within it."""
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNKNOWN,  # "leader changed", "raft: stopped"
+    grpc.StatusCode.INTERNAL,  # a cut connection ("RST_STREAM", "Stream removed")
 }
 _TARGETS = {
     Target.VERSION: rpc.Compare.VERSION,
@@ -118,10 +129,9 @@ class EtcdKV:
         self.retry_for = retry_for
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._current = 0
-        self._token_lease = 0
-        self._token_lock = asyncio.Lock()
-        self._background = Background("etcd token lease renewal")
-        self._renewing = False
+        self._spent: list[bytes] = []  # tokens whose outcome is read: deleted with the next request
+        self._background = Background("etcd token sweep")
+        self._sweeping = False
         self._closed = False
         self.group_commit = GroupCommit(self._commit)
 
@@ -208,52 +218,73 @@ class EtcdKV:
         return await self.group_commit.submit(txn)
 
     async def _commit(self, txns: Sequence[Txn]) -> list[TxnResult | BaseException]:
-        """Apply transactions in one request (one alone as it is), each wrapped with its token."""
-        tokens = [TOKEN_PREFIX + uuid.uuid4().hex.encode() for _ in txns]
-        while True:
-            lease = await self._ensure_token_lease()
-            wrapped = [_wrapped(txn, token, lease) for txn, token in zip(txns, tokens, strict=True)]
-            request = (
-                wrapped[0]
-                if len(wrapped) == 1
-                else rpc.TxnRequest(success=[rpc.RequestOp(request_txn=w) for w in wrapped])
+        """Apply transactions in one request, each wrapped with its token; until known.
+
+        Once sent, a request is retried through its tokens for as long as etcd does not answer:
+        its outcome is unknown, never "not applied", until a reply says which branch ran.
+        """
+        if not self._sweeping:
+            self._sweeping = True
+            self._background.spawn(self._sweep_tokens())
+        made = f"{time.time_ns() // 1_000_000:013d}"
+        tokens = [TOKEN_PREFIX + f"{made}-{uuid.uuid4().hex}".encode() for _ in txns]
+        wrapped = [_wrapped(txn, token) for txn, token in zip(txns, tokens, strict=True)]
+        room = MAX_REQUEST_OPS - len(wrapped)
+        spent, self._spent = self._spent[:room], self._spent[room:]
+        if len(wrapped) == 1 and not spent:
+            request = wrapped[0]
+        else:
+            deletes = [
+                rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=t)) for t in spent
+            ]
+            request = rpc.TxnRequest(
+                success=[rpc.RequestOp(request_txn=w) for w in wrapped] + deletes
             )
+        unknown_since = None
+        while True:
             try:
                 response = await self._call(
-                    lambda ch: rpc.KVStub(ch).Txn(request, timeout=self.timeout)  # noqa: B023
+                    lambda ch: rpc.KVStub(ch).Txn(request, timeout=self.timeout)
                 )
-            except grpc.aio.AioRpcError as exc:
+                break
+            except grpc.aio.AioRpcError as exc:  # etcd answered: not applied
+                self._spent.extend(spent)
                 details = exc.details() or ""
-                if "lease not found" in details and not await self.keep_alive(lease):
-                    self._token_lease = 0  # expired while we could not renew it: take another
-                    continue
                 if exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                     return [exc] * len(txns)
                 if len(txns) > 1:  # one of them is at fault: each alone, to tell which
                     return [(await self._commit([txn]))[0] for txn in txns]
                 return [ValueError(details.removeprefix("etcdserver: "))]
             except KVUnavailable as exc:
-                return [exc] * len(txns)
-            revision = response.header.revision
-            if len(txns) == 1:
-                return [_unwrapped(response, revision)]
-            return [_unwrapped(op.response_txn, revision) for op in response.responses]
+                if self._closed:
+                    return [exc] * len(txns)
+                if unknown_since is None:
+                    unknown_since = time.monotonic()
+                log.warning(
+                    "etcd silent: %d transaction(s) of unknown outcome for %.0f s; their tokens "
+                    "are read back once it answers (%s)",
+                    len(txns),
+                    time.monotonic() - unknown_since,
+                    exc,
+                )
+        if unknown_since is not None:
+            log.info("outcome of %d transaction(s) known again", len(txns))
+        self._spent.extend(tokens)
+        revision = response.header.revision
+        if request is wrapped[0]:
+            return [_unwrapped(response, revision)]
+        return [_unwrapped(op.response_txn, revision) for op in response.responses[: len(txns)]]
 
-    async def _ensure_token_lease(self) -> int:
-        async with self._token_lock:
-            if not self._token_lease:
-                self._token_lease = await self.grant(TOKEN_TTL)
-                if not self._renewing:
-                    self._background.spawn(self._renew_tokens())
-                    self._renewing = True
-            return self._token_lease
-
-    async def _renew_tokens(self) -> None:
+    async def _sweep_tokens(self) -> None:
+        """Delete tokens made over a day ago (those of processes that died before deleting)."""
         while not self._closed:
-            await asyncio.sleep(TOKEN_TTL / 3)
+            cutoff = f"{(time.time() - TOKEN_SWEEP_AFTER) * 1000:013.0f}".encode()
+            request = rpc.DeleteRangeRequest(key=TOKEN_PREFIX, range_end=TOKEN_PREFIX + cutoff)
             with contextlib.suppress(grpc.aio.AioRpcError, KVUnavailable):
-                if self._token_lease and not await self.keep_alive(self._token_lease):
-                    self._token_lease = 0
+                await self._call(
+                    lambda ch: rpc.KVStub(ch).DeleteRange(request, timeout=self.timeout)  # noqa: B023
+                )
+            await asyncio.sleep(TOKEN_SWEEP_EVERY)
 
     # -- leases --------------------------------------------------------------------------------
 
@@ -357,7 +388,7 @@ class EtcdKV:
             raise KVUnavailable(str(exc.details())) from exc
 
     async def close(self) -> None:
-        """Close the channels and stop renewing the token lease."""
+        """Close the channels and stop sweeping tokens."""
         self._closed = True
         try:
             try:
@@ -404,11 +435,11 @@ def _txn_request(
     )
 
 
-def _wrapped(txn: Txn, token: bytes, lease: int) -> Any:
+def _wrapped(txn: Txn, token: bytes) -> Any:
     """``if token missing: (txn, writing token = branch) else: get token``."""
 
     def put(value: bytes) -> Any:
-        return rpc.RequestOp(request_put=rpc.PutRequest(key=token, value=value, lease=lease))
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=token, value=value))
 
     return rpc.TxnRequest(
         compare=[_compare(Compare.missing(token))],

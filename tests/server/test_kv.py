@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import typing
 
 import pytest
 from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.etcd import EtcdKV
+from floxide_server.etcd import TOKEN_PREFIX, EtcdKV
 from floxide_server.store.kv import KV, Compare, Delete, Get, KeyValue, Put, Txn
 
 from tests.helpers import TcpProxy, eventually, free_port
@@ -222,3 +223,84 @@ async def test_time_to_live_falls_below_a_second_before_the_lease_ends(kv: KV) -
         return await kv.time_to_live(lease) is None
 
     await eventually(ended, within=15)  # etcd may renew a lease on leader change
+
+
+async def test_a_txn_whose_replies_are_lost_for_longer_than_any_retry_stays_unknown_then_known(
+    etcd: EmbeddedEtcd, prefix: bytes
+) -> None:
+    """etcd applies the Txn but stays silent past the retry window: the outcome is neither
+    reported as applied nor as not applied until etcd answers; then it is read back, once."""
+    proxy = await TcpProxy(etcd.client_port).start()
+    kv = EtcdKV([f"127.0.0.1:{proxy.port}"], timeout=0.3, retry_for=0.5)
+    key = prefix + b"counter"
+    try:
+        await put(kv, key, b"0")
+        got = await kv.get(key)
+        assert got is not None
+        proxy.blackhole = True
+        txn = asyncio.ensure_future(
+            kv.txn(Txn([Compare.modified_at(key, got.mod_revision)], [Put(key, b"1")]))
+        )
+        done, _ = await asyncio.wait([txn], timeout=3.0)  # six retry windows
+        assert not done, "an unknown outcome was reported as known"
+        proxy.blackhole = False
+        result = await asyncio.wait_for(txn, 30)
+        assert result.succeeded and result.responses is None  # read back through its token
+        now = await kv.get(key)
+        assert now is not None and (now.value, now.version) == (b"1", 2)  # applied once
+    finally:
+        await kv.close()
+        await proxy.stop()
+
+
+async def test_tokens_are_on_no_lease_and_deleted_once_their_outcome_is_read(
+    etcd: EmbeddedEtcd, prefix: bytes
+) -> None:
+    kv = EtcdKV([etcd.endpoint])
+    try:
+        before, _ = await kv.range(TOKEN_PREFIX)
+        for n in range(5):
+            await put(kv, prefix + b"k", str(n).encode())
+        tokens, _ = await kv.range(TOKEN_PREFIX)
+        mine = [t for t in tokens if t not in before]
+        assert len(mine) == 1 and mine[0].lease == 0  # the last one's, until the next request
+    finally:
+        await kv.close()
+
+
+async def test_tokens_a_day_old_are_swept_and_newer_ones_kept(
+    own_etcd: EmbeddedEtcd, prefix: bytes
+) -> None:
+    kv = EtcdKV([own_etcd.endpoint])
+    day_old = TOKEN_PREFIX + f"{int((time.time() - 86_401) * 1000):013d}-dead".encode()
+    recent = TOKEN_PREFIX + f"{int((time.time() - 3_600) * 1000):013d}-slow".encode()
+    starting = EtcdKV([own_etcd.endpoint])  # a process that starts: it sweeps first
+    try:
+        await kv.txn(Txn([], [Put(day_old, b"1"), Put(recent, b"1")]))
+        await starting.txn(Txn([], [Put(prefix + b"k", b"v")]))
+        await eventually(lambda: _missing(kv, day_old), within=10)
+        assert await kv.get(recent) is not None
+    finally:
+        await kv.close()
+        await starting.close()
+
+
+async def _missing(kv: KV, key: bytes) -> bool:
+    return await kv.get(key) is None
+
+
+async def test_a_keep_alive_whose_connection_is_cut_is_retried(
+    etcd: EmbeddedEtcd,
+) -> None:
+    proxy = await TcpProxy(etcd.client_port).start()
+    kv = EtcdKV([f"127.0.0.1:{proxy.port}"], timeout=1.0, retry_for=5.0)
+    try:
+        lease = await kv.grant(10)
+        for _ in range(20):  # links cut while keep-alives are in flight
+            renewing = asyncio.ensure_future(kv.keep_alive(lease))
+            await asyncio.sleep(0.001)
+            proxy.cut()
+            assert await asyncio.wait_for(renewing, 30) == 10  # retried, not failed
+    finally:
+        await kv.close()
+        await proxy.stop()
