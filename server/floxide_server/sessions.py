@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Collection
 from datetime import timedelta
 
 import grpc
@@ -45,7 +46,7 @@ from floxide_grpc.errors import (
     WorkflowNotFound,
 )
 from floxide_server.deadlines import Deadlines
-from floxide_server.store.claims import Claim, Claims, Snapshot
+from floxide_server.store.claims import Claim, Claims, ClaimToken, Snapshot
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, KeyValue, KVUnavailable, Put, Txn
 from floxide_server.store.payloads import namespace_of
@@ -150,6 +151,10 @@ class Session:
     reporting: set[str] = dataclasses.field(default_factory=set)
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     deadlines: Deadlines | None = None
+    lists_claims: bool = False
+    unlisted: dict[str, int] = dataclasses.field(default_factory=dict)
+    checked_at: int = 0
+    checking: bool = False
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -287,7 +292,14 @@ class Sessions:
         await self.kv.txn(
             Txn([], [Put(keys.session(lease), value, lease), Put(keys.worker(lease), value)])
         )
-        session = Session(lease, namespace, worker, credit, deadlines=self.deadlines)
+        session = Session(
+            lease,
+            namespace,
+            worker,
+            credit,
+            deadlines=self.deadlines,
+            lists_claims=hello.lists_claims,
+        )
         self.live[lease] = session
         self._none_live.clear()
         log.info("session %x opened for worker %r in %r", lease, hello.worker_id, namespace)
@@ -351,6 +363,46 @@ class Sessions:
             )
             return False
         return True
+
+    async def check_listed(self, session: Session, listed: Collection[str]) -> None:
+        """Release the session's claims that its worker's heartbeats keep not listing.
+
+        A claim made before the previous heartbeat's check, and listed by neither heartbeat
+        since, never reached the worker (an assignment this replica never learned it made, say
+        after a reply lost beyond any retry): it is released without using an attempt. A claim
+        made since the previous check may still be on its way, and waits.
+        """
+        try:
+            keys = Keys(session.namespace)
+            prefix = keys.claim(session.lease)
+            found, revision = await self.kv.range(prefix)
+            listed = set(listed)
+            unlisted: dict[str, int] = {}
+            for claim in found:
+                run_id, item_id = claim.key[len(prefix) :].decode().split("/")
+                token = str(
+                    ClaimToken(
+                        session.lease, claim.create_revision, int(claim.value), run_id, item_id
+                    )
+                )
+                if token in listed or token in session.reporting:
+                    continue
+                if claim.create_revision <= session.checked_at:
+                    unlisted[token] = session.unlisted.get(token, 0) + 1
+            session.unlisted, session.checked_at = unlisted, revision
+            for token, misses in unlisted.items():
+                if misses < 2:
+                    continue
+                released = await self.claims.release_unreceived(
+                    session.namespace, ClaimToken.parse(token)
+                )
+                if released:
+                    log.warning("claim %s was never received by its worker: re-queued", token)
+                if released and token in session.held:
+                    session.drop(token)
+                    session.credit.give_back()
+        finally:
+            session.checking = False
 
     async def close(self, session: Session) -> None:
         """The stream ended: end the session now, so that its claims are re-queued at once.

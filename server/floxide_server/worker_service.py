@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 ConnectRequest = worker_service_pb2.ConnectRequest
 ConnectResponse = worker_service_pb2.ConnectResponse
-Apply = Callable[[list[worker_service_pb2.StepResult], set[str]], None]
-"""Start applying a frame's results (and the tokens of those the session holds)."""
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+"""Start a piece of a frame's work (its results applied, its claims checked) in the session's
+results group: concurrent with the stream's next messages, finished before the stream ends."""
 
 
 def _parse(data: bytes) -> ConnectRequest | None:
@@ -133,8 +134,8 @@ class WorkerService:
         fault: BaseException | None = None
         async with asyncio.TaskGroup() as results:
 
-            def apply(results_of: list[worker_service_pb2.StepResult], tokens: set[str]) -> None:
-                task = results.create_task(self._results(session, results_of, tokens))
+            def apply(work: Coroutine[Any, Any, None]) -> None:
+                task = results.create_task(work)
                 applying.add(task)
                 task.add_done_callback(applying.discard)
 
@@ -167,7 +168,7 @@ class WorkerService:
         return ack
 
     async def _read(
-        self, session: Session, apply: Apply, requests: AsyncIterator[ConnectRequest | None]
+        self, session: Session, apply: Spawn, requests: AsyncIterator[ConnectRequest | None]
     ) -> None:
         async for request in requests:
             self._take(session, apply, request)
@@ -175,7 +176,7 @@ class WorkerService:
     def _take(
         self,
         session: Session,
-        apply: Apply,
+        apply: Spawn,
         request: ConnectRequest | None,
         *,
         skip_hello: bool = False,
@@ -193,7 +194,10 @@ class WorkerService:
             session.report(tokens)  # no cancel for them, and a drain waits for their acks
             # Applied concurrently with the stream's next messages: one slow Txn must not hold
             # up the session's other results, nor its heartbeats.
-            apply(list(request.results), tokens)
+            apply(self._results(session, list(request.results), tokens))
+        if request.HasField("heartbeat") and session.lists_claims and not session.checking:
+            session.checking = True  # one check at a time: a slow etcd skips heartbeats
+            apply(self.sessions.check_listed(session, request.heartbeat.held_claim_tokens))
         if request.HasField("drain"):
             session.draining = True
             log.info("worker of session %x is draining", session.lease)

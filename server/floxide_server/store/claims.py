@@ -373,6 +373,23 @@ class Claims:
             namespace, token.lease, token.run_id, token.item_id, token.revision, plan
         )
 
+    async def release_unreceived(self, namespace: str, token: ClaimToken) -> bool:
+        """Re-queue an item whose assignment its worker never received, using no attempt.
+
+        Guarded by the claim itself, as :meth:`time_out` is.
+
+        Returns:
+            Whether this call released it.
+        """
+        return await self._end_claim(
+            namespace,
+            token.lease,
+            token.run_id,
+            token.item_id,
+            token.revision,
+            planning.plan_unreceived,
+        )
+
     async def _end_claim(
         self,
         namespace: str,

@@ -171,6 +171,22 @@ def plan_lost(basis: Basis, lease: int) -> Plan:
     return plan
 
 
+def plan_unreceived(basis: Basis) -> Plan:
+    """Plan the Txn that re-queues an item its worker never received: no attempt is used."""
+    state = records_pb2.WorkItemState.FromString(basis.state)
+    state.status = records_pb2.ITEM_STATUS_PENDING
+    state.item.attempt = state.attempts  # the same attempt, again
+    state.ClearField("session_id")
+    stamp(state, "updated_at", basis.now_ms)
+    keys, item = basis.keys, state.item
+    return Plan(
+        writes=[
+            Put(keys.item(item.run_id, item.item_id), state.SerializeToString()),
+            queue_entry(keys, item),
+        ]
+    )
+
+
 def plan_timed_out(basis: Basis, timeout_ms: int, grace_ms: int) -> Plan:
     """Plan the Txn that ends an attempt past its deadline: failed, of kind TIMEOUT."""
     run = records_pb2.RunRecord.FromString(basis.run)
