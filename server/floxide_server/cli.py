@@ -30,14 +30,18 @@ DEFAULT_PORT = 50051
 
 
 async def serve(
-    endpoints: list[str], config: ServerConfig, ready_file: Path | None, grace: timedelta
+    endpoints: list[str],
+    config: ServerConfig,
+    ready_file: Path | None,
+    grace: timedelta,
+    etcd_retry: float = 10.0,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully.
 
     Raises:
         Exception: the failure that stopped the server (a server-wide task failed).
     """
-    kv = EtcdKV(endpoints)
+    kv = EtcdKV(endpoints, retry_for=etcd_retry)
     server = Server(kv, config)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,6 +101,14 @@ def run(
         float | None,
         typer.Option(min=0.001, help="Seconds a node without a timeout may take (default: any)."),
     ] = None,
+    etcd_retry: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds an etcd read retries before etcd counts as unreachable (a write whose "
+            "outcome is unknown is retried until etcd answers).",
+        ),
+    ] = 10.0,
     max_run_timeout_days: Annotated[
         float, typer.Option(min=0.001, help="The longest run timeout a start may ask for, in days.")
     ] = 365.0,
@@ -146,7 +158,7 @@ def run(
         endpoints = [embedded.endpoint]
         log.info("embedded etcd (development only) at %s", embedded.endpoint)
     try:
-        event_loop.run(serve(endpoints, config, ready_file, timedelta(seconds=grace)))
+        event_loop.run(serve(endpoints, config, ready_file, timedelta(seconds=grace), etcd_retry))
     except FloxideError as exc:  # refused to start: etcd's storage format is another one
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc

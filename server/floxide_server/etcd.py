@@ -69,6 +69,8 @@ TOKEN_SWEEP_AFTER = 86_400.0
 """Seconds after which a token is swept: longer than any unknown outcome lasts."""
 TOKEN_SWEEP_EVERY = 3_600.0
 """Seconds between sweeps of old tokens."""
+UNKNOWN_TOLD_EVERY = 10.0
+"""Seconds between the warnings that an outcome is still unknown."""
 MAX_REQUEST_OPS = 128
 """etcd's default ``--max-txn-ops``: spent tokens' deletes ride along within it."""
 _RETRYABLE = {
@@ -155,7 +157,18 @@ class EtcdKV:
             self._channels[endpoint] = channel
         return channel
 
-    def _fail_over(self) -> None:
+    def _fail_over(self, wedged: bool = False) -> None:
+        """Move to the next endpoint; ``wedged``: the current connection is dropped first.
+
+        A connection that lost replies (a silent network, a proxy dropping packets) can stay
+        wedged until keepalive gives up on it, long after etcd answers again: an RPC past its
+        deadline drops it, and the next one connects afresh.
+        """
+        if wedged:
+            endpoint = self.endpoints[self._current % len(self.endpoints)]
+            channel = self._channels.pop(endpoint, None)
+            if channel is not None and not self._closed:
+                self._background.spawn(channel.close(grace=None))
         self._current += 1
 
     async def _call(self, make: Callable[[grpc.aio.Channel], Coroutine[Any, Any, T]]) -> T:
@@ -168,12 +181,12 @@ class EtcdKV:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE or self._closed:
                     raise
+                self._fail_over(wedged=exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED)
                 if time.monotonic() + pause > deadline:
                     raise KVUnavailable(
                         f"etcd unreachable at {self.endpoints}: {exc.details()}"
                     ) from exc
                 log.debug("etcd call failed on %s: %s", self.endpoints, exc.details())
-            self._fail_over()
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
@@ -240,40 +253,56 @@ class EtcdKV:
             request = rpc.TxnRequest(
                 success=[rpc.RequestOp(request_txn=w) for w in wrapped] + deletes
             )
-        unknown_since = None
-        while True:
-            try:
-                response = await self._call(
-                    lambda ch: rpc.KVStub(ch).Txn(request, timeout=self.timeout)
-                )
-                break
-            except grpc.aio.AioRpcError as exc:  # etcd answered: not applied
-                self._spent.extend(spent)
-                details = exc.details() or ""
-                if exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-                    return [exc] * len(txns)
-                if len(txns) > 1:  # one of them is at fault: each alone, to tell which
-                    return [(await self._commit([txn]))[0] for txn in txns]
-                return [ValueError(details.removeprefix("etcdserver: "))]
-            except KVUnavailable as exc:
-                if self._closed:
-                    return [exc] * len(txns)
-                if unknown_since is None:
-                    unknown_since = time.monotonic()
-                log.warning(
-                    "etcd silent: %d transaction(s) of unknown outcome for %.0f s; their tokens "
-                    "are read back once it answers (%s)",
-                    len(txns),
-                    time.monotonic() - unknown_since,
-                    exc,
-                )
-        if unknown_since is not None:
-            log.info("outcome of %d transaction(s) known again", len(txns))
+        try:
+            response = await self._until_known(request, len(txns))
+        except grpc.aio.AioRpcError as exc:  # etcd answered: not applied
+            self._spent.extend(spent)
+            details = exc.details() or ""
+            if exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                return [exc] * len(txns)
+            if len(txns) > 1:  # one of them is at fault: each alone, to tell which
+                return [(await self._commit([txn]))[0] for txn in txns]
+            return [ValueError(details.removeprefix("etcdserver: "))]
+        except KVUnavailable as exc:  # closed while unknown
+            return [exc] * len(txns)
         self._spent.extend(tokens)
         revision = response.header.revision
         if request is wrapped[0]:
             return [_unwrapped(response, revision)]
         return [_unwrapped(op.response_txn, revision) for op in response.responses[: len(txns)]]
+
+    async def _until_known(self, request: Any, count: int) -> Any:
+        """Send a Txn request until etcd answers it (the same request: its tokens tell).
+
+        Raises:
+            grpc.aio.AioRpcError: etcd refused it (not applied).
+            KVUnavailable: this client closed before etcd answered.
+        """
+        unknown_since = told = 0.0
+        while True:
+            try:
+                response = await self._call(
+                    lambda ch: rpc.KVStub(ch).Txn(request, timeout=self.timeout)
+                )
+            except KVUnavailable as exc:
+                if self._closed:
+                    raise
+                now = time.monotonic()
+                if not unknown_since:
+                    unknown_since, told = now, now - UNKNOWN_TOLD_EVERY
+                if now - told >= UNKNOWN_TOLD_EVERY:
+                    told = now
+                    log.warning(
+                        "etcd silent: %d transaction(s) of unknown outcome for %.0f s; their "
+                        "tokens are read back once it answers (%s)",
+                        count,
+                        now - unknown_since,
+                        exc,
+                    )
+                continue
+            if unknown_since:
+                log.info("outcome of %d transaction(s) known again", count)
+            return response
 
     async def _sweep_tokens(self) -> None:
         """Delete tokens made over a day ago (those of processes that died before deleting)."""

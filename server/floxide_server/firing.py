@@ -226,10 +226,14 @@ class Firer:
         fired = 0
         while (timer := self._first()) is not None and timer.due <= self.now():
             heapq.heappop(self._due)
-            if timer.record.HasField("item"):
-                outcome = await timers.fire_retry(self.kv, self.keys, timer)
-            else:
-                outcome = await timers.time_out(self.kv, self.keys, timer, self.max_txn_ops)
+            try:
+                if timer.record.HasField("item"):
+                    outcome = await timers.fire_retry(self.kv, self.keys, timer)
+                else:
+                    outcome = await timers.time_out(self.kv, self.keys, timer, self.max_txn_ops)
+            except BaseException:
+                self._push(timer)  # not fired (etcd did not answer, say): due still
+                raise
             if outcome is Outcome.WAITS or outcome is Outcome.RACED:
                 # Its run is paused; or its run or item moved as it fired: read them again.
                 later = WAITING_AGAIN_MS if outcome is Outcome.WAITS else RACED_AGAIN_MS

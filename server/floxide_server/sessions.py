@@ -325,6 +325,7 @@ class Sessions:
         heartbeat = self.config.heartbeat_interval.total_seconds()
         interval = min(heartbeat, ttl / 3)
         key = Keys(session.namespace).session(session.lease)
+        last_renewed = time.monotonic()
         while True:
             await asyncio.sleep(min(interval, max(session.last_heard + ttl - time.monotonic(), 0)))
             silent = time.monotonic() - session.last_heard
@@ -336,8 +337,19 @@ class Sessions:
                 )
             if silent > 2 * heartbeat:
                 continue  # no evidence: not renewed; etcd's leader times what is left
-            if not await self.kv.keep_alive(session.lease):
+            sent = time.monotonic()
+            try:
+                renewed = await self.kv.keep_alive(session.lease)
+            except KVUnavailable as exc:  # the lease may stand: etcd is silent, not the worker
+                if time.monotonic() - last_renewed > ttl:
+                    raise SessionEnded(
+                        "the session's lease could not be renewed for its TTL; reconnect"
+                    ) from exc
+                log.warning("session %x: lease not renewed yet (%s)", session.lease, exc)
+                continue
+            if not renewed:
                 raise SessionEnded("the session's lease ended; reconnect for a new session")
+            last_renewed = sent
             session.record.last_heartbeat.GetCurrentTime()
             session.record.status = (
                 records_pb2.WORKER_STATUS_DRAINING

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from tests.helpers import free_port, start_server, stop_all
 
 __all__ = ["WORKFLOWS", "Faults"]
 
+FLAGS = ("--lease-ttl", "2", "--heartbeat", "0.5")
+"""The server's flags unless a test names others: sessions that end fast."""
 WORKFLOWS = str(Path(__file__).parent / "workflows.py")
 """The workflows the fault tests' worker processes serve, unless a test names others."""
 
@@ -43,18 +45,18 @@ class Faults:
     def gate(self) -> Path:
         return self.tmp / "gate"
 
-    def start_server(self, etcd: str | None = None) -> None:
+    def start_server(self, etcd: str | None = None, flags: Sequence[str] = FLAGS) -> None:
         """Start the server (on ``etcd``, a proxy say, instead of the test's etcd)."""
         self.server, _ = start_server(
-            "--etcd", etcd or self.etcd.endpoint, "--lease-ttl", "2", "--heartbeat", "0.5",
-            ready_file=str(self.tmp / "ready"),
+            "--etcd", etcd or self.etcd.endpoint, *flags, ready_file=str(self.tmp / "ready"),
         )  # fmt: skip
         self.port = int(_.rsplit(":", 1)[1])
 
-    def restart_server(self) -> None:
+    def restart_server(self, etcd: str | None = None, flags: Sequence[str] = FLAGS) -> None:
+        """Start the server again on its port (on ``etcd``, or the test's etcd)."""
         self.server, _ = start_server(
-            "--etcd", self.etcd.endpoint, "--lease-ttl", "2", "--heartbeat", "0.5",
-            "--port", str(self.port), ready_file=str(self.tmp / "ready"),
+            "--etcd", etcd or self.etcd.endpoint, *flags, "--port", str(self.port),
+            ready_file=str(self.tmp / "ready"),
         )  # fmt: skip
 
     def start_worker(

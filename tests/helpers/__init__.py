@@ -52,19 +52,37 @@ class TcpProxy:
     """A loopback TCP proxy in the test's event loop that can swallow replies or cut links.
 
     With ``blackhole`` set, bytes from the client still reach the server but the server's
-    replies are dropped: a request is applied and its reply is lost. With ``latency`` set
+    replies are dropped: a request is applied and its reply is lost. A link that lost bytes is
+    cut when the blackhole ends, as TCP would have ended it (TCP never loses bytes from a stream
+    that goes on: a connection that lost frames, HTTP/2's flow-control updates among them, would
+    be wedged forever otherwise). With ``latency`` set
     (seconds), each reply reaches the client that much later (in order, none held up by
     another): every round trip through the proxy is slowed, nothing is lost.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.blackhole = False
+        self._blackhole = False
+        self._lossy: set[asyncio.StreamWriter] = set()  # links that lost replies
         self.latency = 0.0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def blackhole(self) -> bool:
+        """Whether replies are dropped now."""
+        return self._blackhole
+
+    @blackhole.setter
+    def blackhole(self, on: bool) -> None:
+        self._blackhole = on
+        if not on:  # what lost replies is cut: clients reconnect to a clean stream
+            for writer in self._lossy:
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.close()
+            self._lossy.clear()
 
     async def start(self) -> TcpProxy:
         """Listen on a free loopback port."""
@@ -85,7 +103,7 @@ class TcpProxy:
         self._links.update({writer, up_writer})
         await asyncio.gather(
             self._pipe(reader, up_writer, lambda: False, lambda: 0.0),
-            self._pipe(up_reader, writer, lambda: self.blackhole, lambda: self.latency),
+            self._pipe(up_reader, writer, lambda: self._drops(writer), lambda: self.latency),
             return_exceptions=True,
         )
 
@@ -123,6 +141,11 @@ class TcpProxy:
                 sender.exception()  # a link the other side closed: retrieved, not raised
             with contextlib.suppress(OSError, RuntimeError):  # closed already, or its loop
                 writer.close()
+
+    def _drops(self, writer: asyncio.StreamWriter) -> bool:
+        if self._blackhole:
+            self._lossy.add(writer)
+        return self._blackhole
 
     def cut(self) -> None:
         """Close every open link (new connections are still accepted)."""

@@ -13,7 +13,7 @@ import pytest
 from floxide_server._proto.floxide.storage.v1.storage_pb2 import TimerRecord
 from floxide_server.firing import CHECKPOINT_EVERY, Firer
 from floxide_server.store import Store
-from floxide_server.store.kv import KV, Compare, Put, Txn, TxnResult
+from floxide_server.store.kv import KV, Compare, KVUnavailable, Put, Txn, TxnResult
 from floxide_server.store.payloads import Limits
 from floxide_server.store.workflows import WorkflowStore
 
@@ -207,6 +207,25 @@ async def test_a_timer_whose_txn_lost_a_race_is_fired_again(
     assert (await stores.kv.range(stores.keys.timer()))[0] != []
     clock.now += 0.06
     assert await fires.fire_due() == 1
+    assert (await stores.state(run_id))["patient"] == (records_pb2.ITEM_STATUS_PENDING, 1)
+
+
+async def test_a_timer_whose_firing_etcd_did_not_answer_is_fired_later(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = await failed_once(stores)
+    clock = Clock()
+    fires = await firer(stores, clock)
+
+    async def silent(key: bytes) -> None:
+        raise KVUnavailable("etcd unreachable")
+
+    monkeypatch.setattr(stores.kv, "get", silent)
+    clock.now += 5
+    with pytest.raises(KVUnavailable):
+        await fires.fire_due()
+    monkeypatch.undo()
+    assert await fires.fire_due() == 1  # still due: not lost with the failed attempt
     assert (await stores.state(run_id))["patient"] == (records_pb2.ITEM_STATUS_PENDING, 1)
 
 
