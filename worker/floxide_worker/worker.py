@@ -7,6 +7,15 @@ result goes back with its claim token; the server's in-band acknowledgement says
 applied. Heartbeats keep the session's lease alive. When the stream breaks, the worker
 reconnects with backoff and gets a new session; what it was running goes on, and its results are
 sent on the new stream (the server refuses them if their claims were re-queued meanwhile).
+
+**Credit** (docs/protocol.md, "A worker's duties" 5-6): a slot is busy while its item runs, and
+while the server holds its claim for this session, until the result's acknowledgement (the
+server returns the slot, or passes it to a successor). The hello grants the slots not running
+anything, whatever results wait for their acknowledgement: those are refused by any later
+session and take none of its slots. An item of an earlier session that finishes after the hello
+frees its slot then, with ``credit: 1`` on its result, once; a result sent again never carries
+credit. So the credit granted to the current session plus the items of earlier sessions still
+running never pass ``slots``.
 ``shutdown()`` drains: nothing new is taken, what is held is finished and reported, then the
 stream is closed.
 
@@ -86,6 +95,17 @@ class WorkerConfig:
     max_backoff: timedelta = timedelta(seconds=5)
     drain_grace: timedelta = timedelta(seconds=30)
     nodes: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass
+class _Reported:
+    """A result sent (or to send) and not yet acknowledged."""
+
+    result: worker_service_pb2.StepResult
+    session_id: str
+    """The session whose claim it reports."""
+    stream: _Stream | None = None
+    """The stream it was last sent on."""
 
 
 @dataclasses.dataclass
@@ -187,7 +207,7 @@ class Worker:
         self._by_hash: dict[str, Workflow] = {}
         self._graphs: dict[str, Graph] = {}
         self._held: dict[str, _Held] = {}
-        self._unacked: dict[str, worker_service_pb2.StepResult] = {}
+        self._unacked: dict[str, _Reported] = {}
         self._stream: _Stream | None = None
         self._draining = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -374,6 +394,8 @@ class Worker:
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ],
         )
+        # Only running items take slots from the new session: a result waiting for its
+        # acknowledgement is of an earlier session, whose claims this one never holds.
         free = 0 if self._draining.is_set() else max(self.config.slots - len(self._held), 0)
         hello = worker_service_pb2.Hello(
             protocol_version=PROTOCOL_VERSION,
@@ -406,8 +428,10 @@ class Worker:
                 self.config.server,
                 first.hello_ack.server_id,
             )
-            for result in self._unacked.values():  # results of an earlier session, kept until acked
-                stream.outbox.put_nowait(ConnectRequest(results=[result], credit=1))
+            for reported in self._unacked.values():  # of earlier sessions, kept until acked
+                if reported.stream is not stream:  # (not sent on this stream since its hello)
+                    reported.stream = stream  # no credit: the hello counted its slot free
+                    stream.outbox.put_nowait(ConnectRequest(results=[reported.result]))
             if self._draining.is_set():
                 stream.outbox.put_nowait(
                     ConnectRequest(drain=worker_service_pb2.Drain(reason="worker draining"))
@@ -438,9 +462,12 @@ class Worker:
             held.task = self._items.start(self._execute(held), name=assignment.claim_token)
         for ack in response.result_acks:
             if ack.code == StatusCode.UNAVAILABLE and ack.claim_token in self._unacked:
-                stream.outbox.put_nowait(ConnectRequest(results=[self._unacked[ack.claim_token]]))
+                again = self._unacked[ack.claim_token]
+                again.stream = stream
+                stream.outbox.put_nowait(ConnectRequest(results=[again.result]))
                 continue
-            result = self._unacked.pop(ack.claim_token, None)
+            reported = self._unacked.pop(ack.claim_token, None)
+            result = reported.result if reported is not None else None
             if ack.code != StatusCode.OK:
                 log.warning(
                     "result of %s refused: %s %s",
@@ -510,12 +537,14 @@ class Worker:
 
     def _report(self, held: _Held, result: worker_service_pb2.StepResult) -> None:
         del self._held[held.assignment.claim_token]
+        reported = self._unacked[result.claim_token] = _Reported(result, held.session_id)
         stream = self._stream
         if stream is None:
-            self._unacked[result.claim_token] = result  # sent when a stream is back
-            return
-        self._unacked[result.claim_token] = result
-        # A result of an earlier session returns no slot of this one: grant it explicitly.
+            return  # sent when a stream is back, whose hello counts the slot free
+        reported.stream = stream
+        # An item of this session returns its slot with its acknowledgement. One of an earlier
+        # session was running when this stream's hello was sent, which counted its slot busy;
+        # that slot is free now: grant it, once (the server returns none for such a result).
         credit = 0 if held.session_id == stream.session_id or self._draining.is_set() else 1
         stream.outbox.put_nowait(ConnectRequest(results=[result], credit=credit))
 
