@@ -16,6 +16,10 @@ session and take none of its slots. An item of an earlier session that finishes 
 frees its slot then, with ``credit: 1`` on its result, once; a result sent again never carries
 credit. So the credit granted to the current session plus the items of earlier sessions still
 running never pass ``slots``.
+
+**Held claims.** The hello sets ``lists_claims``, and every heartbeat lists the claim tokens of
+the current session the worker holds: running, or reported and not yet acknowledged. The server
+may release a claim of the session that heartbeats leave out (an assignment that never arrived).
 ``shutdown()`` drains: nothing new is taken, what is held is finished and reported, then the
 stream is closed.
 
@@ -188,6 +192,8 @@ class _Stream:
                 credit = request.credit + more.credit  # incremental: merged frames add up
                 request.MergeFrom(more)
                 request.credit = credit
+                if more.HasField("heartbeat"):  # the later one, not both lists of claims
+                    request.heartbeat.CopyFrom(more.heartbeat)
             yield request
 
 
@@ -404,6 +410,7 @@ class Worker:
             nodes=self._served(),
             credit=free,
             sdk=f"python/{__version__}",
+            lists_claims=True,
         )
         stream.outbox.put_nowait(ConnectRequest(hello=hello))
         self._acked = False
@@ -449,9 +456,15 @@ class Worker:
     async def _heartbeat(self, stream: _Stream) -> None:
         while True:
             await asyncio.sleep(stream.heartbeat)
-            message = worker_service_pb2.Heartbeat()
+            message = worker_service_pb2.Heartbeat(held_claim_tokens=self._holding(stream))
             message.sent_at.GetCurrentTime()
             stream.outbox.put_nowait(ConnectRequest(heartbeat=message))
+
+    def _holding(self, stream: _Stream) -> list[str]:
+        """The claims of the stream's session held: running, or reported and not acknowledged."""
+        running = (t for t, h in self._held.items() if h.session_id == stream.session_id)
+        reported = (t for t, r in self._unacked.items() if r.session_id == stream.session_id)
+        return [*running, *reported]
 
     def _take(self, stream: _Stream, response: worker_service_pb2.ConnectResponse) -> None:
         assert self._items is not None, "streams are served inside run()"

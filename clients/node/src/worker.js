@@ -8,6 +8,10 @@
 // session that finishes after the hello frees its slot then (`credit: 1` with its result, once);
 // a result sent again never carries credit. So the credit granted to the current session plus
 // the items of earlier sessions still running never pass `slots`.
+//
+// Held claims: the hello sets `lists_claims`, and every heartbeat lists the claim tokens of the
+// current session the worker holds (running, or reported and not yet acknowledged), so that the
+// server may release a claim whose assignment never arrived.
 const os = require('node:os');
 const { floxide, toPayload, fromPayload, grpc } = require('./proto');
 
@@ -84,7 +88,7 @@ class Worker {
           const seconds = Number(response.hello_ack.heartbeat_interval.seconds || 0);
           const nanos = Number(response.hello_ack.heartbeat_interval.nanos || 0);
           const every = Math.max(seconds * 1000 + nanos / 1e6, 100);
-          heartbeat = setInterval(() => this.send({ heartbeat: { sent_at: now() } }), every);
+          heartbeat = setInterval(() => this.send({ heartbeat: this.heartbeat() }), every);
         }
         this.take(stream, response);
       });
@@ -108,8 +112,21 @@ class Worker {
         nodes: Object.keys(this.nodes).map((node) => ({ workflow: this.workflow, node })),
         credit: this.draining ? 0 : Math.max(this.slots - this.held.size, 0),
         sdk: `node/${process.version}`,
+        lists_claims: true,
       },
     });
+  }
+
+  /** A heartbeat, listing the claims of the current session held: running, or not acknowledged. */
+  heartbeat() {
+    const held_claim_tokens = [];
+    for (const [token, held] of this.held) {
+      if (held.session === this.sessionId) held_claim_tokens.push(token);
+    }
+    for (const [token, reported] of this.unacked) {
+      if (reported.session === this.sessionId) held_claim_tokens.push(token);
+    }
+    return { sent_at: now(), held_claim_tokens };
   }
 
   /** A stream ended: results wait for the next one. */
