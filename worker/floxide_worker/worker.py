@@ -7,6 +7,8 @@ result goes back with its claim token; the server's in-band acknowledgement says
 applied. Heartbeats keep the session's lease alive. When the stream breaks, the worker
 reconnects with backoff and gets a new session; what it was running goes on, and its results are
 sent on the new stream (the server refuses them if their claims were re-queued meanwhile).
+``shutdown()`` drains: nothing new is taken, what is held is finished and reported, then the
+stream is closed.
 
 **Credit** (docs/protocol.md, "A worker's duties" 5-6): a slot is busy while its item runs, and
 while the server holds its claim for this session, until the result's acknowledgement (the
@@ -20,8 +22,6 @@ running never pass ``slots``.
 **Held claims.** The hello sets ``lists_claims``, and every heartbeat lists the claim tokens of
 the current session the worker holds: running, or reported and not yet acknowledged. The server
 may release a claim of the session that heartbeats leave out (an assignment that never arrived).
-``shutdown()`` drains: nothing new is taken, what is held is finished and reported, then the
-stream is closed.
 
 Every task the worker starts has an owner that outlives it (:class:`_Scope`, an
 ``asyncio.TaskGroup``): the ``run()`` task belongs to the ``async with`` block, each item's
@@ -114,7 +114,7 @@ class _Reported:
 
 @dataclasses.dataclass
 class _Held:
-    """An assignment being run (or whose result waits for its acknowledgement)."""
+    """An assignment being run (its result, once reported, is a :class:`_Reported`)."""
 
     assignment: worker_service_pb2.Assignment
     session_id: str
