@@ -10,6 +10,19 @@ sent on the new stream (the server refuses them if their claims were re-queued m
 ``shutdown()`` drains: nothing new is taken, what is held is finished and reported, then the
 stream is closed.
 
+**Credit** (docs/protocol.md, "A worker's duties" 5-6): a slot is busy while its item runs, and
+while the server holds its claim for this session, until the result's acknowledgement (the
+server returns the slot, or passes it to a successor). The hello grants the slots not running
+anything, whatever results wait for their acknowledgement: those are refused by any later
+session and take none of its slots. An item of an earlier session that finishes after the hello
+frees its slot then, with ``credit: 1`` on its result, once; a result sent again never carries
+credit. So the credit granted to the current session plus the items of earlier sessions still
+running never pass ``slots``.
+
+**Held claims.** The hello sets ``lists_claims``, and every heartbeat lists the claim tokens of
+the current session the worker holds: running, or reported and not yet acknowledged. The server
+may release a claim of the session that heartbeats leave out (an assignment that never arrived).
+
 Every task the worker starts has an owner that outlives it (:class:`_Scope`, an
 ``asyncio.TaskGroup``): the ``run()`` task belongs to the ``async with`` block, each item's
 execution to ``run()``, each stream's heartbeat to that stream. When an owner ends, what it still
@@ -89,8 +102,19 @@ class WorkerConfig:
 
 
 @dataclasses.dataclass
+class _Reported:
+    """A result sent (or to send) and not yet acknowledged."""
+
+    result: worker_service_pb2.StepResult
+    session_id: str
+    """The session whose claim it reports."""
+    stream: _Stream | None = None
+    """The stream it was last sent on."""
+
+
+@dataclasses.dataclass
 class _Held:
-    """An assignment being run (or whose result waits for its acknowledgement)."""
+    """An assignment being run (its result, once reported, is a :class:`_Reported`)."""
 
     assignment: worker_service_pb2.Assignment
     session_id: str
@@ -168,6 +192,8 @@ class _Stream:
                 credit = request.credit + more.credit  # incremental: merged frames add up
                 request.MergeFrom(more)
                 request.credit = credit
+                if more.HasField("heartbeat"):  # the later one, not both lists of claims
+                    request.heartbeat.CopyFrom(more.heartbeat)
             yield request
 
 
@@ -187,7 +213,7 @@ class Worker:
         self._by_hash: dict[str, Workflow] = {}
         self._graphs: dict[str, Graph] = {}
         self._held: dict[str, _Held] = {}
-        self._unacked: dict[str, worker_service_pb2.StepResult] = {}
+        self._unacked: dict[str, _Reported] = {}
         self._stream: _Stream | None = None
         self._draining = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -374,6 +400,8 @@ class Worker:
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ],
         )
+        # Only running items take slots from the new session: a result waiting for its
+        # acknowledgement is of an earlier session, whose claims this one never holds.
         free = 0 if self._draining.is_set() else max(self.config.slots - len(self._held), 0)
         hello = worker_service_pb2.Hello(
             protocol_version=PROTOCOL_VERSION,
@@ -382,6 +410,7 @@ class Worker:
             nodes=self._served(),
             credit=free,
             sdk=f"python/{__version__}",
+            lists_claims=True,
         )
         stream.outbox.put_nowait(ConnectRequest(hello=hello))
         self._acked = False
@@ -406,8 +435,10 @@ class Worker:
                 self.config.server,
                 first.hello_ack.server_id,
             )
-            for result in self._unacked.values():  # results of an earlier session, kept until acked
-                stream.outbox.put_nowait(ConnectRequest(results=[result], credit=1))
+            for reported in self._unacked.values():  # of earlier sessions, kept until acked
+                if reported.stream is not stream:  # (not sent on this stream since its hello)
+                    reported.stream = stream  # no credit: the hello counted its slot free
+                    stream.outbox.put_nowait(ConnectRequest(results=[reported.result]))
             if self._draining.is_set():
                 stream.outbox.put_nowait(
                     ConnectRequest(drain=worker_service_pb2.Drain(reason="worker draining"))
@@ -425,9 +456,15 @@ class Worker:
     async def _heartbeat(self, stream: _Stream) -> None:
         while True:
             await asyncio.sleep(stream.heartbeat)
-            message = worker_service_pb2.Heartbeat()
+            message = worker_service_pb2.Heartbeat(held_claim_tokens=self._holding(stream))
             message.sent_at.GetCurrentTime()
             stream.outbox.put_nowait(ConnectRequest(heartbeat=message))
+
+    def _holding(self, stream: _Stream) -> list[str]:
+        """The claims of the stream's session held: running, or reported and not acknowledged."""
+        running = (t for t, h in self._held.items() if h.session_id == stream.session_id)
+        reported = (t for t, r in self._unacked.items() if r.session_id == stream.session_id)
+        return [*running, *reported]
 
     def _take(self, stream: _Stream, response: worker_service_pb2.ConnectResponse) -> None:
         assert self._items is not None, "streams are served inside run()"
@@ -438,9 +475,12 @@ class Worker:
             held.task = self._items.start(self._execute(held), name=assignment.claim_token)
         for ack in response.result_acks:
             if ack.code == StatusCode.UNAVAILABLE and ack.claim_token in self._unacked:
-                stream.outbox.put_nowait(ConnectRequest(results=[self._unacked[ack.claim_token]]))
+                again = self._unacked[ack.claim_token]
+                again.stream = stream
+                stream.outbox.put_nowait(ConnectRequest(results=[again.result]))
                 continue
-            result = self._unacked.pop(ack.claim_token, None)
+            reported = self._unacked.pop(ack.claim_token, None)
+            result = reported.result if reported is not None else None
             if ack.code != StatusCode.OK:
                 log.warning(
                     "result of %s refused: %s %s",
@@ -510,12 +550,14 @@ class Worker:
 
     def _report(self, held: _Held, result: worker_service_pb2.StepResult) -> None:
         del self._held[held.assignment.claim_token]
+        reported = self._unacked[result.claim_token] = _Reported(result, held.session_id)
         stream = self._stream
         if stream is None:
-            self._unacked[result.claim_token] = result  # sent when a stream is back
-            return
-        self._unacked[result.claim_token] = result
-        # A result of an earlier session returns no slot of this one: grant it explicitly.
+            return  # sent when a stream is back, whose hello counts the slot free
+        reported.stream = stream
+        # An item of this session returns its slot with its acknowledgement. One of an earlier
+        # session was running when this stream's hello was sent, which counted its slot busy;
+        # that slot is free now: grant it, once (the server returns none for such a result).
         credit = 0 if held.session_id == stream.session_id or self._draining.is_set() else 1
         stream.outbox.put_nowait(ConnectRequest(results=[result], credit=credit))
 

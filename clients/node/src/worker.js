@@ -1,5 +1,17 @@
 'use strict';
 // A floxide-grpc worker: one stream to a server, work pushed within its credit (docs/protocol.md).
+//
+// Credit (docs/protocol.md, "A worker's duties" 5-6): a slot is busy while its item runs, and for
+// an item of the current session until its result's acknowledgement (which returns the slot). The
+// hello grants the slots running nothing: results waiting for an acknowledgement are of earlier
+// sessions, which the new one never holds, and take none of its slots. An item of an earlier
+// session that finishes after the hello frees its slot then (`credit: 1` with its result, once);
+// a result sent again never carries credit. So the credit granted to the current session plus
+// the items of earlier sessions still running never pass `slots`.
+//
+// Held claims: the hello sets `lists_claims`, and every heartbeat lists the claim tokens of the
+// current session the worker holds (running, or reported and not yet acknowledged), so that the
+// server may release a claim whose assignment never arrived.
 const os = require('node:os');
 const { floxide, toPayload, fromPayload, grpc } = require('./proto');
 
@@ -15,16 +27,22 @@ class Worker {
    * @param {string} [options.namespace]
    * @param {number} [options.slots] items run at once (the credit granted)
    * @param {string} [options.workerId]
+   * @param {number} [options.backoffMs] the first wait before reconnecting; it doubles
+   * @param {number} [options.maxBackoffMs] the longest wait between reconnects
    */
-  constructor({ server, workflow, nodes, namespace = 'default', slots = 4, workerId }) {
+  constructor({
+    server, workflow, nodes, namespace = 'default', slots = 4, workerId, backoffMs = 100, maxBackoffMs = 5000,
+  }) {
     this.server = server;
     this.workflow = workflow;
     this.nodes = nodes;
     this.namespace = namespace;
     this.slots = slots;
     this.workerId = workerId || `${os.hostname()}-node-${process.pid}`;
-    this.held = new Map(); // claim token -> {session, abort}
-    this.unacked = new Map(); // claim token -> StepResult, until its ack
+    this.backoffMs = backoffMs;
+    this.maxBackoffMs = maxBackoffMs;
+    this.held = new Map(); // claim token -> {session, abort}, while its node runs
+    this.unacked = new Map(); // claim token -> {result, session, stream}, until its ack
     this.draining = false;
     this.stopped = false;
     this.stream = null;
@@ -35,14 +53,14 @@ class Worker {
 
   /** Serve until shutdown(), reconnecting with backoff when the stream breaks. */
   async run() {
-    let backoff = 100;
+    let backoff = this.backoffMs;
     while (!this.stopped) {
       const outcome = await this.serveOnce();
       if (this.stopped || (this.draining && this.held.size === 0 && this.unacked.size === 0)) break;
       if (outcome && outcome.fatal) throw outcome.error;
       this.log(`stream ended (${outcome ? outcome.reason : 'closed'}); reconnecting`);
       await new Promise((r) => setTimeout(r, backoff * (0.5 + Math.random() / 2)));
-      backoff = Math.min(backoff * 2, 5000);
+      backoff = Math.min(backoff * 2, this.maxBackoffMs);
     }
   }
 
@@ -54,47 +72,25 @@ class Worker {
         'grpc.keepalive_timeout_ms': 10000,
       });
       const stream = stub.Connect();
-      this.stream = stream;
       let heartbeat = null;
       let settled = false;
       const finish = (outcome) => {
         if (settled) return;
         settled = true;
         if (heartbeat) clearInterval(heartbeat);
-        if (this.stream === stream) this.stream = null;
+        this.disconnect(stream);
         stub.close();
         resolve(outcome);
       };
-      const free = this.draining ? 0 : Math.max(this.slots - this.held.size, 0);
-      stream.write({
-        hello: {
-          protocol_version: PROTOCOL_VERSION,
-          namespace: this.namespace,
-          worker_id: this.workerId,
-          nodes: Object.keys(this.nodes).map((node) => ({ workflow: this.workflow, node })),
-          credit: free,
-          sdk: `node/${process.version}`,
-        },
-      });
+      this.connect(stream);
       stream.on('data', (response) => {
         if (response.hello_ack) {
-          this.sessionId = response.hello_ack.session_id;
           const seconds = Number(response.hello_ack.heartbeat_interval.seconds || 0);
           const nanos = Number(response.hello_ack.heartbeat_interval.nanos || 0);
           const every = Math.max(seconds * 1000 + nanos / 1e6, 100);
-          heartbeat = setInterval(() => this.send({ heartbeat: { sent_at: now() } }), every);
-          for (const result of this.unacked.values()) this.send({ results: [result], credit: 1 });
-          if (this.draining) this.send({ drain: { reason: 'worker draining' } });
-          this.log(`session ${this.sessionId} open on ${this.server}`);
+          heartbeat = setInterval(() => this.send({ heartbeat: this.heartbeat() }), every);
         }
-        for (const assignment of response.assignments || []) this.execute(assignment);
-        for (const ack of response.result_acks || []) this.acknowledged(ack);
-        for (const cancel of response.cancels || []) {
-          const held = this.held.get(cancel.claim_token);
-          if (held) held.abort.abort(new Error(`cancelled: ${cancel.reason}`));
-        }
-        if (response.drain) this.log('the server is draining this stream; will reconnect');
-        this.settleDrain();
+        this.take(stream, response);
       });
       stream.on('error', (error) => {
         const fatal = [5, 9, 3].includes(error.code) && this.held.size === 0; // NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT
@@ -102,6 +98,62 @@ class Worker {
       });
       stream.on('end', () => finish({ reason: 'end' }));
     });
+  }
+
+  /** A new stream is the current one: say hello, granting the slots running nothing (duty 6). */
+  connect(stream) {
+    this.stream = stream;
+    this.sessionId = ''; // until hello_ack: every item still running is of an earlier session
+    stream.write({
+      hello: {
+        protocol_version: PROTOCOL_VERSION,
+        namespace: this.namespace,
+        worker_id: this.workerId,
+        nodes: Object.keys(this.nodes).map((node) => ({ workflow: this.workflow, node })),
+        credit: this.draining ? 0 : Math.max(this.slots - this.held.size, 0),
+        sdk: `node/${process.version}`,
+        lists_claims: true,
+      },
+    });
+  }
+
+  /** A heartbeat, listing the claims of the current session held: running, or not acknowledged. */
+  heartbeat() {
+    const held_claim_tokens = [];
+    for (const [token, held] of this.held) {
+      if (held.session === this.sessionId) held_claim_tokens.push(token);
+    }
+    for (const [token, reported] of this.unacked) {
+      if (reported.session === this.sessionId) held_claim_tokens.push(token);
+    }
+    return { sent_at: now(), held_claim_tokens };
+  }
+
+  /** A stream ended: results wait for the next one. */
+  disconnect(stream) {
+    if (this.stream === stream) this.stream = null;
+  }
+
+  /** One message of the server on `stream` (the current one). */
+  take(stream, response) {
+    if (response.hello_ack) {
+      this.sessionId = response.hello_ack.session_id;
+      for (const reported of this.unacked.values()) {
+        if (reported.stream === stream) continue; // sent on this stream since its hello
+        reported.stream = stream; // no credit: the hello counted its slot free
+        this.send({ results: [reported.result] });
+      }
+      if (this.draining) this.send({ drain: { reason: 'worker draining' } });
+      this.log(`session ${this.sessionId} open on ${this.server}`);
+    }
+    for (const assignment of response.assignments || []) this.execute(assignment);
+    for (const ack of response.result_acks || []) this.acknowledged(ack);
+    for (const cancel of response.cancels || []) {
+      const held = this.held.get(cancel.claim_token);
+      if (held) held.abort.abort(new Error(`cancelled: ${cancel.reason}`));
+    }
+    if (response.drain) this.log('the server is draining this stream; will reconnect');
+    this.settleDrain();
   }
 
   send(message) {
@@ -149,21 +201,33 @@ class Worker {
       if (timer) clearTimeout(timer);
     }
     result.finished_at = now();
-    this.held.delete(assignment.claim_token);
-    this.unacked.set(assignment.claim_token, result);
-    // A result of an earlier session returns no slot of this one: grant it explicitly.
+    this.report(assignment.claim_token, session, result);
+  }
+
+  /** An item's node returned: its slot is free of it; its result goes out, kept until its ack. */
+  report(token, session, result) {
+    this.held.delete(token);
+    const reported = { result, session, stream: this.stream };
+    this.unacked.set(token, reported);
+    if (!this.stream) return; // sent when a stream is back, whose hello counts the slot free
+    // An item of this session returns its slot with its acknowledgement. One of an earlier
+    // session was running when this stream's hello was sent, which counted its slot busy; that
+    // slot is free now: grant it, once (the server returns none for such a result).
     const credit = session === this.sessionId || this.draining ? 0 : 1;
     this.send({ results: [result], credit });
   }
 
   acknowledged(ack) {
-    const result = this.unacked.get(ack.claim_token);
-    if (ack.code === UNAVAILABLE && result) {
-      this.send({ results: [result] });
+    const reported = this.unacked.get(ack.claim_token);
+    if (ack.code === UNAVAILABLE && reported) {
+      reported.stream = this.stream;
+      this.send({ results: [reported.result] });
       return;
     }
     this.unacked.delete(ack.claim_token);
-    if (ack.code !== 0) this.log(`result of ${result ? result.item_id : ack.claim_token} refused: ${ack.code} ${ack.message}`);
+    if (ack.code !== 0) {
+      this.log(`result of ${reported ? reported.result.item_id : ack.claim_token} refused: ${ack.code} ${ack.message}`);
+    }
   }
 
   settleDrain() {
