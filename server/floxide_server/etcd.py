@@ -242,8 +242,9 @@ class EtcdKV:
         made = f"{time.time_ns() // 1_000_000:013d}"
         tokens = [TOKEN_PREFIX + f"{made}-{uuid.uuid4().hex}".encode() for _ in txns]
         wrapped = [_wrapped(txn, token) for txn, token in zip(txns, tokens, strict=True)]
-        room = MAX_REQUEST_OPS - len(wrapped)
-        spent, self._spent = self._spent[:room], self._spent[room:]
+        # etcd grants a nested Txn what its parents leave of --max-txn-ops: deletes fit beside.
+        room = MAX_REQUEST_OPS - len(wrapped) - max(_need(w) for w in wrapped)
+        spent, self._spent = self._spent[: max(room, 0)], self._spent[max(room, 0) :]
         if len(wrapped) == 1 and not spent:
             request = wrapped[0]
         else:
@@ -479,6 +480,20 @@ def _wrapped(txn: Txn, token: bytes) -> Any:
         ],
         failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=token))],
     )
+
+
+def _need(txn: Any) -> int:
+    """The --max-txn-ops a TxnRequest needs: its widest branch, plus what its nested ones need.
+
+    etcd checks each nested Txn against what its parents' widths leave of the limit.
+    """
+    width = max(len(txn.compare), len(txn.success), len(txn.failure))
+    nested = [
+        _need(op.request_txn)
+        for op in (*txn.success, *txn.failure)
+        if op.WhichOneof("request") == "request_txn"
+    ]
+    return width + max(nested, default=0)
 
 
 def _unwrapped(response: Any, revision: int) -> TxnResult:

@@ -304,3 +304,21 @@ async def test_a_keep_alive_whose_connection_is_cut_is_retried(
     finally:
         await kv.close()
         await proxy.stop()
+
+
+async def test_a_txn_as_wide_as_etcd_allows_is_not_crowded_out_by_spent_tokens(
+    etcd: EmbeddedEtcd, prefix: bytes
+) -> None:
+    """Spent tokens are deleted with the next request only where etcd's --max-txn-ops (128,
+    which nested Txns share with their parents) leaves room."""
+    kv = EtcdKV([etcd.endpoint])
+    try:
+        before = {t.key for t in (await kv.range(TOKEN_PREFIX))[0]}
+        await put(kv, prefix + b"first", b"1")  # its token is spent: deleted with the next
+        wide = Txn([], [Put(prefix + b"%03d" % n, b"v") for n in range(126)])
+        assert (await kv.txn(wide)).succeeded  # 126 writes and its token's: the most there is
+        await put(kv, prefix + b"after", b"1")  # and the spent tokens go then
+        tokens, _ = await kv.range(TOKEN_PREFIX)
+        assert len([t for t in tokens if t.key not in before]) == 1  # the last one's
+    finally:
+        await kv.close()
