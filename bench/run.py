@@ -56,9 +56,12 @@ def pct(values: list[float], p: float) -> float:
 class Stack:
     """Servers, their etcd and workers, as processes."""
 
-    def __init__(self, slots: int, replicas: int) -> None:
+    def __init__(
+        self, slots: int, replicas: int, workflows: str = str(HERE / "workloads.py")
+    ) -> None:
         self.slots = slots
         self.replicas = replicas
+        self.workflows = workflows  # what the workers serve: a file, or FILE.py:NAME
         self.tmp = tempfile.TemporaryDirectory(prefix="floxide-bench-")
         self.processes: dict[str, list[asyncio.subprocess.Process]] = {"server": [], "workers": []}
         self.targets: list[str] = []
@@ -88,7 +91,7 @@ class Stack:
             self.processes["workers"].append(
                 await asyncio.create_subprocess_exec(
                     str(bin_dir / "floxide-worker"),
-                    str(HERE / "workloads.py"),
+                    self.workflows,
                     *("--server", self.targets[n % self.replicas], "--slots", str(self.slots)),
                     *("--worker-id", f"bench-{n}", "--log-level", "warning"),
                 )
