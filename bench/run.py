@@ -57,11 +57,16 @@ class Stack:
     """Servers, their etcd and workers, as processes."""
 
     def __init__(
-        self, slots: int, replicas: int, workflows: str = str(HERE / "workloads.py")
+        self,
+        slots: int,
+        replicas: int,
+        workflows: str = str(HERE / "workloads.py"),
+        workers: int = 2,
     ) -> None:
         self.slots = slots
         self.replicas = replicas
         self.workflows = workflows  # what the workers serve: a file, or FILE.py:NAME
+        self.workers = workers
         self.tmp = tempfile.TemporaryDirectory(prefix="floxide-bench-")
         self.processes: dict[str, list[asyncio.subprocess.Process]] = {"server": [], "workers": []}
         self.targets: list[str] = []
@@ -87,7 +92,7 @@ class Stack:
                     raise RuntimeError("floxide-server exited")
                 await asyncio.sleep(0.05)
             self.targets.append(ready.read_text().strip())
-        for n in range(2):
+        for n in range(self.workers):
             self.processes["workers"].append(
                 await asyncio.create_subprocess_exec(
                     str(bin_dir / "floxide-worker"),
@@ -97,7 +102,7 @@ class Stack:
                 )
             )
         async with OrchestratorClient(self.targets[0]) as client:
-            while len(await client.workers()) < 2:
+            while len(await client.workers()) < self.workers:
                 await asyncio.sleep(0.05)
         return self
 
