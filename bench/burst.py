@@ -42,7 +42,7 @@ STOP_S = 60.0  # how long the processes may take to stop before they are killed
 
 
 class BurstStack(Stack):
-    """bench/run.py's stack (one server, 2 workers) serving ``quick``, and a busy worker."""
+    """bench/run.py's stack (one server, the fast workers) serving ``quick``, and a busy worker."""
 
     def __init__(self, workers: int, slots: int) -> None:
         super().__init__(slots, replicas=1, workflows=f"{FLOWS}:quick", workers=workers)
