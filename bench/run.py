@@ -56,9 +56,17 @@ def pct(values: list[float], p: float) -> float:
 class Stack:
     """Servers, their etcd and workers, as processes."""
 
-    def __init__(self, slots: int, replicas: int) -> None:
+    def __init__(
+        self,
+        slots: int,
+        replicas: int,
+        workflows: str = str(HERE / "workloads.py"),
+        workers: int = 2,
+    ) -> None:
         self.slots = slots
         self.replicas = replicas
+        self.workflows = workflows  # what the workers serve: a file, or FILE.py:NAME
+        self.workers = workers
         self.tmp = tempfile.TemporaryDirectory(prefix="floxide-bench-")
         self.processes: dict[str, list[asyncio.subprocess.Process]] = {"server": [], "workers": []}
         self.targets: list[str] = []
@@ -84,17 +92,17 @@ class Stack:
                     raise RuntimeError("floxide-server exited")
                 await asyncio.sleep(0.05)
             self.targets.append(ready.read_text().strip())
-        for n in range(2):
+        for n in range(self.workers):
             self.processes["workers"].append(
                 await asyncio.create_subprocess_exec(
                     str(bin_dir / "floxide-worker"),
-                    str(HERE / "workloads.py"),
+                    self.workflows,
                     *("--server", self.targets[n % self.replicas], "--slots", str(self.slots)),
                     *("--worker-id", f"bench-{n}", "--log-level", "warning"),
                 )
             )
         async with OrchestratorClient(self.targets[0]) as client:
-            while len(await client.workers()) < 2:
+            while len(await client.workers()) < self.workers:
                 await asyncio.sleep(0.05)
         return self
 

@@ -4,6 +4,8 @@ No polling: per namespace, one task follows the queue through a shared watch (a 
 wakes it) and is woken when a session grants credit. It claims items in a guarded Txn (so
 replicas racing for an item cannot both win), serving the least recently served run first so
 that one busy run does not starve the others, and puts each assignment on its session's outbox.
+The ready items are indexed by the nodes that serve them (:mod:`floxide_server.ready`): a wake
+looks only at what the sessions with credit may run, not at what waits for other workers.
 Chains mostly bypass it: a result claims its successor for the same slot (sticky, see
 :meth:`floxide_server.store.completion.Completions.complete`), up to ``MAX_CHAIN`` steps in a row.
 """
@@ -12,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
-import typing
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
 from floxide_grpc.errors import FloxideError, Unavailable
+from floxide_server.ready import Key, Queued, ReadyItems
 from floxide_server.sessions import Session, Sessions
 from floxide_server.store.claims import Claims, ClaimToken
 from floxide_server.store.keys import Keys
@@ -24,13 +27,13 @@ from floxide_server.store.kv import Event, KVUnavailable
 from floxide_server.tasks import Ready, first_done
 from floxide_server.watch import RESYNC, Subscription, Watches
 
-__all__ = ["Dispatcher", "Queued"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
 
 ConnectResponse = worker_service_pb2.ConnectResponse
 _TAKE_SCAN = 64
-"""Runs a result looks through for a queued item to take with its completion."""
+"""Runs of each node a result looks through for a queued item to take with its completion."""
 _CANCELS = {
     records_pb2.RUN_STATUS_CANCELLED: worker_service_pb2.CANCEL_REASON_RUN_CANCELLED,
     records_pb2.RUN_STATUS_COMPLETED: worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
@@ -54,45 +57,6 @@ def cancel(claim: ClaimToken, reason: int) -> worker_service_pb2.Cancel:
     )
 
 
-class Queued(typing.NamedTuple):
-    """A queue entry: the item (with its input when it is fresh and small) and its revision."""
-
-    item: work_item_pb2.WorkItem
-    revision: int
-
-
-class _Ready:
-    """The ready items of one namespace, by run; runs in serving order.
-
-    A run enters at the back, and goes to the back each time it is served: the front is the
-    run that has waited longest since it was last served. Planning reads from the front, so its
-    cost follows the items it hands out, not how many runs wait.
-    """
-
-    def __init__(self) -> None:
-        self.runs: collections.OrderedDict[str, dict[str, Queued]] = collections.OrderedDict()
-
-    def add(self, queued: Queued) -> None:
-        self.runs.setdefault(queued.item.run_id, {})[queued.item.item_id] = queued
-
-    def remove(self, run_id: str, item_id: str) -> None:
-        items = self.runs.get(run_id)
-        if items is not None:
-            items.pop(item_id, None)
-            if not items:
-                del self.runs[run_id]
-
-    def clear(self, run_id: str = "") -> None:
-        if run_id:
-            self.runs.pop(run_id, None)
-        else:
-            self.runs.clear()
-
-    def served(self, run_id: str) -> None:
-        if run_id in self.runs:
-            self.runs.move_to_end(run_id)
-
-
 class Dispatcher:
     """Matches ready items with sessions of this replica."""
 
@@ -100,7 +64,7 @@ class Dispatcher:
         self.claims = claims
         self.watches = watches
         self.sessions = sessions
-        self._ready: dict[str, _Ready] = {}
+        self._ready: dict[str, ReadyItems] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -158,7 +122,7 @@ class Dispatcher:
     async def _reread(self, namespace: str, run_id: str = "") -> None:
         keys = Keys(namespace)
         entries, _ = await self.claims.kv.range(keys.queue(run_id, "") if run_id else keys.queue())
-        ready = self._ready.setdefault(namespace, _Ready())
+        ready = self._ready.setdefault(namespace, ReadyItems())
         ready.clear(run_id)
         for kv in entries:
             ready.add(Queued(work_item_pb2.WorkItem.FromString(kv.value), kv.mod_revision))
@@ -193,7 +157,7 @@ class Dispatcher:
         if event is RESYNC:
             await self._reread(namespace)
             return
-        ready = self._ready.setdefault(namespace, _Ready())
+        ready = self._ready.setdefault(namespace, ReadyItems())
         run_item = event.kv.key[len(Keys(namespace).queue()) :].decode().split("/")
         if len(run_item) != 2:
             return
@@ -252,38 +216,43 @@ class Dispatcher:
         return cancel(claim, reason) if not revision or claim.revision < revision else None
 
     def _plan(self, namespace: str) -> list[tuple[Session, Queued]]:
-        """Take items for sessions with credit: one per run in a round, front runs first.
+        """Take items for sessions with credit, one at a time, the front run first.
 
-        So a run with many ready items (a wide fan-out, a chain back from its sticky session)
-        takes turns with the others and starves none.
+        The sessions with credit say which keys they may take from; of those, the key whose
+        front run's turn comes first gives its item to the session with the most credit left
+        that serves it. A run served goes to the back everywhere, so a run with many ready items
+        (a wide fan-out, a chain back from its sticky session) takes turns with the others and
+        starves none. A wake costs the items it hands out and the keys the sessions serve, never
+        the items that wait for other sessions.
         """
         ready = self._ready.get(namespace)
         sessions = [s for s in self.sessions.live.values() if s.namespace == namespace and s.open]
-        if not ready or not ready.runs or not sessions:
+        if not ready or not sessions:
             return []
         credit = {s.lease: s.credit.available for s in sessions}
         left = sum(credit.values())
+        takers: dict[Key, list[Session]] = {}
+        for session in sessions:
+            for key in ready.keys_for(session.serving):
+                takers.setdefault(key, []).append(session)
+        fronts = [(front[0], key) for key in takers if (front := ready.front(key)) is not None]
+        heapq.heapify(fronts)  # (the turn of the key's front run, the key)
         plan: list[tuple[Session, Queued]] = []
-        while left:
-            served: list[tuple[str, str]] = []
-            for run_id, items in ready.runs.items():
-                if not left:
-                    break
-                for queued in items.values():
-                    item = queued.item
-                    takers = [s for s in sessions if credit[s.lease] > 0 and s.serves(item)]
-                    if takers:
-                        taker = max(takers, key=lambda s: credit[s.lease])
-                        credit[taker.lease] -= 1
-                        left -= 1
-                        plan.append((taker, queued))
-                        served.append((run_id, item.item_id))
-                        break
-            if not served:
-                break
-            for run_id, item_id in served:
-                ready.remove(run_id, item_id)
-                ready.served(run_id)
+        while left and fronts:
+            turn, key = fronts[0]
+            front = ready.front(key)
+            takers[key] = [s for s in takers[key] if credit[s.lease] > 0]
+            if front is None or not takers[key]:
+                heapq.heappop(fronts)
+                continue
+            if front[0] != turn:  # its front run was served from another key: now behind
+                heapq.heapreplace(fronts, (front[0], key))
+                continue
+            taker = max(takers[key], key=lambda s: credit[s.lease])
+            credit[taker.lease] -= 1
+            left -= 1
+            plan.append((taker, front[1]))
+            ready.serve(front[1])  # the key is looked at again: its next front, or none
         return plan
 
     async def _dispatch(self, namespace: str) -> None:
@@ -322,19 +291,21 @@ class Dispatcher:
         ready = self._ready.get(session.namespace)
         if ready is None:
             return None
-        for looked, (run_id, items) in enumerate(ready.runs.items()):
-            if looked >= _TAKE_SCAN:
-                break
-            for queued in items.values():
-                if queued.item.HasField("input") and session.serves(queued.item):
-                    ready.remove(run_id, queued.item.item_id)
-                    ready.served(run_id)
-                    return queued
-        return None
+        found: list[tuple[int, Queued]] = []  # the first fresh item of each key, with its turn
+        for key in ready.keys_for(session.serving):
+            for turn, queued in ready.scan(key, _TAKE_SCAN):
+                if queued.item.HasField("input"):
+                    found.append((turn, queued))
+                    break
+        if not found:
+            return None
+        _, queued = min(found, key=lambda turn_queued: turn_queued[0])
+        ready.serve(queued)
+        return queued
 
     def give_back(self, namespace: str, queued: Queued) -> None:
         """Return a taken item that no Txn claimed, to be dispatched again."""
-        self._ready.setdefault(namespace, _Ready()).add(queued)
+        self._ready.setdefault(namespace, ReadyItems()).add(queued)
         self.wake(namespace)
 
     async def _claim(self, session: Session, queued: Queued) -> bool:

@@ -46,6 +46,7 @@ from floxide_grpc.errors import (
     WorkflowNotFound,
 )
 from floxide_server.deadlines import Deadlines
+from floxide_server.ready import Key, key_of
 from floxide_server.store.claims import Claim, Claims, ClaimToken, Snapshot
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, KeyValue, KVUnavailable, Put, Txn
@@ -137,7 +138,11 @@ class Credit:
 
 @dataclasses.dataclass(eq=False)
 class Session:
-    """One connected worker stream on this replica."""
+    """One connected worker stream on this replica.
+
+    Attributes:
+        serving: The keys of the nodes the worker serves, from its hello (an empty hash: any).
+    """
 
     lease: int
     namespace: str
@@ -155,9 +160,11 @@ class Session:
     unlisted: dict[str, int] = dataclasses.field(default_factory=dict)
     checked_at: int = 0
     checking: bool = False
+    serving: frozenset[Key] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.serving = frozenset((s.workflow, s.node, s.definition_hash) for s in self.record.nodes)
 
     def hold(self, claim: Claim) -> None:
         """The worker was assigned this claim."""
@@ -207,13 +214,8 @@ class Session:
             self.idle.set()
 
     def serves(self, item: work_item_pb2.WorkItem) -> bool:
-        """Whether the worker runs this item's node (of this definition)."""
-        return any(
-            s.workflow == item.workflow
-            and s.node == item.node
-            and (not s.definition_hash or s.definition_hash == item.definition_hash)
-            for s in self.record.nodes
-        )
+        """Whether the worker runs this item's node (of this definition, or of any)."""
+        return key_of(item) in self.serving or (item.workflow, item.node, "") in self.serving
 
     @property
     def open(self) -> bool:

@@ -32,7 +32,8 @@ from floxide_grpc.errors import (
     StatusCode,
     Unavailable,
 )
-from floxide_server.dispatch import Dispatcher, Queued
+from floxide_server.dispatch import Dispatcher
+from floxide_server.ready import Queued
 from floxide_server.sessions import Session, SessionConfig, Sessions
 from floxide_server.store import Store
 from floxide_server.store.claims import ClaimToken
