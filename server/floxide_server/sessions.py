@@ -415,6 +415,8 @@ class Sessions:
                 if released and token in session.held:
                     session.drop(token)
                     session.credit.give_back()
+        except (KVUnavailable, grpc.aio.AioRpcError) as exc:  # checked again next heartbeat
+            log.info("session %x: claims not checked (%s)", session.lease, exc)
         finally:
             session.checking = False
 

@@ -23,6 +23,7 @@ from floxide_server.etcd import EtcdKV
 from floxide_server.sessions import SessionConfig
 from floxide_server.store import Store, queue
 from floxide_server.store.keys import Keys
+from floxide_server.store.kv import KVUnavailable
 
 from floxide_grpc import Workflow, node
 from floxide_grpc._proto.floxide.v1 import worker_service_pb2
@@ -148,5 +149,34 @@ async def test_a_claim_its_worker_lists_stays_held(stack: Stack) -> None:
             done = await stack.client.wait_for_completion(run.run_id, 10)
         assert done.status is RunStatus.COMPLETED and done.output == 7
         assert await stack.client.run_errors(run.run_id) == []
+    finally:
+        await raw.close()
+
+
+async def test_a_check_etcd_does_not_answer_leaves_the_stream_alone(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await stack.client.register_workflow(ECHO)
+    raw = Raw(stack.target)
+    try:
+        opening = hello(stack.namespace, credit=1)
+        opening.hello.lists_claims = True
+        await raw.send(opening)
+        await raw.read()
+        [session] = stack.server.sessions.live.values()
+
+        async def silent(*_: object, **__: object) -> None:
+            raise KVUnavailable("etcd unreachable")
+
+        monkeypatch.setattr(stack.server.kv, "range", silent)
+        await stack.server.sessions.check_listed(session, [])  # no error: checked next time
+        assert not session.checking
+        monkeypatch.undo()
+        run, _ = await stack.client.start_run("echo", 3)
+        while not (frame := await raw.read()).assignments:  # the stream goes on
+            pass
+        await raw.send(result_of(frame.assignments[0], 3))
+        done = await stack.client.wait_for_completion(run.run_id, 10)
+        assert done.status is RunStatus.COMPLETED
     finally:
         await raw.close()
