@@ -167,8 +167,8 @@ class EtcdKV:
         if wedged:
             endpoint = self.endpoints[self._current % len(self.endpoints)]
             channel = self._channels.pop(endpoint, None)
-            if channel is not None and not self._closed:
-                self._background.spawn(channel.close(grace=None))
+            if channel is not None and not self._closed:  # its calls end by their deadlines
+                self._background.spawn(channel.close(grace=self.timeout))
         self._current += 1
 
     async def _call(self, make: Callable[[grpc.aio.Channel], Coroutine[Any, Any, T]]) -> T:
@@ -178,6 +178,10 @@ class EtcdKV:
         while True:
             try:
                 return await make(self._channel())
+            except asyncio.CancelledError:
+                if not _closed_under(self):
+                    raise  # this call was cancelled
+                self._fail_over()  # its channel was closed under it (a wedged one, dropped)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE or self._closed:
                     raise
@@ -398,7 +402,9 @@ class EtcdKV:
                         next_revision = kv.mod_revision + 1
                         yield Event(event.type == rpc.Event.DELETE, kv)
                 raise KVUnavailable("watch stream ended")
-            except (grpc.aio.AioRpcError, KVUnavailable) as exc:
+            except (grpc.aio.AioRpcError, KVUnavailable, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and not _closed_under(self):
+                    raise  # the watch was cancelled, not its channel closed
                 if self._closed:
                     return
                 log.info("etcd watch on %r broke (%s); resuming at %d", prefix, exc, next_revision)
@@ -429,6 +435,16 @@ class EtcdKV:
             for channel in self._channels.values():
                 await channel.close()
             self._channels.clear()
+
+
+def _closed_under(kv: EtcdKV) -> bool:
+    """Whether a CancelledError came from a channel closed under a call, not from a cancel.
+
+    grpc raises CancelledError in the calls of a channel that is closed (as a wedged one is,
+    after its grace); a real cancellation of the task is counted by ``cancelling()``.
+    """
+    task = asyncio.current_task()
+    return not kv._closed and task is not None and task.cancelling() == 0
 
 
 def _compare(compare: Compare) -> Any:

@@ -322,3 +322,38 @@ async def test_a_txn_as_wide_as_etcd_allows_is_not_crowded_out_by_spent_tokens(
         assert len([t for t in tokens if t.key not in before]) == 1  # the last one's
     finally:
         await kv.close()
+
+
+async def test_calls_on_a_dropped_wedged_connection_fail_over_not_cancel(
+    etcd: EmbeddedEtcd, prefix: bytes
+) -> None:
+    """A call past its deadline drops its connection; a watch on that connection is moved to
+    another, not ended by grpc's CancelledError."""
+    proxy = await TcpProxy(etcd.client_port).start()
+    kv = EtcdKV([f"127.0.0.1:{proxy.port}", etcd.endpoint], timeout=0.5, retry_for=5.0)
+    key = prefix + b"watched"
+    seen: list[bytes] = []
+    try:
+        _, revision = await kv.range(prefix)  # connects through the proxy
+
+        async def follow() -> None:
+            async for event in kv.watch(prefix, revision + 1):
+                seen.append(event.kv.value)
+
+        async with asyncio.TaskGroup() as tasks:
+            watching = tasks.create_task(follow())
+            proxy.blackhole = True
+            assert await kv.get(key) is None  # past its deadline there: dropped, then etcd
+            await asyncio.sleep(1.0)  # the dropped connection's grace: its watch is closed
+            await put(kv, key, b"after")
+            await eventually(lambda: _seen(seen, b"after"), within=10)
+            assert not watching.done()
+            watching.cancel()
+    finally:
+        proxy.blackhole = False
+        await kv.close()
+        await proxy.stop()
+
+
+async def _seen(seen: list[bytes], value: bytes) -> bool:
+    return value in seen
