@@ -391,7 +391,13 @@ class EtcdKV:
                         )
                     )
                 )
-                async for response in call:
+                try:  # a watch that is not created in time is on a wedged connection
+                    async with asyncio.timeout(self.timeout):
+                        response = await call.read()
+                except TimeoutError:
+                    self._fail_over(wedged=True)
+                    raise KVUnavailable("the watch was not created in time") from None
+                while response is not grpc.aio.EOF:
                     if response.compact_revision:
                         raise Compacted(response.compact_revision)
                     if response.canceled:
@@ -401,6 +407,7 @@ class EtcdKV:
                         kv = _kv(event.kv)
                         next_revision = kv.mod_revision + 1
                         yield Event(event.type == rpc.Event.DELETE, kv)
+                    response = await call.read()
                 raise KVUnavailable("watch stream ended")
             except (grpc.aio.AioRpcError, KVUnavailable, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and not _closed_under(self):
