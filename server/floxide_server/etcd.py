@@ -157,18 +157,20 @@ class EtcdKV:
             self._channels[endpoint] = channel
         return channel
 
-    def _fail_over(self, wedged: bool = False) -> None:
-        """Move to the next endpoint; ``wedged``: the current connection is dropped first.
+    def _fail_over(self, wedged: grpc.aio.Channel | None = None) -> None:
+        """Move to the next endpoint; ``wedged``: a connection to drop first.
 
         A connection that lost replies (a silent network, a proxy dropping packets) can stay
         wedged until keepalive gives up on it, long after etcd answers again: an RPC past its
-        deadline drops it, and the next one connects afresh.
+        deadline drops the channel it used (if no other call dropped it already), and the next
+        call connects afresh.
         """
-        if wedged:
-            endpoint = self.endpoints[self._current % len(self.endpoints)]
-            channel = self._channels.pop(endpoint, None)
-            if channel is not None and not self._closed:  # its calls end by their deadlines
-                self._background.spawn(channel.close(grace=self.timeout))
+        if wedged is not None:
+            for endpoint, channel in list(self._channels.items()):
+                if channel is wedged:
+                    del self._channels[endpoint]
+                    if not self._closed:  # its calls end by their deadlines first
+                        self._background.spawn(channel.close(grace=self.timeout))
         self._current += 1
 
     async def _call(self, make: Callable[[grpc.aio.Channel], Coroutine[Any, Any, T]]) -> T:
@@ -176,16 +178,20 @@ class EtcdKV:
         deadline = time.monotonic() + self.retry_for
         pause = 0.05
         while True:
+            channel = self._channel()
             try:
-                return await make(self._channel())
+                return await make(channel)
             except asyncio.CancelledError:
                 if not _closed_under(self):
                     raise  # this call was cancelled
                 self._fail_over()  # its channel was closed under it (a wedged one, dropped)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRYABLE or self._closed:
+                if self._closed:
+                    raise KVUnavailable(f"closed: {exc.details()}") from exc
+                if exc.code() not in _RETRYABLE:
                     raise
-                self._fail_over(wedged=exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED)
+                past = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                self._fail_over(wedged=channel if past else None)
                 if time.monotonic() + pause > deadline:
                     raise KVUnavailable(
                         f"etcd unreachable at {self.endpoints}: {exc.details()}"
@@ -289,6 +295,15 @@ class EtcdKV:
                 response = await self._call(
                     lambda ch: rpc.KVStub(ch).Txn(request, timeout=self.timeout)
                 )
+            except grpc.aio.AioRpcError as exc:
+                # A refusal is "not applied" unless an attempt before it may have been: then
+                # only a reply (its token read back) ends the wait. A malformed request (too
+                # many operations, a duplicate key) was refused every time.
+                if not unknown_since or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                log.warning("etcd refused a retry of an unknown outcome (%s); again", exc)
+                await asyncio.sleep(1.0)
+                continue
             except KVUnavailable as exc:
                 if self._closed:
                     raise
@@ -382,7 +397,8 @@ class EtcdKV:
         next_revision = start_revision
         pause = 0.05
         while True:
-            call = rpc.WatchStub(self._channel()).Watch()
+            channel = self._channel()
+            call = rpc.WatchStub(channel).Watch()
             try:
                 await call.write(
                     rpc.WatchRequest(
@@ -395,7 +411,7 @@ class EtcdKV:
                     async with asyncio.timeout(self.timeout):
                         response = await call.read()
                 except TimeoutError:
-                    self._fail_over(wedged=True)
+                    self._fail_over(wedged=channel)
                     raise KVUnavailable("the watch was not created in time") from None
                 while response is not grpc.aio.EOF:
                     if response.compact_revision:

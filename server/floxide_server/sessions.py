@@ -381,9 +381,9 @@ class Sessions:
     async def check_listed(self, session: Session, listed: Collection[str]) -> None:
         """Release the session's claims that its worker's heartbeats keep not listing.
 
-        A claim made before the previous heartbeat's check, and listed by neither heartbeat
-        since, never reached the worker (an assignment this replica never learned it made, say
-        after a reply lost beyond any retry): it is released without using an attempt. A claim
+        A claim made before the previous heartbeat's check, listed by neither heartbeat since,
+        and not sent on this stream (which loses nothing), never reached the worker: a claim
+        this replica never learned it made. It is released without using an attempt. A claim
         made since the previous check may still be on its way, and waits.
         """
         try:
@@ -399,8 +399,8 @@ class Sessions:
                         session.lease, claim.create_revision, int(claim.value), run_id, item_id
                     )
                 )
-                if token in listed or token in session.reporting:
-                    continue
+                if token in listed or token in session.held or token in session.reporting:
+                    continue  # listed; or sent on this stream, which loses nothing
                 if claim.create_revision <= session.checked_at:
                     unlisted[token] = session.unlisted.get(token, 0) + 1
             session.unlisted, session.checked_at = unlisted, revision
@@ -412,9 +412,6 @@ class Sessions:
                 )
                 if released:
                     log.warning("claim %s was never received by its worker: re-queued", token)
-                if released and token in session.held:
-                    session.drop(token)
-                    session.credit.give_back()
         except (KVUnavailable, grpc.aio.AioRpcError) as exc:  # checked again next heartbeat
             log.info("session %x: claims not checked (%s)", session.lease, exc)
         finally:

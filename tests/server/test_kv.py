@@ -6,10 +6,11 @@ import asyncio
 import time
 import typing
 
+import grpc
 import pytest
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import TOKEN_PREFIX, EtcdKV
-from floxide_server.store.kv import KV, Compare, Delete, Get, KeyValue, Put, Txn
+from floxide_server.store.kv import KV, Compare, Delete, Get, KeyValue, KVUnavailable, Put, Txn
 
 from tests.helpers import TcpProxy, eventually, free_port
 
@@ -175,8 +176,6 @@ async def test_a_lost_reply_is_applied_once_and_reported_truthfully(
 
 
 async def test_an_unreachable_etcd_raises_unavailable() -> None:
-    from floxide_server.store.kv import KVUnavailable  # noqa: PLC0415
-
     kv = EtcdKV([f"127.0.0.1:{free_port()}"], timeout=0.3, retry_for=1.0)
     try:
         with pytest.raises(KVUnavailable):
@@ -357,3 +356,36 @@ async def test_calls_on_a_dropped_wedged_connection_fail_over_not_cancel(
 
 async def _seen(seen: list[bytes], value: bytes) -> bool:
     return value in seen
+
+
+async def test_a_refusal_after_an_unknown_outcome_is_not_taken_for_not_applied(
+    etcd: EmbeddedEtcd, prefix: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once an attempt's outcome is unknown, only a reply ends the wait: a retry refused for
+    load (etcd's RESOURCE_EXHAUSTED "too many requests") is tried again, not reported."""
+    kv = EtcdKV([etcd.endpoint])
+    attempts: list[str] = []
+    real = kv._call
+
+    async def overloaded(make: typing.Any) -> typing.Any:
+        if not attempts:
+            attempts.append("unknown")
+            raise KVUnavailable("etcd unreachable: Deadline Exceeded")
+        if len(attempts) == 1:
+            attempts.append("refused")
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "etcdserver: too many requests",
+            )
+        attempts.append("answered")
+        return await real(make)
+
+    try:
+        monkeypatch.setattr(kv, "_call", overloaded)
+        result = await kv.txn(Txn([], [Put(prefix + b"k", b"v")]))
+        assert result.succeeded  # read back through its token, after the refusal
+        assert attempts[:3] == ["unknown", "refused", "answered"]  # (then the token sweep's)
+    finally:
+        await kv.close()
