@@ -92,13 +92,23 @@ class OrchestratorClient:
     ) -> None:
         await self.close()
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], request: Any, *, idempotent: bool = False
+    ) -> T:
+        """Call with a deadline: again on UNAVAILABLE, and on DEADLINE_EXCEEDED if ``idempotent``.
+
+        The same request, its idempotency key with it, cannot act twice; and a server waiting
+        on an outcome that etcd has not told yet may outlast one deadline.
+        """
+        again = {grpc.StatusCode.UNAVAILABLE}
+        if idempotent:
+            again.add(grpc.StatusCode.DEADLINE_EXCEEDED)
         pause = 0.1
         for attempt in range(self.retries + 1):
             try:
                 return await method(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                if exc.code() not in again or attempt == self.retries:
                     raise error_from_status(exc) from exc
             await asyncio.sleep(pause * random.uniform(0.5, 1.0))
             pause = min(pause * 2, 2.0)
@@ -172,7 +182,7 @@ class OrchestratorClient:
             if not isinstance(run_timeout, datetime.timedelta):
                 run_timeout = datetime.timedelta(seconds=run_timeout)
             request.run_timeout.FromTimedelta(run_timeout)
-        response = await self._call(self._stub.StartRun, request)
+        response = await self._call(self._stub.StartRun, request, idempotent=True)
         return RunInfo.from_proto(response.run), response.created
 
     async def get_run(self, run_id: str) -> RunInfo:
