@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -141,16 +142,23 @@ class Stack:
         return f"127.0.0.1:{self.server.port}"
 
 
-@pytest.fixture
-async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[Stack]:
-    config = ServerConfig(
-        port=0, limits=Limits(max_payload_bytes=2048), max_message_bytes=64 * 1024
-    )
+@contextlib.asynccontextmanager
+async def stack_on(etcd: EmbeddedEtcd, config: ServerConfig) -> AsyncIterator[Stack]:
+    """An in-process server of ``config`` on ``etcd``, and a client of a fresh namespace."""
     async with serving([etcd.endpoint], config) as server:
         namespace = f"ns-{uuid.uuid4().hex[:10]}"
         client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
         async with client:
             yield Stack(server, client, namespace)
+
+
+@pytest.fixture
+async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[Stack]:
+    config = ServerConfig(
+        port=0, limits=Limits(max_payload_bytes=2048), max_message_bytes=64 * 1024
+    )
+    async with stack_on(etcd, config) as stack:
+        yield stack
 
 
 async def run_to_completion(stack: Stack, run_id: str, steps: list[Any]) -> None:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
 import pytest
-from floxide_server.app import Server, ServerConfig
+from floxide_server.app import ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.sessions import SessionConfig
 from floxide_server.store.keys import Keys
@@ -24,10 +22,9 @@ from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Backoff, NextAll, RetryPolicy, Workflow, node
 from floxide_grpc._proto.floxide.v1 import worker_service_pb2
-from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import AlreadyExists, InvalidArgument
 from floxide_grpc.records import RunStatus
-from tests.helpers import serving
+from tests.conftest import Stack, stack_on
 from tests.helpers.worker_stream import Raw, hello, result_of
 
 GRACE = timedelta(milliseconds=200)
@@ -62,25 +59,11 @@ BOUNDED = Workflow("bounded", start=bounded)
 TIGHT = Workflow("tight", start=tight)
 
 
-@dataclass
-class Stack:
-    server: Server
-    namespace: str
-    client: OrchestratorClient
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-
 @pytest.fixture
 async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[Stack]:
     config = ServerConfig(port=0, sessions=SESSIONS, grace=timedelta(seconds=2))
-    async with serving([etcd.endpoint], config) as server:
-        namespace = f"ns-{uuid.uuid4().hex[:10]}"
-        client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
-        async with client:
-            yield Stack(server, namespace, client)
+    async with stack_on(etcd, config) as stack:
+        yield stack
 
 
 @pytest.fixture
@@ -141,30 +124,28 @@ def unbounded(x: int) -> int:
 async def test_the_default_node_timeout_covers_a_node_without_one(etcd: EmbeddedEtcd) -> None:
     limits = Limits(default_node_timeout_ms=300)
     config = ServerConfig(port=0, sessions=SESSIONS, limits=limits, grace=timedelta(seconds=2))
-    namespace = f"ns-{uuid.uuid4().hex[:10]}"
-    async with serving([etcd.endpoint], config) as server:
-        target = f"127.0.0.1:{server.port}"
-        async with OrchestratorClient(target, namespace=namespace, retries=0) as client:
-            await client.register_workflow(Workflow("unbounded", start=unbounded))
-            raw = Raw(target)
-            try:
-                await raw.send(hello(namespace, "unbounded", "unbounded", credit=1))
-                await raw.read()
-                run, _ = await client.start_run("unbounded", 1)
-                [held] = (await next_with(raw, "assignments")).assignments
-                assert held.timeout.ToTimedelta() == timedelta(milliseconds=300)
-                [cancel] = (await next_with(raw, "cancels")).cancels
-                assert cancel.claim_token == held.claim_token  # timed out; its run failed too
-                assert cancel.reason in (
-                    worker_service_pb2.CANCEL_REASON_TIMEOUT,
-                    worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
-                )
-            finally:
-                await raw.close()
-            final = await client.wait_for_completion(run.run_id, 10)
-            assert final.status is RunStatus.FAILED
-            [error] = await client.run_errors(run.run_id)
-            assert error.kind == "TIMEOUT" and "timed out after 0.3s" in error.message
+    async with stack_on(etcd, config) as stack:
+        client = stack.client
+        await client.register_workflow(Workflow("unbounded", start=unbounded))
+        raw = Raw(stack.target)
+        try:
+            await raw.send(hello(stack.namespace, "unbounded", "unbounded", credit=1))
+            await raw.read()
+            run, _ = await client.start_run("unbounded", 1)
+            [held] = (await next_with(raw, "assignments")).assignments
+            assert held.timeout.ToTimedelta() == timedelta(milliseconds=300)
+            [cancel] = (await next_with(raw, "cancels")).cancels
+            assert cancel.claim_token == held.claim_token  # timed out; its run failed too
+            assert cancel.reason in (
+                worker_service_pb2.CANCEL_REASON_TIMEOUT,
+                worker_service_pb2.CANCEL_REASON_RUN_FINISHED,
+            )
+        finally:
+            await raw.close()
+        final = await client.wait_for_completion(run.run_id, 10)
+        assert final.status is RunStatus.FAILED
+        [error] = await client.run_errors(run.run_id)
+        assert error.kind == "TIMEOUT" and "timed out after 0.3s" in error.message
 
 
 async def test_a_result_in_flight_at_its_deadline_is_applied_or_times_out_never_both(

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
-from floxide_server.app import Server, ServerConfig
+from floxide_server.app import ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.sessions import SessionConfig
@@ -27,9 +25,9 @@ from floxide_server.store.kv import KVUnavailable
 
 from floxide_grpc import Workflow, node
 from floxide_grpc._proto.floxide.v1 import worker_service_pb2
-from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
-from tests.helpers import eventually, serving
+from tests.conftest import Stack, stack_on
+from tests.helpers import eventually
 from tests.helpers.worker_stream import Raw, hello, result_of
 
 HEARTBEAT = 0.3
@@ -46,30 +44,21 @@ def echo(x: int) -> int:
 ECHO = Workflow("echo", start=echo)
 
 
-@dataclass
-class Stack:
-    server: Server
-    namespace: str
-    client: OrchestratorClient
-    other: Store  # another replica's store, on the same etcd
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-
 @pytest.fixture
 async def stack(etcd: EmbeddedEtcd) -> AsyncIterator[Stack]:
     config = ServerConfig(port=0, sessions=SESSIONS, grace=timedelta(seconds=2))
-    async with serving([etcd.endpoint], config) as server:
-        namespace = f"ns-{uuid.uuid4().hex[:10]}"
-        kv = EtcdKV([etcd.endpoint])
-        client = OrchestratorClient(f"127.0.0.1:{server.port}", namespace=namespace, retries=0)
-        try:
-            async with client:
-                yield Stack(server, namespace, client, Store.open(kv, config.limits))
-        finally:
-            await kv.close()
+    async with stack_on(etcd, config) as stack:
+        yield stack
+
+
+@pytest.fixture
+async def other(etcd: EmbeddedEtcd) -> AsyncIterator[Store]:
+    """Another replica's store, on the same etcd."""
+    kv = EtcdKV([etcd.endpoint])
+    try:
+        yield Store.open(kv, ServerConfig().limits)
+    finally:
+        await kv.close()
 
 
 @contextlib.asynccontextmanager
@@ -92,7 +81,7 @@ async def heartbeating(raw: Raw, held: list[str]) -> AsyncIterator[None]:
 
 
 async def test_a_claim_its_worker_never_lists_is_released_without_using_an_attempt(
-    stack: Stack,
+    stack: Stack, other: Store
 ) -> None:
     await stack.client.register_workflow(ECHO)
     raw = Raw(stack.target)
@@ -103,7 +92,7 @@ async def test_a_claim_its_worker_never_lists_is_released_without_using_an_attem
         lease = int((await raw.read()).hello_ack.session_id, 16)
         run, _ = await stack.client.start_run("echo", 5)
         [item] = await eventually(lambda: queue.ready(stack.server.kv, stack.namespace))
-        orphan = await stack.other.claims.claim(stack.namespace, lease, run.run_id, item.item_id)
+        orphan = await other.claims.claim(stack.namespace, lease, run.run_id, item.item_id)
         assert orphan is not None  # made for the session; its replica never learned of it
         async with heartbeating(raw, []):
 
