@@ -18,7 +18,7 @@ import heapq
 import logging
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
-from floxide_grpc.errors import FloxideError, Unavailable
+from floxide_grpc.errors import FloxideError, SessionEnded, Unavailable
 from floxide_server.ready import Key, Queued, ReadyItems
 from floxide_server.sessions import Session, Sessions
 from floxide_server.store.claims import Claims, ClaimToken
@@ -265,6 +265,10 @@ class Dispatcher:
     async def _claim_or_return(self, session: Session, queued: Queued) -> None:
         try:
             claimed = await self._claim(session, queued)
+        except SessionEnded:  # still queued: another session takes it
+            log.debug("session %016x ended before claiming %s", session.lease, queued.item.item_id)
+            claimed = False
+            self.give_back(session.namespace, queued)
         except Exception as exc:  # one claim, not the loop: logged (whole if unexpected)
             expected = isinstance(exc, (KVUnavailable, OSError, FloxideError))
             log.log(
@@ -309,8 +313,13 @@ class Dispatcher:
         self.wake(namespace)
 
     async def _claim(self, session: Session, queued: Queued) -> bool:
+        """Whether the item went to the session (not: another got it, or its run ended).
+
+        Raises:
+            SessionEnded: the session ended first.
+        """
         if session.lease not in self.sessions.live:
-            return False
+            raise SessionEnded(f"session {session.lease:016x} ended")
         item = queued.item
         claim = await self.claims.claim(
             session.namespace, session.lease, item.run_id, item.item_id, queued=queued

@@ -85,15 +85,19 @@ def _healthy(url: str) -> bool:
 
 @dataclasses.dataclass
 class EmbeddedEtcd:
-    """One etcd member on loopback ports, in a data directory it owns unless given one.
+    """One etcd member, in a data directory it owns unless given one.
+
+    It listens on loopback unless given a host (and a prefix to run it there).
 
     Attributes:
         data_dir: Where etcd keeps its data; a temporary directory (removed on stop) if unset.
-        client_port: The client port (0: pick a free one).
-        peer_port: The peer port (0: pick a free one).
+        client_port: The client port (0: pick a free one on loopback).
+        peer_port: The peer port (0: pick a free one on loopback).
         name: The member's name.
         compaction: etcd's ``--auto-compaction-retention`` (periodic mode).
         cluster: ``name=peer-url,...`` of every member of a cluster; empty for a cluster of one.
+        host: The address to listen on and advertise.
+        prefix: A command etcd runs under (``ip netns exec NS``: a host of a test's own).
     """
 
     data_dir: Path | None = None
@@ -102,13 +106,15 @@ class EmbeddedEtcd:
     name: str = "floxide"
     compaction: str = "5m"
     cluster: str = ""
+    host: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     _owned_dir: str | None = None
 
     @property
     def endpoint(self) -> str:
-        """``127.0.0.1:PORT`` of the client port."""
-        return f"127.0.0.1:{self.client_port}"
+        """``HOST:PORT`` of the client port."""
+        return f"{self.host}:{self.client_port}"
 
     def start(self, timeout: float = 30.0) -> EmbeddedEtcd:
         """Start etcd and wait until it reports healthy.
@@ -133,10 +139,11 @@ class EmbeddedEtcd:
             client_port, peer_port = free_ports(2)  # two at once: never the same port twice
             self.client_port = self.client_port or client_port
             self.peer_port = self.peer_port or peer_port
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"http://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         self.process = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-c",
                 _LAUNCHER,
@@ -166,7 +173,7 @@ class EmbeddedEtcd:
             RuntimeError: the process exited or the deadline passed.
         """
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.client_port}/health"
+        url = f"http://{self.endpoint}/health"
         while True:
             if self.process is not None and self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""

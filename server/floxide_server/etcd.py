@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -73,6 +74,10 @@ UNKNOWN_TOLD_EVERY = 10.0
 """Seconds between the warnings that an outcome is still unknown."""
 MAX_REQUEST_OPS = 128
 """etcd's default ``--max-txn-ops``: spent tokens' deletes ride along within it."""
+LEADER = (("hasleader", "true"),)
+"""Sent with every call: a member that has lost its leader (cut from the others) refuses it at
+once with UNAVAILABLE, and ends a watch it serves, instead of holding it: a partitioned member
+answers nothing that needs its leader, and a watch on it would see no event again."""
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -157,21 +162,26 @@ class EtcdKV:
             self._channels[endpoint] = channel
         return channel
 
-    def _fail_over(self, wedged: grpc.aio.Channel | None = None) -> None:
-        """Move to the next endpoint; ``wedged``: a connection to drop first.
+    def _fail_over(self, channel: grpc.aio.Channel, *, wedged: bool = False) -> None:
+        """Move off the endpoint ``channel`` is to, and drop that connection if ``wedged``.
+
+        Calls that fail together on one member move off it once: they must not rotate back
+        to it.
 
         A connection that lost replies (a silent network, a proxy dropping packets) can stay
         wedged until keepalive gives up on it, long after etcd answers again: an RPC past its
         deadline drops the channel it used (if no other call dropped it already), and the next
         call connects afresh.
         """
-        if wedged is not None:
-            for endpoint, channel in list(self._channels.items()):
-                if channel is wedged:
-                    del self._channels[endpoint]
-                    if not self._closed:  # its calls end by their deadlines first
-                        self._background.spawn(channel.close(grace=self.timeout))
-        self._current += 1
+        endpoint = next((e for e, c in self._channels.items() if c is channel), None)
+        if endpoint is None:
+            return  # dropped already, by a call that moved on
+        if wedged:
+            del self._channels[endpoint]
+            if not self._closed:  # its calls end by their deadlines first
+                self._background.spawn(channel.close(grace=self.timeout))
+        if endpoint == self.endpoints[self._current % len(self.endpoints)]:
+            self._current += 1
 
     async def _call(self, make: Callable[[grpc.aio.Channel], Coroutine[Any, Any, T]]) -> T:
         """Call on the current endpoint, moving to the next on a retryable failure."""
@@ -184,14 +194,14 @@ class EtcdKV:
             except asyncio.CancelledError:
                 if not _closed_under(self):
                     raise  # this call was cancelled
-                self._fail_over()  # its channel was closed under it (a wedged one, dropped)
+                self._fail_over(channel)  # closed under it (a wedged one, dropped)
             except grpc.aio.AioRpcError as exc:
                 if self._closed:
                     raise KVUnavailable(f"closed: {exc.details()}") from exc
                 if exc.code() not in _RETRYABLE:
                     raise
                 past = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                self._fail_over(wedged=channel if past else None)
+                self._fail_over(channel, wedged=past)
                 if time.monotonic() + pause > deadline:
                     raise KVUnavailable(
                         f"etcd unreachable at {self.endpoints}: {exc.details()}"
@@ -205,7 +215,9 @@ class EtcdKV:
     async def get(self, key: bytes) -> KeyValue | None:
         """The key, or ``None`` (a linearizable read)."""
         response = await self._call(
-            lambda ch: rpc.KVStub(ch).Range(rpc.RangeRequest(key=key), timeout=self.timeout)
+            lambda ch: rpc.KVStub(ch).Range(
+                rpc.RangeRequest(key=key), timeout=self.timeout, metadata=LEADER
+            )
         )
         return _kv(response.kvs[0]) if response.kvs else None
 
@@ -227,7 +239,9 @@ class EtcdKV:
             sort_order=order,
             sort_target=rpc.RangeRequest.KEY,
         )
-        response = await self._call(lambda ch: rpc.KVStub(ch).Range(request, timeout=self.timeout))
+        response = await self._call(
+            lambda ch: rpc.KVStub(ch).Range(request, timeout=self.timeout, metadata=LEADER)
+        )
         return [_kv(kv) for kv in response.kvs], response.header.revision
 
     # -- transactions --------------------------------------------------------------------------
@@ -293,7 +307,7 @@ class EtcdKV:
         while True:
             try:
                 response = await self._call(
-                    lambda ch: rpc.KVStub(ch).Txn(request, timeout=self.timeout)
+                    lambda ch: rpc.KVStub(ch).Txn(request, timeout=self.timeout, metadata=LEADER)
                 )
             except grpc.aio.AioRpcError as exc:
                 # A refusal is "not applied" unless an attempt before it may have been: then
@@ -328,12 +342,15 @@ class EtcdKV:
         """Delete tokens made over a day ago (those of processes that died before deleting)."""
         while not self._closed:
             cutoff = f"{(time.time() - TOKEN_SWEEP_AFTER) * 1000:013.0f}".encode()
-            request = rpc.DeleteRangeRequest(key=TOKEN_PREFIX, range_end=TOKEN_PREFIX + cutoff)
+            sweep = rpc.DeleteRangeRequest(key=TOKEN_PREFIX, range_end=TOKEN_PREFIX + cutoff)
             with contextlib.suppress(grpc.aio.AioRpcError, KVUnavailable):
-                await self._call(
-                    lambda ch: rpc.KVStub(ch).DeleteRange(request, timeout=self.timeout)  # noqa: B023
-                )
+                await self._call(functools.partial(self._delete_range, sweep))
             await asyncio.sleep(TOKEN_SWEEP_EVERY)
+
+    async def _delete_range(
+        self, request: rpc.DeleteRangeRequest, channel: grpc.aio.Channel
+    ) -> rpc.DeleteRangeResponse:
+        return await rpc.KVStub(channel).DeleteRange(request, timeout=self.timeout, metadata=LEADER)
 
     # -- leases --------------------------------------------------------------------------------
 
@@ -341,7 +358,7 @@ class EtcdKV:
         """Grant a lease of ``ttl`` seconds."""
         response = await self._call(
             lambda ch: rpc.LeaseStub(ch).LeaseGrant(
-                rpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout
+                rpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout, metadata=LEADER
             )
         )
         return int(response.ID)
@@ -350,7 +367,7 @@ class EtcdKV:
         """Renew a lease once; its TTL, or 0 when it has ended."""
 
         async def once(channel: grpc.aio.Channel) -> int:
-            call = rpc.LeaseStub(channel).LeaseKeepAlive(timeout=self.timeout)
+            call = rpc.LeaseStub(channel).LeaseKeepAlive(timeout=self.timeout, metadata=LEADER)
             try:
                 await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
                 response = await call.read()
@@ -367,7 +384,7 @@ class EtcdKV:
         try:
             await self._call(
                 lambda ch: rpc.LeaseStub(ch).LeaseRevoke(
-                    rpc.LeaseRevokeRequest(ID=lease), timeout=self.timeout
+                    rpc.LeaseRevokeRequest(ID=lease), timeout=self.timeout, metadata=LEADER
                 )
             )
         except grpc.aio.AioRpcError as exc:
@@ -381,7 +398,7 @@ class EtcdKV:
         """
         response = await self._call(
             lambda ch: rpc.LeaseStub(ch).LeaseTimeToLive(
-                rpc.LeaseTimeToLiveRequest(ID=lease), timeout=self.timeout
+                rpc.LeaseTimeToLiveRequest(ID=lease), timeout=self.timeout, metadata=LEADER
             )
         )
         return None if response.TTL < 0 else int(response.TTL)
@@ -398,7 +415,7 @@ class EtcdKV:
         pause = 0.05
         while True:
             channel = self._channel()
-            call = rpc.WatchStub(channel).Watch()
+            call = rpc.WatchStub(channel).Watch(metadata=LEADER)
             try:
                 await call.write(
                     rpc.WatchRequest(
@@ -411,7 +428,7 @@ class EtcdKV:
                     async with asyncio.timeout(self.timeout):
                         response = await call.read()
                 except TimeoutError:
-                    self._fail_over(wedged=channel)
+                    self._fail_over(channel, wedged=True)
                     raise KVUnavailable("the watch was not created in time") from None
                 while response is not grpc.aio.EOF:
                     if response.compact_revision:
@@ -431,7 +448,7 @@ class EtcdKV:
                 if self._closed:
                     return
                 log.info("etcd watch on %r broke (%s); resuming at %d", prefix, exc, next_revision)
-                self._fail_over()
+                self._fail_over(channel)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
             finally:

@@ -18,6 +18,7 @@ from floxide_server.store.keys import Keys
 from floxide_grpc._proto.floxide.v1 import records_pb2
 from floxide_grpc.client import OrchestratorClient
 from tests.helpers import free_port, start_server, stop_all
+from tests.helpers.hosts import Host
 
 __all__ = ["WORKFLOWS", "Faults"]
 
@@ -40,6 +41,11 @@ class Faults:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """Where the test reads etcd itself."""
+        return [self.etcd.endpoint]
 
     @property
     def gate(self) -> Path:
@@ -66,8 +72,10 @@ class Faults:
         *,
         slots: int = 1,
         env: Mapping[str, str] | None = None,
+        on: Host | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start a worker process serving ``self.workflows``; ``env`` adds to its environment."""
+        """Start a worker process serving ``self.workflows`` (on the host ``on``, if given);
+        ``env`` adds to its environment."""
         environment = {
             **os.environ,
             "FLOXIDE_FAULT_LOG": str(self.tmp / "side.log"),
@@ -75,12 +83,13 @@ class Faults:
             **(env or {}),
         }
         with (self.tmp / f"{name}.log").open("ab") as sink:
+            command = [
+                str(Path(sys.executable).parent / "floxide-worker"), self.workflows,
+                "--server", target or self.target, "--namespace", self.namespace,
+                "--slots", str(slots), "--worker-id", name, "--log-level", "info",
+            ]  # fmt: skip
             process = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "floxide-worker"), self.workflows,
-                    "--server", target or self.target, "--namespace", self.namespace,
-                    "--slots", str(slots), "--worker-id", name, "--log-level", "info",
-                ],
+                on.command(command) if on is not None else command,
                 env=environment, stdout=sink, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.workers[name] = process
@@ -108,13 +117,16 @@ class Faults:
             return len(await client.workers()) >= count
 
     async def status_of(self, worker_id: str, status: str) -> bool:
+        """Whether a session of ``worker_id`` has that status (``draining``) or liveness
+        (``stale``)."""
         async with OrchestratorClient(self.target, namespace=self.namespace, retries=3) as client:
             return any(
-                w.worker_id == worker_id and w.status == status for w in await client.workers()
+                w.worker_id == worker_id and status in (w.status, w.liveness)
+                for w in await client.workers()
             )
 
     async def items(self, run_id: str) -> dict[str, records_pb2.WorkItemState]:
-        kv = EtcdKV([self.etcd.endpoint])
+        kv = EtcdKV(self.etcd_endpoints)
         try:
             found, _ = await kv.range(Keys(self.namespace).item(run_id))
             ops, _ = await kv.range(Keys(self.namespace).context_ops(run_id))

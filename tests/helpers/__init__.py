@@ -166,12 +166,17 @@ class TcpProxy:
 
 
 def start_server(
-    *args: str, ready_file: str, timeout: float = 60.0, env: Mapping[str, str] | None = None
+    *args: str,
+    ready_file: str,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``floxide-server`` as a process on a free port; return it and its address once ready.
 
     Its log goes to ``{ready_file}.log`` (a pipe nobody reads could fill up and block it). Its
-    environment is the test's, with ``env`` added. The caller stops it (``stop_server``); if it
+    environment is the test's, with ``env`` added; ``prefix`` is a command it runs under (``ip
+    netns exec NS``: on a host of the test's). The caller stops it (``stop_server``); if it
     never gets ready, it is killed and reaped here.
 
     Raises:
@@ -183,6 +188,7 @@ def start_server(
     with log.open("ab") as sink:
         process = subprocess.Popen(
             [
+                *prefix,
                 str(Path(sys.executable).parent / "floxide-server"),
                 "--port",
                 "0",

@@ -40,6 +40,7 @@ from floxide_grpc import (
     node,
 )
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc.errors import SessionEnded
 
 Payload = work_item_pb2.Payload
 Transition = work_item_pb2.Transition
@@ -555,6 +556,19 @@ async def test_only_one_session_wins_a_claim(stores: Stores) -> None:
     won = await stores.store.claims.claim(stores.namespace, first, item.run_id, item.item_id)
     lost = await stores.store.claims.claim(stores.namespace, second, item.run_id, item.item_id)
     assert won is not None and lost is None
+
+
+async def test_a_session_that_ended_claims_nothing_and_the_item_stays_queued(
+    stores: Stores,
+) -> None:
+    await stores.register(chain())
+    await stores.start("chain", 1)
+    lease = await stores.session()
+    [item] = await queue.ready(stores.kv, stores.namespace)
+    await stores.kv.revoke(lease)
+    with pytest.raises(SessionEnded):  # dispatch gives the item back for another session
+        await stores.store.claims.claim(stores.namespace, lease, item.run_id, item.item_id)
+    assert [i.item_id for i in await queue.ready(stores.kv, stores.namespace)] == [item.item_id]
 
 
 async def test_a_fan_out_joins_once_in_index_order(stores: Stores) -> None:

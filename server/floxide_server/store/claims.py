@@ -25,7 +25,7 @@ import typing
 from collections.abc import Mapping, Sequence
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
-from floxide_grpc.errors import InvalidArgument
+from floxide_grpc.errors import InvalidArgument, SessionEnded
 from floxide_grpc.routing import join_input
 from floxide_server.store import contexts, fanout, planning, settling
 from floxide_server.store.keys import Keys
@@ -221,8 +221,11 @@ class Claims:
                 claim's guard on the state's revision makes that exact).
 
         Returns:
-            The claim, or ``None`` if another session got it first, the run is not running, or
-            the session has ended.
+            The claim, or ``None`` if another session got it first or the run is not running.
+
+        Raises:
+            SessionEnded: the session's key is gone (its lease ended): the item is still queued,
+                for another session.
         """
         keys = Keys(namespace)
         if queued is not None and queued[0].HasField("input"):
@@ -238,7 +241,7 @@ class Claims:
         txn = Txn([Compare.exists(keys.session(lease))], [handover.nested])
         result = await self.kv.txn(txn)
         if not result.succeeded:
-            return None
+            raise SessionEnded(f"session {lease:016x} ended before it could claim {item_id}")
         return await self.handed_over(keys, handover, txn, result)
 
     def queued(

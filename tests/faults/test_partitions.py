@@ -1,0 +1,202 @@
+"""Partitions between hosts: etcd members, replicas and workers in network namespaces of their own,
+their links cut or made lossy with nftables, then healed.
+
+Each test shows every run completed once (its output an uninterrupted run's) and every context
+effect applied once (one context operation per step, read from etcd), and names what ran twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from floxide_grpc._proto.floxide.v1 import records_pb2
+from floxide_grpc.client import OrchestratorClient
+from floxide_grpc.records import RunStatus
+from tests.faults.cluster import Cluster
+from tests.helpers import eventually, stop_server
+from tests.helpers.hosts import Hosts
+
+pytestmark = pytest.mark.timeout(180)
+
+EXPECTED = 25  # fault_chain on input 1: prepare 1 + 1, hold * 10, finish + 5
+TTL = ("--lease-ttl", "2", "--heartbeat", "0.5")
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    with Hosts() as made:
+        yield made
+
+
+@pytest.fixture
+async def one_member(tmp_path: Path, hosts: Hosts) -> AsyncIterator[Cluster]:
+    cluster = await asyncio.to_thread(Cluster.start, tmp_path, hosts)
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+async def start_chain(cluster: Cluster, replica: str) -> str:
+    target = cluster.replicas[replica].target
+    async with OrchestratorClient(target, namespace=cluster.namespace, retries=10) as client:
+        run, _ = await client.start_run("fault_chain", 1)
+        return run.run_id
+
+
+async def completed_once(cluster: Cluster, run_id: str, replica: str) -> None:
+    """The run completed with an uninterrupted run's output, each step's effect applied once."""
+    target = cluster.replicas[replica].target
+    async with OrchestratorClient(target, namespace=cluster.namespace, retries=30) as client:
+        run = await client.wait_for_completion(run_id, timeout=90)
+    assert run.status is RunStatus.COMPLETED and run.output == EXPECTED, (run.status, run.error)
+    items = await cluster.items(run_id)  # asserts one item and one context operation per step
+    assert all(s.status == records_pb2.ITEM_STATUS_COMPLETED for s in items.values())
+
+
+def refused(cluster: Cluster, worker: str) -> bool:
+    """Whether the worker logged a result the server refused."""
+    return "refused" in cluster.log_of(worker)
+
+
+def holds(cluster: Cluster) -> list[tuple[int, int]]:
+    """(attempt, pid) of each execution of the held node."""
+    return [(attempt, pid) for node, attempt, pid in cluster.executions() if node == "hold"]
+
+
+async def test_a_worker_cut_from_its_server_past_its_lease_is_replaced_and_fenced(
+    one_member: Cluster,
+) -> None:
+    cluster, hosts = one_member, one_member.hosts
+    cluster.start_replica("s1", TTL)
+    first = cluster.start_worker_on("w1", "s1")
+    await eventually(lambda: cluster.connected(1), within=30)
+    run_id = await start_chain(cluster, "s1")
+    await eventually(lambda: cluster.started(1, first.pid), within=30)
+    second = cluster.start_worker_on("w2", "s1")
+    await eventually(lambda: cluster.connected(2), within=30)
+
+    hosts.cut(cluster.host("w1"), cluster.host("s1"))
+    await eventually(lambda: cluster.started(2, second.pid), within=30)  # its lease expired
+    cluster.release()  # both finish the step: only the second's result may count
+    await completed_once(cluster, run_id, "s1")  # while w1 is still cut off
+    hosts.heal()
+    await eventually(lambda: cluster.connected(2), within=60)  # w1 is back, in a new session
+    assert holds(cluster) == [(1, first.pid), (2, second.pid)]
+    await completed_once(cluster, run_id, "s1")  # the late result changed nothing
+    assert "result of" in cluster.log_of("w1") and "refused" in cluster.log_of("w1")
+
+
+async def test_a_worker_cut_from_its_server_within_its_lease_loses_nothing(
+    one_member: Cluster,
+) -> None:
+    cluster, hosts = one_member, one_member.hosts
+    cluster.start_replica("s1", ("--lease-ttl", "6", "--heartbeat", "0.5"))
+    first = cluster.start_worker_on("w1", "s1")
+    await eventually(lambda: cluster.connected(1), within=30)
+    run_id = await start_chain(cluster, "s1")
+    await eventually(lambda: cluster.started(1, first.pid), within=30)
+
+    hosts.cut(cluster.host("w1"), cluster.host("s1"))
+    await eventually(lambda: cluster.status_of("w1", "stale"), within=30)  # unheard, not lost
+    hosts.heal()
+    await eventually(lambda: cluster.status_of("w1", "alive"), within=30)
+    cluster.release()
+    await completed_once(cluster, run_id, "s1")
+    assert holds(cluster) == [(1, first.pid)]  # the same attempt went on: nothing ran twice
+    assert "session" in cluster.log_of("w1") and cluster.log_of("w1").count("open on") == 1
+
+
+async def test_a_replica_cut_from_etcd_hands_its_work_over_and_comes_back(
+    one_member: Cluster,
+) -> None:
+    cluster, hosts = one_member, one_member.hosts
+    cluster.start_replica("s1", TTL)
+    cluster.start_replica("s2", TTL)
+    first = cluster.start_worker_on("w1", "s1")
+    await eventually(lambda: cluster.connected(1), within=30)
+    run_id = await start_chain(cluster, "s1")
+    await eventually(lambda: cluster.started(1, first.pid), within=30)
+    second = cluster.start_worker_on("w2", "s2")
+    await eventually(lambda: cluster.connected(2), within=30)
+
+    hosts.cut(cluster.host("s1"), cluster.host("e1"))  # w1 stays connected to s1
+    await eventually(lambda: cluster.started(2, second.pid), within=30)  # w1's lease expired
+    cluster.release()
+    await completed_once(cluster, run_id, "s2")  # while s1 is still cut off
+    hosts.heal()
+    await eventually(
+        lambda: asyncio.to_thread(lambda: "refused" in cluster.log_of("w1")), within=60
+    )
+    assert holds(cluster) == [(1, first.pid), (2, second.pid)]
+
+    stop_server(cluster.workers.pop("w2"), signal.SIGKILL)  # a run only s1 and w1 can do now
+    again = await start_chain(cluster, "s1")
+    await completed_once(cluster, again, "s1")
+    await completed_once(cluster, run_id, "s1")
+
+
+@pytest.fixture
+async def three_members(tmp_path: Path, hosts: Hosts) -> AsyncIterator[Cluster]:
+    cluster = await asyncio.to_thread(Cluster.start, tmp_path, hosts, members=3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+async def run_batch(cluster: Cluster, count: int) -> list[str]:
+    """Start ``count`` chains on s1 and see each completed once."""
+    runs = [await start_chain(cluster, "s1") for _ in range(count)]
+    for run_id in runs:
+        await completed_once(cluster, run_id, "s1")
+    return runs
+
+
+@pytest.mark.parametrize("role", ["leader", "follower"])
+async def test_an_etcd_member_cut_from_the_other_two(three_members: Cluster, role: str) -> None:
+    cluster, hosts = three_members, three_members.hosts
+    leader = cluster.leader()
+    cut = leader if role == "leader" else next(n for n in cluster.members if n != leader)
+    cluster.start_replica("s1", ("--lease-ttl", "4", "--heartbeat", "0.5"), first=cut)
+    cluster.start_worker_on("w1", "s1", slots=4)
+    cluster.release()  # the held node goes straight on
+    await eventually(lambda: cluster.connected(1), within=30)
+    await run_batch(cluster, 5)
+
+    assert cluster.leader() == leader
+    others = [cluster.host(n) for n in cluster.members if n != cut]
+    hosts.cut(cluster.host(cut), *others)  # the one the server talks to; it still reaches all
+    await run_batch(cluster, 10)  # the cluster's majority serves, with the cut member aside
+    hosts.heal()
+    await run_batch(cluster, 5)
+
+
+async def test_a_lossy_link_between_a_replica_and_etcd_for_a_minute(one_member: Cluster) -> None:
+    cluster, hosts = one_member, one_member.hosts
+    cluster.start_replica("s1", ("--lease-ttl", "4", "--heartbeat", "0.5"))
+    cluster.start_worker_on("w1", "s1", slots=4)
+    cluster.release()
+    await eventually(lambda: cluster.connected(1), within=30)
+
+    hosts.lose(20, cluster.host("s1"), cluster.host("e1"))
+    runs: list[str] = []
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 60
+    async with OrchestratorClient(
+        cluster.replicas["s1"].target, namespace=cluster.namespace, retries=30, timeout=30
+    ) as client:
+        while loop.time() < until:  # four runs in flight at a time, for a minute
+            batch = [(await client.start_run("fault_chain", 1))[0].run_id for _ in range(4)]
+            runs += batch
+            for run_id in batch:
+                await client.wait_for_completion(run_id, timeout=120)
+    hosts.heal()
+    for run_id in runs:
+        await completed_once(cluster, run_id, "s1")
+    assert len(runs) >= 8, f"only {len(runs)} runs in a minute of 20 % loss"
