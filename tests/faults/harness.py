@@ -37,6 +37,8 @@ class Faults:
     server: subprocess.Popen[bytes] | None = None
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     workflows: str = WORKFLOWS
+    worker_env: dict[str, str] = field(default_factory=dict)
+    """Added to every worker's environment."""
 
     @property
     def target(self) -> str:
@@ -80,6 +82,7 @@ class Faults:
             **os.environ,
             "FLOXIDE_FAULT_LOG": str(self.tmp / "side.log"),
             "FLOXIDE_FAULT_GATE": str(self.gate),
+            **self.worker_env,
             **(env or {}),
         }
         with (self.tmp / f"{name}.log").open("ab") as sink:
