@@ -60,6 +60,8 @@ MEMBERS = ("e1", "e2", "e3")
 REPLICAS = ("s1", "s2")
 WORKERS = {"w1": ("s1", "s2"), "w2": ("s2", "s1"), "w3": ("s1", "s2")}
 WORKFLOWS = ("chaos_chain", "chaos_fan", "chaos_retried")
+DRAIN = 120.0
+"""Seconds the runs in flight may take to finish once the faults are over."""
 T = TypeVar("T")
 
 
@@ -318,6 +320,10 @@ def _executions(log: Path) -> collections.Counter[tuple[str, str, int]]:
 
 
 async def soak(args: argparse.Namespace, tmp: Path) -> int:
+    """Run the soak; its exit code. SIGTERM, like Ctrl-C, stops it, healed and cleaned up."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     faults = schedule(args.seed, args.seconds)
     with Hosts() as hosts:
         cluster = await asyncio.to_thread(Cluster.start, tmp, hosts, members=len(MEMBERS))
@@ -333,10 +339,17 @@ async def soak(args: argparse.Namespace, tmp: Path) -> int:
             start = loop.time()
             began = time.monotonic()
             injecting = asyncio.ensure_future(the.inject(faults, start))
+            stuck = ""
             try:
-                await asyncio.wait_for(the.drive(start + args.seconds), args.seconds + 300)
-            finally:
+                try:
+                    await asyncio.wait_for(the.drive(start + args.seconds), args.seconds + DRAIN)
+                except TimeoutError:
+                    stuck = f"runs still going {DRAIN:.0f} s after the soak's end"
                 await injecting  # the last fault is healed before the audit
+            finally:
+                injecting.cancel()  # a no-op once done; cut short if the soak was interrupted
+                with contextlib.suppress(asyncio.CancelledError):
+                    await injecting
             drained = time.monotonic() - began - args.seconds
             result = await audit(the)
         finally:
@@ -349,10 +362,12 @@ async def soak(args: argparse.Namespace, tmp: Path) -> int:
         "faults_by_kind": dict(sorted(kinds.items())),
         "faults_not_applied": [f for f in the.applied if "error" in f],
         "drain_seconds": round(drained, 1),
+        "stuck": stuck,
         **result,
     }
     ok = (
-        not result["runs_wrong_count"]
+        not stuck
+        and not result["runs_wrong_count"]
         and not result["runs_nobody_started"]
         and not result["keys_left_over"]
         and not result["faults_not_applied"]
@@ -377,15 +392,20 @@ def main() -> int:
         args.keep.mkdir(parents=True, exist_ok=True)
         return asyncio.run(soak(args, args.keep))
     tmp = Path(tempfile.mkdtemp(prefix="floxide-chaos-"))
-    code = asyncio.run(soak(args, tmp))
-    if code == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        print(f"logs and etcd data kept in {tmp}", file=sys.stderr)
+    code = 1
+    try:
+        code = asyncio.run(soak(args, tmp))
+    finally:
+        if code == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"logs and etcd data kept in {tmp}", file=sys.stderr)
     return code
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         sys.exit(main())
-    sys.exit(130)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("chaos soak interrupted: faults healed, processes stopped", file=sys.stderr)
+        sys.exit(130)

@@ -72,7 +72,11 @@ def run(
         typer.Argument(help="Modules or FILE.py with workflows (MODULE:NAME for one of them)."),
     ] = None,
     server: Annotated[
-        str, typer.Option(envvar="FLOXIDE_SERVER", help="The server's host:port.")
+        str,
+        typer.Option(
+            envvar="FLOXIDE_SERVER",
+            help="The server's host:port, or several replicas' (comma-separated, tried in turn).",
+        ),
     ] = "127.0.0.1:50051",
     namespace: Annotated[
         str, typer.Option(envvar="FLOXIDE_NAMESPACE", help="The namespace.")

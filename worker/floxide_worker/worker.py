@@ -78,7 +78,9 @@ class WorkerConfig:
     """How a worker connects and behaves.
 
     Attributes:
-        server: ``host:port`` of a server (any replica).
+        server: ``host:port`` of a server (any replica), or of several, comma-separated: after
+            a connection fails, the worker tries the next (a replica killed, or cut from etcd,
+            is left for one that serves).
         namespace: The namespace it serves.
         slots: How many items it runs at once (its credit).
         worker_id: Its name in liveness records.
@@ -210,6 +212,10 @@ class Worker:
             raise ValueError("a worker needs at least one slot")
         self.workflows = list(workflows)
         self.config = config
+        self._servers = [s.strip() for s in config.server.split(",") if s.strip()]
+        if not self._servers:
+            raise ValueError("WorkerConfig.server names no server (host:port[,host:port...])")
+        self._turn = 0  # which of them this worker talks to now
         self._by_hash: dict[str, Workflow] = {}
         self._graphs: dict[str, Graph] = {}
         self._held: dict[str, _Held] = {}
@@ -256,13 +262,19 @@ class Worker:
             self._idle.set()  # nothing more will be reported: no shutdown() waits for it
             ended.set()
 
+    @property
+    def _server(self) -> str:
+        """The server this worker talks to now."""
+        return self._servers[self._turn % len(self._servers)]
+
     async def _register_and_serve(self) -> None:
         backoff = self.config.reconnect_backoff.total_seconds()
         while not self._by_hash:  # the server may not be up yet: wait for it
             try:
                 await self._register()
             except Unavailable as exc:
-                log.warning("cannot register at %s yet (%s); retrying", self.config.server, exc)
+                log.warning("cannot register at %s yet (%s); retrying", self._server, exc)
+                self._turn += 1
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, self.config.max_backoff.total_seconds())
                 if self._stopped.is_set():
@@ -272,6 +284,7 @@ class Worker:
             try:
                 await self._serve()
                 backoff = self.config.reconnect_backoff.total_seconds()
+                self._turn += 1  # the server ended the stream (draining): try the next one
             except grpc.aio.AioRpcError as exc:
                 refused = exc.code() in (
                     grpc.StatusCode.NOT_FOUND,
@@ -282,10 +295,11 @@ class Worker:
                     raise
                 log.warning(
                     "stream to %s broke (%s: %s); reconnecting",
-                    self.config.server,
+                    self._server,
                     exc.code().name,
                     exc.details(),
                 )
+                self._turn += 1  # to the next server, if it was given several
             if self._stopped.is_set() or (
                 self._draining.is_set() and not self._held and not self._unacked
             ):
@@ -368,9 +382,7 @@ class Worker:
     # -- registration --------------------------------------------------------------------------
 
     async def _register(self) -> None:
-        async with OrchestratorClient(
-            self.config.server, namespace=self.config.namespace
-        ) as client:
+        async with OrchestratorClient(self._server, namespace=self.config.namespace) as client:
             for workflow in self.workflows:
                 definition_hash = await client.register_workflow(workflow)
                 self._by_hash[definition_hash] = workflow
@@ -392,7 +404,7 @@ class Worker:
         stream = _Stream()
         self._stream = stream
         channel = grpc.aio.insecure_channel(
-            self.config.server,
+            self._server,
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
@@ -432,7 +444,7 @@ class Worker:
             log.info(
                 "session %s open on %s (%s)",
                 stream.session_id,
-                self.config.server,
+                self._server,
                 first.hello_ack.server_id,
             )
             for reported in self._unacked.values():  # of earlier sessions, kept until acked
@@ -496,7 +508,7 @@ class Worker:
         if response.HasField("drain"):
             # The server is going away, not this worker: report what is held, then reconnect
             # (to any replica) when the stream ends.
-            log.info("server %s is draining this stream; will reconnect", self.config.server)
+            log.info("server %s is draining this stream; will reconnect", self._server)
         self._check_idle()
 
     def _check_idle(self) -> None:
