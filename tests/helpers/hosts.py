@@ -136,18 +136,7 @@ class Hosts:
             self._add_netns(self._switch)
             _ip("-n", self._switch, "link", "add", "name", "bridge0", "type", "bridge")
             _ip("-n", self._switch, "link", "set", "bridge0", "up")
-            _ip(
-                "link",
-                "add",
-                self._local_link,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "p1",
-                "netns",
-                self._switch,
-            )
+            _ip(*f"link add {self._local_link} type veth peer name p1 netns {self._switch}".split())
             _ip("-n", self._switch, "link", "set", "dev", "p1", "master", "bridge0", "up")
             _ip("addr", "add", f"{self._address(1)}/24", "dev", self._local_link)
             _ip("link", "set", self._local_link, "up")
@@ -172,20 +161,7 @@ class Hosts:
         netns = f"{self.tag}-{name}"
         self._add_netns(netns)
         port = f"p{index}"
-        _ip(
-            "-n",
-            self._switch,
-            "link",
-            "add",
-            port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns,
-        )
+        _ip(*f"-n {self._switch} link add {port} type veth peer name eth0 netns {netns}".split())
         _ip("-n", self._switch, "link", "set", port, "master", "bridge0", "up")
         _ip("-n", netns, "addr", "add", f"{self._address(index)}/24", "dev", "eth0")
         _ip("-n", netns, "link", "set", "eth0", "up")
