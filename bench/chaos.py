@@ -17,7 +17,7 @@ attempts executed but never committed (neither a completion nor a recorded failu
 fault threw away), attempts executed twice, and keys left over (queue entries, claims, timers,
 expansions, settlements, live markers of ended runs). It prints the schedule, the faults by kind
 and the audit as JSON, and exits 1 if any run did not complete once, any effect was doubled or
-lost, or any key was left over.
+lost, any attempt ran twice, any process exited unasked, or any key was left over.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from floxide_grpc.client import OrchestratorClient  # noqa: E402
 from floxide_grpc.records import RunInfo, RunStatus  # noqa: E402
 from tests.faults.cluster import Cluster  # noqa: E402
 from tests.helpers import stop_server  # noqa: E402
-from tests.helpers.hosts import Hosts  # noqa: E402
+from tests.helpers.hosts import Hosts, require  # noqa: E402
 
 TTL = 2.0
 FLAGS = ("--lease-ttl", str(TTL), "--heartbeat", "0.5", "--log-level", "info")
@@ -153,6 +153,16 @@ class Soak:
             if run.status.finished:
                 return run
 
+    def died(self) -> list[str]:
+        """The processes that exited without a fault's asking (each is restarted after one)."""
+        cluster = self.cluster
+        processes = {
+            **{name: cluster.workers[name] for name in WORKERS},
+            **{name: cluster.replicas[name].process for name in REPLICAS},
+            **{name: cluster.members[name].process for name in MEMBERS},
+        }
+        return sorted(name for name, p in processes.items() if p is None or p.poll() is not None)
+
     # -- the faults ----------------------------------------------------------------------------
 
     async def inject(self, faults: list[Fault], start: float) -> None:
@@ -163,6 +173,8 @@ class Soak:
                 await asyncio.sleep(wait)
             record = {**dataclasses.asdict(fault), "late": round(loop.time() - start - fault.at, 2)}
             try:
+                if dead := self.died():
+                    raise RuntimeError(f"exited before this fault: {', '.join(dead)}")
                 await self._apply(fault)
             except Exception as exc:  # a fault that could not be applied or healed is reported
                 record["error"] = repr(exc)
@@ -229,8 +241,8 @@ async def audit(soak: Soak) -> dict[str, Any]:
     keys = Keys(soak.cluster.namespace)
     kv = EtcdKV(soak.cluster.etcd_endpoints, retry_for=60)
     try:
-        found, _ = await kv.range(keys.run_infos)
-        everything, _ = await kv.range(keys.prefix)
+        found = await _read_all(kv, keys.run_infos)
+        everything = await _read_all(kv, keys.prefix)
     finally:
         await kv.close()
     records = {r.run_id: r for r in map(records_pb2.RunRecord.FromString, (f.value for f in found))}
@@ -263,6 +275,18 @@ async def audit(soak: Soak) -> dict[str, Any]:
         "attempts_executed_twice": sum(1 for n in executions.values() if n > 1),
         "keys_left_over": dict(leftovers),
     }
+
+
+async def _read_all(kv: EtcdKV, prefix: bytes) -> list[Any]:
+    """Every key under ``prefix``, a page at a time (a long soak writes more than a reply holds)."""
+    found: list[Any] = []
+    start = None
+    while True:
+        page, _ = await kv.range(prefix, start=start, limit=2000)
+        found += page
+        if len(page) < 2000:
+            return found
+        start = page[-1].key + b"\0"
 
 
 def _by_run(
@@ -326,7 +350,8 @@ async def soak(args: argparse.Namespace, tmp: Path) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     faults = schedule(args.seed, args.seconds)
     with Hosts() as hosts:
-        cluster = await asyncio.to_thread(Cluster.start, tmp, hosts, members=len(MEMBERS))
+        # From this thread, which outlives the members (etcd's parent-death signal follows it).
+        cluster = Cluster.start(tmp, hosts, members=len(MEMBERS))
         cluster.workflows = str(HERE / "chaos_flows.py")
         cluster.worker_env = {chaos_flows.LOG: str(tmp / "executions.log")}
         the = Soak(cluster, args.seed, args.in_flight)
@@ -351,6 +376,7 @@ async def soak(args: argparse.Namespace, tmp: Path) -> int:
                 with contextlib.suppress(asyncio.CancelledError):
                     await injecting
             drained = time.monotonic() - began - args.seconds
+            died = the.died()
             result = await audit(the)
         finally:
             cluster.stop_all()
@@ -363,10 +389,13 @@ async def soak(args: argparse.Namespace, tmp: Path) -> int:
         "faults_not_applied": [f for f in the.applied if "error" in f],
         "drain_seconds": round(drained, 1),
         "stuck": stuck,
+        "processes_died": died,
         **result,
     }
     ok = (
         not stuck
+        and not result["processes_died"]
+        and not result["attempts_executed_twice"]
         and not result["runs_wrong_count"]
         and not result["runs_nobody_started"]
         and not result["keys_left_over"]
@@ -388,6 +417,11 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="keep the logs and etcd data in this folder")
     parser.add_argument("--verbose", action="store_true", help="print the schedule")
     args = parser.parse_args()
+    try:
+        require()
+    except RuntimeError as exc:
+        print(f"chaos soak: {exc}", file=sys.stderr)
+        return 2
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         return asyncio.run(soak(args, args.keep))

@@ -265,9 +265,10 @@ class Dispatcher:
     async def _claim_or_return(self, session: Session, queued: Queued) -> None:
         try:
             claimed = await self._claim(session, queued)
-        except SessionEnded:  # still queued: another session takes it
+        except SessionEnded:  # still queued: another session takes it, this one nothing more
             log.debug("session %016x ended before claiming %s", session.lease, queued.item.item_id)
             claimed = False
+            session.lapsed = True
             self.give_back(session.namespace, queued)
         except Exception as exc:  # one claim, not the loop: logged (whole if unexpected)
             expected = isinstance(exc, (KVUnavailable, OSError, FloxideError))

@@ -142,6 +142,8 @@ class Session:
 
     Attributes:
         serving: The keys of the nodes the worker serves, from its hello (an empty hash: any).
+        lapsed: Its lease is gone, as a claim found out: it takes nothing more, while the keeper
+            of its lease ends its stream.
     """
 
     lease: int
@@ -149,6 +151,7 @@ class Session:
     record: records_pb2.WorkerRecord
     credit: Credit
     draining: bool = False
+    lapsed: bool = False
     held: set[str] = dataclasses.field(default_factory=set)
     snapshots: dict[str, Snapshot] = dataclasses.field(default_factory=dict)
     outbox: asyncio.Queue[ConnectResponse | None] = dataclasses.field(default_factory=asyncio.Queue)
@@ -220,7 +223,7 @@ class Session:
     @property
     def open(self) -> bool:
         """Whether it takes new work now."""
-        return self.credit.available > 0 and not self.draining
+        return self.credit.available > 0 and not self.draining and not self.lapsed
 
 
 class Sessions:

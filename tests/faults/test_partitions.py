@@ -2,7 +2,8 @@
 their links cut or made lossy with nftables, then healed.
 
 Each test shows every run completed once (its output an uninterrupted run's) and every context
-effect applied once (one context operation per step, read from etcd), and names what ran twice.
+effect applied once (one context operation per step, read from etcd), and which attempts of the
+held node ran, on which worker.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def hosts() -> Iterator[Hosts]:
 
 @pytest.fixture
 async def one_member(tmp_path: Path, hosts: Hosts) -> AsyncIterator[Cluster]:
-    cluster = await asyncio.to_thread(Cluster.start, tmp_path, hosts)
+    cluster = Cluster.start(tmp_path, hosts)  # from the loop's thread, which outlives etcd
     try:
         yield cluster
     finally:
@@ -100,7 +101,9 @@ async def test_a_worker_cut_from_its_server_within_its_lease_loses_nothing(
     one_member: Cluster,
 ) -> None:
     cluster, hosts = one_member, one_member.hosts
-    cluster.start_replica("s1", ("--lease-ttl", "6", "--heartbeat", "0.5"))
+    # A TTL well past the cut plus TCP's retransmission backoff (the next resend after a cut of
+    # about 2 s comes up to 3 s later): the worker is heard again before its lease ends.
+    cluster.start_replica("s1", ("--lease-ttl", "10", "--heartbeat", "0.5"))
     first = cluster.start_worker_on("w1", "s1")
     await eventually(lambda: cluster.connected(1), within=30)
     run_id = await start_chain(cluster, "s1")
@@ -163,7 +166,7 @@ async def test_a_worker_told_two_replicas_leaves_one_cut_from_etcd_for_the_other
 
 @pytest.fixture
 async def three_members(tmp_path: Path, hosts: Hosts) -> AsyncIterator[Cluster]:
-    cluster = await asyncio.to_thread(Cluster.start, tmp_path, hosts, members=3)
+    cluster = Cluster.start(tmp_path, hosts, members=3)  # from the loop's thread, as above
     try:
         yield cluster
     finally:

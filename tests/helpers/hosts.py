@@ -128,6 +128,7 @@ class Hosts:
         sweep(keep=os.getpid())
         self._netns: list[str] = []
         self._hosts: dict[str, Host] = {}
+        self._made = 0
         self._faults: dict[frozenset[str], _Fault] = {}
         self._subnet = _free_subnet()
         self._switch = f"{self.tag}-switch"
@@ -157,7 +158,8 @@ class Hosts:
         """A new host named ``name`` (a letter, then letters, digits or dashes)."""
         if not re.fullmatch(r"[a-z][a-z0-9-]{0,20}", name) or name in self._hosts:
             raise ValueError(f"bad or taken host name {name!r}")
-        index = len(self._hosts) + 2
+        self._made += 1  # never the same index twice, even after a host that failed halfway
+        index = self._made + 1
         netns = f"{self.tag}-{name}"
         self._add_netns(netns)
         port = f"p{index}"

@@ -57,7 +57,7 @@ from floxide_grpc._proto.floxide.v1 import (
     worker_service_pb2_grpc,
 )
 from floxide_grpc.client import OrchestratorClient
-from floxide_grpc.errors import StatusCode, Unavailable
+from floxide_grpc.errors import FloxideError, StatusCode
 from floxide_grpc.execute import AttemptFailed, attempt
 from floxide_grpc.graph import Graph
 from floxide_grpc.node import NodeSpec
@@ -216,6 +216,7 @@ class Worker:
         if not self._servers:
             raise ValueError("WorkerConfig.server names no server (host:port[,host:port...])")
         self._turn = 0  # which of them this worker talks to now
+        self._registered: set[int] = set()  # the indexes of the workflows registered
         self._by_hash: dict[str, Workflow] = {}
         self._graphs: dict[str, Graph] = {}
         self._held: dict[str, _Held] = {}
@@ -269,12 +270,14 @@ class Worker:
 
     async def _register_and_serve(self) -> None:
         backoff = self.config.reconnect_backoff.total_seconds()
-        while not self._by_hash:  # the server may not be up yet: wait for it
+        while len(self._registered) < len(self.workflows):  # a server may not be up yet: wait
             try:
                 await self._register()
-            except Unavailable as exc:
+            except FloxideError as exc:
+                if exc.code not in (StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED):
+                    raise  # refused: asking again would not change the answer
                 log.warning("cannot register at %s yet (%s); retrying", self._server, exc)
-                self._turn += 1
+                self._turn += 1  # the next server, if it was given several
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, self.config.max_backoff.total_seconds())
                 if self._stopped.is_set():
@@ -383,10 +386,13 @@ class Worker:
 
     async def _register(self) -> None:
         async with OrchestratorClient(self._server, namespace=self.config.namespace) as client:
-            for workflow in self.workflows:
+            for index, workflow in enumerate(self.workflows):
+                if index in self._registered:
+                    continue
                 definition_hash = await client.register_workflow(workflow)
                 self._by_hash[definition_hash] = workflow
                 self._graphs[definition_hash] = workflow.graph()
+                self._registered.add(index)
 
     def _served(self) -> list[records_pb2.ServedNode]:
         return [
