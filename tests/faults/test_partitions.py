@@ -150,8 +150,9 @@ async def test_a_worker_told_two_replicas_leaves_one_cut_from_etcd_for_the_other
     one_member: Cluster,
 ) -> None:
     cluster, hosts = one_member, one_member.hosts
-    cluster.start_replica("s1", TTL)
-    cluster.start_replica("s2", TTL)
+    quick = (*TTL, "--etcd-retry", "2")  # s1 gives its sessions up 2 s after etcd went silent
+    cluster.start_replica("s1", quick)
+    cluster.start_replica("s2", quick)
     cluster.start_worker_on("w1", "s1", "s2")
     cluster.release()
     await eventually(lambda: cluster.connected(1), within=30)
