@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from floxide_grpc import Workflow, node
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
-from tests.helpers import eventually, finish, stop_all, stop_server
+from tests.helpers import eventually, finish, free_port, stop_all, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,10 +76,10 @@ class Mixed:
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
-    def node_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+    def node_worker(self, name: str, server: str = "", **env: str) -> subprocess.Popen[bytes]:
         with (self.tmp / f"{name}.log").open("ab") as sink:
             process = subprocess.Popen(
-                [node_binary(), "examples/square_worker.js", self.target, self.namespace],
+                [node_binary(), "examples/square_worker.js", server or self.target, self.namespace],
                 cwd=NODE_DIR,
                 env={**os.environ, **env},
                 stdout=sink,
@@ -131,6 +131,17 @@ async def test_a_run_crosses_python_and_node_workers(mixed: Mixed) -> None:
             *(client.run("mixed", str(n), timeout=60) for n in range(10))
         )
         assert outputs == [f"result: {n * n}" for n in range(10)]
+
+
+async def test_a_node_worker_told_several_servers_moves_past_one_that_is_down(
+    mixed: Mixed,
+) -> None:
+    down = f"127.0.0.1:{free_port()}"  # nothing listens there
+    mixed.node_worker("node-1", server=f"{down},{mixed.target}")
+    await eventually(lambda: _at_least(mixed, 2), within=30)
+    async with OrchestratorClient(mixed.target, namespace=mixed.namespace) as client:
+        assert await client.run("mixed", "3", timeout=60) == "result: 9"
+    assert f"stream to {down} ended" in mixed.log("node-1")
 
 
 async def test_a_node_worker_killed_mid_step_is_taken_over(mixed: Mixed) -> None:

@@ -21,7 +21,8 @@ const UNAVAILABLE = 14;
 class Worker {
   /**
    * @param {object} options
-   * @param {string} options.server host:port of a server (any replica)
+   * @param {string} options.server host:port of a server (any replica), or of several,
+   *   comma-separated: after a stream fails or ends, the worker tries the next
    * @param {string} options.workflow the workflow whose nodes this worker serves
    * @param {Object<string, Function>} options.nodes node name -> async (input, ctx) => output
    * @param {string} [options.namespace]
@@ -33,7 +34,9 @@ class Worker {
   constructor({
     server, workflow, nodes, namespace = 'default', slots = 4, workerId, backoffMs = 100, maxBackoffMs = 5000,
   }) {
-    this.server = server;
+    this.servers = String(server).split(',').map((s) => s.trim()).filter(Boolean);
+    if (this.servers.length === 0) throw new Error('no server given (host:port[,host:port...])');
+    this.turn = 0; // which of them this worker talks to now
     this.workflow = workflow;
     this.nodes = nodes;
     this.namespace = namespace;
@@ -51,6 +54,11 @@ class Worker {
     this.log = (...args) => console.error(`[floxide-node ${this.workerId}]`, ...args);
   }
 
+  /** The server this worker talks to now. */
+  get server() {
+    return this.servers[this.turn % this.servers.length];
+  }
+
   /** Serve until shutdown(), reconnecting with backoff when the stream breaks. */
   async run() {
     let backoff = this.backoffMs;
@@ -58,7 +66,8 @@ class Worker {
       const outcome = await this.serveOnce();
       if (this.stopped || (this.draining && this.held.size === 0 && this.unacked.size === 0)) break;
       if (outcome && outcome.fatal) throw outcome.error;
-      this.log(`stream ended (${outcome ? outcome.reason : 'closed'}); reconnecting`);
+      this.log(`stream to ${this.server} ended (${outcome ? outcome.reason : 'closed'}); reconnecting`);
+      this.turn += 1; // to the next server, if it was given several
       await new Promise((r) => setTimeout(r, backoff * (0.5 + Math.random() / 2)));
       backoff = Math.min(backoff * 2, this.maxBackoffMs);
     }
