@@ -322,10 +322,12 @@ class Dispatcher:
         if session.lease not in self.sessions.live:
             raise SessionEnded(f"session {session.lease:016x} ended")
         item = queued.item
-        claim = await self.claims.claim(
-            session.namespace, session.lease, item.run_id, item.item_id, queued=queued
-        )
-        if claim is None:
-            return False
-        session.outbox.put_nowait(ConnectResponse(assignments=[session.assign(claim)]))
+        with session.making_claims():
+            claim = await self.claims.claim(
+                session.namespace, session.lease, item.run_id, item.item_id, queued=queued
+            )
+            if claim is None:
+                return False
+            assignment = session.assign(claim)
+        session.outbox.put_nowait(ConnectResponse(assignments=[assignment]))
         return True

@@ -26,11 +26,12 @@ Granting more than the session's limit ends the stream (:meth:`Credit.grant`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from datetime import timedelta
 
 import grpc
@@ -163,11 +164,26 @@ class Session:
     unlisted: dict[str, int] = dataclasses.field(default_factory=dict)
     checked_at: int = 0
     checking: bool = False
+    claiming: int = 0
+    """Transactions in flight that may make a claim for it (a dispatch, a result taking its
+    successor): such a claim is in etcd before it is held here, while its reply is on its way."""
+    claims_begun: int = 0
+    """How many such transactions ever began (a check sees whether one overlapped it)."""
     serving: frozenset[Key] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
         self.serving = frozenset((s.workflow, s.node, s.definition_hash) for s in self.record.nodes)
+
+    @contextlib.contextmanager
+    def making_claims(self) -> Iterator[None]:
+        """Mark a transaction that may claim for this session, until what it claimed is held."""
+        self.claiming += 1
+        self.claims_begun += 1
+        try:
+            yield
+        finally:
+            self.claiming -= 1
 
     def hold(self, claim: Claim) -> None:
         """The worker was assigned this claim."""
@@ -387,12 +403,17 @@ class Sessions:
         A claim made before the previous heartbeat's check, listed by neither heartbeat since,
         and not sent on this stream (which loses nothing), never reached the worker: a claim
         this replica never learned it made. It is released without using an attempt. A claim
-        made since the previous check may still be on its way, and waits.
+        made since the previous check may still be on its way, and waits; so does every claim
+        while a transaction that may claim for the session is in flight (or began during the
+        check): its claim is in etcd before its reply says so, however late that reply is.
         """
         try:
             keys = Keys(session.namespace)
             prefix = keys.claim(session.lease)
+            begun = session.claims_begun
             found, revision = await self.kv.range(prefix)
+            if session.claiming or session.claims_begun != begun:
+                return  # not a miss: what is claimed now may not be held yet; checked next time
             listed = set(listed)
             unlisted: dict[str, int] = {}
             for claim in found:

@@ -23,12 +23,8 @@ from google.protobuf.message import DecodeError
 from floxide_grpc import PROTOCOL_VERSION
 from floxide_grpc._proto.floxide.v1 import worker_service_pb2
 from floxide_grpc.errors import (
-    AlreadyExists,
-    ClaimLost,
     FloxideError,
     InvalidArgument,
-    NotFound,
-    ResourceExhausted,
     StatusCode,
     Unavailable,
 )
@@ -254,31 +250,30 @@ class WorkerService:
                 take=lambda: self.dispatcher.take(session),
                 give_back=lambda queued: self.dispatcher.give_back(namespace, Queued(*queued)),
             )
-        claim = None
-        try:
-            completion = await self.store.completions.complete(
-                session.namespace,
-                result.claim_token,
-                result.transition,
-                result.context_operations,
-                snapshot=snapshot,
-                sticky=sticky,
-            )
-            ack.code, ack.message, claim = completion.code, completion.message, completion.claim
-        except (KVUnavailable, Unavailable) as exc:
-            ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
-            return ack, None  # still held, and so is its slot
-        except (ClaimLost, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted) as exc:
-            ack.code, ack.message = exc.code, str(exc)
-        except FloxideError as exc:
-            ack.code, ack.message = exc.code, str(exc)
-        except Exception:  # one bad result must not end the stream of the others
-            log.exception("result of %s could not be applied", result.item_id)
-            ack.code, ack.message = StatusCode.INTERNAL, "internal error (logged by the server)"
         assignment = None
-        if claim is not None:  # the result's slot goes to the successor
-            assignment = session.assign(claim)
-        elif held:  # a repeat of an answered result returns no slot
+        with session.making_claims():  # its successor is in etcd before the reply says so
+            try:
+                completion = await self.store.completions.complete(
+                    session.namespace,
+                    result.claim_token,
+                    result.transition,
+                    result.context_operations,
+                    snapshot=snapshot,
+                    sticky=sticky,
+                )
+            except (KVUnavailable, Unavailable) as exc:
+                ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
+                return ack, None  # still held, and so is its slot
+            except FloxideError as exc:  # ClaimLost, AlreadyExists, InvalidArgument and others
+                ack.code, ack.message = exc.code, str(exc)
+            except Exception:  # one bad result must not end the stream of the others
+                log.exception("result of %s could not be applied", result.item_id)
+                ack.code, ack.message = StatusCode.INTERNAL, "internal error (logged by the server)"
+            else:
+                ack.code, ack.message = completion.code, completion.message
+                if completion.claim is not None:  # the result's slot goes to the successor
+                    assignment = session.assign(completion.claim)
+        if assignment is None and held:  # a repeat of an answered result returns no slot
             session.credit.give_back()
         if held:
             session.drop(result.claim_token)

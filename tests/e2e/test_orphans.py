@@ -4,27 +4,28 @@ An orphan is a claim of a live session that its replica never learned it made (a
 while its reply was lost for longer than the replica kept asking). The test makes one by
 claiming an item for a raw worker's session from another process's store, as that replica
 would have: the worker never gets it, never lists it, and the server releases it without using
-an attempt. A claim the worker lists stays.
+an attempt. A claim the worker lists stays, and so does one made by a Txn whose reply is late
+(the chaos soak caught it released and run twice).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from datetime import timedelta
 
 import pytest
 from floxide_server.app import ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
-from floxide_server.sessions import SessionConfig
+from floxide_server.sessions import Session, SessionConfig, Sessions
 from floxide_server.store import Store, queue
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KVUnavailable
+from floxide_server.store.kv import KV, KVUnavailable, Txn, TxnResult
 
 from floxide_grpc import Workflow, node
-from floxide_grpc._proto.floxide.v1 import worker_service_pb2
+from floxide_grpc._proto.floxide.v1 import records_pb2, worker_service_pb2
 from floxide_grpc.records import RunStatus
 from tests.conftest import Stack, stack_on
 from tests.helpers import eventually
@@ -42,6 +43,14 @@ def echo(x: int) -> int:
 
 
 ECHO = Workflow("echo", start=echo)
+
+
+@node
+def then(x: int) -> int:
+    return x
+
+
+PAIR = Workflow("pair", start=echo).edge(echo, then)
 
 
 @pytest.fixture
@@ -167,5 +176,90 @@ async def test_a_check_etcd_does_not_answer_leaves_the_stream_alone(
         await raw.send(result_of(frame.assignments[0], 3))
         done = await stack.client.wait_for_completion(run.run_id, 10)
         assert done.status is RunStatus.COMPLETED
+    finally:
+        await raw.close()
+
+
+def hold_next_reply(monkeypatch: pytest.MonkeyPatch, kv: KV) -> asyncio.Event:
+    """The next Txn is applied, and its reply held until the event returned is set."""
+    late = asyncio.Event()
+    txn = kv.txn
+
+    async def applied_then_late(request: Txn) -> TxnResult:
+        result = await txn(request)
+        monkeypatch.setattr(kv, "txn", txn)  # only this one is late
+        await late.wait()
+        return result
+
+    monkeypatch.setattr(kv, "txn", applied_then_late)
+    return late
+
+
+def count_checks(monkeypatch: pytest.MonkeyPatch, sessions: Sessions) -> Callable[[], int]:
+    """Count the listing checks done from now on."""
+    done = 0
+    check = sessions.check_listed
+
+    async def counted(session: Session, listed: Collection[str]) -> None:
+        nonlocal done
+        await check(session, listed)
+        done += 1
+
+    monkeypatch.setattr(sessions, "check_listed", counted)
+    return lambda: done
+
+
+async def test_a_claim_made_with_a_result_whose_reply_is_late_is_never_taken_for_unreceived(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result's Txn claims its successor for the session; until the reply comes (late: etcd
+    failing over, a lossy link), the claim is in etcd and held nowhere. Heartbeats that do not
+    list it meanwhile must not release it: the worker gets it with the late reply, and another
+    session would run the same attempt again."""
+    await stack.client.register_workflow(PAIR)
+    raw = Raw(stack.target)
+    try:
+        opening = hello(stack.namespace, workflow="pair", credit=1)
+        opening.hello.nodes.append(records_pb2.ServedNode(workflow="pair", node="then"))
+        opening.hello.lists_claims = True
+        await raw.send(opening)
+        lease = int((await raw.read()).hello_ack.session_id, 16)
+        held: list[str] = []
+        async with heartbeating(raw, held):
+            run, _ = await stack.client.start_run("pair", 5)
+            while not (frame := await raw.read()).assignments:
+                pass
+            [first] = frame.assignments
+            held.append(first.claim_token)
+
+            late = hold_next_reply(monkeypatch, stack.server.kv)
+            checks = count_checks(monkeypatch, stack.server.sessions)
+            await raw.send(result_of(first, 5))
+            claims = Keys(stack.namespace).claim(lease)
+
+            async def successor_claimed() -> bool:  # the Txn applied: the first's claim is gone
+                found, _ = await stack.server.kv.range(claims)
+                return len(found) == 1 and not found[0].key.endswith(b"/start")
+
+            await eventually(successor_claimed)
+            since = checks()
+
+            async def three_checks() -> bool:  # each would have counted it missed
+                return checks() >= since + 3
+
+            await eventually(three_checks)
+            late.set()
+            while not (frame := await raw.read()).assignments:
+                pass
+            [second] = frame.assignments
+            assert second.item.node == "then" and second.item.attempt == 1
+            found, _ = await stack.server.kv.range(claims)
+            assert second.claim_token.split(":")[1] in {str(c.create_revision) for c in found}
+            assert await queue.ready(stack.server.kv, stack.namespace) == []  # not re-queued
+            held[:] = [second.claim_token]
+            await raw.send(result_of(second, 5))
+            done = await stack.client.wait_for_completion(run.run_id, 10)
+            assert done.status is RunStatus.COMPLETED and done.output == 5
+            assert await stack.client.run_errors(run.run_id) == []
     finally:
         await raw.close()
