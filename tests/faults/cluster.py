@@ -60,7 +60,11 @@ class Cluster(Faults):
 
     @classmethod
     def start(cls, tmp: Path, hosts: Hosts, *, members: int = 1) -> Cluster:
-        """etcd members ``e1``… on hosts of their own, healthy, and no replica yet."""
+        """etcd members ``e1``… on hosts of their own, healthy, and no replica yet.
+
+        Call it from a thread that outlives the members, the event loop's say: etcd gets its
+        parent-death signal when the thread that launched it ends.
+        """
         placed = {f"e{n}": hosts.add(f"e{n}") for n in range(1, members + 1)}
         cluster = ",".join(f"{name}=http://{host.address}:2380" for name, host in placed.items())
         made = {
