@@ -114,9 +114,7 @@ async def test_a_claim_its_worker_never_lists_is_released_without_using_an_attem
             assert (pending.status, pending.attempts) == ("pending", 1)  # no attempt used
             assert await stack.client.run_errors(run.run_id) == []  # and none recorded
             await raw.send(worker_service_pb2.ConnectRequest(credit=1))
-            while not (frame := await raw.read()).assignments:
-                pass
-            [assignment] = frame.assignments
+            [assignment] = await raw.assignments()
             assert assignment.item.attempt == 1
             await raw.send(result_of(assignment, 5))
             done = await stack.client.wait_for_completion(run.run_id, 10)
@@ -136,9 +134,7 @@ async def test_a_claim_its_worker_lists_stays_held(stack: Stack) -> None:
         await raw.read()
         async with heartbeating(raw, held):
             run, _ = await stack.client.start_run("echo", 7)
-            while not (frame := await raw.read()).assignments:
-                pass
-            [assignment] = frame.assignments
+            [assignment] = await raw.assignments()
             held.append(assignment.claim_token)  # listed from the next heartbeat on
             await asyncio.sleep(10 * HEARTBEAT)  # many heartbeats: each lists it
             [session] = stack.server.sessions.live.values()
@@ -171,9 +167,8 @@ async def test_a_check_etcd_does_not_answer_leaves_the_stream_alone(
         assert not session.checking
         monkeypatch.undo()
         run, _ = await stack.client.start_run("echo", 3)
-        while not (frame := await raw.read()).assignments:  # the stream goes on
-            pass
-        await raw.send(result_of(frame.assignments[0], 3))
+        [assignment] = await raw.assignments()  # the stream goes on
+        await raw.send(result_of(assignment, 3))
         done = await stack.client.wait_for_completion(run.run_id, 10)
         assert done.status is RunStatus.COMPLETED
     finally:
@@ -227,9 +222,7 @@ async def test_a_claim_made_with_a_result_whose_reply_is_late_is_never_taken_for
         held: list[str] = []
         async with heartbeating(raw, held):
             run, _ = await stack.client.start_run("pair", 5)
-            while not (frame := await raw.read()).assignments:
-                pass
-            [first] = frame.assignments
+            [first] = await raw.assignments()
             held.append(first.claim_token)
 
             late = hold_next_reply(monkeypatch, stack.server.kv)
@@ -249,9 +242,7 @@ async def test_a_claim_made_with_a_result_whose_reply_is_late_is_never_taken_for
 
             await eventually(three_checks)
             late.set()
-            while not (frame := await raw.read()).assignments:
-                pass
-            [second] = frame.assignments
+            [second] = await raw.assignments()
             assert second.item.node == "then" and second.item.attempt == 1
             found, _ = await stack.server.kv.range(claims)
             assert second.claim_token.split(":")[1] in {str(c.create_revision) for c in found}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -18,6 +17,7 @@ from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Workflow, node
 from floxide_grpc.client import OrchestratorClient
+from tests.faults.cluster import is_leader
 from tests.helpers import free_port, serving
 
 pytestmark = pytest.mark.timeout(240)
@@ -62,14 +62,6 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedE
         with contextlib.ExitStack() as stack:  # every member, even if stopping one fails
             for member in made:
                 stack.callback(member.stop)
-
-
-def is_leader(member: EmbeddedEtcd) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{member.endpoint}/metrics", timeout=2) as response:
-            return b"etcd_server_is_leader 1" in response.read()
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -74,26 +74,33 @@ def holds(cluster: Cluster) -> list[tuple[int, int]]:
     return [(attempt, pid) for node, attempt, pid in cluster.executions() if node == "hold"]
 
 
+async def held_with_a_spare(cluster: Cluster, spare_on: str) -> tuple[str, int, int]:
+    """A chain whose held node w1 (on s1) is running, and a spare worker w2 (on ``spare_on``)
+    connected to take it over: the run, and the pids of w1 and w2."""
+    first = cluster.start_worker_on("w1", "s1").pid
+    await eventually(lambda: cluster.connected(1), within=30)
+    run_id = await start_chain(cluster, "s1")
+    await eventually(lambda: cluster.started(1, first), within=30)
+    second = cluster.start_worker_on("w2", spare_on).pid
+    await eventually(lambda: cluster.connected(2), within=30)
+    return run_id, first, second
+
+
 async def test_a_worker_cut_from_its_server_past_its_lease_is_replaced_and_fenced(
     one_member: Cluster,
 ) -> None:
     cluster, hosts = one_member, one_member.hosts
     cluster.start_replica("s1", TTL)
-    first = cluster.start_worker_on("w1", "s1")
-    await eventually(lambda: cluster.connected(1), within=30)
-    run_id = await start_chain(cluster, "s1")
-    await eventually(lambda: cluster.started(1, first.pid), within=30)
-    second = cluster.start_worker_on("w2", "s1")
-    await eventually(lambda: cluster.connected(2), within=30)
+    run_id, first, second = await held_with_a_spare(cluster, "s1")
 
     hosts.cut(cluster.host("w1"), cluster.host("s1"))
-    await eventually(lambda: cluster.started(2, second.pid), within=30)  # its lease expired
+    await eventually(lambda: cluster.started(2, second), within=30)  # its lease expired
     cluster.release()  # both finish the step: only the second's result may count
     await completed_once(cluster, run_id, "s1")  # while w1 is still cut off
     hosts.heal()
     await eventually(lambda: cluster.connected(2), within=60)  # w1 is back, in a new session
     await logged(cluster, "w1", "refused")  # its late result
-    assert holds(cluster) == [(1, first.pid), (2, second.pid)]
+    assert holds(cluster) == [(1, first), (2, second)]
     await completed_once(cluster, run_id, "s1")  # the late result changed nothing
 
 
@@ -104,10 +111,10 @@ async def test_a_worker_cut_from_its_server_within_its_lease_loses_nothing(
     # A TTL well past the cut plus TCP's retransmission backoff (the next resend after a cut of
     # about 2 s comes up to 3 s later): the worker is heard again before its lease ends.
     cluster.start_replica("s1", ("--lease-ttl", "10", "--heartbeat", "0.5"))
-    first = cluster.start_worker_on("w1", "s1")
+    first = cluster.start_worker_on("w1", "s1").pid
     await eventually(lambda: cluster.connected(1), within=30)
     run_id = await start_chain(cluster, "s1")
-    await eventually(lambda: cluster.started(1, first.pid), within=30)
+    await eventually(lambda: cluster.started(1, first), within=30)
 
     hosts.cut(cluster.host("w1"), cluster.host("s1"))
     await eventually(lambda: cluster.status_of("w1", "stale"), within=30)  # unheard, not lost
@@ -115,7 +122,7 @@ async def test_a_worker_cut_from_its_server_within_its_lease_loses_nothing(
     await eventually(lambda: cluster.status_of("w1", "alive"), within=30)
     cluster.release()
     await completed_once(cluster, run_id, "s1")
-    assert holds(cluster) == [(1, first.pid)]  # the same attempt went on: nothing ran twice
+    assert holds(cluster) == [(1, first)]  # the same attempt went on: nothing ran twice
     assert cluster.log_of("w1").count("open on") == 1  # one session all along
 
 
@@ -125,20 +132,15 @@ async def test_a_replica_cut_from_etcd_hands_its_work_over_and_comes_back(
     cluster, hosts = one_member, one_member.hosts
     cluster.start_replica("s1", TTL)
     cluster.start_replica("s2", TTL)
-    first = cluster.start_worker_on("w1", "s1")
-    await eventually(lambda: cluster.connected(1), within=30)
-    run_id = await start_chain(cluster, "s1")
-    await eventually(lambda: cluster.started(1, first.pid), within=30)
-    second = cluster.start_worker_on("w2", "s2")
-    await eventually(lambda: cluster.connected(2), within=30)
+    run_id, first, second = await held_with_a_spare(cluster, "s2")
 
     hosts.cut(cluster.host("s1"), cluster.host("e1"))  # w1 stays connected to s1
-    await eventually(lambda: cluster.started(2, second.pid), within=30)  # w1's lease expired
+    await eventually(lambda: cluster.started(2, second), within=30)  # w1's lease expired
     cluster.release()
     await completed_once(cluster, run_id, "s2")  # while s1 is still cut off
     hosts.heal()
     await logged(cluster, "w1", "refused")
-    assert holds(cluster) == [(1, first.pid), (2, second.pid)]
+    assert holds(cluster) == [(1, first), (2, second)]
 
     stop_server(cluster.workers.pop("w2"), signal.SIGKILL)  # a run only s1 and w1 can do now
     again = await start_chain(cluster, "s1")

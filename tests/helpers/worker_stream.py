@@ -55,6 +55,12 @@ class Raw:
             pass
         return list(response.result_acks)
 
+    async def assignments(self) -> list[worker_service_pb2.Assignment]:
+        """The next assignments (other messages, such as acknowledgements, are skipped)."""
+        while not (response := await self.read()).assignments:
+            pass
+        return list(response.assignments)
+
     async def status(self) -> grpc.StatusCode:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             while True:
