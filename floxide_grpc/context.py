@@ -200,6 +200,18 @@ class ContextSchema:
             context[name] = value
         return context
 
+    def inherit(self, parent: Mapping[str, Any]) -> dict[str, Any]:
+        """A child run's context: a copy of its parent's, and this schema's other fields.
+
+        As floxide's ``CompositeNode`` clones the outer context: every field of the parent is
+        copied (a field both declare merges and validates alike, see ``Graph.validate``), one
+        only the child declares starts at its initial value, and nothing the child changes
+        flows back.
+        """
+        context = {name: copy.deepcopy(f.initial) for name, f in self._fields.items()}
+        context.update(copy.deepcopy(dict(parent)))
+        return context
+
     def strategy(self, name: str) -> Merge:
         """The declared strategy of a field.
 

@@ -9,6 +9,7 @@ the route of a variant); collect the context operations it recorded. Any failure
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -26,7 +27,10 @@ __all__ = ["AttemptFailed", "attempt", "node_error"]
 
 NodeError = work_item_pb2.NodeError
 Transition = work_item_pb2.Transition
-SubworkflowRunner = Callable[[NodeSpec, Any], Awaitable[Any]]
+SubworkflowRunner = Callable[
+    [NodeSpec, work_item_pb2.WorkItem, Any, Mapping[str, Any]], Awaitable[Any]
+]
+"""Runs a ``SUBWORKFLOW`` node's child run: ``(spec, item, input, the parent's context)``."""
 
 
 class AttemptFailed(Exception):
@@ -71,7 +75,7 @@ async def attempt(
         timeout: Seconds the attempt may take (``None``: the node's own timeout, if any).
         since: When the timeout began, by ``time.monotonic()`` (``None``: now); a worker counts
             from when the assignment arrived.
-        run_subworkflow: Runs a ``SUBWORKFLOW`` node's workflow on an input.
+        run_subworkflow: Runs a ``SUBWORKFLOW`` node's child run (the local runner's).
 
     Returns:
         The transition and the context operations the node recorded.
@@ -97,7 +101,10 @@ async def attempt(
     )
     if timeout is None and spec.timeout is not None:
         timeout = spec.timeout.total_seconds()
-    result = await _invoke(spec, ctx, value, cancel, timeout, since, run_subworkflow)
+    child = None
+    if spec.kind is NodeKind.SUBWORKFLOW and run_subworkflow is not None:
+        child = functools.partial(run_subworkflow, spec, item, value, context)
+    result = await _invoke(spec, ctx, value, cancel, timeout, since, child)
     return to_transition(spec, item.node, result, routes), ctx.operations
 
 
@@ -108,14 +115,14 @@ async def _invoke(
     cancel: asyncio.Event,
     timeout: float | None,
     since: float | None,
-    run_subworkflow: SubworkflowRunner | None,
+    child: Callable[[], Awaitable[Any]] | None,
 ) -> Any:
     if spec.kind is NodeKind.SUBWORKFLOW:
-        if run_subworkflow is None:
+        if child is None:  # the server runs it as a child run: never a worker
             raise AttemptFailed(
-                node_error(ErrorKind.GENERIC, f"node {spec.name!r}: no subworkflow runner")
+                node_error(ErrorKind.GENERIC, f"node {spec.name!r} runs as a child run, not here")
             )
-        call = run_subworkflow(spec, value)
+        call = child()
     else:
         call = spec.invoke(ctx, value)
     task = asyncio.ensure_future(call)

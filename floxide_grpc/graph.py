@@ -47,6 +47,7 @@ class Graph:
             elif edge.kind == _FALLBACK:
                 self.fallback.setdefault(edge.source, []).extend(targets)
         self.subworkflows = {w.name: w for w in definition.subworkflows}
+        self._child_hashes: dict[str, str] = {}
         # The content hash: SHA-256 of the deterministic encoding. Only the server's value is
         # authoritative (protobuf promises no byte-identical encoding across languages).
         digest = hashlib.sha256(definition.SerializeToString(deterministic=True)).hexdigest()
@@ -123,6 +124,26 @@ class Graph:
                 )
         for child in self.definition.subworkflows:
             Graph(child).validate()
+            self._check_inherited(wf, child)
+
+    def _check_inherited(self, wf: str, child: workflow_pb2.WorkflowDefinition) -> None:
+        """A child run starts from a copy of its parent's context: shared fields must agree."""
+        mine = {field.name: field for field in self.definition.context_fields}
+        for field in child.context_fields:
+            ours = mine.get(field.name)
+            if ours is not None and (ours.strategy, ours.schema) != (field.strategy, field.schema):
+                raise InvalidDefinition(
+                    f"{wf}: context field {field.name!r} is declared with another strategy or "
+                    f"schema by subworkflow {child.name!r}; a child run starts from a copy of "
+                    "its parent's context, so a field both declare must agree"
+                )
+
+    def child_hash(self, name: str) -> str:
+        """The content hash of the subworkflow ``name`` (its child runs are pinned to it)."""
+        found = self._child_hashes.get(name)
+        if found is None:
+            found = self._child_hashes[name] = Graph(self.subworkflows[name]).definition_hash
+        return found
 
     def _check_nodes(self, wf: str) -> None:
         seen: set[str] = set()

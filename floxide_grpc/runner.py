@@ -27,6 +27,7 @@ from floxide_grpc._proto.floxide.v1 import (
     records_pb2,
     work_item_pb2,
 )
+from floxide_grpc.children import child_run_id, outcome
 from floxide_grpc.context import Operation, apply
 from floxide_grpc.errors import (
     AlreadyCompleted,
@@ -298,12 +299,34 @@ class LocalRunner:
                 raise RunCancelled(f"run {item.run_id!r} was cancelled") from None
             raise
 
-    async def _run_subworkflow(self, spec: NodeSpec, value: Any) -> Any:
+    async def _run_subworkflow(
+        self, spec: NodeSpec, item: WorkItem, value: Any, parent: Mapping[str, Any]
+    ) -> Any:
+        """Run one attempt of a subworkflow node as a child run (see :mod:`~floxide_grpc.children`).
+
+        It starts from a copy of this run's context and keeps its own; its failure is a failed
+        attempt of the node; cancelling this run cancels it.
+        """
         assert spec.subworkflow is not None
+        child = LocalRunner(spec.subworkflow, namespace=self.namespace)
+        child._cancel = self._cancel  # a parent's cancel is its children's
+        run_id = child_run_id(item.run_id, item.item_id, item.attempt)
+        state = child._new(run_id, value, None)
+        inherited = spec.subworkflow.context.inherit(parent)
+        state.context.CopyFrom(codec.to_payload(inherited, where="context"))
         try:
-            return await LocalRunner(spec.subworkflow, namespace=self.namespace).run(value)
-        except (RunFailed, RunCancelled, RunStuck) as exc:
-            raise AttemptFailed(node_error(ErrorKind.GENERIC, str(exc), exc)) from exc
+            return await child._drive(state, None)
+        except (RunFailed, RunStuck) as exc:
+            last = child.errors[-1].error if isinstance(exc, RunFailed) and child.errors else None
+            record = records_pb2.RunRecord(
+                run_id=run_id,
+                workflow=spec.subworkflow.name,
+                status=records_pb2.RUN_STATUS_FAILED,
+                error=last or node_error(ErrorKind.GENERIC, str(exc)),
+            )
+            failed = outcome(record)
+            assert failed is not None
+            raise AttemptFailed(failed.abort) from exc
 
 
 class _RunState:

@@ -135,6 +135,7 @@ class Server:
             self.config.limits.max_txn_ops,
             self.config.reconcile_interval.total_seconds(),
             self.election,
+            self.store.lineage,
         )
         self.stopping = asyncio.Event()
         self.port = 0

@@ -36,6 +36,7 @@ from floxide_server.store.kv import (
     Request,
     Txn,
 )
+from floxide_server.store.lineage import Lineage
 from floxide_server.store.timers import Outcome
 from floxide_server.watch import RESYNC, Subscription, Watches
 
@@ -80,6 +81,8 @@ class Firer:
             neither read nor written, and each timer is measured from when this replica saw it.
         max_txn_ops: etcd's ``--max-txn-ops``.
         monotonic: The clock measured on (seconds).
+        lineage: Starts a nested workflow's next child run, and fails a timed-out child's
+            parent item (without it, only ordinary items are retried).
     """
 
     def __init__(
@@ -89,8 +92,11 @@ class Firer:
         guard: Callable[[], Compare] | None,
         max_txn_ops: int,
         monotonic: Callable[[], float] = time.monotonic,
+        *,
+        lineage: Lineage | None = None,
     ) -> None:
         self.kv = kv
+        self.lineage = lineage
         self.keys = Keys(namespace)
         self.guard = guard
         self.max_txn_ops = max_txn_ops
@@ -228,9 +234,11 @@ class Firer:
             heapq.heappop(self._due)
             try:
                 if timer.record.HasField("item"):
-                    outcome = await timers.fire_retry(self.kv, self.keys, timer)
+                    outcome = await timers.fire_retry(self.kv, self.keys, timer, self.lineage)
                 else:
-                    outcome = await timers.time_out(self.kv, self.keys, timer, self.max_txn_ops)
+                    outcome = await timers.time_out(
+                        self.kv, self.keys, timer, self.max_txn_ops, self.lineage
+                    )
             except BaseException:
                 self._push(timer)  # not fired (etcd did not answer, say): due still
                 raise

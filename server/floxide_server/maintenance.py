@@ -38,6 +38,7 @@ from floxide_server.sessions import Sessions
 from floxide_server.store import fanout, settling, stuck
 from floxide_server.store.keys import NAMESPACES, Keys
 from floxide_server.store.kv import KV, MAX_TXN_OPS, KVUnavailable
+from floxide_server.store.lineage import Lineage
 from floxide_server.store.records import now_ms
 from floxide_server.store.retention import remove_ended_sessions, remove_finished
 from floxide_server.tasks import Ready
@@ -64,8 +65,10 @@ class Maintenance:
         max_txn_ops: int = MAX_TXN_OPS,
         stuck_every: float = 30.0,
         election: Election | None = None,
+        lineage: Lineage | None = None,
     ) -> None:
         self.kv = kv
+        self.lineage = lineage
         self.election = election
         self.max_txn_ops = max_txn_ops
         self.stuck_every = stuck_every
@@ -131,7 +134,10 @@ class Maintenance:
             expansions, _ = await self.kv.range(keys.expansion())
             for kv in expansions:  # fan-outs whose expansion a crash interrupted
                 run_id, item_id = kv.key[len(keys.expansion()) :].decode().split("/")
-                await fanout.expand(self.kv, namespace, run_id, item_id)
+                if self.lineage is not None:
+                    await self.lineage.expand(namespace, run_id, item_id)
+                else:
+                    await fanout.expand(self.kv, namespace, run_id, item_id)
             await self.sessions.release_orphans(namespace)
             await settling.settle_all(self.kv, namespace, self.max_txn_ops)  # interrupted ones
             await asyncio.sleep(self.reconcile_every)
@@ -149,7 +155,9 @@ class Maintenance:
 
     async def _fail_stuck(self, namespace: str) -> None:
         while True:
-            failed = await stuck.fail_stuck(self.kv, namespace, now_ms(), self.max_txn_ops)
+            failed = await stuck.fail_stuck(
+                self.kv, namespace, now_ms(), self.max_txn_ops, self.lineage
+            )
             if failed:
                 log.warning("reconcile failed %d stuck runs of %r", failed, namespace)
             await asyncio.sleep(self.stuck_every)
@@ -157,12 +165,15 @@ class Maintenance:
     async def _timers(self, namespace: str) -> None:
         """Fire the namespace's timers, on the elected replica only (see :mod:`.firing`)."""
         if self.election is None:
-            await Firer(self.kv, namespace, None, self.max_txn_ops).run(self.watches)
+            firer = Firer(self.kv, namespace, None, self.max_txn_ops, lineage=self.lineage)
+            await firer.run(self.watches)
             return
         election = self.election
 
         async def fire() -> None:
-            firer = Firer(self.kv, namespace, election.guard, self.max_txn_ops)
+            firer = Firer(
+                self.kv, namespace, election.guard, self.max_txn_ops, lineage=self.lineage
+            )
             await firer.run(self.watches)
 
         await election.lead(fire)

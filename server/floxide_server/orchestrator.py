@@ -102,6 +102,8 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
             request.workflow,
             request.page_size,
             request.page_token,
+            request.parent_run_id,
+            request.include_children,
         )
         return pb.ListRunsResponse(runs=runs, next_page_token=token)
 

@@ -60,8 +60,7 @@ from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import FloxideError, StatusCode
 from floxide_grpc.execute import AttemptFailed, attempt
 from floxide_grpc.graph import Graph
-from floxide_grpc.node import NodeSpec
-from floxide_grpc.runner import LocalRunner
+from floxide_grpc.node import NodeKind
 from floxide_grpc.workflow import Workflow
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -390,9 +389,21 @@ class Worker:
                 if index in self._registered:
                     continue
                 definition_hash = await client.register_workflow(workflow)
-                self._by_hash[definition_hash] = workflow
-                self._graphs[definition_hash] = workflow.graph()
+                self._serve_definition(definition_hash, workflow)
                 self._registered.add(index)
+
+    def _serve_definition(self, definition_hash: str, workflow: Workflow) -> None:
+        """Serve a registered definition, and those of its nested workflows' child runs.
+
+        The server registers each nested workflow with its parent and pins child runs to the
+        hash the parent's definition names, which is its content hash, computed here alike.
+        """
+        self._by_hash[definition_hash] = workflow
+        self._graphs[definition_hash] = graph = workflow.graph()
+        for name in workflow.nodes:
+            child = workflow.spec(name).subworkflow
+            if child is not None:
+                self._serve_definition(graph.child_hash(child.name), child)
 
     def _served(self) -> list[records_pb2.ServedNode]:
         return [
@@ -401,7 +412,8 @@ class Worker:
             )
             for definition_hash, workflow in self._by_hash.items()
             for name in workflow.nodes
-            if not self.config.nodes or name in self.config.nodes
+            if (not self.config.nodes or name in self.config.nodes)
+            and workflow.spec(name).kind is not NodeKind.SUBWORKFLOW  # the server runs those
         ]
 
     # -- one connection ------------------------------------------------------------------------
@@ -549,7 +561,6 @@ class Worker:
                 cancel=held.cancel,
                 timeout=timeout,
                 since=held.received,
-                run_subworkflow=_run_subworkflow,
             )
             result.transition.CopyFrom(transition)
             result.context_operations.extend(op.to_proto() for op in operations)
@@ -578,9 +589,3 @@ class Worker:
         # that slot is free now: grant it, once (the server returns none for such a result).
         credit = 0 if held.session_id == stream.session_id or self._draining.is_set() else 1
         stream.outbox.put_nowait(ConnectRequest(results=[result], credit=credit))
-
-
-async def _run_subworkflow(spec: NodeSpec, value: Any) -> Any:
-    """A nested workflow runs in-process on the worker, as in the local runner."""
-    assert spec.subworkflow is not None
-    return await LocalRunner(spec.subworkflow).run(value)

@@ -14,6 +14,8 @@ One module per role; :class:`Store` wires them on one KV:
 | ``queue`` | how an item becomes ready, and what is ready |
 | ``claims`` | claim tokens, claiming for a session, releasing lost claims |
 | ``completion`` | a result applied once in one fenced Txn (sticky chains) |
+| ``children`` | pure: a nested workflow's item started as a child run in the Txn that readies it |
+| ``lineage`` | a child's end resolves its parent's item; cancels cross the link; wide expansions |
 | ``planning`` | pure: from a snapshot and a result to the Txn and what the step decides |
 | ``fanout`` | groups, arrivals and joins; wide fan-outs expanded |
 | ``timers`` | durable timers (retries, run timeouts): delays, never due times; their Txns |
@@ -33,6 +35,7 @@ from floxide_server.store.completion import Completions
 from floxide_server.store.fanout import GroupCache
 from floxide_server.store.kv import KV
 from floxide_server.store.lifecycle import RunLifecycle
+from floxide_server.store.lineage import Lineage
 from floxide_server.store.payloads import Limits
 from floxide_server.store.reads import RunReads
 from floxide_server.store.workflows import WorkflowStore
@@ -51,6 +54,7 @@ class Store:
     lifecycle: RunLifecycle
     claims: Claims
     completions: Completions
+    lineage: Lineage
 
     @classmethod
     def open(cls, kv: KV, limits: Limits, workflows: WorkflowStore | None = None) -> Store:
@@ -58,13 +62,15 @@ class Store:
         workflows = workflows or WorkflowStore(kv, limits)
         reads = RunReads(kv, workflows)
         groups = GroupCache()
-        claims = Claims(kv, workflows, groups, limits)
+        lineage = Lineage(kv, workflows, groups, limits)
+        claims = Claims(kv, workflows, groups, limits, lineage)
         return cls(
             kv=kv,
             limits=limits,
             workflows=workflows,
             reads=reads,
-            lifecycle=RunLifecycle(kv, workflows, reads, limits),
+            lifecycle=RunLifecycle(kv, workflows, reads, limits, lineage),
             claims=claims,
-            completions=Completions(kv, workflows, claims, groups, limits),
+            completions=Completions(kv, workflows, claims, groups, limits, lineage),
+            lineage=lineage,
         )

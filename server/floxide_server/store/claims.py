@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
 from floxide_grpc.errors import InvalidArgument, SessionEnded
@@ -40,6 +40,7 @@ from floxide_server.store.kv import (
     Txn,
     TxnResult,
 )
+from floxide_server.store.lineage import Lineage
 from floxide_server.store.payloads import Limits
 from floxide_server.store.queue import live, new_items
 from floxide_server.store.reads import read_state
@@ -193,12 +194,18 @@ class Claims:
     """Claiming queued items for sessions, and releasing the claims of ended sessions."""
 
     def __init__(
-        self, kv: KV, workflows: WorkflowStore, groups: fanout.GroupCache, limits: Limits
+        self,
+        kv: KV,
+        workflows: WorkflowStore,
+        groups: fanout.GroupCache,
+        limits: Limits,
+        lineage: Lineage,
     ) -> None:
         self.kv = kv
         self.workflows = workflows
         self.groups = groups
         self.limits = limits
+        self.lineage = lineage
 
     async def claim(
         self,
@@ -426,31 +433,31 @@ class Claims:
             basis = planning.Basis(
                 keys, definition, run_kv.value, state_kv.value, self.limits, now_ms()
             )
-            planned = await self.groups.planned(self.kv, functools.partial(_plan_with, basis, plan))
-            result = await self.kv.txn(
-                Txn(
-                    [
-                        Compare.created_at(claim_key, claim.create_revision),
-                        Compare.modified_at(state_kv.key, state_kv.mod_revision),
-                        *unfinished(keys, run_id),
-                        *planned.guards,
-                    ],
-                    [Delete(claim_key), *planned.writes, *new_items(keys, planned.new_items)],
-                )
-            )
+            planned = await self.lineage.plan(basis, plan)
+            guards = [
+                Compare.created_at(claim_key, claim.create_revision),
+                Compare.modified_at(state_kv.key, state_kv.mod_revision),
+                *unfinished(keys, run_id),
+                *planned.guards,
+            ]
+            writes = [Delete(claim_key), *planned.writes, *new_items(keys, planned.new_items)]
+            parent = None
+            if planned.ended is not None and planned.ended.HasField("parent"):
+                # A child run this failure ends fails its parent's item in the same Txn.
+                left = max(self.limits.max_txn_ops - len(writes) - 2, 0)
+                parent = await self.lineage.resolve(planned.ended, basis.now_ms, left)
+                if parent is not None:
+                    guards.extend(parent.guards)
+                    writes.extend(parent.writes)
+            result = await self.kv.txn(Txn(guards, writes))
             self.groups.remember(planned.groups, 0)
-            if result.succeeded:
-                for expanded_run, expanded_item in planned.expansions:
-                    await fanout.expand(self.kv, namespace, expanded_run, expanded_item)
-                if planned.settle:  # the lost item failed its run: the rest is settled
-                    await settling.settle(self.kv, keys, run_id, self.limits.max_txn_ops)
-                return True
+            if not result.succeeded:
+                self.lineage.forget(parent)
+                continue
+            await self.lineage.after(parent, result.revision)
+            for expanded_run, expanded_item in planned.expansions:
+                await self.lineage.expand(namespace, expanded_run, expanded_item)
+            if planned.settle:  # the lost item failed its run: the rest is settled
+                await settling.settle(self.kv, keys, run_id, self.limits.max_txn_ops)
+            return True
         return False
-
-
-def _plan_with(
-    basis: planning.Basis,
-    plan: typing.Callable[[planning.Basis], planning.Plan],
-    known: Mapping[bytes, KeyValue | None],
-) -> planning.Plan:
-    return plan(dataclasses.replace(basis, groups=known))

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import functools
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.errors import AlreadyExists, ClaimLost, NotFound, Unavailable
@@ -32,7 +32,8 @@ from floxide_server.store.claims import (
     Snapshot,
 )
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Request, Txn, TxnResult
+from floxide_server.store.kv import KV, Compare, Delete, Request, Txn, TxnResult
+from floxide_server.store.lineage import Lineage, Resolution, nest
 from floxide_server.store.payloads import Limits
 from floxide_server.store.queue import new_items
 from floxide_server.store.reads import read_state
@@ -97,6 +98,7 @@ class Completions:
         claims: Claims,
         groups: fanout.GroupCache,
         limits: Limits,
+        lineage: Lineage,
     ) -> None:
         self.kv = kv
         self.workflows = workflows
@@ -104,6 +106,7 @@ class Completions:
         self.groups = groups
         self.limits = limits
         self.turns = fanout.GroupTurns()
+        self.lineage = lineage
 
     async def complete(
         self,
@@ -192,7 +195,7 @@ class Completions:
         basis = planning.Basis(
             keys, definition, snapshot.run, snapshot.state, self.limits, now_ms()
         )
-        plan = await self.groups.planned(self.kv, functools.partial(_plan_result, basis, reported))
+        plan = await self.lineage.plan(basis, functools.partial(_plan_result, reported))
         guards = [
             Compare.created_at(claim_key, claim.revision),
             Compare.exists(keys.session(claim.lease)),
@@ -219,31 +222,84 @@ class Completions:
         ]
         if handover is not None:
             writes.extend(handover.in_txn)
-        if plan.ends_branch and await self._maybe_last(keys, claim):
-            # Fails the run in the same Txn if no other item is live then.
-            nodes = await stuck.ended_at(self.kv, keys, claim.run_id)
-            writes.append(planning.stuck(basis, nodes))
+        parents = await self._parents(basis, plan, claim, guards, writes)
         txn = Txn(guards, writes)
         result = await self.kv.txn(txn)
         self.groups.remember(plan.groups, result.revision if result.succeeded else 0)
         if not result.succeeded:
+            for parent in parents:
+                self.lineage.forget(parent)
             await self._why_not(keys, claim)
             return None, False
-        for run_id, item_id in plan.expansions:
-            await fanout.expand(self.kv, namespace, run_id, item_id)
-        if plan.settle or plan.ends_branch:  # a run that may have ended (not a chain's step)
-            nested = txn.named(result)
-            alone = nested.get(settling.SETTLING)  # no other item was live: nothing to settle
-            if plan.settle and not (isinstance(alone, TxnResult) and alone.succeeded):
-                await settling.settle(self.kv, keys, claim.run_id, self.limits.max_txn_ops)
-            failed = nested.get(stuck.STUCK)
-            if isinstance(failed, TxnResult) and failed.succeeded:
-                await stuck.name_all(self.kv, keys, claim.run_id, result.revision)
+        await self._ended(keys, plan, claim, txn, result, parents)
         completion = Completion(plan.code, plan.message)
         if handover is None:
             return completion, False
         next_claim = await self.claims.handed_over(keys, handover, txn, result)
         return dataclasses.replace(completion, claim=next_claim), handover.nested is not None
+
+    async def _parents(
+        self,
+        basis: planning.Basis,
+        plan: planning.Plan,
+        claim: ClaimToken,
+        guards: list[Compare],
+        writes: list[Request],
+    ) -> tuple[Resolution | None, Resolution | None]:
+        """Add to the Txn what ends the run (a stuck one), and its parent's item step if any.
+
+        A child run that the Txn ends completes or fails its parent's item in it; the stuck
+        Txn nested in a branch-ending step does so in its own writes. Returns both.
+        """
+        keys = basis.keys
+        parent = None
+        if plan.ended is not None and plan.ended.HasField("parent"):
+            parent = await self.lineage.resolve(plan.ended, basis.now_ms, self._left(writes))
+            if parent is not None:
+                guards.extend(parent.guards)
+                writes.extend(parent.writes)
+        stuck_parent = None
+        if plan.ends_branch and await self._maybe_last(keys, claim):
+            # Fails the run in the same Txn if no other item is live then.
+            nodes = await stuck.ended_at(self.kv, keys, claim.run_id)
+            stuck_txn, failed_run = planning.stuck(basis, nodes)
+            if failed_run.HasField("parent"):
+                stuck_parent = await self.lineage.resolve(
+                    failed_run, basis.now_ms, self._left(writes)
+                )
+            writes.append(nest(stuck_txn, stuck_parent))
+        return parent, stuck_parent
+
+    async def _ended(
+        self,
+        keys: Keys,
+        plan: planning.Plan,
+        claim: ClaimToken,
+        txn: Txn,
+        result: TxnResult,
+        parents: tuple[Resolution | None, Resolution | None],
+    ) -> None:
+        """What follows a committed completing Txn: expansions, settling, parents' steps."""
+        parent, stuck_parent = parents
+        await self.lineage.after(parent, result.revision)
+        for run_id, item_id in plan.expansions:
+            await self.lineage.expand(keys.namespace, run_id, item_id)
+        if not (plan.settle or plan.ends_branch):  # a chain's step: the run goes on
+            return
+        nested = txn.named(result)
+        alone = nested.get(settling.SETTLING)  # no other item was live: nothing to settle
+        if plan.settle and not (isinstance(alone, TxnResult) and alone.succeeded):
+            await settling.settle(self.kv, keys, claim.run_id, self.limits.max_txn_ops)
+        failed = nested.get(stuck.STUCK)
+        if isinstance(failed, TxnResult) and failed.succeeded:
+            await stuck.name_all(self.kv, keys, claim.run_id, result.revision)
+            await self.lineage.after(stuck_parent, result.revision)
+        else:
+            self.lineage.forget(stuck_parent)
+
+    def _left(self, writes: Sequence[Request]) -> int:
+        """The Txn operations a parent's step may take beside ``writes``."""
+        return max(self.limits.max_txn_ops - len(writes) - 2, 0)
 
     async def _maybe_last(self, keys: Keys, claim: ClaimToken) -> bool:
         """Whether at most one other item of the run is live.
@@ -320,14 +376,9 @@ class Completions:
             raise ClaimLost(f"run {claim.run_id!r} is {state}: result dropped")
 
 
-def _plan_result(
-    basis: planning.Basis, reported: _Reported, known: Mapping[bytes, KeyValue | None]
-) -> planning.Plan:
+def _plan_result(reported: _Reported, basis: planning.Basis) -> planning.Plan:
     return planning.plan_result(
-        dataclasses.replace(basis, groups=known),
-        reported.claim.attempt,
-        reported.transition,
-        reported.operations,
+        basis, reported.claim.attempt, reported.transition, reported.operations
     )
 
 

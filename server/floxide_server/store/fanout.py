@@ -24,7 +24,14 @@ import collections
 import contextlib
 import dataclasses
 import typing
-from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import Protocol, TypeVar
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
@@ -192,10 +199,25 @@ def expansion(
     return Put(keys.expansion(run_id, item_id), record.SerializeToString())
 
 
-async def expand(kv: KV, namespace: str, run_id: str, item_id: str) -> None:
+Readied = Callable[
+    [Sequence[work_item_pb2.WorkItem]], Awaitable[tuple[list[Compare], list[Request]]]
+]
+"""Guards and writes that make a chunk of new items ready (nested workflows' start children)."""
+
+
+async def expand(
+    kv: KV,
+    namespace: str,
+    run_id: str,
+    item_id: str,
+    readied: Readied | None = None,
+    share: Callable[[work_item_pb2.WorkItem], float] | None = None,
+) -> None:
     """Turn an expansion record into items, in bounded idempotent Txns, then delete it.
 
-    A failed run's record is kept, not expanded: resuming the run expands it.
+    ``readied`` makes a chunk ready (default: queued); ``share`` says what part of one Txn an
+    item takes (default: ``1 / EXPANSION_CHUNK``). A failed run's record is kept, not
+    expanded: resuming the run expands it.
     """
     keys = Keys(namespace)
     key = keys.expansion(run_id, item_id)
@@ -207,17 +229,18 @@ async def expand(kv: KV, namespace: str, run_id: str, item_id: str) -> None:
     if status is not None and status.value == failed:
         return
     items = list(storage_pb2.ExpansionRecord.FromString(found.value).items)
-    for start in range(0, len(items), EXPANSION_CHUNK):
-        chunk = items[start : start + EXPANSION_CHUNK]
+    for chunk in _chunks(items, share or (lambda item: 1 / EXPANSION_CHUNK)):
         first = keys.item(run_id, chunk[0].item_id)
+        guards, writes = await readied(chunk) if readied else ([], new_items(keys, chunk))
         await kv.txn(  # a chunk is written whole or not at all: its first item tells
             Txn(
                 [
                     Compare.modified_at(key, found.mod_revision),
                     Compare.missing(first),
                     *unfinished(keys, run_id),
+                    *guards,
                 ],
-                new_items(keys, chunk),
+                writes,
             )
         )
     kept = Compare(keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, failed)
@@ -227,3 +250,19 @@ async def expand(kv: KV, namespace: str, run_id: str, item_id: str) -> None:
             [Delete(key), Delete(keys.live(run_id, item_id))],
         )
     )
+
+
+def _chunks(
+    items: Sequence[work_item_pb2.WorkItem], share: Callable[[work_item_pb2.WorkItem], float]
+) -> list[list[work_item_pb2.WorkItem]]:
+    """``items`` in order, in chunks that each fill at most one Txn."""
+    chunks: list[list[work_item_pb2.WorkItem]] = []
+    used = 1.0
+    for item in items:
+        taken = share(item)
+        if used + taken > 1.0 + 1e-9 or not chunks:
+            chunks.append([])
+            used = 0.0
+        chunks[-1].append(item)
+        used += taken
+    return chunks

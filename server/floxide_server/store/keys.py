@@ -32,6 +32,7 @@ floxide.storage.v1 (``proto/floxide/storage/v1``), which only the storage format
 | ``run/{run}/err/{item}/{attempt}`` | ErrorRecord | every failed attempt |
 | ``run/{run}/live/{item}`` | empty | an item not done, or its fan-out not expanded: none, stuck |
 | ``run/{run}/ended/{node}`` | empty | a node that ended a branch with no successor: says why |
+| ``run/{run}/child/{child}`` | item id | a child run of the run (a nested workflow's attempt) |
 | ``queue/{run}/{item}`` | WorkItem (no input) | ready to dispatch; deleted by the claim |
 | ``expand/{run}/{item}`` | ExpansionRecord | a fan-out wider than one Txn, expanding |
 | ``settle/{run}`` | status name | a finished run whose leftovers are being settled |
@@ -148,6 +149,10 @@ class Keys:
     def ended(self, run_id: str, node: str = "") -> bytes:
         """A node that ended a branch without a successor (or the prefix of a run's)."""
         return self.run(run_id) + b"ended/" + _b(node)
+
+    def child(self, run_id: str, child_run_id: str = "") -> bytes:
+        """A child run of the run (or the prefix of its children)."""
+        return self.run(run_id) + b"child/" + _b(child_run_id)
 
     def error(self, run_id: str, item_id: str = "", attempt: int | None = None) -> bytes:
         """A failed attempt (or a prefix: a run's errors, or an item's)."""

@@ -7,12 +7,13 @@ key, a fingerprint of the request and the run are written in the start's own Txn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, workflow_pb2
 from floxide_grpc.durations import format_seconds
 from floxide_grpc.errors import (
     AlreadyExists,
@@ -27,16 +28,17 @@ from floxide_grpc.errors import (
 )
 from floxide_grpc.graph import Graph
 from floxide_grpc.routing import derive_id, start_item
-from floxide_server.store import fanout, payloads, settling, timers
+from floxide_server.store import children, payloads, settling, timers
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn
-from floxide_server.store.queue import live, new_items, queue_entry
+from floxide_server.store.lineage import Lineage
 from floxide_server.store.reads import RunReads
 from floxide_server.store.records import (
     FINISHED,
     PAUSED,
     RUNNING,
     RunStatus,
+    fresh_state,
     new_run_id,
     now_ms,
     stamp,
@@ -54,12 +56,18 @@ class RunLifecycle:
     """Starting and controlling runs of every namespace."""
 
     def __init__(
-        self, kv: KV, workflows: WorkflowStore, reads: RunReads, limits: payloads.Limits
+        self,
+        kv: KV,
+        workflows: WorkflowStore,
+        reads: RunReads,
+        limits: payloads.Limits,
+        lineage: Lineage,
     ) -> None:
         self.kv = kv
         self.workflows = workflows
         self.reads = reads
         self.limits = limits
+        self.lineage = lineage
 
     async def start(
         self,
@@ -164,7 +172,15 @@ class RunLifecycle:
             Put(keys.run_info(run_id), run.SerializeToString()),
             Put(keys.status(run_id), status_name(RUNNING)),
             Put(keys.context_init(run_id), context_bytes),
-            *new_items(keys, [first]),
+            *children.readied(
+                keys,
+                definition,
+                run,
+                fresh_state(first),
+                json.loads(context_bytes),
+                now,
+                fresh=True,
+            ),
         ]
         if run_timeout_ms is not None:
             writes.append(timers.arm_run_timeout(keys, run_id, run_timeout_ms))
@@ -229,8 +245,13 @@ class RunLifecycle:
         *,
         extra: Sequence[Request] = (),
         error: work_item_pb2.NodeError | None = None,
+        also: Callable[[records_pb2.RunRecord], Awaitable[tuple[list[Compare], list[Request]]]]
+        | None = None,
     ) -> records_pb2.RunRecord:
-        """Move a run from one of ``allowed`` to ``status`` in one guarded Txn."""
+        """Move a run from one of ``allowed`` to ``status`` in one guarded Txn.
+
+        ``also`` adds guards and writes made from the run as it is to be written.
+        """
         keys = Keys(namespace)
         for _ in range(ATTEMPTS_ON_CONFLICT):
             found = await self.kv.get(keys.run_info(payloads.check_name("run id", run_id)))
@@ -253,13 +274,15 @@ class RunLifecycle:
                 run.error.CopyFrom(error)
             elif status == RUNNING:
                 run.ClearField("error")
+            guards, writes = await also(run) if also is not None else ([], [])
             result = await self.kv.txn(
                 Txn(
-                    [Compare.modified_at(keys.run_info(run_id), found.mod_revision)],
+                    [Compare.modified_at(keys.run_info(run_id), found.mod_revision), *guards],
                     [
                         Put(keys.run_info(run_id), run.SerializeToString()),
                         Put(keys.status(run_id), status_name(status)),
                         *extra,
+                        *writes,
                     ],
                 )
             )
@@ -270,6 +293,9 @@ class RunLifecycle:
     async def cancel(self, namespace: str, run_id: str, reason: str) -> records_pb2.RunRecord:
         """Cancel a running, paused or failed run: nothing of it is dispatched again.
 
+        Its running children are cancelled with it (settling cancels them); a child run's
+        ancestors are cancelled in the same Txn.
+
         Raises:
             NotFound: no such run.
             FailedPrecondition: the run already completed or was cancelled.
@@ -278,6 +304,12 @@ class RunLifecycle:
         error = work_item_pb2.NodeError(
             kind=work_item_pb2.ERROR_KIND_CANCELLED, message=reason or "cancelled by request"
         )
+        ancestors: list[str] = []
+
+        async def above(run: records_pb2.RunRecord) -> tuple[list[Compare], list[Request]]:
+            guards, writes, ancestors[:] = await self.lineage.ancestors(keys, run, now_ms())
+            return guards, writes
+
         run = await self._set_status(
             namespace,
             run_id,
@@ -290,20 +322,31 @@ class RunLifecycle:
                 settling.settled(keys, run_id, status_name(records_pb2.RUN_STATUS_CANCELLED)),
             ],
             error=error,
+            also=above,
         )
-        await settling.settle(self.kv, keys, run_id, self.limits.max_txn_ops)
+        for cancelled in [run_id, *ancestors]:
+            await settling.settle(self.kv, keys, cancelled, self.limits.max_txn_ops)
         return run
 
     async def pause(self, namespace: str, run_id: str) -> records_pb2.RunRecord:
-        """Stop dispatching a running run's items; held items finish and are recorded."""
-        return await self._set_status(namespace, run_id, (RUNNING,), PAUSED, "pause")
+        """Stop dispatching a running run's items; held items finish and are recorded.
+
+        Its running children are paused after it, each in a Txn of its own.
+        """
+        run = await self._set_status(namespace, run_id, (RUNNING,), PAUSED, "pause")
+        await self._children(namespace, run_id, RUNNING, self.pause)
+        return run
 
     async def resume(self, namespace: str, run_id: str) -> records_pb2.RunRecord:
         """Resume a paused run, or a failed one whole: every item that did not complete runs again.
 
+        A paused run's paused children are resumed after it; a failed run's nested workflow
+        items that failed start new child runs.
+
         Raises:
             NotFound: no such run.
-            FailedPrecondition: the run is running, completed or cancelled, or failed as stuck.
+            FailedPrecondition: the run is running, completed or cancelled, or failed as stuck,
+                or is a child whose failure its parent took.
         """
         keys = Keys(namespace)
         found = await self.reads.get(namespace, run_id)
@@ -312,6 +355,12 @@ class RunLifecycle:
             raise FailedPrecondition(
                 f"cannot resume run {run_id!r}: it failed as stuck ({found.error.message}), "
                 "so nothing is left to run again; start a new run"
+            )
+        if failed and found.HasField("parent"):
+            raise FailedPrecondition(
+                f"cannot resume run {run_id!r}: it is a child run, and its failure was a failed "
+                f"attempt of item {found.parent.item_id!r} of run {found.parent.run_id!r}; "
+                "resume that run (or let its retry policy start a new child)"
             )
         if failed:
             await self._requeue(keys, found)
@@ -331,8 +380,28 @@ class RunLifecycle:
             expansions, _ = await self.kv.range(keys.expansion(run_id, ""))
             for expansion in expansions:
                 item_id = expansion.key[len(keys.expansion(run_id, "")) :].decode()
-                await fanout.expand(self.kv, namespace, run_id, item_id)
+                await self.lineage.expand(namespace, run_id, item_id)
+        else:
+            await self._children(namespace, run_id, PAUSED, self.resume)
         return run
+
+    async def _children(
+        self,
+        namespace: str,
+        run_id: str,
+        status: int,
+        change: Callable[[str, str], Awaitable[records_pb2.RunRecord]],
+    ) -> None:
+        """Pause or resume the run's children that are in ``status`` (and theirs, in turn)."""
+        keys = Keys(namespace)
+        found, _ = await self.kv.range(keys.child(run_id))
+        for link in found:
+            child_id = link.key[len(keys.child(run_id)) :].decode()
+            record = await self.kv.get(keys.run_info(child_id))
+            if record is None or records_pb2.RunRecord.FromString(record.value).status != status:
+                continue
+            with contextlib.suppress(FailedPrecondition):  # it moved on meanwhile
+                await change(namespace, child_id)
 
     async def _requeue(self, keys: Keys, run: records_pb2.RunRecord) -> None:
         """Re-queue every item of a failed run that did not complete, at attempt + 1.
@@ -350,10 +419,14 @@ class RunLifecycle:
             found, _ = await self.kv.range(keys.item(run_id))
             targets = [kv for kv in found if _to_requeue(graph, kv)]
             moved = False
-            for chunk in settling.batches(targets, self.limits.max_txn_ops - 2, per_item=5):
+            per_item = 5 if not any(_nested(graph, kv) for kv in targets) else 32
+            for chunk in settling.batches(targets, self.limits.max_txn_ops - 4, per_item=per_item):
                 guards = [still, *(Compare.modified_at(kv.key, kv.mod_revision) for kv in chunk)]
-                writes = [w for kv in chunk for w in _requeued(keys, kv)]
-                moved |= not (await self.kv.txn(Txn(guards, writes))).succeeded
+                states = [_requeued(kv) for kv in chunk]
+                held = [w for kv in chunk for w in settling.holds(keys, _state(kv))]
+                readied, writes = await self.lineage.readied(keys, run, states, now_ms())
+                result = await self.kv.txn(Txn([*guards, *readied], [*held, *writes]))
+                moved |= not result.succeeded
             if not moved:
                 return
         # Given up: what was re-queued is settled again, as the run is still failed.
@@ -398,13 +471,17 @@ class RunLifecycle:
             workflow=run.workflow,
         )
         stamp(item, "created_at", now_ms())
+        guards, writes = await self.lineage.readied(
+            keys, run, [fresh_state(item)], now_ms(), fresh=True
+        )
         result = await self.kv.txn(
             Txn(
                 [
                     Compare.missing(keys.item(run_id, item.item_id)),
                     Compare.value_is(keys.status(run_id), status_name(RUNNING)),
+                    *guards,
                 ],
-                new_items(keys, [item]),
+                writes,
             )
         )
         if result.succeeded:
@@ -427,18 +504,22 @@ def _to_requeue(graph: Graph, found: KeyValue) -> bool:
     return not (failed and graph.fallback.get(state.item.node))  # a fallback took over
 
 
-def _requeued(keys: Keys, found: KeyValue) -> list[Request]:
-    """The writes that make an item of a resumed run pending again, as its next attempt."""
-    state = records_pb2.WorkItemState.FromString(found.value)
-    writes = settling.holds(keys, state)
+def _nested(graph: Graph, found: KeyValue) -> bool:
+    """Whether an item starts a child run when it is made ready."""
+    node = graph.node(_state(found).item.node)
+    return node.kind == workflow_pb2.NODE_KIND_SUBWORKFLOW
+
+
+def _state(found: KeyValue) -> records_pb2.WorkItemState:
+    return records_pb2.WorkItemState.FromString(found.value)
+
+
+def _requeued(found: KeyValue) -> records_pb2.WorkItemState:
+    """An item of a resumed run as it is made ready again: pending, at its next attempt."""
+    state = _state(found)
     state.item.attempt = state.attempts + 1  # attempts are never lowered
     state.status = records_pb2.ITEM_STATUS_PENDING
     for field in ("retry_at", "session_id", "worker_id"):
         state.ClearField(field)
     stamp(state, "updated_at", now_ms())
-    return [
-        *writes,
-        Put(found.key, state.SerializeToString()),
-        queue_entry(keys, state.item),
-        live(keys, state.item),
-    ]
+    return state

@@ -29,21 +29,22 @@ needs a group record not in its basis is incomplete and names what to read (``ne
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
-from floxide_grpc.context import Operation
+from floxide_grpc.context import Operation, apply
 from floxide_grpc.durations import format_seconds
 from floxide_grpc.errors import FloxideError
 from floxide_grpc.retry import RetryPolicy
 from floxide_grpc.routing import Step, route, route_failure
 from floxide_grpc.transition import ErrorKind
-from floxide_server.store import contexts, fanout, payloads, settling, timers
+from floxide_server.store import children, contexts, fanout, payloads, settling, timers
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import Compare, Delete, KeyValue, Put, Request, Txn
 from floxide_server.store.queue import queue_entry
-from floxide_server.store.records import stamp
+from floxide_server.store.records import fresh_state, stamp
 from floxide_server.store.stuck import STUCK
 from floxide_server.store.stuck import error as stuck_error
 from floxide_server.store.workflows import Definition
@@ -76,6 +77,7 @@ class Basis:
         limits: Payload and Txn limits.
         now_ms: The time to stamp records with.
         groups: Group records known, by key (``None``: absent); a key missing is unknown.
+        context: The run's context as read, if the step starts child runs (``children``).
     """
 
     keys: Keys
@@ -85,6 +87,7 @@ class Basis:
     limits: payloads.Limits
     now_ms: int
     groups: Mapping[bytes, KeyValue | None] = dataclasses.field(default_factory=dict)
+    context: children.Inherited | None = None
 
 
 @dataclasses.dataclass
@@ -105,6 +108,8 @@ class Plan:
         expansions: Expansion records written, as (run, item), to expand after the Txn.
         groups: Group records written (``None``: the group is complete).
         needs: Group records to read first: the plan is incomplete, plan again with them.
+        needs_context: The step starts child runs: read the run's context, plan again with it.
+        ended: The run's record as the Txn ends it, if it does.
     """
 
     guards: list[Compare] = dataclasses.field(default_factory=list)
@@ -119,6 +124,13 @@ class Plan:
     expansions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     groups: dict[bytes, bytes | None] = dataclasses.field(default_factory=dict)
     needs: tuple[bytes, ...] = ()
+    needs_context: bool = False
+    ended: records_pb2.RunRecord | None = None
+
+    @property
+    def incomplete(self) -> bool:
+        """Whether something must be read before the plan can be made."""
+        return bool(self.needs) or self.needs_context
 
 
 def plan_result(
@@ -150,7 +162,7 @@ def plan_result(
         plan.writes.append(
             contexts.record_operations(keys, item.run_id, item.item_id, operations, attempt)
         )
-    _plan_step(basis, run, item, step, plan)
+    _plan_step(basis, run, item, step, plan, operations)
     if not (step.items or step.arrivals or step.output is not None):
         # The branch ends here with no successor: if no other item is live, the run is stuck.
         plan.ends_branch = item.node
@@ -239,28 +251,53 @@ def _plan_step(
     item: work_item_pb2.WorkItem,
     step: Step,
     plan: Plan,
+    operations: Sequence[work_item_pb2.ContextOperation] = (),
 ) -> None:
-    """Add what a routed step makes: items, arrivals and joins, or the run's output."""
+    """Add what a routed step makes: items, arrivals and joins, or the run's output.
+
+    A nested workflow's new item starts its child run in this Txn (:mod:`.children`), from the
+    run's context as read and the step's own operations.
+    """
     keys = basis.keys
     arrivals = fanout.plan_arrivals(keys, item, step.arrivals, basis.groups)
     if arrivals.needs:
         plan.needs = arrivals.needs
         return
+    new_items = [*step.items, *arrivals.joins]
+    nested = children.children_of(basis.definition, new_items)
+    if nested and basis.context is None:
+        plan.needs_context = True
+        return
     plan.guards.extend(arrivals.guards)
     plan.writes.extend(arrivals.writes)
     plan.groups.update(arrivals.groups)
-    new_items = [*step.items, *arrivals.joins]
     for new in new_items:
         stamp(new, "created_at", basis.now_ms)
-    if 3 * len(new_items) > basis.limits.max_txn_ops - TXN_HEADROOM:
-        # Too wide for one Txn (etcd's --max-txn-ops): a durable expansion record now, the
-        # items in bounded Txns right after; a crash in between loses nothing (reconcile).
-        # The item stays live until they are made.
+    ops = sum(children.weight(basis.definition, new.node) for new in new_items)
+    copied = nested * (basis.context.size if basis.context is not None else 0)
+    if ops > basis.limits.max_txn_ops - TXN_HEADROOM or copied > settling.MAX_BATCH_BYTES:
+        # Too wide for one Txn (etcd's --max-txn-ops, or its request size with the contexts
+        # child runs copy): a durable expansion record now, the items in bounded Txns right
+        # after; a crash in between loses nothing (reconcile). The item stays live until
+        # they are made.
         plan.writes.append(fanout.expansion(keys, run.run_id, item.item_id, new_items))
         plan.expansions.append((run.run_id, item.item_id))
     else:
-        plan.new_items.extend(new_items)
         plan.writes.append(Delete(keys.live(run.run_id, item.item_id)))  # done: others live
+        context = None
+        if basis.context is not None and nested:
+            plan.guards.append(basis.context.guard)
+            context = copy.deepcopy(basis.context.context)
+            apply(context, [Operation.from_proto(o) for o in operations], basis.definition.context)
+        for new in new_items:
+            if children.is_nested(basis.definition, new.node):
+                plan.writes.extend(
+                    children.start(
+                        keys, basis.definition, run, fresh_state(new), context or {}, basis.now_ms
+                    )
+                )
+            else:
+                plan.new_items.append(new)
     if step.output is not None:
         run.output.CopyFrom(step.output)
         _end_run(basis, run, records_pb2.RUN_STATUS_COMPLETED, plan)
@@ -341,19 +378,22 @@ def _end_run(
     plan.writes.extend(settling.ending(basis.keys, run, status, basis.now_ms, error, last=item_id))
     plan.ends_run = status
     plan.settle = True
+    plan.ended = run
 
 
-def stuck(basis: Basis, nodes: Sequence[str]) -> Txn:
+def stuck(basis: Basis, nodes: Sequence[str]) -> tuple[Txn, records_pb2.RunRecord]:
     """The Txn nested in a branch-ending step's: it fails the run if no other item is live.
 
     ``nodes`` are those that ended branches before (``ended/``); the item's node is added.
+    Returns it with the run's record as it ends the run (a child's parent is told in it).
     """
     run = records_pb2.RunRecord.FromString(basis.run)
     item = records_pb2.WorkItemState.FromString(basis.state).item
     failed = records_pb2.RUN_STATUS_FAILED
     why = stuck_error([*nodes, item.node])
-    return Txn(
+    txn = Txn(
         settling.alone(basis.keys, item.run_id, item.item_id),
         settling.ending(basis.keys, run, failed, basis.now_ms, why, alone_known=True),
         name=STUCK,
     )
+    return txn, run

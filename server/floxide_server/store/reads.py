@@ -7,7 +7,7 @@ key is ever rewritten, DESIGN section 5).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
@@ -61,13 +61,33 @@ class RunReads:
         workflow: str,
         size: int,
         token: str,
+        parent_run_id: str = "",
+        include_children: bool = False,
     ) -> tuple[list[records_pb2.RunRecord], str]:
-        """Runs newest first, filtered by status and workflow; a page and the next token."""
+        """Runs newest first, filtered; a page and the next token.
+
+        Child runs are listed only with ``include_children``, or as the children of
+        ``parent_run_id`` (every attempt's).
+
+        Raises:
+            InvalidArgument: an unknown status in the filter, or a malformed token.
+            NotFound: no run ``parent_run_id``.
+        """
         keys = Keys(namespace)
         for status in statuses:
             if status not in RunStatus.values() or status == records_pb2.RUN_STATUS_UNSPECIFIED:
                 raise InvalidArgument(f"unknown run status {status} in the filter")
         size = payloads.page_size(size)
+
+        def wanted(record: records_pb2.RunRecord) -> bool:
+            return (
+                (not statuses or record.status in statuses)
+                and (not workflow or record.workflow == workflow)
+                and (include_children or bool(parent_run_id) or not record.HasField("parent"))
+            )
+
+        if parent_run_id:
+            return await self._children(keys, parent_run_id, wanted, size, token)
         after = payloads.decode_page_token(token)
         start = keys.run_info(after) if after else None
         found: list[records_pb2.RunRecord] = []
@@ -80,9 +100,7 @@ class RunReads:
                 break
             for kv in batch:
                 record = records_pb2.RunRecord.FromString(kv.value)
-                if (not statuses or record.status in statuses) and (
-                    not workflow or record.workflow == workflow
-                ):
+                if wanted(record):
                     found.append(record)
             after = records_pb2.RunRecord.FromString(batch[-1].value).run_id
             start = keys.run_info(after)
@@ -91,6 +109,31 @@ class RunReads:
             len(page) == size and bool(await self._older(keys, page[-1].run_id))
         )
         return page, payloads.encode_page_token(page[-1].run_id) if more and page else ""
+
+    async def _children(
+        self,
+        keys: Keys,
+        parent_run_id: str,
+        wanted: Callable[[records_pb2.RunRecord], bool],
+        size: int,
+        token: str,
+    ) -> tuple[list[records_pb2.RunRecord], str]:
+        """A page of a run's children, newest first (as listed under ``run/{parent}/child/``)."""
+        await self.get(keys.namespace, parent_run_id)
+        links, _ = await self.kv.range(keys.child(parent_run_id))
+        found = await asyncio.gather(
+            *(
+                self.kv.get(keys.run_info(link.key[len(keys.child(parent_run_id)) :].decode()))
+                for link in links
+            )
+        )
+        records = [records_pb2.RunRecord.FromString(kv.value) for kv in found if kv is not None]
+        records = [r for r in records if wanted(r)]
+        records.sort(key=lambda r: (r.created_at.ToMilliseconds(), r.run_id), reverse=True)
+        offset = int(payloads.decode_page_token(token) or 0)
+        page = records[offset : offset + size]
+        more = offset + size < len(records)
+        return page, payloads.encode_page_token(str(offset + size)) if more else ""
 
     async def _older(self, keys: Keys, run_id: str) -> bool:
         batch, _ = await self.kv.range(

@@ -2,15 +2,15 @@
 
 So the keyspace stays bounded. A run's keys live under its own prefix (``run/{run}/``), so
 removing it is one guarded Txn with a range delete, plus its record, idempotency key, queue and
-expansion entries. An ended session's record (``worker/{lease}``) is one key, removed by a Txn
-guarded by its revision.
+expansion entries. Child runs go with their parent (never alone), just before it. An ended
+session's record (``worker/{lease}``) is one key, removed by a Txn guarded by its revision.
 """
 
 from __future__ import annotations
 
 from floxide_grpc._proto.floxide.v1 import records_pb2
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, Delete, Request, Txn
+from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Request, Txn
 from floxide_server.store.records import FINISHED
 
 __all__ = ["remove_ended_sessions", "remove_finished"]
@@ -30,24 +30,39 @@ async def remove_finished(kv: KV, namespace: str, finished_before_ms: int, batch
     removed = 0
     for record in found:
         run = records_pb2.RunRecord.FromString(record.value)
+        if run.HasField("parent"):
+            continue  # removed with its parent
         if run.created_at.ToMilliseconds() >= finished_before_ms or removed >= batch:
             break
         finished = run.status in FINISHED and run.HasField("finished_at")
         if not finished or run.finished_at.ToMilliseconds() >= finished_before_ms:
             continue
-        deletes: list[Request] = [
-            Delete(record.key),
-            Delete(keys.run(run.run_id), prefix=True),
-            Delete(keys.queue(run.run_id, ""), prefix=True),
-            Delete(keys.expansion(run.run_id, ""), prefix=True),
-            Delete(keys.settle(run.run_id)),
-            Delete(keys.timer(run.run_id), prefix=True),
-        ]
-        if run.idempotency_key:
-            deletes.append(Delete(keys.idempotency(run.idempotency_key)))
-        result = await kv.txn(Txn([Compare.modified_at(record.key, record.mod_revision)], deletes))
-        removed += result.succeeded
+        removed += await _remove(kv, keys, record, run)
     return removed
+
+
+async def _remove(kv: KV, keys: Keys, record: KeyValue, run: records_pb2.RunRecord) -> bool:
+    """Remove a finished run, its children first (each in a Txn of its own, deepest first).
+
+    A crash midway leaves the run with fewer children: the next pass goes on.
+    """
+    links, _ = await kv.range(keys.child(run.run_id))
+    for link in links:
+        child = await kv.get(keys.run_info(link.key[len(keys.child(run.run_id)) :].decode()))
+        if child is not None:
+            await _remove(kv, keys, child, records_pb2.RunRecord.FromString(child.value))
+    deletes: list[Request] = [
+        Delete(record.key),
+        Delete(keys.run(run.run_id), prefix=True),
+        Delete(keys.queue(run.run_id, ""), prefix=True),
+        Delete(keys.expansion(run.run_id, ""), prefix=True),
+        Delete(keys.settle(run.run_id)),
+        Delete(keys.timer(run.run_id), prefix=True),
+    ]
+    if run.idempotency_key:
+        deletes.append(Delete(keys.idempotency(run.idempotency_key)))
+    result = await kv.txn(Txn([Compare.modified_at(record.key, record.mod_revision)], deletes))
+    return result.succeeded
 
 
 async def remove_ended_sessions(

@@ -53,6 +53,8 @@ _ATTEMPTS = 16
 """Passes over a run's items before settling gives up for now (the reconciler goes on)."""
 _OPS_PER_ITEM = 3
 """Writes settling one item may take: its state, its timer, its claim."""
+_CHILD_OPS = 6
+"""Writes and compares that cancel the child run an item waits for (:func:`ending`'s)."""
 
 
 def settled(keys: Keys, run_id: str, status: bytes) -> Put:
@@ -126,11 +128,16 @@ async def settle(kv: KV, keys: Keys, run_id: str, max_txn_ops: int) -> bool:
         found, _ = await kv.range(keys.item(run_id))
         leftovers = [kv_ for kv_ in found if _state(kv_).status in IN_FLIGHT]
         moved = False
-        for chunk in batches(leftovers, max_txn_ops - 2, per_item=_OPS_PER_ITEM):
+        per_item = _OPS_PER_ITEM + (_CHILD_OPS if any(_child(i) for i in leftovers) else 0)
+        for chunk in batches(leftovers, max_txn_ops - 2, per_item=per_item):
+            why = _WHY.get(status, "")
             guards = [*still, *(Compare.modified_at(i.key, i.mod_revision) for i in chunk)]
-            writes = [w for item in chunk for w in _cancelled(keys, item, _WHY.get(status, ""))]
+            writes = [w for item in chunk for w in _cancelled(keys, item, why)]
+            ended = await _children_ended(kv, keys, run_id, chunk, why, guards, writes)
             result = await kv.txn(Txn(guards, writes))
             moved |= not result.succeeded
+            for child_id in ended if result.succeeded else ():  # and theirs, in turn
+                await settle(kv, keys, child_id, max_txn_ops)
         if not moved:
             done = await kv.txn(Txn(still, [Delete(keys.settle(run_id))]))
             return done.succeeded or await kv.get(keys.settle(run_id)) is None
@@ -183,6 +190,45 @@ def holds(keys: Keys, state: records_pb2.WorkItemState) -> list[Request]:
     if state.status == records_pb2.ITEM_STATUS_IN_PROGRESS and state.session_id:
         return [Delete(keys.claim(int(state.session_id, 16), item.run_id, item.item_id))]
     return []
+
+
+def _child(found: KeyValue) -> str:
+    """The child run an item in flight waits for ("" for none)."""
+    state = _state(found)
+    return state.child_run_id if state.status == records_pb2.ITEM_STATUS_IN_PROGRESS else ""
+
+
+async def _children_ended(
+    kv: KV,
+    keys: Keys,
+    run_id: str,
+    chunk: Sequence[KeyValue],
+    why: str,
+    guards: list[Compare],
+    writes: list[Request],
+) -> list[str]:
+    """Cancel, in a settling Txn, the child runs its items wait for; returns those cancelled.
+
+    A parent's end cancels its running children (each guarded by its record as read); they
+    are settled in turn after the Txn, so the whole tree below ends.
+    """
+    ended = []
+    for item in chunk:
+        child_id = _child(item)
+        found = await kv.get(keys.run_info(child_id)) if child_id else None
+        if found is None:
+            continue
+        child = records_pb2.RunRecord.FromString(found.value)
+        if child.status in FINAL:
+            continue
+        error = work_item_pb2.NodeError(
+            kind=work_item_pb2.ERROR_KIND_CANCELLED,
+            message=f"its parent run {run_id} ended ({why})",
+        )
+        guards.append(Compare.modified_at(found.key, found.mod_revision))
+        writes.extend(ending(keys, child, records_pb2.RUN_STATUS_CANCELLED, now_ms(), error))
+        ended.append(child_id)
+    return ended
 
 
 def _cancelled(keys: Keys, found: KeyValue, why: str) -> list[Request]:

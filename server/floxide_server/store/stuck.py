@@ -16,12 +16,16 @@ the reconciler on the elected replica (:func:`fail_stuck`), which pages through 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_server.store import settling
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Put, Txn, prefix_end
 from floxide_server.store.records import RUNNING, status_name
+
+if TYPE_CHECKING:
+    from floxide_server.store.lineage import Lineage
 
 __all__ = ["PAGE", "STUCK", "error", "fail_stuck", "name_all"]
 
@@ -68,11 +72,14 @@ async def name_all(kv: KV, keys: Keys, run_id: str, revision: int) -> None:
     )
 
 
-async def fail_stuck(kv: KV, namespace: str, now_ms: int, max_txn_ops: int) -> int:
+async def fail_stuck(
+    kv: KV, namespace: str, now_ms: int, max_txn_ops: int, lineage: Lineage | None = None
+) -> int:
     """Fail every running run of a namespace that has no live item; how many it failed.
 
     Each in a Txn guarded by the run's record (its revision), its status and the emptiness of
-    its live markers, so a run that moved meanwhile is left alone.
+    its live markers, so a run that moved meanwhile is left alone. A child run's parent item
+    fails in the same Txn (``lineage``).
     """
     keys = Keys(namespace)
     failed = 0
@@ -88,19 +95,25 @@ async def fail_stuck(kv: KV, namespace: str, now_ms: int, max_txn_ops: int) -> i
                 continue
             nodes = await ended_at(kv, keys, run.run_id)
             writes = settling.ending(keys, run, records_pb2.RUN_STATUS_FAILED, now_ms, error(nodes))
-            result = await kv.txn(
-                Txn(
-                    [
-                        Compare.modified_at(record.key, record.mod_revision),
-                        Compare.value_is(keys.status(run.run_id), status_name(RUNNING)),
-                        Compare.none_in(keys.live(run.run_id), prefix_end(keys.live(run.run_id))),
-                    ],
-                    writes,
-                )
-            )
+            guards = [
+                Compare.modified_at(record.key, record.mod_revision),
+                Compare.value_is(keys.status(run.run_id), status_name(RUNNING)),
+                Compare.none_in(keys.live(run.run_id), prefix_end(keys.live(run.run_id))),
+            ]
+            parent = None
+            if lineage is not None and run.HasField("parent"):
+                parent = await lineage.resolve(run, now_ms, max_txn_ops - len(writes) - 2)
+                if parent is not None:
+                    guards.extend(parent.guards)
+                    writes.extend(parent.writes)
+            result = await kv.txn(Txn(guards, writes))
             if result.succeeded:
                 failed += 1
+                if lineage is not None:
+                    await lineage.after(parent, result.revision)
                 await settling.settle(kv, keys, run.run_id, max_txn_ops)
+            elif lineage is not None:
+                lineage.forget(parent)
         if len(found) < PAGE:
             return failed
         start = found[-1].key + b"\0"

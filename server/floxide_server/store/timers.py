@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+from typing import TYPE_CHECKING
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.durations import format_seconds
@@ -25,6 +26,10 @@ from floxide_server.store import settling
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, Put, Request, Txn
 from floxide_server.store.queue import entry, queue_entry
+
+if TYPE_CHECKING:
+    from floxide_server.store.lineage import Lineage
+
 from floxide_server.store.records import (
     FAILED,
     PAUSED,
@@ -83,8 +88,11 @@ class Timer:
     record: TimerRecord
 
 
-async def fire_retry(kv: KV, keys: Keys, timer: Timer) -> Outcome:
-    """Queue the item's next attempt (it waits while its run is paused)."""
+async def fire_retry(kv: KV, keys: Keys, timer: Timer, lineage: Lineage | None = None) -> Outcome:
+    """Queue the item's next attempt (it waits while its run is paused).
+
+    A nested workflow's item starts its next child run instead (``lineage``).
+    """
     waiting = timer.record.item
     run_id, item_id = waiting.run_id, waiting.item_id
     status = await kv.get(keys.status(run_id))
@@ -105,25 +113,37 @@ async def fire_retry(kv: KV, keys: Keys, timer: Timer) -> Outcome:
     state.item.attempt = state.attempts + 1
     state.ClearField("retry_at")
     stamp(state, "updated_at", now_ms())
+    guards: list[Compare] = []
+    writes: list[Request] = [Put(found.key, state.SerializeToString())]
+    if lineage is not None and await lineage.nested(keys, state.item):
+        run = await kv.get(keys.run_info(run_id))
+        if run is None:
+            return Outcome.MOOT
+        record = records_pb2.RunRecord.FromString(run.value)
+        guards, writes = await lineage.readied(keys, record, [state], now_ms())
+    else:
+        writes.append(queue_entry(keys, state.item))
     result = await kv.txn(
         Txn(
             [
                 Compare.created_at(timer.key, timer.created),
                 Compare.value_is(keys.status(run_id), status_name(RUNNING)),
                 Compare.modified_at(found.key, found.mod_revision),
+                *guards,
             ],
-            [
-                Delete(timer.key),
-                Put(found.key, state.SerializeToString()),
-                queue_entry(keys, state.item),
-            ],
+            [Delete(timer.key), *writes],
         )
     )
     return Outcome.FIRED if result.succeeded else Outcome.RACED
 
 
-async def time_out(kv: KV, keys: Keys, timer: Timer, max_txn_ops: int) -> Outcome:
-    """End the run TIMED_OUT: running, paused, or failed (its time to be resumed is over)."""
+async def time_out(
+    kv: KV, keys: Keys, timer: Timer, max_txn_ops: int, lineage: Lineage | None = None
+) -> Outcome:
+    """End the run TIMED_OUT: running, paused, or failed (its time to be resumed is over).
+
+    A child run's parent item fails in the same Txn, as an attempt of kind TIMEOUT.
+    """
     run_id = timer.record.run_id
     found = await kv.get(keys.run_info(run_id))
     run = records_pb2.RunRecord.FromString(found.value) if found else None
@@ -134,20 +154,28 @@ async def time_out(kv: KV, keys: Keys, timer: Timer, max_txn_ops: int) -> Outcom
     if run.status == FAILED:  # the failure is kept in the message
         message += f" (it had failed: {run.error.message})"
     error = work_item_pb2.NodeError(kind=work_item_pb2.ERROR_KIND_TIMEOUT, message=message)
-    result = await kv.txn(
-        Txn(
-            [
-                Compare.created_at(timer.key, timer.created),
-                Compare.modified_at(found.key, found.mod_revision),
-                Compare.value_is(keys.status(run_id), status_name(run.status)),
-            ],
-            settling.ending(keys, run, TIMED_OUT, now_ms(), error),  # the timer deleted too
-        )
-    )
+    guards = [
+        Compare.created_at(timer.key, timer.created),
+        Compare.modified_at(found.key, found.mod_revision),
+        Compare.value_is(keys.status(run_id), status_name(run.status)),
+    ]
+    now = now_ms()
+    writes = settling.ending(keys, run, TIMED_OUT, now, error)  # the timer deleted too
+    parent = None
+    if lineage is not None and run.HasField("parent"):
+        parent = await lineage.resolve(run, now, max_txn_ops - len(writes) - 2)
+        if parent is not None:
+            guards.extend(parent.guards)
+            writes.extend(parent.writes)
+    result = await kv.txn(Txn(guards, writes))
     if result.succeeded:
         log.info("run %s of %r timed out", run_id, keys.namespace)
+        if lineage is not None:
+            await lineage.after(parent, result.revision)
         await settling.settle(kv, keys, run_id, max_txn_ops)
         return Outcome.FIRED
+    if lineage is not None:
+        lineage.forget(parent)
     return Outcome.RACED
 
 

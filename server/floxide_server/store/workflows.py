@@ -28,11 +28,26 @@ class Definition:
     hash: str
     graph: Graph
     context: ContextSchema
+    _children: dict[str, Definition] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def definition(self) -> workflow_pb2.WorkflowDefinition:
         """The definition proto."""
         return self.graph.definition
+
+    def child(self, name: str) -> Definition:
+        """The definition of the subworkflow ``name``, as this one names it (by content hash)."""
+        found = self._children.get(name)
+        if found is None:
+            nested = self.graph.subworkflows[name]
+            found = self._children[name] = Definition(
+                self.graph.child_hash(name),
+                Graph(nested),
+                ContextSchema.from_proto(nested.context_fields),
+            )
+        return found
 
 
 def _check(definition: workflow_pb2.WorkflowDefinition, limits: payloads.Limits) -> Definition:
@@ -61,6 +76,16 @@ def _check(definition: workflow_pb2.WorkflowDefinition, limits: payloads.Limits)
     return Definition(graph.definition_hash, graph, context)
 
 
+def _nested(
+    definition: workflow_pb2.WorkflowDefinition,
+) -> list[workflow_pb2.WorkflowDefinition]:
+    """Every workflow nested in a definition, at any depth, innermost first."""
+    found = []
+    for child in definition.subworkflows:
+        found.extend([*_nested(child), child])
+    return found
+
+
 class WorkflowStore:
     """Register, read and list definitions; keep parsed definitions in memory by hash."""
 
@@ -85,7 +110,7 @@ class WorkflowStore:
         keys = Keys(namespace)
         parsed = _check(definition, self.limits)
         created = False
-        for child in [*definition.subworkflows, definition]:
+        for child in [*_nested(definition), definition]:
             child_hash = parsed.hash if child is definition else Graph(child).definition_hash
             record = workflow_pb2.RegisteredWorkflow(
                 namespace=namespace, name=child.name, definition_hash=child_hash, definition=child

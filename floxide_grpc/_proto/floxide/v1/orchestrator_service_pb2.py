@@ -28,7 +28,7 @@ from floxide_grpc._proto.floxide.v1 import workflow_pb2 as floxide_dot_v1_dot_wo
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%floxide/v1/orchestrator_service.proto\x12\nfloxide.v1\x1a\x18\x66loxide/v1/records.proto\x1a\x1a\x66loxide/v1/work_item.proto\x1a\x19\x66loxide/v1/workflow.proto\x1a\x1egoogle/protobuf/duration.proto\"`\n\x17RegisterWorkflowRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x32\n\ndefinition\x18\x02 \x01(\x0b\x32\x1e.floxide.v1.WorkflowDefinition\"D\n\x18RegisterWorkflowResponse\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"N\n\x12GetWorkflowRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x03 \x01(\t\"G\n\x13GetWorkflowResponse\x12\x30\n\x08workflow\x18\x01 \x01(\x0b\x32\x1e.floxide.v1.RegisteredWorkflow\"P\n\x14ListWorkflowsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x15ListWorkflowsResponse\x12\x31\n\tworkflows\x18\x01 \x03(\x0b\x32\x1e.floxide.v1.RegisteredWorkflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe2\x01\n\x0fStartRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x03 \x01(\t\x12\"\n\x05input\x18\x04 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12$\n\x07\x63ontext\x18\x06 \x01(\x0b\x32\x13.floxide.v1.Payload\x12.\n\x0brun_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x10StartRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"2\n\rGetRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"4\n\x0eGetRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\"\x86\x01\n\x0fListRunsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x08statuses\x18\x02 \x03(\x0e\x32\x15.floxide.v1.RunStatus\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"P\n\x10ListRunsResponse\x12#\n\x04runs\x18\x01 \x03(\x0b\x32\x15.floxide.v1.RunRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x10\x43\x61ncelRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"7\n\x11\x43\x61ncelRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\"4\n\x0fPauseRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"6\n\x10PauseRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\"5\n\x10ResumeRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"7\n\x11ResumeRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\"`\n\x14ListRunErrorsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x15ListRunErrorsResponse\x12\'\n\x06\x65rrors\x18\x01 \x03(\x0b\x32\x17.floxide.v1.ErrorRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x14GetRunMetricsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"@\n\x15GetRunMetricsResponse\x12\'\n\x07metrics\x18\x01 \x01(\x0b\x32\x16.floxide.v1.RunMetrics\"9\n\x14GetRunContextRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"=\n\x15GetRunContextResponse\x12$\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x13.floxide.v1.Payload\"b\n\x16ListPendingWorkRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x17ListPendingWorkResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.floxide.v1.WorkItem\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8a\x01\n\x14ListWorkItemsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12(\n\x08statuses\x18\x03 \x03(\x0e\x32\x16.floxide.v1.ItemStatus\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Z\n\x15ListWorkItemsResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.floxide.v1.WorkItemState\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x12ListWorkersRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0cinclude_dead\x18\x02 \x01(\x08\"@\n\x13ListWorkersResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.floxide.v1.WorkerRecord\"=\n\x18WaitForCompletionRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"?\n\x19WaitForCompletionResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord2\xac\n\n\x13OrchestratorService\x12]\n\x10RegisterWorkflow\x12#.floxide.v1.RegisterWorkflowRequest\x1a$.floxide.v1.RegisterWorkflowResponse\x12N\n\x0bGetWorkflow\x12\x1e.floxide.v1.GetWorkflowRequest\x1a\x1f.floxide.v1.GetWorkflowResponse\x12T\n\rListWorkflows\x12 .floxide.v1.ListWorkflowsRequest\x1a!.floxide.v1.ListWorkflowsResponse\x12\x45\n\x08StartRun\x12\x1b.floxide.v1.StartRunRequest\x1a\x1c.floxide.v1.StartRunResponse\x12?\n\x06GetRun\x12\x19.floxide.v1.GetRunRequest\x1a\x1a.floxide.v1.GetRunResponse\x12\x45\n\x08ListRuns\x12\x1b.floxide.v1.ListRunsRequest\x1a\x1c.floxide.v1.ListRunsResponse\x12H\n\tCancelRun\x12\x1c.floxide.v1.CancelRunRequest\x1a\x1d.floxide.v1.CancelRunResponse\x12\x45\n\x08PauseRun\x12\x1b.floxide.v1.PauseRunRequest\x1a\x1c.floxide.v1.PauseRunResponse\x12H\n\tResumeRun\x12\x1c.floxide.v1.ResumeRunRequest\x1a\x1d.floxide.v1.ResumeRunResponse\x12T\n\rListRunErrors\x12 .floxide.v1.ListRunErrorsRequest\x1a!.floxide.v1.ListRunErrorsResponse\x12T\n\rGetRunMetrics\x12 .floxide.v1.GetRunMetricsRequest\x1a!.floxide.v1.GetRunMetricsResponse\x12T\n\rGetRunContext\x12 .floxide.v1.GetRunContextRequest\x1a!.floxide.v1.GetRunContextResponse\x12Z\n\x0fListPendingWork\x12\".floxide.v1.ListPendingWorkRequest\x1a#.floxide.v1.ListPendingWorkResponse\x12T\n\rListWorkItems\x12 .floxide.v1.ListWorkItemsRequest\x1a!.floxide.v1.ListWorkItemsResponse\x12N\n\x0bListWorkers\x12\x1e.floxide.v1.ListWorkersRequest\x1a\x1f.floxide.v1.ListWorkersResponse\x12\x62\n\x11WaitForCompletion\x12$.floxide.v1.WaitForCompletionRequest\x1a%.floxide.v1.WaitForCompletionResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%floxide/v1/orchestrator_service.proto\x12\nfloxide.v1\x1a\x18\x66loxide/v1/records.proto\x1a\x1a\x66loxide/v1/work_item.proto\x1a\x19\x66loxide/v1/workflow.proto\x1a\x1egoogle/protobuf/duration.proto\"`\n\x17RegisterWorkflowRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x32\n\ndefinition\x18\x02 \x01(\x0b\x32\x1e.floxide.v1.WorkflowDefinition\"D\n\x18RegisterWorkflowResponse\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"N\n\x12GetWorkflowRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x03 \x01(\t\"G\n\x13GetWorkflowResponse\x12\x30\n\x08workflow\x18\x01 \x01(\x0b\x32\x1e.floxide.v1.RegisteredWorkflow\"P\n\x14ListWorkflowsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"c\n\x15ListWorkflowsResponse\x12\x31\n\tworkflows\x18\x01 \x03(\x0b\x32\x1e.floxide.v1.RegisteredWorkflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe2\x01\n\x0fStartRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_hash\x18\x03 \x01(\t\x12\"\n\x05input\x18\x04 \x01(\x0b\x32\x13.floxide.v1.Payload\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12$\n\x07\x63ontext\x18\x06 \x01(\x0b\x32\x13.floxide.v1.Payload\x12.\n\x0brun_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x10StartRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"2\n\rGetRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"4\n\x0eGetRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\"\xb7\x01\n\x0fListRunsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x08statuses\x18\x02 \x03(\x0e\x32\x15.floxide.v1.RunStatus\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x15\n\rparent_run_id\x18\x06 \x01(\t\x12\x18\n\x10include_children\x18\x07 \x01(\x08\"P\n\x10ListRunsResponse\x12#\n\x04runs\x18\x01 \x03(\x0b\x32\x15.floxide.v1.RunRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x10\x43\x61ncelRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"7\n\x11\x43\x61ncelRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\"4\n\x0fPauseRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"6\n\x10PauseRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\"5\n\x10ResumeRunRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"7\n\x11ResumeRunResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord\"`\n\x14ListRunErrorsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x15ListRunErrorsResponse\x12\'\n\x06\x65rrors\x18\x01 \x03(\x0b\x32\x17.floxide.v1.ErrorRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x14GetRunMetricsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"@\n\x15GetRunMetricsResponse\x12\'\n\x07metrics\x18\x01 \x01(\x0b\x32\x16.floxide.v1.RunMetrics\"9\n\x14GetRunContextRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"=\n\x15GetRunContextResponse\x12$\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x13.floxide.v1.Payload\"b\n\x16ListPendingWorkRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x17ListPendingWorkResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.floxide.v1.WorkItem\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8a\x01\n\x14ListWorkItemsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12(\n\x08statuses\x18\x03 \x03(\x0e\x32\x16.floxide.v1.ItemStatus\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Z\n\x15ListWorkItemsResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.floxide.v1.WorkItemState\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x12ListWorkersRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0cinclude_dead\x18\x02 \x01(\x08\"@\n\x13ListWorkersResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.floxide.v1.WorkerRecord\"=\n\x18WaitForCompletionRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"?\n\x19WaitForCompletionResponse\x12\"\n\x03run\x18\x01 \x01(\x0b\x32\x15.floxide.v1.RunRecord2\xac\n\n\x13OrchestratorService\x12]\n\x10RegisterWorkflow\x12#.floxide.v1.RegisterWorkflowRequest\x1a$.floxide.v1.RegisterWorkflowResponse\x12N\n\x0bGetWorkflow\x12\x1e.floxide.v1.GetWorkflowRequest\x1a\x1f.floxide.v1.GetWorkflowResponse\x12T\n\rListWorkflows\x12 .floxide.v1.ListWorkflowsRequest\x1a!.floxide.v1.ListWorkflowsResponse\x12\x45\n\x08StartRun\x12\x1b.floxide.v1.StartRunRequest\x1a\x1c.floxide.v1.StartRunResponse\x12?\n\x06GetRun\x12\x19.floxide.v1.GetRunRequest\x1a\x1a.floxide.v1.GetRunResponse\x12\x45\n\x08ListRuns\x12\x1b.floxide.v1.ListRunsRequest\x1a\x1c.floxide.v1.ListRunsResponse\x12H\n\tCancelRun\x12\x1c.floxide.v1.CancelRunRequest\x1a\x1d.floxide.v1.CancelRunResponse\x12\x45\n\x08PauseRun\x12\x1b.floxide.v1.PauseRunRequest\x1a\x1c.floxide.v1.PauseRunResponse\x12H\n\tResumeRun\x12\x1c.floxide.v1.ResumeRunRequest\x1a\x1d.floxide.v1.ResumeRunResponse\x12T\n\rListRunErrors\x12 .floxide.v1.ListRunErrorsRequest\x1a!.floxide.v1.ListRunErrorsResponse\x12T\n\rGetRunMetrics\x12 .floxide.v1.GetRunMetricsRequest\x1a!.floxide.v1.GetRunMetricsResponse\x12T\n\rGetRunContext\x12 .floxide.v1.GetRunContextRequest\x1a!.floxide.v1.GetRunContextResponse\x12Z\n\x0fListPendingWork\x12\".floxide.v1.ListPendingWorkRequest\x1a#.floxide.v1.ListPendingWorkResponse\x12T\n\rListWorkItems\x12 .floxide.v1.ListWorkItemsRequest\x1a!.floxide.v1.ListWorkItemsResponse\x12N\n\x0bListWorkers\x12\x1e.floxide.v1.ListWorkersRequest\x1a\x1f.floxide.v1.ListWorkersResponse\x12\x62\n\x11WaitForCompletion\x12$.floxide.v1.WaitForCompletionRequest\x1a%.floxide.v1.WaitForCompletionResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,49 +56,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRUNRESPONSE']._serialized_start=1024
   _globals['_GETRUNRESPONSE']._serialized_end=1076
   _globals['_LISTRUNSREQUEST']._serialized_start=1079
-  _globals['_LISTRUNSREQUEST']._serialized_end=1213
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1215
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1295
-  _globals['_CANCELRUNREQUEST']._serialized_start=1297
-  _globals['_CANCELRUNREQUEST']._serialized_end=1366
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1368
-  _globals['_CANCELRUNRESPONSE']._serialized_end=1423
-  _globals['_PAUSERUNREQUEST']._serialized_start=1425
-  _globals['_PAUSERUNREQUEST']._serialized_end=1477
-  _globals['_PAUSERUNRESPONSE']._serialized_start=1479
-  _globals['_PAUSERUNRESPONSE']._serialized_end=1533
-  _globals['_RESUMERUNREQUEST']._serialized_start=1535
-  _globals['_RESUMERUNREQUEST']._serialized_end=1588
-  _globals['_RESUMERUNRESPONSE']._serialized_start=1590
-  _globals['_RESUMERUNRESPONSE']._serialized_end=1645
-  _globals['_LISTRUNERRORSREQUEST']._serialized_start=1647
-  _globals['_LISTRUNERRORSREQUEST']._serialized_end=1743
-  _globals['_LISTRUNERRORSRESPONSE']._serialized_start=1745
-  _globals['_LISTRUNERRORSRESPONSE']._serialized_end=1834
-  _globals['_GETRUNMETRICSREQUEST']._serialized_start=1836
-  _globals['_GETRUNMETRICSREQUEST']._serialized_end=1893
-  _globals['_GETRUNMETRICSRESPONSE']._serialized_start=1895
-  _globals['_GETRUNMETRICSRESPONSE']._serialized_end=1959
-  _globals['_GETRUNCONTEXTREQUEST']._serialized_start=1961
-  _globals['_GETRUNCONTEXTREQUEST']._serialized_end=2018
-  _globals['_GETRUNCONTEXTRESPONSE']._serialized_start=2020
-  _globals['_GETRUNCONTEXTRESPONSE']._serialized_end=2081
-  _globals['_LISTPENDINGWORKREQUEST']._serialized_start=2083
-  _globals['_LISTPENDINGWORKREQUEST']._serialized_end=2181
-  _globals['_LISTPENDINGWORKRESPONSE']._serialized_start=2183
-  _globals['_LISTPENDINGWORKRESPONSE']._serialized_end=2270
-  _globals['_LISTWORKITEMSREQUEST']._serialized_start=2273
-  _globals['_LISTWORKITEMSREQUEST']._serialized_end=2411
-  _globals['_LISTWORKITEMSRESPONSE']._serialized_start=2413
-  _globals['_LISTWORKITEMSRESPONSE']._serialized_end=2503
-  _globals['_LISTWORKERSREQUEST']._serialized_start=2505
-  _globals['_LISTWORKERSREQUEST']._serialized_end=2566
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=2568
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=2632
-  _globals['_WAITFORCOMPLETIONREQUEST']._serialized_start=2634
-  _globals['_WAITFORCOMPLETIONREQUEST']._serialized_end=2695
-  _globals['_WAITFORCOMPLETIONRESPONSE']._serialized_start=2697
-  _globals['_WAITFORCOMPLETIONRESPONSE']._serialized_end=2760
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=2763
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=4087
+  _globals['_LISTRUNSREQUEST']._serialized_end=1262
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1264
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1344
+  _globals['_CANCELRUNREQUEST']._serialized_start=1346
+  _globals['_CANCELRUNREQUEST']._serialized_end=1415
+  _globals['_CANCELRUNRESPONSE']._serialized_start=1417
+  _globals['_CANCELRUNRESPONSE']._serialized_end=1472
+  _globals['_PAUSERUNREQUEST']._serialized_start=1474
+  _globals['_PAUSERUNREQUEST']._serialized_end=1526
+  _globals['_PAUSERUNRESPONSE']._serialized_start=1528
+  _globals['_PAUSERUNRESPONSE']._serialized_end=1582
+  _globals['_RESUMERUNREQUEST']._serialized_start=1584
+  _globals['_RESUMERUNREQUEST']._serialized_end=1637
+  _globals['_RESUMERUNRESPONSE']._serialized_start=1639
+  _globals['_RESUMERUNRESPONSE']._serialized_end=1694
+  _globals['_LISTRUNERRORSREQUEST']._serialized_start=1696
+  _globals['_LISTRUNERRORSREQUEST']._serialized_end=1792
+  _globals['_LISTRUNERRORSRESPONSE']._serialized_start=1794
+  _globals['_LISTRUNERRORSRESPONSE']._serialized_end=1883
+  _globals['_GETRUNMETRICSREQUEST']._serialized_start=1885
+  _globals['_GETRUNMETRICSREQUEST']._serialized_end=1942
+  _globals['_GETRUNMETRICSRESPONSE']._serialized_start=1944
+  _globals['_GETRUNMETRICSRESPONSE']._serialized_end=2008
+  _globals['_GETRUNCONTEXTREQUEST']._serialized_start=2010
+  _globals['_GETRUNCONTEXTREQUEST']._serialized_end=2067
+  _globals['_GETRUNCONTEXTRESPONSE']._serialized_start=2069
+  _globals['_GETRUNCONTEXTRESPONSE']._serialized_end=2130
+  _globals['_LISTPENDINGWORKREQUEST']._serialized_start=2132
+  _globals['_LISTPENDINGWORKREQUEST']._serialized_end=2230
+  _globals['_LISTPENDINGWORKRESPONSE']._serialized_start=2232
+  _globals['_LISTPENDINGWORKRESPONSE']._serialized_end=2319
+  _globals['_LISTWORKITEMSREQUEST']._serialized_start=2322
+  _globals['_LISTWORKITEMSREQUEST']._serialized_end=2460
+  _globals['_LISTWORKITEMSRESPONSE']._serialized_start=2462
+  _globals['_LISTWORKITEMSRESPONSE']._serialized_end=2552
+  _globals['_LISTWORKERSREQUEST']._serialized_start=2554
+  _globals['_LISTWORKERSREQUEST']._serialized_end=2615
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=2617
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2681
+  _globals['_WAITFORCOMPLETIONREQUEST']._serialized_start=2683
+  _globals['_WAITFORCOMPLETIONREQUEST']._serialized_end=2744
+  _globals['_WAITFORCOMPLETIONRESPONSE']._serialized_start=2746
+  _globals['_WAITFORCOMPLETIONRESPONSE']._serialized_end=2809
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=2812
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=4136
 # @@protoc_insertion_point(module_scope)

@@ -335,6 +335,8 @@ class ListRunsRequest(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_CHILDREN_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """The namespace ("" means "default")."""
     workflow: _builtins.str
@@ -343,6 +345,14 @@ class ListRunsRequest(_message.Message):
     """The most entries to return; 0 means 100, more than 1000 means 1000."""
     page_token: _builtins.str
     """The next_page_token of the previous page; empty for the first page."""
+    parent_run_id: _builtins.str
+    """Only the child runs of this run (its nested workflows' runs, every attempt's), newest first.
+    A run not found in the namespace is NOT_FOUND.
+    """
+    include_children: _builtins.bool
+    """Lists child runs too. Without it (and without parent_run_id) only runs started by StartRun
+    are listed.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_records_pb2.RunStatus.ValueType]:
         """Only runs in one of these states; empty means all."""
@@ -355,10 +365,12 @@ class ListRunsRequest(_message.Message):
         workflow: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        parent_run_id: _builtins.str = ...,
+        include_children: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_children", b"include_children", "namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token", "parent_run_id", b"parent_run_id", "statuses", b"statuses", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

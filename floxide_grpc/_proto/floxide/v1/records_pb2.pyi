@@ -79,7 +79,7 @@ class _ItemStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemStatus
     ITEM_STATUS_PENDING: _ItemStatus.ValueType  # 1
     """Waiting to be dispatched."""
     ITEM_STATUS_IN_PROGRESS: _ItemStatus.ValueType  # 2
-    """Claimed by a worker's session."""
+    """Claimed by a worker's session; for a NODE_KIND_SUBWORKFLOW node, run by its child run."""
     ITEM_STATUS_FAILED: _ItemStatus.ValueType  # 3
     """The last attempt failed; the server is deciding between a retry and a final failure."""
     ITEM_STATUS_WAITING_RETRY: _ItemStatus.ValueType  # 4
@@ -101,7 +101,7 @@ ITEM_STATUS_UNSPECIFIED: ItemStatus.ValueType  # 0
 ITEM_STATUS_PENDING: ItemStatus.ValueType  # 1
 """Waiting to be dispatched."""
 ITEM_STATUS_IN_PROGRESS: ItemStatus.ValueType  # 2
-"""Claimed by a worker's session."""
+"""Claimed by a worker's session; for a NODE_KIND_SUBWORKFLOW node, run by its child run."""
 ITEM_STATUS_FAILED: ItemStatus.ValueType  # 3
 """The last attempt failed; the server is deciding between a retry and a final failure."""
 ITEM_STATUS_WAITING_RETRY: ItemStatus.ValueType  # 4
@@ -247,7 +247,9 @@ class RunRecord(_message.Message):
 
     @_builtins.property
     def parent(self) -> _work_item_pb2.ItemRef:
-        """For a child run (a nested workflow): the item of the parent run that waits for it."""
+        """For a child run (a nested workflow): the parent run's item that it runs, one attempt of that
+        item's NODE_KIND_SUBWORKFLOW node. Unset for a run started by StartRun.
+        """
 
     @_builtins.property
     def run_timeout(self) -> _duration_pb2.Duration:
@@ -361,6 +363,7 @@ class WorkItemState(_message.Message):
     RETRY_AT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    CHILD_RUN_ID_FIELD_NUMBER: _builtins.int
     status: Global___ItemStatus.ValueType
     """The item's state."""
     attempts: _builtins.int
@@ -369,6 +372,10 @@ class WorkItemState(_message.Message):
     """ITEM_STATUS_IN_PROGRESS only: the session holding the claim."""
     worker_id: _builtins.str
     """ITEM_STATUS_IN_PROGRESS only: the worker holding the claim."""
+    child_run_id: _builtins.str
+    """A NODE_KIND_SUBWORKFLOW node's item only: the child run of its latest attempt (the item is
+    ITEM_STATUS_IN_PROGRESS while that run runs; no worker ever claims such an item).
+    """
     @_builtins.property
     def item(self) -> _work_item_pb2.WorkItem:
         """The item (input omitted in list responses unless asked for)."""
@@ -396,10 +403,11 @@ class WorkItemState(_message.Message):
         retry_at: _timestamp_pb2.Timestamp | None = ...,
         session_id: _builtins.str = ...,
         worker_id: _builtins.str = ...,
+        child_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "last_error", b"last_error", "retry_at", b"retry_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "item", b"item", "last_error", b"last_error", "retry_at", b"retry_at", "session_id", b"session_id", "status", b"status", "updated_at", b"updated_at", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "child_run_id", b"child_run_id", "item", b"item", "last_error", b"last_error", "retry_at", b"retry_at", "session_id", b"session_id", "status", b"status", "updated_at", b"updated_at", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
