@@ -89,6 +89,7 @@ def _print_run(run: RunInfo) -> None:
         ("created", str(run.created_at or "")),
         ("finished", str(run.finished_at or "")),
         ("run timeout", str(run.run_timeout or "")),
+        ("parent", f"{run.parent_run_id} (item {run.parent_item_id})" if run.parent_run_id else ""),
     ):
         table.add_row(f"[bold]{name}[/]", value)
     console.print(table)
@@ -154,10 +155,21 @@ def runs(
     ] = None,
     workflow: Annotated[str, typer.Option(help="Only runs of this workflow.")] = "",
     limit: Annotated[int, typer.Option(help="How many runs to list.")] = 20,
+    children: Annotated[
+        bool, typer.Option("--children", help="List child runs (nested workflows') too.")
+    ] = False,
+    parent: Annotated[str, typer.Option(help="Only the child runs of this run.")] = "",
 ) -> None:
     """List runs, newest first."""
     found, _ = _remote(
-        ctx, lambda c: c.list_runs(statuses=tuple(status or ()), workflow=workflow, page_size=limit)
+        ctx,
+        lambda c: c.list_runs(
+            statuses=tuple(status or ()),
+            workflow=workflow,
+            page_size=limit,
+            parent_run_id=parent,
+            include_children=children,
+        ),
     )
     table = Table("run", "workflow", "status", "created", "finished")
     for run in found:
@@ -173,8 +185,20 @@ def runs(
 
 @app.command()
 def status(ctx: typer.Context, run_id: str) -> None:
-    """Show one run."""
-    _print_run(_remote(ctx, lambda c: c.get_run(run_id)))
+    """Show one run, its parent if it is a child run, and its child runs."""
+
+    async def both(client: OrchestratorClient) -> tuple[RunInfo, list[RunInfo]]:
+        run = await client.get_run(run_id)
+        found, _ = await client.list_runs(parent_run_id=run_id, page_size=1000)
+        return run, found
+
+    run, children = _remote(ctx, both)
+    _print_run(run)
+    if children:
+        table = Table("child run", "of item", "workflow", "status", title="child runs")
+        for child in children:
+            table.add_row(child.run_id, child.parent_item_id, child.workflow, child.status.value)
+        console.print(table)
 
 
 def _progress(run: RunInfo, metrics: Any) -> Table:

@@ -199,8 +199,14 @@ class OrchestratorClient:
         workflow: str = "",
         page_size: int = 0,
         page_token: str = "",
+        parent_run_id: str = "",
+        include_children: bool = False,
     ) -> tuple[list[RunInfo], str]:
-        """One page of runs, newest first, and the token of the next page ("" on the last)."""
+        """One page of runs, newest first, and the token of the next page ("" on the last).
+
+        Child runs (nested workflows') are listed with ``include_children``, or as the
+        children of ``parent_run_id``.
+        """
         response = await self._call(
             self._stub.ListRuns,
             pb.ListRunsRequest(
@@ -209,6 +215,8 @@ class OrchestratorClient:
                 workflow=workflow,
                 page_size=page_size,
                 page_token=page_token,
+                parent_run_id=parent_run_id,
+                include_children=include_children,
             ),
         )
         return [RunInfo.from_proto(r) for r in response.runs], response.next_page_token

@@ -70,6 +70,10 @@ class RunInfo:
     created_at: datetime.datetime | None
     finished_at: datetime.datetime | None
     run_timeout: datetime.timedelta | None = None
+    parent_run_id: str = ""
+    """For a child run (a nested workflow's): its parent run."""
+    parent_item_id: str = ""
+    """For a child run: the parent's item it runs."""
 
     @classmethod
     def from_proto(cls, record: records_pb2.RunRecord) -> RunInfo:
@@ -88,6 +92,8 @@ class RunInfo:
             run_timeout=(
                 record.run_timeout.ToTimedelta() if record.HasField("run_timeout") else None
             ),
+            parent_run_id=record.parent.run_id,
+            parent_item_id=record.parent.item_id,
         )
 
 
@@ -145,6 +151,8 @@ class ItemInfo:
     status: str
     attempts: int
     last_error: str | None
+    child_run_id: str = ""
+    """A nested workflow's item: the child run of its latest attempt."""
 
     @classmethod
     def from_proto(cls, state: records_pb2.WorkItemState) -> ItemInfo:
@@ -155,6 +163,7 @@ class ItemInfo:
             status=records_pb2.ItemStatus.Name(state.status).removeprefix("ITEM_STATUS_").lower(),
             attempts=state.attempts,
             last_error=state.last_error.message if state.HasField("last_error") else None,
+            child_run_id=state.child_run_id,
         )
 
 
