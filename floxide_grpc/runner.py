@@ -83,6 +83,17 @@ class LocalRunner:
         """
         self._cancel.set()
 
+    def _here(self) -> None:
+        """Make the cancel event anew in this event loop, keeping a cancel already asked.
+
+        A runner may run again under another loop (``asyncio.run`` twice): an event bound to
+        the last one would fail there.
+        """
+        asked = self._cancel.is_set()
+        self._cancel = asyncio.Event()
+        if asked:
+            self._cancel.set()
+
     async def run(self, input: Any, *, context: Mapping[str, Any] | None = None) -> Any:
         """Run to completion and return the output, with no checkpoints.
 
@@ -92,6 +103,7 @@ class LocalRunner:
             RunCancelled: :meth:`cancel` was called.
             RunStuck: no work was left but no terminal node was reached.
         """
+        self._here()
         state = self._new(str(uuid.uuid4()), input, context)
         return await self._drive(state, None)
 
@@ -110,6 +122,7 @@ class LocalRunner:
             InvalidPayload, RunFailed, RunCancelled, RunStuck: as :meth:`run`.
         """
         check_run_id(run_id)
+        self._here()
         saved = await store.load(run_id)
         if saved is not None:
             return await self._continue(saved, store)
@@ -127,6 +140,7 @@ class LocalRunner:
             AlreadyCompleted: the run already completed or was cancelled.
             RunFailed, RunCancelled, RunStuck: as :meth:`run`.
         """
+        self._here()
         saved = await store.load(check_run_id(run_id))
         if saved is None:
             raise NotStarted(f"run {run_id!r} has no checkpoint")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,12 +26,14 @@ from floxide_grpc import (
     NodeContext,
     NodeNotFound,
     NotStarted,
+    RetryPolicy,
     RunFailed,
     RunStuck,
     Workflow,
     batch,
     node,
     split,
+    subworkflow,
 )
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 
@@ -319,3 +322,60 @@ def test_file_store_replaces_checkpoints_atomically(tmp_path: Path) -> None:
     assert saved.status == records_pb2.RUN_STATUS_COMPLETED and saved.sequence == 2
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["r1.checkpoint"]
     assert run(store.load("other")) is None
+
+
+# -- nested workflows: child runs, as on the server -------------------------------------------
+
+
+@dataclass
+class Notes:
+    seen: Annotated[list[str], Merge.APPEND] = None  # type: ignore[assignment]
+
+
+def test_a_child_run_starts_from_a_copy_of_the_parents_context_and_keeps_its_own() -> None:
+    @node
+    def note_parent(ctx: NodeContext, x: int) -> int:
+        ctx.append("seen", "parent")
+        return x
+
+    @node
+    def note_child(ctx: NodeContext, x: int) -> int:
+        ctx.append("seen", f"child saw {ctx.state.seen}")
+        return x + 1
+
+    inner = Workflow("inner_notes", start=note_child, context=Notes)
+    nested = subworkflow(inner, name="nested")
+    flow = Workflow("outer_notes", start=note_parent, context=Notes).edge(note_parent, nested)
+    runner = LocalRunner(flow)
+    assert run(runner.run(1)) == 2
+    assert runner.context == {"seen": ["parent"]}  # the child's operation stayed its own
+
+
+def test_a_failed_child_is_a_failed_attempt_retried_by_a_new_child_then_the_fallback() -> None:
+    runs: list[str] = []
+
+    @node
+    def sometimes(ctx: NodeContext, x: int) -> int:
+        runs.append(ctx.run_id)
+        if x < 0 or len(runs) == 1:
+            raise ValueError("inner failure")
+        return x
+
+    @node
+    def fallback(x: int) -> str:
+        return "rescued"
+
+    inner = Workflow("inner_sometimes", start=sometimes)
+    nested = subworkflow(inner, name="nested").with_settings(
+        retry=RetryPolicy(max_attempts=2, initial_backoff=timedelta(milliseconds=1))
+    )
+    flow = Workflow("outer_sometimes", start=nested).on_failure(nested, fallback)
+    runner = LocalRunner(flow)
+    assert run(runner.run(5)) == 5
+    assert len(set(runs)) == 2, "each attempt is a child run of its own"
+    [failed] = runner.errors
+    assert failed.node == "nested" and "inner failure" in failed.error.message
+    assert runs[0] in failed.error.message
+    runs.clear()
+    assert run(runner.run(-1)) == "rescued"
+    assert [e.attempt for e in runner.errors] == [1, 2]

@@ -15,6 +15,7 @@ reads; one whose failure is final (the session ended, the run finished) says why
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import random
@@ -52,6 +53,8 @@ __all__ = ["MAX_CHAIN", "Completion", "Completions", "Sticky"]
 MAX_CHAIN = 16
 """Successors a session may claim in a row with its completions (sticky), before the queue."""
 
+_CHILDREN_TURN = "\0children"
+"""The turn, in a parent run, of the steps that may end one of its children."""
 Queued = tuple[work_item_pb2.WorkItem, int]
 """A queue entry as dispatch holds it: the item and the entry's revision."""
 
@@ -141,16 +144,32 @@ class Completions:
         """
         claim = ClaimToken.parse(token)
         keys = Keys(namespace)
-        stack = (
-            records_pb2.WorkItemState.FromString(snapshot.state).item.group_stack
-            if snapshot is not None
-            else None
-        )
         reported = _Reported(keys, claim, transition, operations)
-        if not stack:
+        async with contextlib.AsyncExitStack() as turns:
+            for turn in await self._turns(keys, snapshot, transition):
+                await turns.enter_async_context(self.turns.turn(namespace, *turn))
             return await self._complete(reported, snapshot, sticky)
-        async with self.turns.turn(namespace, claim.run_id, stack[-1].group_id):
-            return await self._complete(reported, snapshot, sticky)
+
+    async def _turns(
+        self, keys: Keys, snapshot: Snapshot | None, transition: work_item_pb2.Transition
+    ) -> list[tuple[str, str]]:
+        """The turns a completion takes on this replica, as (run, key), always in this order.
+
+        A fan-out branch's, in its group (arrivals rewrite the group's record); and a step
+        that may end a child run, in its parent (the child's end takes its parent's item's
+        step, which sibling children's ends would race for).
+        """
+        if snapshot is None:
+            return []
+        state = records_pb2.WorkItemState.FromString(snapshot.state)
+        stack = state.item.group_stack
+        turns = [(state.item.run_id, stack[-1].group_id)] if stack else []
+        run = records_pb2.RunRecord.FromString(snapshot.run)
+        if run.HasField("parent"):
+            graph = (await self.workflows.get(keys.namespace, run.definition_hash)).graph
+            if transition.WhichOneof("outcome") == "abort" or graph.is_terminal(state.item.node):
+                turns.append((run.parent.run_id, _CHILDREN_TURN))
+        return turns
 
     async def _complete(
         self, reported: _Reported, snapshot: Snapshot | None, sticky: Sticky | None

@@ -38,7 +38,12 @@ class _NodeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeKind.Val
     outside any fan-out, it runs on a list of its one input.
     """
     NODE_KIND_SUBWORKFLOW: _NodeKind.ValueType  # 3
-    """A nested workflow, run by the server as a child run; its output is this node's output."""
+    """A nested workflow. Each attempt of its item is a child run (RunRecord.parent), started by
+    the server in the transaction that makes the item ready, from a copy of the run's context;
+    no worker claims the item. The child's output is the node's output; its failure or run
+    timeout (the node's timeout) is a failed attempt of the node (its retry policy and fallback
+    apply). See docs/protocol.md, "Child runs".
+    """
 
 class NodeKind(_NodeKind, metaclass=_NodeKindEnumTypeWrapper):
     """What a node is."""
@@ -53,7 +58,12 @@ index order (a branch that held adds nothing), when the group's last branch arri
 outside any fan-out, it runs on a list of its one input.
 """
 NODE_KIND_SUBWORKFLOW: NodeKind.ValueType  # 3
-"""A nested workflow, run by the server as a child run; its output is this node's output."""
+"""A nested workflow. Each attempt of its item is a child run (RunRecord.parent), started by
+the server in the transaction that makes the item ready, from a copy of the run's context;
+no worker claims the item. The child's output is the node's output; its failure or run
+timeout (the node's timeout) is a failed attempt of the node (its retry policy and fallback
+apply). See docs/protocol.md, "Child runs".
+"""
 Global___NodeKind: _TypeAlias = NodeKind  # noqa: Y015
 
 class _EdgeKind:
@@ -161,7 +171,8 @@ class WorkflowDefinition(_message.Message):
     @_builtins.property
     def subworkflows(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowDefinition]:
         """Workflows used by this one's NODE_KIND_SUBWORKFLOW nodes, complete, so that a definition is
-        self-contained. They are registered with it.
+        self-contained. They are registered with it (at every depth); child runs are pinned to their
+        content hash. A context field both declare must have the same strategy and schema.
         """
 
     def __init__(
