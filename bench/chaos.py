@@ -5,14 +5,16 @@
 Three etcd members, two server replicas and three workers (each told both replicas) run in
 network namespaces of their own (tests/helpers/hosts.py, as root), joined by one bridge. This
 process keeps ``--in-flight`` runs of a mixed workload going (bench/chaos_flows.py: a 10-step
-chain, a fan-out of 20 with a join, a node whose first attempt fails), and a schedule of faults,
+chain, a fan-out of 20 with a join, a node whose first attempt fails, a nested workflow run as a
+child run), and a schedule of faults,
 drawn from ``--seed`` alone, runs beside it, one fault at a time: kills of workers, replicas and
 etcd members (restarted a while later), freezes of workers and replicas past the lease,
 partitions of one host from all others, and 20 % loss between a replica and etcd. The same seed
 replays the same schedule; what the processes do in between is the machine's.
 
 After ``--seconds``, every fault is healed, the runs in flight finish, and the audit reads etcd
-itself: runs started and completed once with the right output, context effects applied once,
+itself: runs started and completed once with the right output, context effects applied once
+(a nested workflow's run with exactly one child run, completed, its own effects applied once),
 attempts executed but never committed (neither a completion nor a recorded failure: the work a
 fault threw away), attempts executed twice, and keys left over (queue entries, claims, timers,
 expansions, settlements, live markers of ended runs). It prints the schedule, the faults by kind
@@ -59,7 +61,7 @@ FLAGS = ("--lease-ttl", str(TTL), "--heartbeat", "0.5", "--log-level", "info")
 MEMBERS = ("e1", "e2", "e3")
 REPLICAS = ("s1", "s2")
 WORKERS = {"w1": ("s1", "s2"), "w2": ("s2", "s1"), "w3": ("s1", "s2")}
-WORKFLOWS = ("chaos_chain", "chaos_fan", "chaos_retried")
+WORKFLOWS = ("chaos_chain", "chaos_fan", "chaos_retried", "chaos_nested")
 DRAIN = 120.0
 """Seconds the runs in flight may take to finish once the faults are over."""
 T = TypeVar("T")
@@ -250,23 +252,31 @@ async def audit(soak: Soak) -> dict[str, Any]:
     executions = _executions(soak.cluster.tmp / "executions.log")
     wrong: list[dict[str, Any]] = []
     committed: set[tuple[str, str, int]] = set()
+    children: dict[str, list[str]] = collections.defaultdict(list)
+    for record in records.values():
+        if record.HasField("parent"):
+            children[record.parent.run_id].append(record.run_id)
     for key, (workflow, value, run_id) in soak.started.items():
-        applied, done = _applied(run_id, by_run.get(run_id, []))
-        committed |= done
-        output, steps = chaos_flows.expected(workflow, value)
-        record = records.get(run_id)
-        info = RunInfo.from_proto(record) if record is not None else None
-        if info is None or info.status is not RunStatus.COMPLETED or info.output != output:
-            wrong.append({"key": key, "run": run_id, "status": info and info.status.value,
-                          "output": info and info.output, "expected": output,
-                          "error": info and info.error})  # fmt: skip
-        elif applied != steps:
-            wrong.append({"key": key, "run": run_id, "effects": applied, "expected": steps})
+        runs = [(run_id, workflow, value)]
+        if workflow == "chaos_nested":  # and its one child, on the parent's value + 1
+            runs += [(child, "chaos_inner", value + 1) for child in children.get(run_id, [])]
+            if len(runs) != 2:
+                wrong.append({"key": key, "run": run_id, "children": runs[1:]})
+                continue
+        for checked, flow, x in runs:
+            applied, done = _applied(checked, by_run.get(checked, []))
+            committed |= done
+            problem = _wrong(records.get(checked), flow, x, applied)
+            if problem:
+                wrong.append({"key": key, "run": checked, **problem})
+                break
     started = {run_id for _, _, run_id in soak.started.values()}
+    nested = {child for found in children.values() for child in found}
     return {
         "runs_started": len(soak.started),
         "runs_in_etcd": len(records),
-        "runs_nobody_started": len(set(records) - started),
+        "child_runs": len(nested),
+        "runs_nobody_started": len(set(records) - started - nested),
         "runs_completed_once": len(soak.started) - len(wrong),
         "runs_wrong": wrong[:20],
         "runs_wrong_count": len(wrong),
@@ -275,6 +285,20 @@ async def audit(soak: Soak) -> dict[str, Any]:
         "attempts_executed_twice": sum(1 for n in executions.values() if n > 1),
         "keys_left_over": dict(leftovers),
     }
+
+
+def _wrong(
+    record: records_pb2.RunRecord | None, workflow: str, value: int, applied: int
+) -> dict[str, Any]:
+    """What is wrong with a run (nothing: ``{}``): its status, its output, its effects."""
+    output, steps = chaos_flows.expected(workflow, value)
+    info = RunInfo.from_proto(record) if record is not None else None
+    if info is None or info.status is not RunStatus.COMPLETED or info.output != output:
+        return {"status": info and info.status.value, "output": info and info.output,
+                "expected": output, "error": info and info.error}  # fmt: skip
+    if applied != steps:
+        return {"effects": applied, "expected": steps}
+    return {}
 
 
 async def _read_all(kv: EtcdKV, prefix: bytes) -> list[Any]:

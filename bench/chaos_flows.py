@@ -1,9 +1,11 @@
-"""bench/chaos.py's workload: a 10-step chain, a fan-out of 20 with a join, a failing attempt.
+"""bench/chaos.py's workload: a chain, a fan-out and join, a failing attempt, a nested workflow.
 
-The node whose first attempt fails is retried. Every step adds 1 to the context field ``steps``
-(so a run's context counts the steps whose effects were applied) and appends ``node run item
-attempt pid`` to the file named by ``FLOXIDE_CHAOS_LOG`` (each line one write in append mode:
-whole, whichever process wrote it), so the audit can tell executions from commits.
+The chain has 10 steps, the fan-out 20 branches; the nested workflow is a child run of two steps
+between two steps of its parent. The node whose first attempt fails is retried. Every step adds
+1 to the context field ``steps`` (so a run's context counts the steps whose effects were applied)
+and appends ``node run item attempt pid`` to the file named by ``FLOXIDE_CHAOS_LOG`` (each line
+one write in append mode: whole, whichever process wrote it), so the audit can tell executions
+from commits.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
 
-from floxide_grpc import Merge, NextAll, NodeContext, RetryPolicy, Workflow, node
+from floxide_grpc import Merge, NextAll, NodeContext, RetryPolicy, Workflow, node, subworkflow
 
 LOG = "FLOXIDE_CHAOS_LOG"
 CHAIN = 10
@@ -86,9 +88,39 @@ def settle(ctx: NodeContext, x: int) -> int:
     return x + 1
 
 
+@node
+def enter(ctx: NodeContext, x: int) -> int:
+    _step(ctx)
+    return x + 1
+
+
+@node
+async def inner_a(ctx: NodeContext, x: int) -> int:
+    _step(ctx)
+    await asyncio.sleep(0.005)
+    return x * 3
+
+
+@node
+def inner_b(ctx: NodeContext, x: int) -> int:
+    _step(ctx)
+    return x + 7
+
+
+@node
+def leave(ctx: NodeContext, x: int) -> int:
+    _step(ctx)
+    return x - 1
+
+
 chain = _chain()
 fan = Workflow("chaos_fan", start=spread, context=Steps).edge(spread, branch).edge(branch, gather)
 retried = Workflow("chaos_retried", start=flaky, context=Steps).edge(flaky, settle)
+inner = Workflow("chaos_inner", start=inner_a, context=Steps).edge(inner_a, inner_b)
+_inner = subworkflow(inner, name="inner")
+nested = (
+    Workflow("chaos_nested", start=enter, context=Steps).edge(enter, _inner).edge(_inner, leave)
+)
 
 
 def expected(workflow: str, x: int) -> tuple[int, int]:
@@ -102,4 +134,8 @@ def expected(workflow: str, x: int) -> tuple[int, int]:
         return sum(2 * (x + i) for i in range(FAN_OUT)), FAN_OUT + 2
     if workflow == "chaos_retried":
         return x + 101, 2
+    if workflow == "chaos_nested":  # the child's two steps are its own effects
+        return (x + 1) * 3 + 7 - 1, 2
+    if workflow == "chaos_inner":  # a chaos_nested run's child, on the parent's x + 1
+        return x * 3 + 7, 2
     raise ValueError(f"no workflow {workflow!r} here")

@@ -418,3 +418,33 @@ def test_child_ids_are_derived_and_sort_with_their_parent() -> None:
     assert first == child_run_id(parent_id, "item", 1) != child_run_id(parent_id, "item", 2)
     assert first[:13] == parent_id[:13] and uuid.UUID(first).version == 8
     assert len(first) == len(parent_id)
+
+
+@node
+def fork_two(x: int) -> int:
+    return x
+
+
+@node
+def left(x: int) -> int:
+    return x
+
+
+@node
+def right(x: int) -> int:
+    return x
+
+
+async def test_a_child_ended_by_one_of_two_branches_is_settled_by_that_step(stores: Stores) -> None:
+    two = Workflow("two_ends", start=fork_two).edge(fork_two, [left, right])
+    nested = subworkflow(two, name="nested")
+    await stores.register(Workflow("outer_two", start=nested))
+    run = await stores.start("outer_two", 1)
+    child = (await item_of(stores, run.run_id, "nested")).child_run_id
+    lease = await stores.session()
+    await step(stores, lease, child, "fork_two", nxt(1))
+    await step(stores, lease, child, "left", nxt(1))
+    # The child's own leftover (right, still queued) is settled by the step that ended it.
+    assert (await item_of(stores, child, "right")).status == records_pb2.ITEM_STATUS_CANCELLED
+    assert await stores.kv.get(stores.keys.settle(child)) is None
+    assert (await run_of(stores, run.run_id)).status == records_pb2.RUN_STATUS_COMPLETED

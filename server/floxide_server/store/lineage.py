@@ -155,7 +155,9 @@ class Lineage:
                 *unfinished(keys, ref.run_id),
                 *plan.guards,
             ],
-            [*plan.writes, *new_items(keys, plan.new_items)],
+            # Unnamed: the child's own Txn reads its nested Txns by name (its settling, say);
+            # the parent's are settled after the Txn regardless (``after``).
+            [_unnamed(w) for w in [*plan.writes, *new_items(keys, plan.new_items)]],
             [(keys, ref.run_id, plan)],
         )
         # A branch of the parent ended with no successor: the reconciler fails it if stuck.
@@ -221,7 +223,8 @@ class Lineage:
         """
         keys = Keys(namespace)
         found = await self.kv.get(keys.run_info(run_id))
-        if found is None:
+        if found is None:  # its Txns' guards on the run's status make nothing of it
+            await fanout.expand(self.kv, namespace, run_id, item_id)
             return
         run = records_pb2.RunRecord.FromString(found.value)
         definition = await self.workflows.get(namespace, run.definition_hash)
@@ -258,6 +261,10 @@ def nest(txn: Txn, resolution: Resolution | None) -> Txn:
         compares=[*txn.compares, *resolution.guards],
         success=[*txn.success, *resolution.writes],
     )
+
+
+def _unnamed(request: Request) -> Request:
+    return dataclasses.replace(request, name="") if isinstance(request, Txn) else request
 
 
 def _with(
