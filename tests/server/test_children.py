@@ -448,3 +448,49 @@ async def test_a_child_ended_by_one_of_two_branches_is_settled_by_that_step(stor
     assert (await item_of(stores, child, "right")).status == records_pb2.ITEM_STATUS_CANCELLED
     assert await stores.kv.get(stores.keys.settle(child)) is None
     assert (await run_of(stores, run.run_id)).status == records_pb2.RUN_STATUS_COMPLETED
+
+
+@dataclass
+class Big:
+    blob: Annotated[str, Merge.REPLACE] = ""
+
+
+@node
+def fan_four(n: int) -> NextAll[int]:
+    return NextAll(list(range(n)))
+
+
+@node
+def small(x: int) -> int:
+    return x
+
+
+@node(join=True)
+def all_of(xs: list[int]) -> int:
+    return sum(xs)
+
+
+async def test_children_copying_a_large_context_are_started_in_txns_under_the_request_limit(
+    stores: Stores,
+) -> None:
+    """Four copies of a 400 KB context pass etcd's 1.5 MiB request limit in one Txn: the
+    fan-out is expanded, a few children per Txn."""
+    nested = subworkflow(Workflow("small_inner", start=small, context=Big), name="nested")
+    flow = Workflow("big_outer", start=fan_four, context=Big).edge(fan_four, nested)
+    flow.edge(nested, all_of)
+    await stores.register(flow)
+    run, _ = await stores.store.lifecycle.start(
+        stores.namespace, "big_outer", "", js(4), "", js({"blob": "x" * 400_000})
+    )
+    lease = await stores.session()
+    await step(stores, lease, run.run_id, "fan_four", fan(0, 1, 2, 3))
+    children, _ = await stores.store.reads.list_runs(
+        stores.namespace, [], "", 0, "", parent_run_id=run.run_id
+    )
+    assert len(children) == 4
+    for child in children:
+        context = await stores.store.reads.context(stores.namespace, child.run_id)
+        assert len(context["blob"]) == 400_000
+        await step(stores, lease, child.run_id, "small", nxt(json.loads(child.input.data)))
+    await step(stores, lease, run.run_id, "all_of", nxt(6))
+    assert (await run_of(stores, run.run_id)).status == records_pb2.RUN_STATUS_COMPLETED

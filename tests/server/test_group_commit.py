@@ -115,3 +115,17 @@ async def test_a_lost_reply_of_a_batch_reports_each_member_truthfully(
     finally:
         await kv.close()
         await proxy.stop()
+
+
+async def test_transactions_too_big_to_share_a_request_each_go_alone(
+    kv: EtcdKV, prefix: bytes
+) -> None:
+    """Five Txns of 600 KB each (a child run's start copying a large context, say): together
+    they would pass etcd's 1.5 MiB request limit, so each is sent alone and each commits."""
+    before = kv.group_commit.batches
+    results = await asyncio.gather(
+        *(kv.txn(Txn([], [Put(prefix + b"%d" % n, b"x" * 600_000)])) for n in range(5))
+    )
+    assert all(r.succeeded for r in results)
+    assert kv.group_commit.batches - before == 5
+    assert len({r.revision for r in results}) == 5

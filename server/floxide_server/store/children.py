@@ -37,7 +37,7 @@ from floxide_server.store.records import PAUSED, RUNNING, fresh_state, stamp, st
 from floxide_server.store.timers import arm_run_timeout
 from floxide_server.store.workflows import Definition
 
-__all__ = ["Inherited", "inherited", "is_nested", "readied", "start", "weight"]
+__all__ = ["Inherited", "inherited", "is_nested", "readied", "size", "start", "weight"]
 
 ITEM_OPS = 3
 """Writes that make an ordinary item ready: its state, its queue entry, its live marker."""
@@ -85,6 +85,16 @@ def weight(definition: Definition, node: str) -> int:
         return ITEM_OPS
     nested = definition.child(definition.graph.node(node).subworkflow)
     return CHILD_OPS + weight(nested, nested.definition.start)
+
+
+def size(definition: Definition, item: work_item_pb2.WorkItem, context: int) -> int:
+    """About the bytes making ``item`` ready writes (``context``: what a child run copies).
+
+    An item's input goes into its state and, when small, its queue entry; a child's, into the
+    item's state, the child's record and its first item's state, beside the context's copy.
+    """
+    payload = item.input.ByteSize()
+    return 3 * payload + context if is_nested(definition, item.node) else 2 * payload
 
 
 def readied(

@@ -232,11 +232,8 @@ class Lineage:
         ops = self.limits.max_txn_ops - 8  # the chunk's guards' share
 
         def share(item: work_item_pb2.WorkItem) -> float:
-            weight = children.weight(definition, item.node)
-            if not children.is_nested(definition, item.node):
-                return weight / ops
-            copied = size + item.input.ByteSize()
-            return max(weight / ops, copied / settling.MAX_BATCH_BYTES)
+            weight = children.weight(definition, item.node) / ops
+            return max(weight, children.size(definition, item, size) / settling.MAX_BATCH_BYTES)
 
         async def readied(
             chunk: Sequence[work_item_pb2.WorkItem],

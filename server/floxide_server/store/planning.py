@@ -274,12 +274,13 @@ def _plan_step(
     for new in new_items:
         stamp(new, "created_at", basis.now_ms)
     ops = sum(children.weight(basis.definition, new.node) for new in new_items)
-    copied = nested * (basis.context.size if basis.context is not None else 0)
-    if ops > basis.limits.max_txn_ops - TXN_HEADROOM or copied > settling.MAX_BATCH_BYTES:
-        # Too wide for one Txn (etcd's --max-txn-ops, or its request size with the contexts
-        # child runs copy): a durable expansion record now, the items in bounded Txns right
-        # after; a crash in between loses nothing (reconcile). The item stays live until
-        # they are made.
+    copied = basis.context.size if basis.context is not None else 0
+    written = sum(children.size(basis.definition, new, copied) for new in new_items)
+    if ops > basis.limits.max_txn_ops - TXN_HEADROOM or written > settling.MAX_BATCH_BYTES:
+        # Too wide for one Txn (etcd's --max-txn-ops, or its request size with the inputs
+        # and the contexts child runs copy): a durable expansion record now, the items in
+        # bounded Txns right after; a crash in between loses nothing (reconcile). The item
+        # stays live until they are made.
         plan.writes.append(fanout.expansion(keys, run.run_id, item.item_id, new_items))
         plan.expansions.append((run.run_id, item.item_id))
     else:
