@@ -10,7 +10,7 @@ from typing import Any
 
 from floxide_server.store import queue
 
-from floxide_grpc import Workflow, node
+from floxide_grpc import Workflow, node, subworkflow
 from tests.conftest import Runner, Stack, run_to_completion
 from tests.helpers import eventually, finish
 
@@ -144,3 +144,24 @@ def test_floxide_dev_runs_the_whole_stack_end_to_end(run: Runner) -> None:
     assert result.returncode == 0, result.stderr + result.stdout
     assert result.stdout.splitlines()[-1] == '{"order_id": 1, "status": "shipped"}'
     assert "2 workers connected" in result.stdout
+
+
+NESTING = Workflow("nesting", start=subworkflow(TRIPLE, name="inner_triple"))
+
+
+async def test_status_shows_a_runs_child_runs_and_a_child_its_parent(stack: Stack) -> None:
+    await stack.client.register_workflow(NESTING)
+    run, _ = await stack.client.start_run("nesting", 2)  # its start item starts the child
+    [child] = (await stack.client.list_runs(parent_run_id=run.run_id))[0]
+    code, out, err = await floxide(stack, "status", run.run_id)
+    assert code == 0, err
+    assert "child runs" in out and child.run_id in out and "triple" in out
+    code, out, err = await floxide(stack, "status", child.run_id)
+    assert code == 0, err
+    assert f"{run.run_id} (item start)" in out
+    code, out, _ = await floxide(stack, "runs")
+    assert run.run_id in out and child.run_id not in out
+    code, out, _ = await floxide(stack, "runs", "--children")
+    assert run.run_id in out and child.run_id in out
+    code, out, _ = await floxide(stack, "runs", "--parent", run.run_id)
+    assert run.run_id not in out and child.run_id in out
