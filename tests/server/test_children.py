@@ -12,13 +12,14 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import pytest
 from floxide_server.firing import Firer
-from floxide_server.store import Store, queue, retention, stuck
+from floxide_server.store import Store, children, contexts, queue, retention, stuck
 from floxide_server.store.claims import Claim
 from floxide_server.store.kv import KV, Delete, Put, Txn
+from floxide_server.store.lifecycle import RunLifecycle
 from floxide_server.store.payloads import Limits
 from floxide_server.store.workflows import WorkflowStore
 
@@ -494,3 +495,83 @@ async def test_children_copying_a_large_context_are_started_in_txns_under_the_re
         await step(stores, lease, child.run_id, "small", nxt(json.loads(child.input.data)))
     await step(stores, lease, run.run_id, "all_of", nxt(6))
     assert (await run_of(stores, run.run_id)).status == records_pb2.RUN_STATUS_COMPLETED
+
+
+# -- races, made to happen ----------------------------------------------------------------------
+
+
+async def test_an_expansion_chunk_whose_context_moved_is_made_again_not_dropped(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sibling's context operation lands between a chunk's read and its Txn: the chunk's
+    guard fails, and the expansion tries it again from fresh reads; every child is made."""
+    nested = subworkflow(inner, name="nested")
+    flow = Workflow("wide", start=split, context=Seen).edge(split, nested).edge(nested, total)
+    await stores.register(flow)
+    run = await stores.start("wide", 60)
+    lease = await stores.session(ttl=120)
+    reads = [0]
+    real = children.inherited
+
+    async def racing(kv: KV, keys: Any, definition: Any, run_id: str) -> children.Inherited:
+        read = await real(kv, keys, definition, run_id)
+        reads[0] += 1
+        if reads[0] == 3:  # the first chunk's read (after the step's and the sizing's)
+            op = contexts.record_operations(keys, run_id, "sibling", [tag("x")], 1)
+            await kv.txn(Txn([], [op]))
+        return read
+
+    monkeypatch.setattr(children, "inherited", racing)
+    await step(stores, lease, run.run_id, "split", fan(*range(60)))
+    assert reads[0] > 3, "the race happened"
+    kids, _ = await stores.store.reads.list_runs(
+        stores.namespace, [], "", 1000, "", parent_run_id=run.run_id
+    )
+    assert len(kids) == 60
+    assert (await stores.kv.range(stores.keys.expansion(run.run_id, "")))[0] == []
+
+
+async def test_a_child_ending_while_its_failed_parent_is_resumed_is_taken_once_it_runs(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resume starts the new child before the parent runs again; a worker quicker than the
+    resume's last Txn ends the child in between. The resume then takes the child's end."""
+    await stores.register(parent())
+    run = await stores.start("outer", 1)
+    lease = await stores.session()
+    await step(stores, lease, run.run_id, "prepare", nxt(1))
+    first = (await item_of(stores, run.run_id, "nested")).child_run_id
+    await step(stores, lease, first, "double", abort("boom"))
+    real = RunLifecycle._set_status
+
+    async def quick_worker(
+        self: RunLifecycle, namespace: str, run_id: str, *a: Any, **k: Any
+    ) -> Any:
+        if run_id == run.run_id:
+            again = await item_of(stores, run.run_id, "nested")
+            await step(stores, lease, again.child_run_id, "double", nxt(2))
+        return await real(self, namespace, run_id, *a, **k)
+
+    monkeypatch.setattr(RunLifecycle, "_set_status", quick_worker)
+    await stores.store.lifecycle.resume(stores.namespace, run.run_id)
+    taken = await item_of(stores, run.run_id, "nested")
+    assert (taken.status, taken.attempts) == (COMPLETED, 2)
+    await step(stores, lease, run.run_id, "finish", nxt(2))
+    assert (await run_of(stores, run.run_id)).status == records_pb2.RUN_STATUS_COMPLETED
+
+
+async def test_cancelling_an_earlier_attempts_child_leaves_the_parent_alone(
+    stores: Stores,
+) -> None:
+    await stores.register(parent(retry=RETRY_ONCE))
+    run = await stores.start("outer", 1)
+    lease = await stores.session()
+    await step(stores, lease, run.run_id, "prepare", nxt(1))
+    first = (await item_of(stores, run.run_id, "nested")).child_run_id
+    await step(stores, lease, first, "double", abort("boom"))
+    await fire(stores, after=1.0)
+    second = (await item_of(stores, run.run_id, "nested")).child_run_id
+    await stores.store.lifecycle.cancel(stores.namespace, first, "cleanup")
+    assert (await run_of(stores, first)).status == records_pb2.RUN_STATUS_CANCELLED
+    assert (await run_of(stores, run.run_id)).status == RUNNING
+    assert (await run_of(stores, second)).status == RUNNING

@@ -437,6 +437,8 @@ class Claims:
             guards = [
                 Compare.created_at(claim_key, claim.create_revision),
                 Compare.modified_at(state_kv.key, state_kv.mod_revision),
+                # The run as planned from: the record it may rewrite, the status a child starts in.
+                Compare.modified_at(run_kv.key, run_kv.mod_revision),
                 *unfinished(keys, run_id),
                 *planned.guards,
             ]

@@ -40,7 +40,7 @@ from floxide_server._proto.floxide.storage.v1 import storage_pb2
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Op, Put, Request, Target, Txn
 from floxide_server.store.queue import new_items
-from floxide_server.store.records import status_name, unfinished
+from floxide_server.store.records import FINAL, status_name, unfinished
 
 __all__ = [
     "EXPANSION_CHUNK",
@@ -55,6 +55,9 @@ __all__ = [
 
 EXPANSION_CHUNK = 40
 """Items created per Txn when expanding a wide fan-out (three writes each: 120 of 128)."""
+EXPAND_PASSES = 16
+"""Passes an expansion makes over what is left while its Txns keep failing, before it leaves
+the rest to the reconciler."""
 MAX_GROUPS_KEPT = 10_000
 """Group records a replica keeps in memory for the next arrival (the oldest go first)."""
 
@@ -216,8 +219,11 @@ async def expand(
     """Turn an expansion record into items, in bounded idempotent Txns, then delete it.
 
     ``readied`` makes a chunk ready (default: queued); ``share`` says what part of one Txn an
-    item takes (default: ``1 / EXPANSION_CHUNK``). A failed run's record is kept, not
-    expanded: resuming the run expands it.
+    item takes (default: ``1 / EXPANSION_CHUNK``). Each chunk's Txn makes only items not made
+    yet, each guarded by its absence, so passes may chunk differently; a chunk whose Txn
+    failed (what it read moved: the run's context or status) is tried again from fresh reads,
+    and the record is deleted only once every item is made. A failed run's record is kept, not
+    expanded: resuming the run expands it; so is one that keeps moving (the reconciler goes on).
     """
     keys = Keys(namespace)
     key = keys.expansion(run_id, item_id)
@@ -225,24 +231,38 @@ async def expand(
     if found is None:
         return
     failed = status_name(records_pb2.RUN_STATUS_FAILED)
-    status = await kv.get(keys.status(run_id))
-    if status is not None and status.value == failed:
-        return
     items = list(storage_pb2.ExpansionRecord.FromString(found.value).items)
-    for chunk in _chunks(items, share or (lambda item: 1 / EXPANSION_CHUNK)):
-        first = keys.item(run_id, chunk[0].item_id)
-        guards, writes = await readied(chunk) if readied else ([], new_items(keys, chunk))
-        await kv.txn(  # a chunk is written whole or not at all: its first item tells
-            Txn(
-                [
-                    Compare.modified_at(key, found.mod_revision),
-                    Compare.missing(first),
-                    *unfinished(keys, run_id),
-                    *guards,
-                ],
-                writes,
+    for _ in range(EXPAND_PASSES):
+        status = await kv.get(keys.status(run_id))
+        if status is not None and status.value == failed:
+            return
+        if status is None or status.value in {status_name(s) for s in FINAL}:
+            break  # nothing of it is made any more: the record goes
+        made = await asyncio.gather(*(kv.get(keys.item(run_id, i.item_id)) for i in items))
+        remaining = [i for i, kv_ in zip(items, made, strict=True) if kv_ is None]
+        if not remaining:
+            break
+        for chunk in _chunks(remaining, share or (lambda item: 1 / EXPANSION_CHUNK)):
+            guards, writes = await readied(chunk) if readied else ([], new_items(keys, chunk))
+            result = await kv.txn(
+                Txn(
+                    [
+                        Compare.modified_at(key, found.mod_revision),
+                        *(Compare.missing(keys.item(run_id, i.item_id)) for i in chunk),
+                        *unfinished(keys, run_id),
+                        *guards,
+                    ],
+                    writes,
+                )
             )
-        )
+            if not result.succeeded:
+                break  # look again at what is made and why
+        else:
+            break
+        if await kv.get(key) is None:
+            return  # expanded by another replica meanwhile
+    else:
+        return
     kept = Compare(keys.status(run_id), Target.VALUE, Op.NOT_EQUAL, failed)
     await kv.txn(  # and the expanding item is done: its items are live in its place
         Txn(

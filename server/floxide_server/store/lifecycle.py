@@ -381,6 +381,8 @@ class RunLifecycle:
             for expansion in expansions:
                 item_id = expansion.key[len(keys.expansion(run_id, "")) :].decode()
                 await self.lineage.expand(namespace, run_id, item_id)
+            # A child started by the requeue that ended before the run ran again.
+            await self.lineage.catch_up(namespace, run_id)
         else:
             await self._children(namespace, run_id, PAUSED, self.resume)
         return run
@@ -414,13 +416,12 @@ class RunLifecycle:
         run_id = run.run_id
         still = Compare.value_is(keys.status(run_id), status_name(records_pb2.RUN_STATUS_FAILED))
         await self.kv.txn(Txn([still], [Delete(keys.settle(run_id))]))
-        graph = (await self.workflows.get(keys.namespace, run.definition_hash)).graph
+        definition = await self.workflows.get(keys.namespace, run.definition_hash)
         for _ in range(ATTEMPTS_ON_CONFLICT):
             found, _ = await self.kv.range(keys.item(run_id))
-            targets = [kv for kv in found if _to_requeue(graph, kv)]
+            targets = [kv for kv in found if _to_requeue(definition.graph, kv)]
             moved = False
-            per_item = 5 if not any(_nested(graph, kv) for kv in targets) else 32
-            for chunk in settling.batches(targets, self.limits.max_txn_ops - 4, per_item=per_item):
+            for chunk in await self._batches(keys, definition, run_id, targets):
                 guards = [still, *(Compare.modified_at(kv.key, kv.mod_revision) for kv in chunk)]
                 states = [_requeued(kv) for kv in chunk]
                 held = [w for kv in chunk for w in settling.holds(keys, _state(kv))]
@@ -434,6 +435,26 @@ class RunLifecycle:
         await self.kv.txn(Txn([still], [settling.settled(keys, run_id, status)]))
         await settling.settle(self.kv, keys, run_id, self.limits.max_txn_ops)
         raise FailedPrecondition(f"run {run_id!r} is changing too fast to resume; try again")
+
+    async def _batches(
+        self, keys: Keys, definition: Definition, run_id: str, targets: list[KeyValue]
+    ) -> list[list[KeyValue]]:
+        """Items to make ready again, in chunks that fit one Txn each.
+
+        One that starts a child run writes more: the child's first items, and copies of the
+        run's context and of its input.
+        """
+        nested = {kv.key for kv in targets if _nested(definition.graph, kv)}
+        if not nested:
+            return list(settling.batches(targets, self.limits.max_txn_ops - 4, per_item=5))
+        weight = max(children.weight(definition, _state(kv).item.node) for kv in targets)
+        copied = (await children.inherited(self.kv, keys, definition, run_id)).size
+
+        def extra(kv: KeyValue) -> int:
+            return copied + 2 * len(kv.value) if kv.key in nested else 0
+
+        ops = self.limits.max_txn_ops - 4
+        return list(settling.batches(targets, ops, per_item=5 + weight, extra=extra))
 
     async def enqueue(
         self,

@@ -25,7 +25,7 @@ from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.children import outcome
 from floxide_server.store import children, fanout, planning, settling
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, KeyValue, Request, Txn
+from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Request, Txn
 from floxide_server.store.payloads import Limits
 from floxide_server.store.queue import new_items
 from floxide_server.store.records import (
@@ -41,6 +41,8 @@ from floxide_server.store.workflows import WorkflowStore
 __all__ = ["Lineage", "Resolution", "nest"]
 
 Planner = Callable[[planning.Basis], planning.Plan]
+CATCH_UP_ATTEMPTS = 16
+"""Txns :meth:`Lineage.catch_up` tries for one child while other writers move its parent."""
 
 
 @dataclasses.dataclass
@@ -133,11 +135,7 @@ class Lineage:
             return None
         state = records_pb2.WorkItemState.FromString(state_kv.value)
         parent = records_pb2.RunRecord.FromString(run_kv.value)
-        waits = (
-            state.status == records_pb2.ITEM_STATUS_IN_PROGRESS
-            and state.child_run_id == child.run_id
-        )
-        if not waits or parent.status in FINISHED:
+        if not _waits(state_kv, child.run_id) or parent.status in FINISHED:
             return None
         definition = await self.workflows.get(keys.namespace, parent.definition_hash)
         limits = dataclasses.replace(self.limits, max_txn_ops=budget)
@@ -160,6 +158,8 @@ class Lineage:
             [_unnamed(w) for w in [*plan.writes, *new_items(keys, plan.new_items)]],
             [(keys, ref.run_id, plan)],
         )
+        if child.status == records_pb2.RUN_STATUS_FAILED:  # final now: its item took it
+            resolution.writes.append(Delete(keys.timer(child.run_id)))
         # A branch of the parent ended with no successor: the reconciler fails it if stuck.
         if plan.ended is not None and plan.ended.HasField("parent"):
             upper = await self.resolve(plan.ended, now, budget // 2)
@@ -168,6 +168,33 @@ class Lineage:
                 resolution.writes.extend(upper.writes)
                 resolution.steps.extend(upper.steps)
         return resolution
+
+    async def catch_up(self, namespace: str, run_id: str) -> int:
+        """Take, now, the end of each child of a run whose item still waits for it.
+
+        A child that ended while its parent was failed (a resume requeues before the parent
+        runs again) found no step to take; the resume (and the reconciler, as a backstop) calls
+        this once the parent runs. Returns how many items it took.
+        """
+        keys = Keys(namespace)
+        links, _ = await self.kv.range(keys.child(run_id))
+        taken = 0
+        for link in links:
+            found = await self.kv.get(keys.run_info(link.key[len(keys.child(run_id)) :].decode()))
+            child = records_pb2.RunRecord.FromString(found.value) if found else None
+            if child is None or outcome(child) is None:
+                continue  # running, paused, or cancelled (which cancelled the parent with it)
+            for _ in range(CATCH_UP_ATTEMPTS):
+                resolution = await self.resolve(child, now_ms(), self.limits.max_txn_ops - 8)
+                if resolution is None:
+                    break  # the item does not wait for it (taken, or an earlier attempt's)
+                result = await self.kv.txn(Txn(resolution.guards, resolution.writes))
+                if result.succeeded:
+                    await self.after(resolution, result.revision)
+                    taken += 1
+                    break
+                self.forget(resolution)
+        return taken
 
     async def after(self, resolution: Resolution | None, revision: int) -> None:
         """What follows a committed Txn that held ``resolution`` (``revision``: its own)."""
@@ -190,8 +217,10 @@ class Lineage:
     ) -> tuple[list[Compare], list[Request], list[str]]:
         """What cancels the ancestors of a run being cancelled, in its cancelling Txn.
 
-        Returns its guards (each ancestor's record as read), its writes, and the ancestors it
-        cancels (to settle after it). An ancestor already finished stops the climb.
+        Returns its guards (each ancestor's record and waiting item as read), its writes, and
+        the ancestors it cancels (to settle after it). The climb stops at an ancestor already
+        finished, or whose item no longer waits for the run below (an earlier attempt's child,
+        whose end the item already took).
         """
         guards: list[Compare] = []
         writes: list[Request] = []
@@ -199,11 +228,13 @@ class Lineage:
         below = run
         while below.HasField("parent"):
             found = await self.kv.get(keys.run_info(below.parent.run_id))
-            if found is None:
+            item = await self.kv.get(keys.item(below.parent.run_id, below.parent.item_id))
+            if found is None or item is None:
                 break
             parent = records_pb2.RunRecord.FromString(found.value)
-            if parent.status in FINAL:
+            if parent.status in FINAL or not _waits(item, below.run_id):
                 break
+            guards.append(Compare.modified_at(item.key, item.mod_revision))
             error = work_item_pb2.NodeError(
                 kind=work_item_pb2.ERROR_KIND_CANCELLED,
                 message=f"its child run {below.run_id} was cancelled ({run.error.message})",
@@ -247,6 +278,14 @@ class Lineage:
             return guards, writes
 
         await fanout.expand(self.kv, namespace, run_id, item_id, readied, share)
+
+
+def _waits(item: KeyValue, child_run_id: str) -> bool:
+    """Whether a parent's item still waits for this child run (its latest attempt's)."""
+    state = records_pb2.WorkItemState.FromString(item.value)
+    return (
+        state.status == records_pb2.ITEM_STATUS_IN_PROGRESS and state.child_run_id == child_run_id
+    )
 
 
 def nest(txn: Txn, resolution: Resolution | None) -> Txn:

@@ -16,41 +16,51 @@ from floxide_server.store.records import FINISHED
 __all__ = ["remove_ended_sessions", "remove_finished"]
 
 
+SCAN_PAGES = 20
+"""Pages of run records one pass reads at most (runs still going and children are skipped)."""
+
+
 async def remove_finished(kv: KV, namespace: str, finished_before_ms: int, batch: int = 50) -> int:
     """Remove up to ``batch`` runs finished before a time: one guarded Txn per run.
 
-    Runs are scanned oldest first (their ids are time-ordered), stopping at the first created
-    after the cutoff.
+    Runs are scanned oldest first (their ids are time-ordered), a page at a time, stopping at
+    the first run started by a client after the cutoff. Child runs go with their parent.
 
     Returns:
         How many runs were removed.
     """
     keys = Keys(namespace)
-    found, _ = await kv.range(keys.run_infos, limit=batch * 4)
     removed = 0
-    for record in found:
-        run = records_pb2.RunRecord.FromString(record.value)
-        if run.HasField("parent"):
-            continue  # removed with its parent
-        if run.created_at.ToMilliseconds() >= finished_before_ms or removed >= batch:
+    start: bytes | None = None
+    for _ in range(SCAN_PAGES):
+        found, _ = await kv.range(keys.run_infos, start=start, limit=batch * 4)
+        for record in found:
+            run = records_pb2.RunRecord.FromString(record.value)
+            if run.HasField("parent"):
+                continue  # removed with its parent
+            if run.created_at.ToMilliseconds() >= finished_before_ms or removed >= batch:
+                return removed
+            finished = run.status in FINISHED and run.HasField("finished_at")
+            if finished and run.finished_at.ToMilliseconds() < finished_before_ms:
+                removed += await _remove(kv, keys, record, run)
+        if len(found) < batch * 4:
             break
-        finished = run.status in FINISHED and run.HasField("finished_at")
-        if not finished or run.finished_at.ToMilliseconds() >= finished_before_ms:
-            continue
-        removed += await _remove(kv, keys, record, run)
+        start = found[-1].key + b"\0"
     return removed
 
 
 async def _remove(kv: KV, keys: Keys, record: KeyValue, run: records_pb2.RunRecord) -> bool:
     """Remove a finished run, its children first (each in a Txn of its own, deepest first).
 
-    A crash midway leaves the run with fewer children: the next pass goes on.
+    A run one of whose children could not be removed stays, for the next pass.
     """
     links, _ = await kv.range(keys.child(run.run_id))
     for link in links:
         child = await kv.get(keys.run_info(link.key[len(keys.child(run.run_id)) :].decode()))
-        if child is not None:
-            await _remove(kv, keys, child, records_pb2.RunRecord.FromString(child.value))
+        if child is not None and not await _remove(
+            kv, keys, child, records_pb2.RunRecord.FromString(child.value)
+        ):
+            return False
     deletes: list[Request] = [
         Delete(record.key),
         Delete(keys.run(run.run_id), prefix=True),

@@ -16,7 +16,7 @@ and re-queues what settling cancelled.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_server.store.keys import Keys
@@ -148,21 +148,26 @@ MAX_BATCH_BYTES = 1 << 20
 """The most bytes of values one settling or re-queueing Txn writes (etcd takes 1.5 MiB)."""
 
 
-def batches(found: Sequence[KeyValue], max_ops: int, per_item: int) -> Iterator[list[KeyValue]]:
+def batches(
+    found: Sequence[KeyValue],
+    max_ops: int,
+    per_item: int,
+    extra: Callable[[KeyValue], int] = lambda kv: 0,
+) -> Iterator[list[KeyValue]]:
     """``found`` in chunks whose Txns keep to etcd's operation and request-size limits.
 
-    Each item takes ``per_item`` operations and about its value's size in writes.
+    Each item takes ``per_item`` operations and about its value's size in writes, plus
+    ``extra`` bytes (what else its Txn writes for it: a child run's copy of the context, say).
     """
     chunk: list[KeyValue] = []
     size = 0
     for kv in found:
-        if chunk and (
-            (len(chunk) + 1) * per_item > max_ops or size + len(kv.value) > MAX_BATCH_BYTES
-        ):
+        bytes_ = len(kv.value) + len(kv.key) + extra(kv)
+        if chunk and ((len(chunk) + 1) * per_item > max_ops or size + bytes_ > MAX_BATCH_BYTES):
             yield chunk
             chunk, size = [], 0
         chunk.append(kv)
-        size += len(kv.value) + len(kv.key)
+        size += bytes_
     if chunk:
         yield chunk
 

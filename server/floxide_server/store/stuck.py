@@ -79,7 +79,8 @@ async def fail_stuck(
 
     Each in a Txn guarded by the run's record (its revision), its status and the emptiness of
     its live markers, so a run that moved meanwhile is left alone. A child run's parent item
-    fails in the same Txn (``lineage``).
+    fails in the same Txn (``lineage``), and a parent's item whose child ended unseen takes its
+    end first (:meth:`~floxide_server.store.lineage.Lineage.catch_up`).
     """
     keys = Keys(namespace)
     failed = 0
@@ -90,6 +91,8 @@ async def fail_stuck(
             run = records_pb2.RunRecord.FromString(record.value)
             if run.status != RUNNING:
                 continue
+            if lineage is not None:  # an item waiting for a child that ended unseen
+                await lineage.catch_up(namespace, run.run_id)
             live, _ = await kv.range(keys.live(run.run_id), limit=1)
             if live or not await _nothing_in_flight(kv, keys, run.run_id):
                 continue
