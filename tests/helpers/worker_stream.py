@@ -40,9 +40,13 @@ class Raw:
     def __init__(self, target: str) -> None:
         self.channel = grpc.aio.insecure_channel(target)
         self.call = worker_service_pb2_grpc.WorkerServiceStub(self.channel).Connect()
+        self._writing = asyncio.Lock()
 
     async def send(self, message: worker_service_pb2.ConnectRequest) -> None:
-        await self.call.write(message)
+        """Write a frame; one at a time (grpc.aio refuses a write while one is in flight, as
+        a test heartbeating in a task of its own would otherwise do beside its results)."""
+        async with self._writing:
+            await self.call.write(message)
 
     async def read(self) -> worker_service_pb2.ConnectResponse:
         response = await asyncio.wait_for(self.call.read(), 10)
