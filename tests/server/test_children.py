@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import pytest
 from floxide_server.firing import Firer
-from floxide_server.store import Store, children, contexts, queue, retention, stuck
+from floxide_server.store import Store, children, contexts, queue, retention, settling, stuck
 from floxide_server.store.claims import Claim
 from floxide_server.store.kv import KV, Delete, Put, Txn
 from floxide_server.store.lifecycle import RunLifecycle
@@ -575,3 +575,40 @@ async def test_cancelling_an_earlier_attempts_child_leaves_the_parent_alone(
     assert (await run_of(stores, first)).status == records_pb2.RUN_STATUS_CANCELLED
     assert (await run_of(stores, run.run_id)).status == RUNNING
     assert (await run_of(stores, second)).status == RUNNING
+
+
+@node
+def boom(x: int) -> int:
+    return x
+
+
+async def test_a_resume_after_cut_short_settling_cancels_the_child_it_starts_anew(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent failed (another branch) but its settling was cut short (a crash): its nested
+    item still waits for a running child. Resuming it starts the item's next child and cancels
+    the old one, in the same Txn: no child is left running unattached."""
+    nested = subworkflow(inner, name="nested")
+    flow = Workflow("forked", start=prepare, context=Seen).edge(prepare, [nested, boom])
+    await stores.register(flow)
+    run = await stores.start("forked", 1)
+    lease = await stores.session()
+    await step(stores, lease, run.run_id, "prepare", nxt(1))
+    old = (await item_of(stores, run.run_id, "nested")).child_run_id
+
+    async def crashed(*_: Any, **__: Any) -> bool:
+        return False
+
+    with monkeypatch.context() as patched:
+        patched.setattr(settling, "settle", crashed)
+        await step(stores, lease, run.run_id, "boom", abort("the other branch"))
+    assert (await run_of(stores, run.run_id)).status == records_pb2.RUN_STATUS_FAILED
+    assert (await run_of(stores, old)).status == RUNNING  # settling never reached it
+
+    await stores.store.lifecycle.resume(stores.namespace, run.run_id)
+    again = await item_of(stores, run.run_id, "nested")
+    assert again.attempts == 2 and again.child_run_id != old
+    cancelled = await run_of(stores, old)
+    assert cancelled.status == records_pb2.RUN_STATUS_CANCELLED
+    assert "runs its item again" in cancelled.error.message
+    assert (await run_of(stores, again.child_run_id)).status == RUNNING

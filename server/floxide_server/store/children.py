@@ -91,10 +91,17 @@ def size(definition: Definition, item: work_item_pb2.WorkItem, context: int) -> 
     """About the bytes making ``item`` ready writes (``context``: what a child run copies).
 
     An item's input goes into its state and, when small, its queue entry; a child's, into the
-    item's state, the child's record and its first item's state, beside the context's copy.
+    item's state, the child's record and its first item's state, beside the context's copy
+    (and again for a nested start's own child).
     """
-    payload = item.input.ByteSize()
-    return 3 * payload + context if is_nested(definition, item.node) else 2 * payload
+    return _size(definition, item.node, item.input.ByteSize(), context)
+
+
+def _size(definition: Definition, node: str, payload: int, context: int) -> int:
+    if not is_nested(definition, node):
+        return 2 * payload
+    nested = definition.child(definition.graph.node(node).subworkflow)
+    return 2 * payload + context + _size(nested, nested.definition.start, payload, context)
 
 
 def readied(

@@ -425,9 +425,15 @@ class RunLifecycle:
                 guards = [still, *(Compare.modified_at(kv.key, kv.mod_revision) for kv in chunk)]
                 states = [_requeued(kv) for kv in chunk]
                 held = [w for kv in chunk for w in settling.holds(keys, _state(kv))]
+                # A child still running (settling was cut short) is cancelled: a new one starts.
+                ended = await settling.children_ended(
+                    self.kv, keys, run_id, chunk, "runs its item again", guards, held
+                )
                 readied, writes = await self.lineage.readied(keys, run, states, now_ms())
                 result = await self.kv.txn(Txn([*guards, *readied], [*held, *writes]))
                 moved |= not result.succeeded
+                for child_id in ended if result.succeeded else ():
+                    await settling.settle(self.kv, keys, child_id, self.limits.max_txn_ops)
             if not moved:
                 return
         # Given up: what was re-queued is settled again, as the run is still failed.
@@ -451,10 +457,12 @@ class RunLifecycle:
         copied = (await children.inherited(self.kv, keys, definition, run_id)).size
 
         def extra(kv: KeyValue) -> int:
-            return copied + 2 * len(kv.value) if kv.key in nested else 0
+            state = _state(kv)
+            return children.size(definition, state.item, copied) if kv.key in nested else 0
 
         ops = self.limits.max_txn_ops - 4
-        return list(settling.batches(targets, ops, per_item=5 + weight, extra=extra))
+        per_item = 5 + weight + 6  # and the cancel of a child still running, if any
+        return list(settling.batches(targets, ops, per_item=per_item, extra=extra))
 
     async def enqueue(
         self,

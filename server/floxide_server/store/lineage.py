@@ -177,10 +177,18 @@ class Lineage:
         this once the parent runs. Returns how many items it took.
         """
         keys = Keys(namespace)
-        links, _ = await self.kv.range(keys.child(run_id))
+        links, _ = await self.kv.range(keys.child(run_id), limit=1)
+        if not links:
+            return 0  # no child ever: nothing to read
+        items, _ = await self.kv.range(keys.item(run_id))
+        waiting = [
+            state.child_run_id
+            for state in (records_pb2.WorkItemState.FromString(kv.value) for kv in items)
+            if state.status == records_pb2.ITEM_STATUS_IN_PROGRESS and state.child_run_id
+        ]
         taken = 0
-        for link in links:
-            found = await self.kv.get(keys.run_info(link.key[len(keys.child(run_id)) :].decode()))
+        for child_id in waiting:
+            found = await self.kv.get(keys.run_info(child_id))
             child = records_pb2.RunRecord.FromString(found.value) if found else None
             if child is None or outcome(child) is None:
                 continue  # running, paused, or cancelled (which cancelled the parent with it)

@@ -28,6 +28,7 @@ __all__ = [
     "SETTLING",
     "alone",
     "batches",
+    "children_ended",
     "ending",
     "holds",
     "settle",
@@ -133,7 +134,7 @@ async def settle(kv: KV, keys: Keys, run_id: str, max_txn_ops: int) -> bool:
             why = _WHY.get(status, "")
             guards = [*still, *(Compare.modified_at(i.key, i.mod_revision) for i in chunk)]
             writes = [w for item in chunk for w in _cancelled(keys, item, why)]
-            ended = await _children_ended(kv, keys, run_id, chunk, why, guards, writes)
+            ended = await children_ended(kv, keys, run_id, chunk, f"ended ({why})", guards, writes)
             result = await kv.txn(Txn(guards, writes))
             moved |= not result.succeeded
             for child_id in ended if result.succeeded else ():  # and theirs, in turn
@@ -203,7 +204,7 @@ def _child(found: KeyValue) -> str:
     return state.child_run_id if state.status == records_pb2.ITEM_STATUS_IN_PROGRESS else ""
 
 
-async def _children_ended(
+async def children_ended(
     kv: KV,
     keys: Keys,
     run_id: str,
@@ -212,10 +213,11 @@ async def _children_ended(
     guards: list[Compare],
     writes: list[Request],
 ) -> list[str]:
-    """Cancel, in a settling Txn, the child runs its items wait for; returns those cancelled.
+    """Cancel, in a Txn of ``chunk``, the child runs its items wait for; those cancelled.
 
-    A parent's end cancels its running children (each guarded by its record as read); they
-    are settled in turn after the Txn, so the whole tree below ends.
+    A parent's end cancels its running children, and so does a resume that starts an item's
+    child anew (each guarded by its record as read); the caller settles them after its Txn, so
+    the whole tree below ends.
     """
     ended = []
     for item in chunk:
@@ -228,7 +230,7 @@ async def _children_ended(
             continue
         error = work_item_pb2.NodeError(
             kind=work_item_pb2.ERROR_KIND_CANCELLED,
-            message=f"its parent run {run_id} ended ({why})",
+            message=f"its parent run {run_id} {why}",
         )
         guards.append(Compare.modified_at(found.key, found.mod_revision))
         writes.extend(ending(keys, child, records_pb2.RUN_STATUS_CANCELLED, now_ms(), error))
