@@ -201,19 +201,23 @@ class Dispatcher:
             if cancels:
                 session.outbox.put_nowait(ConnectResponse(cancels=cancels))
 
-    def cancel_if_ended(self, namespace: str, token: str) -> worker_service_pb2.Cancel | None:
+    def cancel_if_ended(
+        self, namespace: str, token: str, revision: int
+    ) -> worker_service_pb2.Cancel | None:
         """A Cancel for a claim just handed over, if its run was seen ending meanwhile.
 
         A successor or sibling claimed with a result is held only once its completion
-        returns: a run that ended in between was not cancelled for it.
+        returns: a run that ended in between was not cancelled for it. ``revision``: the
+        claim's (0: unknown).
         """
         claim = ClaimToken.parse(token)
         ended = self._ended.get((namespace, claim.run_id))
         if ended is None:
             return None
-        reason, revision = ended
+        reason, ended_at = ended
         # Claimed before the run ended; a claim made after (a resumed run's) goes on.
-        return cancel(claim, reason) if not revision or claim.revision < revision else None
+        before = not ended_at or not revision or revision < ended_at
+        return cancel(claim, reason) if before else None
 
     def _plan(self, namespace: str) -> list[tuple[Session, Queued]]:
         """Take items for sessions with credit, one at a time, the front run first.

@@ -39,6 +39,7 @@ import grpc
 from floxide_grpc import PROTOCOL_VERSION
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
 from floxide_grpc.errors import (
+    ClaimLost,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -417,12 +418,9 @@ class Sessions:
             listed = set(listed)
             unlisted: dict[str, int] = {}
             for claim in found:
-                run_id, item_id = claim.key[len(prefix) :].decode().split("/")
-                token = str(
-                    ClaimToken(
-                        session.lease, claim.create_revision, int(claim.value), run_id, item_id
-                    )
-                )
+                token = claim.value.decode(errors="replace")  # a claim key holds its token
+                if not _is_token(token):
+                    continue  # an older storage format's claim: released with its session
                 if token in listed or token in session.held or token in session.reporting:
                     continue  # listed; or sent on this stream, which loses nothing
                 if claim.create_revision <= session.checked_at:
@@ -614,3 +612,11 @@ class Sessions:
 def _lease_of(key: bytes, prefix: bytes) -> int:
     """The lease a session's key (or its durable record's) names."""
     return int(key[len(prefix) :], 16)
+
+
+def _is_token(value: str) -> bool:
+    try:
+        ClaimToken.parse(value)
+    except ClaimLost:
+        return False
+    return True

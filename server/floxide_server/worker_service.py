@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from floxide_grpc import PROTOCOL_VERSION
 from floxide_grpc._proto.floxide.v1 import worker_service_pb2
 from floxide_grpc.errors import (
+    ClaimLost,
     FloxideError,
     InvalidArgument,
     StatusCode,
@@ -211,12 +212,12 @@ class WorkerService:
                 applied = await asyncio.gather(*(self._result(session, r) for r in results))
             else:
                 applied = [await self._result(session, r) for r in results]
-            for ack, assignment in applied:
+            for ack, assignment, revision in applied:
                 response.result_acks.append(ack)
                 if assignment is not None:  # the successor, claimed with the result (sticky)
                     response.assignments.append(assignment)
                     ended = self.dispatcher.cancel_if_ended(
-                        session.namespace, assignment.claim_token
+                        session.namespace, assignment.claim_token, revision
                     )
                     if ended is not None:  # after its assignment, in the same frame
                         response.cancels.append(ended)
@@ -227,7 +228,7 @@ class WorkerService:
 
     async def _result(
         self, session: Session, result: worker_service_pb2.StepResult
-    ) -> tuple[worker_service_pb2.ResultAck, worker_service_pb2.Assignment | None]:
+    ) -> tuple[worker_service_pb2.ResultAck, worker_service_pb2.Assignment | None, int]:
         """Apply one result; its successor's assignment comes back too if the session took it.
 
         The successor is taken in the completing Txn when this session holds the claim, is not
@@ -236,10 +237,10 @@ class WorkerService:
         """
         ack = worker_service_pb2.ResultAck(claim_token=result.claim_token)
         held = result.claim_token in session.held
-        if not held and not _of_session(result.claim_token, session.lease):
-            ack.code = StatusCode.FAILED_PRECONDITION
-            ack.message = "this session does not hold that claim (it is another session's)"
-            return ack, None
+        refused = _refused(result, session.lease)
+        if refused:  # nothing changes: a claim held stays held, for a result that names it
+            ack.code, ack.message = StatusCode.FAILED_PRECONDITION, refused
+            return ack, None, 0
         snapshot = session.snapshots.get(result.claim_token)
         sticky = None
         if held and not session.draining and (snapshot is None or snapshot.depth < MAX_CHAIN):
@@ -250,7 +251,7 @@ class WorkerService:
                 take=lambda: self.dispatcher.take(session),
                 give_back=lambda queued: self.dispatcher.give_back(namespace, Queued(*queued)),
             )
-        assignment = None
+        assignment, revision = None, 0
         with session.making_claims():  # its successor is in etcd before the reply says so
             try:
                 completion = await self.store.completions.complete(
@@ -263,7 +264,7 @@ class WorkerService:
                 )
             except (KVUnavailable, Unavailable) as exc:
                 ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
-                return ack, None  # still held, and so is its slot
+                return ack, None, 0  # still held, and so is its slot
             except FloxideError as exc:  # ClaimLost, AlreadyExists, InvalidArgument and others
                 ack.code, ack.message = exc.code, str(exc)
             except Exception:  # one bad result must not end the stream of the others
@@ -273,11 +274,12 @@ class WorkerService:
                 ack.code, ack.message = completion.code, completion.message
                 if completion.claim is not None:  # the result's slot goes to the successor
                     assignment = session.assign(completion.claim)
+                    revision = completion.claim.revision
         if assignment is None and held:  # a repeat of an answered result returns no slot
             session.credit.give_back()
         if held:
             session.drop(result.claim_token)
-        return ack, assignment
+        return ack, assignment, revision
 
     async def drain(self, grace: timedelta) -> None:
         """Tell every session of this replica to drain, and wait for what they hold (bounded)."""
@@ -343,12 +345,27 @@ def _coalesced(session: Session, response: ConnectResponse) -> ConnectResponse:
     return response
 
 
-def _of_session(token: str, lease: int) -> bool:
-    """Whether a token names a claim of this session (a malformed one names none)."""
+def _refused(result: worker_service_pb2.StepResult, lease: int) -> str:
+    """Why a result names no claim of this session ("" if it may).
+
+    Its token is malformed or another session's, or the result's run, item or attempt are not
+    its token's. Such a result is refused FAILED_PRECONDITION and records nothing (never
+    INVALID_ARGUMENT, which would record a failed attempt of someone else's item).
+    """
     try:
-        return ClaimToken.parse(token).lease == lease
-    except InvalidArgument:
-        return False
+        claim = ClaimToken.parse(result.claim_token)
+    except ClaimLost as exc:
+        return str(exc)
+    if claim.lease != lease:
+        return "this session does not hold that claim (it is another session's)"
+    named = (result.run_id, result.item_id, result.attempt)
+    if named != (claim.run_id, claim.item_id, claim.attempt):
+        return (
+            f"the result names run {result.run_id!r}, item {result.item_id!r}, attempt "
+            f"{result.attempt}, but its claim token names run {claim.run_id!r}, item "
+            f"{claim.item_id!r}, attempt {claim.attempt}: nothing recorded"
+        )
+    return ""
 
 
 def add_worker_service(server: grpc.aio.Server, service: WorkerService) -> None:

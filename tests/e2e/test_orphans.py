@@ -245,7 +245,7 @@ async def test_a_claim_made_with_a_result_whose_reply_is_late_is_never_taken_for
             [second] = await raw.assignments()
             assert second.item.node == "then" and second.item.attempt == 1
             found, _ = await stack.server.kv.range(claims)
-            assert second.claim_token.split(":")[1] in {str(c.create_revision) for c in found}
+            assert second.claim_token.encode() in {c.value for c in found}  # the claim stands
             assert await queue.ready(stack.server.kv, stack.namespace) == []  # not re-queued
             held[:] = [second.claim_token]
             await raw.send(result_of(second, 5))

@@ -211,6 +211,52 @@ async def test_results_are_fenced_in_band(cluster: Cluster, raw: Raw) -> None:
     assert done.status is RunStatus.COMPLETED and done.output == 5
 
 
+async def test_a_result_whose_token_or_fields_are_not_its_claims_is_refused_and_records_nothing(
+    cluster: Cluster, raw: Raw
+) -> None:
+    """Every field of a token and of the result must match the claim (the token is compared
+    whole in the completing Txn): anything else is FAILED_PRECONDITION, and nothing changes."""
+    await raw.send(hello(cluster.namespace))
+    session = (await raw.read()).hello_ack.session_id
+    run, _ = await cluster.client.start_run("echo", 5)
+    [assignment] = (await raw.read()).assignments
+    item = assignment.item
+    lease, nonce, attempt, run_id, item_id = assignment.claim_token.split(":")
+    assert (lease, attempt, run_id, item_id) == (session, "1", item.run_id, item.item_id)
+
+    def forged(token: str, **fields: object) -> worker_service_pb2.ConnectRequest:
+        request = result_of(assignment, 666)
+        request.results[0].claim_token = token
+        for name, value in fields.items():
+            setattr(request.results[0], name, value)
+        return request
+
+    attempts = [
+        forged(f"{lease}:{nonce}:2:{run_id}:{item_id}", attempt=2),  # its attempt changed
+        forged(f"{lease}:{'0' * 16}:1:{run_id}:{item_id}"),  # another claim's nonce
+        forged(assignment.claim_token, attempt=2),  # the result says another attempt
+        forged(assignment.claim_token, item_id="elsewhere"),  # ... another item
+        forged(assignment.claim_token, run_id=str(uuid.uuid4())),  # ... another run
+        forged(f"{lease}:{nonce}:1:{run_id}:nothing", item_id="nothing"),  # names no item
+        forged(f"{lease}:{nonce}:1:{uuid.uuid4()}:{item_id}", run_id="x"),  # names no run
+        forged(f"ffff:{nonce}:1:{run_id}:{item_id}"),  # another session's
+        forged("not-a-token"),
+        forged(""),
+    ]
+    for request in attempts:
+        await raw.send(request)
+        [refused] = await raw.acks()
+        assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0], request
+    [state] = await cluster.client.work_items(run.run_id)
+    assert (state.status, state.attempts) == ("in_progress", 1)
+    assert await cluster.client.run_errors(run.run_id) == []
+    await raw.send(result_of(assignment, 5))  # the holder's own result is still applied
+    [applied] = await raw.acks()
+    assert applied.code == 0
+    done = await cluster.client.wait_for_completion(run.run_id, 10)
+    assert done.status is RunStatus.COMPLETED and done.output == 5
+
+
 async def test_a_result_repeated_in_one_frame_is_applied_once_and_returns_one_slot(
     cluster: Cluster, raw: Raw
 ) -> None:

@@ -44,7 +44,7 @@ class FailingOnce:
 
 
 def token(n: int) -> str:
-    return str(ClaimToken(1, n, 1, "run", f"item{n}"))
+    return str(ClaimToken(1, f"{n:016x}", 1, "run", f"item{n}"))
 
 
 async def test_a_failing_deadline_is_tried_again_and_the_others_go_on() -> None:

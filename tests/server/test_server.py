@@ -252,12 +252,12 @@ def test_a_claim_handed_over_as_its_run_ends_is_cancelled_with_its_assignment() 
     between must still be cancelled for it (the stream sends the Cancel after the assignment)."""
     sessions = typing.cast(Sessions, types.SimpleNamespace(live={}))
     dispatcher = Dispatcher(typing.cast(Claims, None), typing.cast(Watches, None), sessions)
-    token = str(ClaimToken(0x1F, 42, 1, "run-a", "item-b"))
-    assert dispatcher.cancel_if_ended("ns", token) is None
+    token = str(ClaimToken.new(0x1F, 1, "run-a", "item-b"))
+    assert dispatcher.cancel_if_ended("ns", token, 42) is None
     dispatcher.run_ended("ns", "run-a", worker_service_pb2.CANCEL_REASON_RUN_FINISHED, 50)
-    cancel = dispatcher.cancel_if_ended("ns", token)
+    cancel = dispatcher.cancel_if_ended("ns", token, 42)
     assert cancel is not None and (cancel.claim_token, cancel.item_id) == (token, "item-b")
     assert cancel.reason == worker_service_pb2.CANCEL_REASON_RUN_FINISHED
-    assert dispatcher.cancel_if_ended("other-ns", token) is None
-    resumed = str(ClaimToken(0x1F, 60, 2, "run-a", "item-b"))  # claimed after it ended: resumed
-    assert dispatcher.cancel_if_ended("ns", resumed) is None
+    assert dispatcher.cancel_if_ended("other-ns", token, 42) is None
+    resumed = str(ClaimToken.new(0x1F, 2, "run-a", "item-b"))  # claimed after it ended: resumed
+    assert dispatcher.cancel_if_ended("ns", resumed, 60) is None

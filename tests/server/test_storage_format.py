@@ -79,7 +79,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[KV]:
 async def test_ensure_format_writes_it_once_and_accepts_it_after(store: KV) -> None:
     await asyncio.gather(ensure_format(store), ensure_format(store))  # replicas starting together
     written = await store.get(STORAGE_FORMAT_KEY)
-    assert written is not None and written.value == str(STORAGE_FORMAT).encode() == b"3"
+    assert written is not None and written.value == str(STORAGE_FORMAT).encode() == b"4"
     await ensure_format(store)
     assert await store.get(STORAGE_FORMAT_KEY) == written  # not rewritten
 
@@ -91,7 +91,7 @@ async def test_ensure_format_refuses_another_one_and_changes_nothing(store: KV) 
         await ensure_format(store)
     assert isinstance(raised.value, FailedPrecondition)
     assert "etcd holds storage format 1" in str(raised.value)
-    assert "this server reads and writes storage format 3" in str(raised.value)
+    assert "this server reads and writes storage format 4" in str(raised.value)
     assert await contents(store) == before
 
 
@@ -111,13 +111,23 @@ async def test_format_2_timers_are_migrated_to_delays_once(store: KV) -> None:
         )
     )
     await asyncio.gather(ensure_format(store), ensure_format(store))  # replicas starting together
-    assert (await store.get(STORAGE_FORMAT_KEY)).value == b"3"  # type: ignore[union-attr]
+    assert (await store.get(STORAGE_FORMAT_KEY)).value == b"4"  # type: ignore[union-attr]
     assert await store.get(old) is None
     [timer] = (await store.range(keys.timer()))[0]
     assert timer.key == keys.timer("r", "i")
     record = storage_pb2.TimerRecord.FromString(timer.value)
     assert record.item == item and record.run_id == "r" and not record.seen_at
     assert 55_000 <= record.delay_ms <= 60_000  # what was left of it
+
+
+async def test_a_format_3_keyspace_is_taken_as_format_4(store: KV) -> None:
+    """Format 4 changes what a claim key holds (its whole token): format-3 claims are those of
+    sessions of stopped replicas, released as their leases end; nothing is rewritten."""
+    claim = Keys("migrating").claim(0x1F, "r", "i")
+    await store.txn(Txn([], [Put(STORAGE_FORMAT_KEY, b"3"), Put(claim, b"1")]))
+    await ensure_format(store)
+    assert (await store.get(STORAGE_FORMAT_KEY)).value == b"4"  # type: ignore[union-attr]
+    assert (await store.get(claim)).value == b"1"  # type: ignore[union-attr]
 
 
 async def test_a_server_records_the_format_and_a_second_start_accepts_it(
@@ -134,7 +144,7 @@ async def test_a_server_records_the_format_and_a_second_start_accepts_it(
             finally:
                 await server.stop()
         first, second = seen
-        assert first is not None and first.value == b"3"
+        assert first is not None and first.value == b"4"
         assert second == first  # the second start read it and wrote nothing
     finally:
         await kv.close()
@@ -146,7 +156,7 @@ async def test_a_server_on_another_format_does_not_start(empty_etcd: EmbeddedEtc
         await kv.txn(Txn([], [Put(STORAGE_FORMAT_KEY, OTHER)]))
         before = await contents(kv)
         server = Server(kv, ServerConfig(port=0))
-        with pytest.raises(StorageFormatMismatch, match=r"storage format 1 .* storage format 3"):
+        with pytest.raises(StorageFormatMismatch, match=r"storage format 1 .* storage format 4"):
             await server.start()
         assert server.port == 0  # refused before binding
         await server.stop()
@@ -176,7 +186,7 @@ async def test_floxide_server_on_another_format_exits_with_one_line(
     [line] = [line for line in stderr.splitlines() if "storage format" in line]
     assert line == (
         "error: etcd holds storage format 1 at /floxide/v1/storage-format, but this server reads "
-        "and writes storage format 3: run a server of format 1, or migrate the data"
+        "and writes storage format 4: run a server of format 1, or migrate the data"
     )
     assert not (tmp_path / "ready").exists()
 

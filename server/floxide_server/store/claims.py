@@ -1,8 +1,9 @@
 """Claims: an item held by a worker's session, fenced by a token; and claims lost with it.
 
-A claim is one Txn: delete the item's queue entry, write ``claim/{lease}/{run}/{item}`` (its
-create revision is the fencing token) and mark the item IN_PROGRESS, if the entry still exists,
-the item's state is the one read, the run is RUNNING and the session's key exists. The same
+A claim is one Txn: delete the item's queue entry, write ``claim/{lease}/{run}/{item}``
+(holding the claim's whole token, :class:`ClaimToken`, which its result must equal) and mark
+the item IN_PROGRESS, if the entry still exists, the item's state is the one read, the run is
+RUNNING and the session's key exists. The same
 Txn reads what the assignment needs (the context, a join's outputs), so a claim is one round
 trip; it returns a :class:`Snapshot` so that the completion needs no read before its own Txn.
 
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
+import secrets
 import typing
 from collections.abc import Sequence
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
-from floxide_grpc.errors import InvalidArgument, SessionEnded
+from floxide_grpc.errors import ClaimLost, SessionEnded
 from floxide_grpc.routing import join_input
 from floxide_server.store import contexts, fanout, planning, settling
 from floxide_server.store.keys import Keys
@@ -61,34 +64,56 @@ ATTEMPTS_ON_CONFLICT = 16
 """Txns a release (or a completion) tries while other writers keep moving its keys."""
 
 
+_NONCE = re.compile(r"^[0-9a-f]{16}$")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClaimToken:
     """A claim's fencing token, opaque to workers; the server parses it only here.
 
-    It names the session's lease, the claim key's create revision, the attempt and the item.
+    ``{session}:{nonce}:{attempt}:{run}:{item}``: it names the session's lease, a nonce drawn
+    for this very claim, the attempt and the item. The claim key holds the token whole, and a
+    result is applied only if its token equals it (one compare in the completing Txn): a token
+    with any field changed, or of an earlier claim of the item, names no claim.
     """
 
     lease: int
-    revision: int
+    nonce: str
     attempt: int
     run_id: str
     item_id: str
 
     def __str__(self) -> str:
-        return f"{self.lease:x}:{self.revision}:{self.attempt}:{self.run_id}:{self.item_id}"
+        return f"{self.lease:x}:{self.nonce}:{self.attempt}:{self.run_id}:{self.item_id}"
+
+    @classmethod
+    def new(cls, lease: int, attempt: int, run_id: str, item_id: str) -> ClaimToken:
+        """The token of a claim being made now (its nonce drawn afresh)."""
+        return cls(lease, secrets.token_hex(8), attempt, run_id, item_id)
 
     @classmethod
     def parse(cls, token: str) -> ClaimToken:
         """Read a token.
 
         Raises:
-            InvalidArgument: it is malformed.
+            ClaimLost: it is malformed, so it names no claim (FAILED_PRECONDITION: a forged
+                token must not fail anyone's item, as INVALID_ARGUMENT would).
         """
         try:
-            lease, revision, attempt, run_id, item_id = token.split(":")
-            return cls(int(lease, 16), int(revision), int(attempt), run_id, item_id)
-        except ValueError as exc:
-            raise InvalidArgument(f"claim token {token!r} is malformed") from exc
+            lease, nonce, attempt, run_id, item_id = token.split(":")
+            parsed = cls(int(lease, 16), nonce, int(attempt), run_id, item_id)
+        except ValueError:
+            parsed = None
+        if parsed is None or not (
+            _NONCE.match(parsed.nonce) and parsed.attempt > 0 and run_id and item_id
+        ):
+            raise ClaimLost(f"claim token {token[:200]!r} is malformed: it names no claim")
+        return parsed
+
+    @property
+    def bytes(self) -> bytes:
+        """The token as its claim key holds it."""
+        return str(self).encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +148,7 @@ class Claim:
         context: The run's context as of the claim.
         timeout_ms: How long the attempt may take, measured from when it is sent (0: no limit).
         snapshot: What its completion may start from (none after a lost reply).
+        revision: The revision of the Txn that made it.
     """
 
     token: str
@@ -130,6 +156,7 @@ class Claim:
     context: work_item_pb2.Payload
     timeout_ms: int
     snapshot: Snapshot | None = None
+    revision: int = 0
 
 
 # The names of a claim's reads in its Txn (results are read by name, never by position).
@@ -144,6 +171,7 @@ class Handover:
         lease: The session's lease.
         state: The item's state as the claim writes it.
         written: That state, serialized (what the snapshot holds).
+        token: The claim's token, which its key holds.
         requests: The claim's writes and named reads, as the Txn runs them.
         run: The run's record as the claim sees it (a successor's: the completion's snapshot).
         depth: How many claims in a row of this chain were made by completions.
@@ -153,6 +181,7 @@ class Handover:
     lease: int
     state: records_pb2.WorkItemState
     written: bytes
+    token: ClaimToken
     requests: list[Request]
     run: KeyValue | None = None
     depth: int = 0
@@ -172,8 +201,9 @@ class Handover:
         state.session_id = f"{lease:x}"
         stamp(state, "updated_at", now)
         written = state.SerializeToString()
+        token = ClaimToken.new(lease, attempt, item.run_id, item.item_id)
         requests: list[Request] = [
-            Put(keys.claim(lease, item.run_id, item.item_id), str(attempt).encode()),
+            Put(keys.claim(lease, item.run_id, item.item_id), token.bytes),
             Put(keys.item(item.run_id, item.item_id), written),
             Get(keys.context_init(item.run_id), name=_INIT),
             Get(keys.context_ops(item.run_id), prefix=True, name=_OPS),
@@ -182,7 +212,7 @@ class Handover:
             requests.append(
                 Get(keys.group_outputs(item.run_id, item.join_group_id), prefix=True, name=_OUTPUTS)
             )
-        return cls(lease, state, written, requests)
+        return cls(lease, state, written, token, requests)
 
     @property
     def in_txn(self) -> list[Request]:
@@ -322,7 +352,7 @@ class Claims:
         snapshot = None
         if not reads:  # the reply was lost: read again what the Txn read
             claim = await self.kv.get(keys.claim(lease, run_id, item_id))
-            if claim is None:
+            if claim is None or claim.value != handover.token.bytes:
                 return None
             revision = claim.create_revision
             init = await self.kv.get(keys.context_init(run_id))
@@ -349,11 +379,12 @@ class Claims:
             else self.limits.default_node_timeout_ms
         )
         return Claim(
-            token=str(ClaimToken(lease, revision, state.attempts, run_id, item_id)),
+            token=str(handover.token),
             item=item,
             context=contexts.payload(contexts.fold(definition, init, ops)),
             timeout_ms=timeout,
             snapshot=snapshot,
+            revision=revision,
         )
 
     async def release(self, namespace: str, lease: int, run_id: str, item_id: str) -> bool:
@@ -380,7 +411,7 @@ class Claims:
         """
         plan = functools.partial(planning.plan_timed_out, timeout_ms=timeout_ms, grace_ms=grace_ms)
         return await self._end_claim(
-            namespace, token.lease, token.run_id, token.item_id, token.revision, plan
+            namespace, token.lease, token.run_id, token.item_id, token.bytes, plan
         )
 
     async def release_unreceived(self, namespace: str, token: ClaimToken) -> bool:
@@ -396,7 +427,7 @@ class Claims:
             token.lease,
             token.run_id,
             token.item_id,
-            token.revision,
+            token.bytes,
             planning.plan_unreceived,
         )
 
@@ -406,15 +437,15 @@ class Claims:
         lease: int,
         run_id: str,
         item_id: str,
-        revision: int | None,
+        token: bytes | None,
         plan: typing.Callable[[planning.Basis], planning.Plan],
     ) -> bool:
-        """End a claim as a failed attempt (``revision``: only the claim made then)."""
+        """End a claim as a failed attempt (``token``: only the claim that holds it)."""
         keys = Keys(namespace)
         claim_key = keys.claim(lease, run_id, item_id)
         for _ in range(ATTEMPTS_ON_CONFLICT):
             claim = await self.kv.get(claim_key)
-            if claim is None or revision not in (None, claim.create_revision):
+            if claim is None or token not in (None, claim.value):
                 return False
             state_kv = await self.kv.get(keys.item(run_id, item_id))
             run_kv = await self.kv.get(keys.run_info(run_id))

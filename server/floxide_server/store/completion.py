@@ -1,7 +1,7 @@
 """Completion: a worker's result applied once, fenced by its claim, in one Txn.
 
 The completing Txn deletes the claim and writes what :mod:`floxide_server.store.planning`
-decided, if the claim was created at the token's revision, the session lives, the run is not
+decided, if the claim key holds the token whole, the session lives, the run is not
 finished, and the item's state and the run's record are still those of the claim's
 :class:`~floxide_server.store.claims.Snapshot` (so it needs no read before its Txn). A *sticky*
 completion also claims, in the same Txn, a successor for the same session (it is never queued),
@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
-from floxide_grpc.errors import AlreadyExists, ClaimLost, NotFound, Unavailable
+from floxide_grpc.errors import AlreadyExists, ClaimLost, Unavailable
 from floxide_server.store import fanout, planning, settling, stuck
 from floxide_server.store.claims import (
     ATTEMPTS_ON_CONFLICT,
@@ -37,7 +37,6 @@ from floxide_server.store.kv import KV, Compare, Delete, Request, Txn, TxnResult
 from floxide_server.store.lineage import Lineage, Resolution, nest
 from floxide_server.store.payloads import Limits
 from floxide_server.store.queue import new_items
-from floxide_server.store.reads import read_state
 from floxide_server.store.records import (
     FINISHED,
     RUNNING,
@@ -216,7 +215,7 @@ class Completions:
         )
         plan = await self.lineage.plan(basis, functools.partial(_plan_result, reported))
         guards = [
-            Compare.created_at(claim_key, claim.revision),
+            Compare.value_is(claim_key, claim.bytes),  # the whole token, one compare
             Compare.exists(keys.session(claim.lease)),
             *unfinished(keys, claim.run_id),
             Compare.modified_at(keys.item(claim.run_id, claim.item_id), snapshot.state_revision),
@@ -347,15 +346,26 @@ class Completions:
         return self.claims.queued(keys, sticky.lease, fresh_state(sibling_item), revision)
 
     async def _claimed(self, keys: Keys, claim: ClaimToken) -> Snapshot:
-        """Read what a completion starts from (one round trip), if the claim still stands."""
-        (state_kv, state), claim_kv, run_kv = await asyncio.gather(
-            read_state(self.kv, keys, claim.run_id, claim.item_id),
+        """Read what a completion starts from (one round trip), if the claim still stands.
+
+        Raises:
+            ClaimLost: no claim holds this token (it names no item or run, or another claim).
+            AlreadyExists: the claim's result was applied.
+        """
+        state_kv, claim_kv, run_kv = await asyncio.gather(
+            self.kv.get(keys.item(claim.run_id, claim.item_id)),
             self.kv.get(keys.claim(claim.lease, claim.run_id, claim.item_id)),
             self.kv.get(keys.run_info(claim.run_id)),
         )
+        if state_kv is None or run_kv is None:
+            raise ClaimLost(
+                f"claim token names item {claim.item_id!r} of run {claim.run_id!r}, which "
+                f"namespace {keys.namespace!r} does not hold: it names no claim"
+            )
+        state = records_pb2.WorkItemState.FromString(state_kv.value)
         holds = (
             claim_kv is not None
-            and claim_kv.create_revision == claim.revision
+            and claim_kv.value == claim.bytes
             and state.status == records_pb2.ITEM_STATUS_IN_PROGRESS
             and state.attempts == claim.attempt
         )
@@ -373,8 +383,6 @@ class Completions:
             raise ClaimLost(
                 f"the claim on item {claim.item_id!r} of run {claim.run_id!r} no longer stands"
             )
-        if run_kv is None:
-            raise NotFound(f"run {claim.run_id!r} not found in namespace {keys.namespace!r}")
         return Snapshot(state_kv.value, state_kv.mod_revision, run_kv.value, run_kv.mod_revision)
 
     async def _why_not(self, keys: Keys, claim: ClaimToken) -> None:
@@ -388,9 +396,7 @@ class Completions:
         status = await self.kv.get(keys.status(claim.run_id))
         if status is not None and status.value in {status_name(s) for s in FINISHED}:
             claim_key = keys.claim(claim.lease, claim.run_id, claim.item_id)
-            await self.kv.txn(
-                Txn([Compare.created_at(claim_key, claim.revision)], [Delete(claim_key)])
-            )
+            await self.kv.txn(Txn([Compare.value_is(claim_key, claim.bytes)], [Delete(claim_key)]))
             state = status.value.decode().lower().replace("_", " ")  # "timed out"
             raise ClaimLost(f"run {claim.run_id!r} is {state}: result dropped")
 

@@ -25,7 +25,7 @@ __all__ = ["STORAGE_FORMAT", "StorageFormatMismatch", "ensure_format"]
 
 log = logging.getLogger(__name__)
 
-STORAGE_FORMAT = 3
+STORAGE_FORMAT = 4
 """The storage format this server reads and writes.
 
 2: every item not yet done has a live marker (``run/{run}/live/{item}``), which tells a stuck run;
@@ -33,8 +33,15 @@ a format-1 keyspace has none, so its running runs would all look stuck.
 3: a timer holds a delay (a TimerRecord at ``timer/{run}/{item}``), never a due time; a format-2
 keyspace's timers (``timer/{due_ms}/{run}/{item}``, a WorkItem) are migrated at start
 (:func:`_migrate_timers`), once every replica of format 2 has stopped.
+4: a claim key holds the claim's whole token (``{session}:{nonce}:{attempt}:{run}:{item}``),
+compared whole by its result; a format-3 claim held its attempt, and its token named the key's
+create revision. Nothing is rewritten: the claims of a format-3 keyspace are those of sessions
+of stopped replicas, released as their leases end (their results are refused meanwhile).
 """
-MIGRATES = {b"2": "timers with due times become timers with delays"}
+MIGRATES = {
+    b"2": "timers with due times become timers with delays; claims hold their whole token",
+    b"3": "claims hold their whole token (nothing to rewrite)",
+}
 """Formats a server of this format migrates at start, with what it changes."""
 
 

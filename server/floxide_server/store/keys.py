@@ -40,7 +40,7 @@ floxide.storage.v1 (``proto/floxide/storage/v1``), which only the storage format
 | ``timer/{run}`` | TimerRecord | the run's timeout, likewise |
 | ``timer-clock`` | decimal ms | the timer clock, advanced and written by the elected replica |
 | ``session/{lease}`` | WorkerRecord | a worker stream; the only key on a lease |
-| ``claim/{lease}/{run}/{item}`` | attempt | its create revision is the fencing token |
+| ``claim/{lease}/{run}/{item}`` | claim token | the whole token, which its result must equal |
 | ``worker/{lease}`` | WorkerRecord | a session, kept (no lease) with ``ended_at`` once it ends |
 | ``checkpoint/{run}`` | Checkpoint | checkpoints of local runs (CheckpointStoreService) |
 """

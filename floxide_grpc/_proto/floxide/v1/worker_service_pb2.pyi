@@ -319,8 +319,10 @@ class Assignment(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     claim_token: _builtins.str
-    """Fences this claim: unique forever, it names the item, the attempt and the session. The
-    worker sends it back unchanged with the result. Opaque.
+    """Fences this claim: unique forever, it names the session, the attempt and the item, with a
+    nonce drawn for this claim. The worker sends it back unchanged with the result, whose
+    run_id, item_id and attempt must be the item's: any other token or field is refused
+    FAILED_PRECONDITION and records nothing. Opaque.
     """
     @_builtins.property
     def item(self) -> _work_item_pb2.WorkItem:
@@ -436,7 +438,9 @@ class ResultAck(_message.Message):
     """The result's claim_token."""
     code: _builtins.int
     """A gRPC status code (google.rpc.Code numbering): 0 OK (applied); 9 FAILED_PRECONDITION (the
-    claim no longer stands, or its session ended: nothing changed, drop the result);
+    claim no longer stands, or its session ended, or the token is not one this session holds
+    (malformed, another session's, naming no item or run, any field changed), or the result's
+    run_id, item_id or attempt are not its token's: nothing changed, drop the result);
     6 ALREADY_EXISTS (this result was already applied); 3 INVALID_ARGUMENT (the result is
     malformed or its output breaks the node's schema: recorded as a failed attempt);
     8 RESOURCE_EXHAUSTED (a payload over the limit: recorded as a failed attempt);
