@@ -212,7 +212,9 @@ class WorkerService:
                 applied = await asyncio.gather(*(self._result(session, r) for r in results))
             else:
                 applied = [await self._result(session, r) for r in results]
-            for ack, assignment, revision in applied:
+            returned = 0
+            for ack, assignment, revision, slot in applied:
+                returned += slot
                 response.result_acks.append(ack)
                 if assignment is not None:  # the successor, claimed with the result (sticky)
                     response.assignments.append(assignment)
@@ -222,25 +224,34 @@ class WorkerService:
                     if ended is not None:  # after its assignment, in the same frame
                         response.cancels.append(ended)
             session.outbox.put_nowait(response)
+            # Only now: an assignment in a slot a result returned goes after the result's
+            # acknowledgement (a worker applying result_acks first never sees more held than
+            # its credit, whatever frames the outbox merges).
+            for _ in range(returned):
+                session.credit.give_back()
         finally:
             session.report(tokens, done=True)
             self.dispatcher.wake(session.namespace)
 
     async def _result(
         self, session: Session, result: worker_service_pb2.StepResult
-    ) -> tuple[worker_service_pb2.ResultAck, worker_service_pb2.Assignment | None, int]:
+    ) -> tuple[worker_service_pb2.ResultAck, worker_service_pb2.Assignment | None, int, bool]:
         """Apply one result; its successor's assignment comes back too if the session took it.
 
         The successor is taken in the completing Txn when this session holds the claim, is not
         draining, serves the successor's node and has not chained ``MAX_CHAIN`` steps in a row:
         the result's slot goes straight to the next step of its chain.
+
+        Returns:
+            The acknowledgement, the successor's assignment and its claim's revision, and
+            whether the result's slot is to be given back once the acknowledgement is queued.
         """
         ack = worker_service_pb2.ResultAck(claim_token=result.claim_token)
         held = result.claim_token in session.held
         refused = _refused(result, session.lease)
         if refused:  # nothing changes: a claim held stays held, for a result that names it
             ack.code, ack.message = StatusCode.FAILED_PRECONDITION, refused
-            return ack, None, 0
+            return ack, None, 0, False
         snapshot = session.snapshots.get(result.claim_token)
         sticky = None
         if held and not session.draining and (snapshot is None or snapshot.depth < MAX_CHAIN):
@@ -264,7 +275,7 @@ class WorkerService:
                 )
             except (KVUnavailable, Unavailable) as exc:
                 ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
-                return ack, None, 0  # still held, and so is its slot
+                return ack, None, 0, False  # still held, and so is its slot
             except FloxideError as exc:  # ClaimLost, AlreadyExists, InvalidArgument and others
                 ack.code, ack.message = exc.code, str(exc)
             except Exception:  # one bad result must not end the stream of the others
@@ -275,11 +286,11 @@ class WorkerService:
                 if completion.claim is not None:  # the result's slot goes to the successor
                     assignment = session.assign(completion.claim)
                     revision = completion.claim.revision
-        if assignment is None and held:  # a repeat of an answered result returns no slot
-            session.credit.give_back()
         if held:
             session.drop(result.claim_token)
-        return ack, assignment, revision
+        # Its slot comes back (once acknowledged), unless the successor took it; a repeat of an
+        # answered result returns none.
+        return ack, assignment, revision, assignment is None and held
 
     async def drain(self, grace: timedelta) -> None:
         """Tell every session of this replica to drain, and wait for what they hold (bounded)."""

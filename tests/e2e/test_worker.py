@@ -29,12 +29,21 @@ from floxide_grpc import (
     node,
 )
 from floxide_grpc._proto.floxide.v1 import (
+    records_pb2,
+    work_item_pb2,
     worker_service_pb2,
 )
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from tests.helpers import eventually, serving
 from tests.helpers.worker_stream import Raw, hello, result_of
+
+
+def js(value: object) -> work_item_pb2.Payload:
+    return work_item_pb2.Payload(
+        encoding=work_item_pb2.ENCODING_JSON, data=json.dumps(value).encode()
+    )
+
 
 FAST = SessionConfig(
     lease_ttl=timedelta(seconds=2), heartbeat_interval=timedelta(milliseconds=500), max_credit=16
@@ -255,6 +264,60 @@ async def test_a_result_whose_token_or_fields_are_not_its_claims_is_refused_and_
     assert applied.code == 0
     done = await cluster.client.wait_for_completion(run.run_id, 10)
     assert done.status is RunStatus.COMPLETED and done.output == 5
+
+
+async def test_applying_acks_before_assignments_never_holds_more_than_the_credit(
+    cluster: Cluster, raw: Raw
+) -> None:
+    """A worker applying each frame's result_acks before its assignments (the documented order)
+    never holds more than it granted: an assignment in a slot a result returned never comes
+    before that result's acknowledgement. Three fan-outs of 8 and their joins, through one
+    stream of credit 2: sticky successors and dispatched items alike."""
+    await cluster.client.register_workflow(FANOUT)
+    credit = 2
+    opening = hello(cluster.namespace, "squares", "fan", credit=credit)
+    opening.hello.nodes.extend(
+        records_pb2.ServedNode(workflow="squares", node=name) for name in ("square", "total")
+    )
+    await raw.send(opening)
+    assert (await raw.read()).hello_ack.session_id
+    runs = [(await cluster.client.start_run("squares", 8))[0] for _ in range(3)]
+    held: set[str] = set()
+    finished = 0
+    most = 0
+    over_in_field_order = 0  # frames that field order would have counted over the credit
+    while finished < 3:
+        frame = await raw.read()
+        over_in_field_order += len(held) + len(frame.assignments) > credit
+        for ack in frame.result_acks:  # first, as the protocol says
+            assert ack.code == 0, ack.message
+            held.discard(ack.claim_token)
+        for assignment in frame.assignments:
+            held.add(assignment.claim_token)
+        most = max(most, len(held))
+        assert len(held) <= credit, f"holding {len(held)} with credit {credit}"
+        for assignment in frame.assignments:
+            value = json.loads(assignment.item.input.data)
+            node_name = assignment.item.node
+            if node_name == "fan":
+                request = result_of(assignment, None)
+                outputs = [js(i) for i in range(value)]
+                request.results[0].transition.CopyFrom(
+                    work_item_pb2.Transition(
+                        next_all=work_item_pb2.Transition.NextAll(outputs=outputs)
+                    )
+                )
+            else:
+                request = result_of(
+                    assignment, value * value if node_name == "square" else sum(value)
+                )
+                finished += node_name == "total"
+            await raw.send(request)
+    assert most == credit  # the test held as much as it could
+    assert over_in_field_order  # sticky successors ride with their acks: the order matters
+    for run in runs:
+        done = await cluster.client.wait_for_completion(run.run_id, 10)
+        assert done.status is RunStatus.COMPLETED and done.output == sum(i * i for i in range(8))
 
 
 async def test_a_result_repeated_in_one_frame_is_applied_once_and_returns_one_slot(

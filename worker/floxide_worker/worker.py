@@ -498,11 +498,8 @@ class Worker:
 
     def _take(self, stream: _Stream, response: worker_service_pb2.ConnectResponse) -> None:
         assert self._items is not None, "streams are served inside run()"
-        for assignment in response.assignments:
-            held = _Held(assignment, stream.session_id)
-            self._held[assignment.claim_token] = held
-            self._idle.clear()
-            held.task = self._items.start(self._execute(held), name=assignment.claim_token)
+        # Acknowledgements first, then assignments (docs/protocol.md): a slot a result
+        # returned is free before an assignment in the same frame takes it.
         for ack in response.result_acks:
             if ack.code == StatusCode.UNAVAILABLE and ack.claim_token in self._unacked:
                 again = self._unacked[ack.claim_token]
@@ -520,6 +517,11 @@ class Worker:
                     else ack.code,
                     ack.message,
                 )
+        for assignment in response.assignments:
+            held = _Held(assignment, stream.session_id)
+            self._held[assignment.claim_token] = held
+            self._idle.clear()
+            held.task = self._items.start(self._execute(held), name=assignment.claim_token)
         for cancel in response.cancels:
             if (cancelled := self._held.get(cancel.claim_token)) is not None:
                 cancelled.cancel.set()

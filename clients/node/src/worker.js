@@ -155,8 +155,10 @@ class Worker {
       if (this.draining) this.send({ drain: { reason: 'worker draining' } });
       this.log(`session ${this.sessionId} open on ${this.server}`);
     }
-    for (const assignment of response.assignments || []) this.execute(assignment);
+    // Acknowledgements before assignments (docs/protocol.md): a slot a result returned is free
+    // before an assignment in the same frame takes it.
     for (const ack of response.result_acks || []) this.acknowledged(ack);
+    for (const assignment of response.assignments || []) this.execute(assignment);
     for (const cancel of response.cancels || []) {
       const held = this.held.get(cancel.claim_token);
       if (held) held.abort.abort(new Error(`cancelled: ${cancel.reason}`));
