@@ -8,16 +8,15 @@ registered from any language with the same rules as the Python DSL, and ``to_dot
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 
 from floxide_grpc._proto.floxide.v1 import workflow_pb2
 from floxide_grpc.errors import InvalidDefinition, NodeNotFound
+from floxide_grpc.names import check_name
 
 __all__ = ["Graph"]
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 _DIRECT = workflow_pb2.EDGE_KIND_DIRECT
 _ROUTED = workflow_pb2.EDGE_KIND_ROUTED
 _FALLBACK = workflow_pb2.EDGE_KIND_FALLBACK
@@ -98,8 +97,7 @@ class Graph:
                 node, a cycle not allowed by ``allow_cycles``, a malformed node.
         """
         wf = f"workflow {self.name!r}"
-        if not _NAME.match(self.name):
-            raise InvalidDefinition(f"workflow name {self.name!r}: use letters, digits, '_-.'")
+        check_name("workflow name", self.name, InvalidDefinition)
         self._check_nodes(wf)
         if not self.definition.start:
             raise InvalidDefinition(f"{wf} has no start node")
@@ -148,10 +146,7 @@ class Graph:
     def _check_nodes(self, wf: str) -> None:
         seen: set[str] = set()
         for node in self.definition.nodes:
-            if not _NAME.match(node.name):
-                raise InvalidDefinition(
-                    f"{wf}: node name {node.name!r}: use letters, digits, '_-.'"
-                )
+            check_name(f"{wf}: node name", node.name, InvalidDefinition)
             if node.name in seen:
                 raise InvalidDefinition(f"{wf}: duplicate node name {node.name!r}")
             seen.add(node.name)
@@ -169,6 +164,7 @@ class Graph:
             if node.terminal and node.name in self.direct:
                 raise InvalidDefinition(f"{wf}: terminal node {node.name!r} has direct edges")
             for label in node.routes:
+                check_name(f"{wf}: node {node.name!r} route", label, InvalidDefinition)
                 if label not in self.routed.get(node.name, {}):
                     raise InvalidDefinition(
                         f"{wf}: node {node.name!r} declares route {label!r} with no edge"
@@ -187,6 +183,8 @@ class Graph:
                     )
             if edge.kind == _ROUTED and not edge.route:
                 raise InvalidDefinition(f"{wf}: routed edge from {edge.source!r} has no route")
+            if edge.route:
+                check_name(f"{wf}: edge from {edge.source!r} route", edge.route, InvalidDefinition)
             if edge.kind != _ROUTED and edge.route:
                 raise InvalidDefinition(
                     f"{wf}: edge from {edge.source!r} has route {edge.route!r} but is not routed"

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 from floxide_grpc import codec
 from floxide_grpc.context import NodeContext
 from floxide_grpc.errors import InvalidDefinition
+from floxide_grpc.names import check_name
 from floxide_grpc.retry import RetryPolicy
 from floxide_grpc.transition import Abort, Hold, Next, NextAll
 
@@ -51,7 +52,6 @@ __all__ = ["Node", "NodeKind", "NodeSpec", "node", "subworkflow"]
 I = TypeVar("I")  # noqa: E741 - the conventional name of an input type
 O = TypeVar("O")  # noqa: E741 - the conventional name of an output type
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 
 
 class NodeKind(enum.Enum):
@@ -101,10 +101,7 @@ class NodeSpec:
     subworkflow: Workflow | None = None
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise InvalidDefinition(
-                f"node name {self.name!r}: use letters, digits, '_', '-' and '.' (at most 128)"
-            )
+        check_name("node name", self.name, InvalidDefinition)
         if self.timeout is not None and self.timeout <= timedelta(0):
             raise InvalidDefinition(f"node {self.name!r}: timeout must be positive")
 

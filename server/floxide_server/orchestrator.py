@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from floxide_grpc import names
 from floxide_grpc._proto.floxide.v1 import (
     orchestrator_service_pb2 as pb,
 )
@@ -79,7 +80,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         """Start a run (idempotent by key)."""
         run, created = await self.store.lifecycle.start(
             namespace_of(request.namespace),
-            check_name("workflow", request.workflow),
+            names.check_name("workflow", request.workflow),
             request.definition_hash,
             request.input,
             request.idempotency_key,

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from floxide_grpc import names
 from floxide_grpc._proto.floxide.v1 import (
     checkpoint_pb2,
     records_pb2,
@@ -117,7 +118,7 @@ class ContextStoreService(store_service_pb2_grpc.ContextStoreServiceServicer):
         """Apply operations to an unfinished run's context, once per request id."""
         namespace = namespace_of(request.namespace)
         keys = Keys(namespace)
-        check_name("request_id", request.request_id)
+        names.check_key("request_id", request.request_id)
         run = await self.store.reads.get(namespace, request.run_id)
         definition = await self.store.workflows.get(namespace, run.definition_hash)
         operations = []
@@ -268,7 +269,7 @@ class ErrorStoreService(store_service_pb2_grpc.ErrorStoreServiceServicer):
         """Record an external error against an item (idempotent by request id)."""
         namespace = namespace_of(request.namespace)
         keys = Keys(namespace)
-        check_name("request_id", request.request_id)
+        names.check_key("request_id", request.request_id)
         found = await self.kv.get(
             keys.item(check_name("run id", request.run_id), check_name("item id", request.item_id))
         )

@@ -13,6 +13,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from floxide_grpc import names
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, workflow_pb2
 from floxide_grpc.durations import format_seconds
 from floxide_grpc.errors import (
@@ -139,8 +140,8 @@ class RunLifecycle:
             value, start.input_schema, f"workflow {workflow!r} input (node {start.name!r})"
         )
         context_bytes = self._initial_context(definition, context)
-        if len(idempotency_key) > 256:
-            raise InvalidArgument("idempotency_key is longer than 256 characters")
+        if idempotency_key:  # "" starts a run with no key
+            names.check_key("idempotency_key", idempotency_key)
         fingerprinted = [workflow.encode(), record.hash.encode(), input.data, context_bytes]
         if run_timeout_ms is not None:
             fingerprinted.append(b"run_timeout=%d" % run_timeout_ms)
@@ -480,7 +481,7 @@ class RunLifecycle:
             FailedPrecondition: the run is not running.
         """
         keys = Keys(namespace)
-        payloads.check_name("request_id", request_id)
+        names.check_key("request_id", request_id)
         run = await self.reads.get(namespace, run_id)
         definition = await self.workflows.get(namespace, run.definition_hash)
         try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import jsonschema
 
+from floxide_grpc import names
 from floxide_grpc._proto.floxide.v1 import work_item_pb2
 from floxide_grpc.errors import InvalidArgument, InvalidPayload, ResourceExhausted
 
@@ -30,7 +31,6 @@ __all__ = [
     "validator",
 ]
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -59,16 +59,13 @@ def namespace_of(namespace: str) -> str:
     """The namespace a request names ("" means "default").
 
     Raises:
-        InvalidArgument: the name is not 1 to 128 letters, digits, '_', '-' and '.'.
+        InvalidArgument: it breaks the rule for names (:mod:`floxide_grpc.names`).
     """
-    namespace = namespace or "default"
-    if not _NAME.match(namespace):
-        raise InvalidArgument(f"namespace {namespace!r}: use letters, digits, '_', '-' and '.'")
-    return namespace
+    return names.check_name("namespace", namespace or "default")
 
 
 def check_name(what: str, value: str) -> str:
-    """Refuse an empty or malformed id or name (run id, item id, workflow name...).
+    """Refuse an empty or malformed id (run id, item id): the server's, or a local run's.
 
     Raises:
         InvalidArgument: naming ``what``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from floxide_grpc import names
 from floxide_grpc._proto.floxide.v1 import workflow_pb2
 from floxide_grpc.context import ContextSchema
 from floxide_grpc.errors import (
@@ -143,7 +144,7 @@ class WorkflowStore:
         Raises:
             WorkflowNotFound: no such workflow.
         """
-        key = Keys(namespace).workflow_current(payloads.check_name("workflow", name))
+        key = Keys(namespace).workflow_current(names.check_name("workflow", name))
         cached = self._current.get(key)
         if cached is None:
             found = await self.kv.get(key)
@@ -169,7 +170,7 @@ class WorkflowStore:
         keys = Keys(namespace)
         if not definition_hash:
             current = await self.kv.get(
-                keys.workflow_current(payloads.check_name("workflow", name))
+                keys.workflow_current(names.check_name("workflow", name))
             )
             if current is None:
                 raise WorkflowNotFound(

@@ -208,8 +208,10 @@ class StartRunRequest(_message.Message):
     definition_hash: _builtins.str
     """Pins a definition; empty uses the workflow's current definition."""
     idempotency_key: _builtins.str
-    """Makes the call idempotent within the namespace; at most 256 characters. Clients should always
-    set one (the Python client makes one up) so that a retried call cannot start two runs.
+    """Makes the call idempotent within the namespace. Empty, or 1 to 256 bytes of UTF-8 without
+    control characters (a space, "/" or a non-ASCII letter is fine; a newline is not), else
+    INVALID_ARGUMENT. Clients should always set one (the Python client makes one up) so that a
+    retried call cannot start two runs.
     """
     @_builtins.property
     def input(self) -> _work_item_pb2.Payload:

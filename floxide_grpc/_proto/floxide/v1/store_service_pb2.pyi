@@ -251,7 +251,8 @@ class ApplyContextOperationsRequest(_message.Message):
     """The run."""
     request_id: _builtins.str
     """Makes the call idempotent: a request_id already applied to this run changes nothing again.
-    Required; at most 256 characters.
+    Required: 1 to 256 bytes of UTF-8 without control characters (a
+    space, "/" or a non-ASCII letter is fine; a newline is not), else INVALID_ARGUMENT.
     """
     @_builtins.property
     def operations(self) -> _containers.RepeatedCompositeFieldContainer[_work_item_pb2.ContextOperation]:
@@ -369,8 +370,9 @@ class EnqueueWorkItemRequest(_message.Message):
     node: _builtins.str
     """The node to run, in the run's definition."""
     request_id: _builtins.str
-    """Makes the call idempotent: the same request_id returns the item it created. Required; at most
-    256 characters.
+    """Makes the call idempotent: the same request_id returns the item it created. Required:
+    1 to 256 bytes of UTF-8 without control characters (a
+    space, "/" or a non-ASCII letter is fine; a newline is not), else INVALID_ARGUMENT.
     """
     @_builtins.property
     def input(self) -> _work_item_pb2.Payload:
@@ -715,7 +717,9 @@ class RecordErrorRequest(_message.Message):
     item_id: _builtins.str
     """The item the error belongs to."""
     request_id: _builtins.str
-    """Makes the call idempotent. Required; at most 256 characters."""
+    """Makes the call idempotent. Required: 1 to 256 bytes of UTF-8 without control characters (a
+    space, "/" or a non-ASCII letter is fine; a newline is not), else INVALID_ARGUMENT.
+    """
     @_builtins.property
     def error(self) -> _work_item_pb2.NodeError:
         """What went wrong."""

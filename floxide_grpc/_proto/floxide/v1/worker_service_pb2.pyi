@@ -120,6 +120,11 @@ Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
 class ConnectResponse(_message.Message):
     """A server-to-worker message. Several fields may be set at once; an acknowledgement may carry
     the worker's next assignments.
+    A receiver applies its fields in this order, which is not field order: hello_ack, result_acks,
+    assignments, cancels, drain. The server's frames are valid under it: an assignment that takes
+    a slot a result returned never comes before that result's acknowledgement, so a worker that
+    counts what it holds never holds more than the credit it granted; a cancel follows the
+    assignment it stops.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -145,8 +145,8 @@ class WorkflowDefinition(_message.Message):
     SUBWORKFLOWS_FIELD_NUMBER: _builtins.int
     ALLOW_CYCLES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The workflow's name, unique within a namespace. Letters, digits, "_", "-" and "."; at most
-    128 characters.
+    """The workflow's name, unique within a namespace. A name (namespaces, workflows, nodes, route
+    labels) is 1 to 128 ASCII letters, digits, "_", "." and "-" (no ":"), else INVALID_ARGUMENT.
     """
     description: _builtins.str
     """What the workflow does, for people."""
@@ -213,7 +213,7 @@ class NodeDefinition(_message.Message):
     SUBWORKFLOW_FIELD_NUMBER: _builtins.int
     ROUTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The node's name, unique within its workflow. Same alphabet as workflow names."""
+    """The node's name, unique within its workflow. A name, as workflow names are."""
     description: _builtins.str
     """What the node does, for people."""
     kind: Global___NodeKind.ValueType
