@@ -268,6 +268,12 @@ class Worker:
         return self._servers[self._turn % len(self._servers)]
 
     async def _register_and_serve(self) -> None:
+        await self._register_all()
+        if not self._stopped.is_set():
+            await self._serve_until_stopped()
+
+    async def _register_all(self) -> None:
+        """Register every workflow, waiting for a server that is not up yet."""
         backoff = self.config.reconnect_backoff.total_seconds()
         while len(self._registered) < len(self.workflows):  # a server may not be up yet: wait
             try:
@@ -281,13 +287,29 @@ class Worker:
                 backoff = min(backoff * 2, self.config.max_backoff.total_seconds())
                 if self._stopped.is_set():
                     return
+
+    async def _serve_until_stopped(self) -> None:
+        """Serve one stream after another, reconnecting with backoff, until stopped."""
         backoff = self.config.reconnect_backoff.total_seconds()
+        reregistered = False  # since the last hello the server acknowledged
         while not self._stopped.is_set():
             try:
                 await self._serve()
                 backoff = self.config.reconnect_backoff.total_seconds()
                 self._turn += 1  # the server ended the stream (draining): try the next one
             except grpc.aio.AioRpcError as exc:
+                if self._acked:
+                    reregistered = False
+                if exc.code() == grpc.StatusCode.NOT_FOUND and not self._acked and not reregistered:
+                    # A server on a fresh store knows none of our definitions: register them
+                    # again and say hello again, once per refusal.
+                    log.warning(
+                        "hello refused (%s): registering the workflows again", exc.details()
+                    )
+                    reregistered = True
+                    self._registered.clear()
+                    await self._register_all()
+                    continue
                 refused = exc.code() in (
                     grpc.StatusCode.NOT_FOUND,
                     grpc.StatusCode.FAILED_PRECONDITION,

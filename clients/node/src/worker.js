@@ -15,7 +15,11 @@
 const os = require('node:os');
 const { floxide, toPayload, fromPayload, grpc } = require('./proto');
 
+const { Client } = require('./client');
+
 const PROTOCOL_VERSION = 1;
+const NOT_FOUND = 5;
+const DEADLINE_EXCEEDED = 4;
 const UNAVAILABLE = 14;
 
 class Worker {
@@ -30,9 +34,14 @@ class Worker {
    * @param {string} [options.workerId]
    * @param {number} [options.backoffMs] the first wait before reconnecting; it doubles
    * @param {number} [options.maxBackoffMs] the longest wait between reconnects
+   * @param {object} [options.definition] the workflow's WorkflowDefinition (a plain object shaped
+   *   like the proto): registered before the first hello, and again once whenever a hello is
+   *   refused NOT_FOUND (a server on a fresh store); without it, the workflow must be registered
+   *   by someone else, and such a refusal stops the worker
    */
   constructor({
     server, workflow, nodes, namespace = 'default', slots = 4, workerId, backoffMs = 100, maxBackoffMs = 5000,
+    definition,
   }) {
     this.servers = String(server).split(',').map((s) => s.trim()).filter(Boolean);
     if (this.servers.length === 0) throw new Error('no server given (host:port[,host:port...])');
@@ -44,6 +53,7 @@ class Worker {
     this.workerId = workerId || `${os.hostname()}-node-${process.pid}`;
     this.backoffMs = backoffMs;
     this.maxBackoffMs = maxBackoffMs;
+    this.definition = definition;
     this.held = new Map(); // claim token -> {session, abort}, while its node runs
     this.unacked = new Map(); // claim token -> {result, session, stream}, until its ack
     this.draining = false;
@@ -62,9 +72,20 @@ class Worker {
   /** Serve until shutdown(), reconnecting with backoff when the stream breaks. */
   async run() {
     let backoff = this.backoffMs;
+    let reregistered = false; // since the last hello the server acknowledged
+    if (this.definition) await this.register();
     while (!this.stopped) {
       const outcome = await this.serveOnce();
       if (this.stopped || (this.draining && this.held.size === 0 && this.unacked.size === 0)) break;
+      if (outcome && outcome.acked) reregistered = false;
+      if (outcome && outcome.notFound && this.definition && !reregistered) {
+        // A server on a fresh store knows not our workflow: register it again and say hello
+        // again, once per refusal.
+        this.log(`hello refused (${outcome.reason}): registering ${this.workflow} again`);
+        reregistered = true;
+        await this.register();
+        continue;
+      }
       if (outcome && outcome.fatal) throw outcome.error;
       this.log(`stream to ${this.server} ended (${outcome ? outcome.reason : 'closed'}); reconnecting`);
       this.turn += 1; // to the next server, if it was given several
@@ -101,12 +122,36 @@ class Worker {
         }
         this.take(stream, response);
       });
+      let acked = false;
+      stream.on('data', (response) => { if (response.hello_ack) acked = true; });
       stream.on('error', (error) => {
         const fatal = [5, 9, 3].includes(error.code) && this.held.size === 0; // NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT
-        finish({ reason: `${error.code} ${error.details}`, fatal, error });
+        const notFound = error.code === NOT_FOUND && !acked;
+        finish({ reason: `${error.code} ${error.details}`, fatal, error, acked, notFound });
       });
-      stream.on('end', () => finish({ reason: 'end' }));
+      stream.on('end', () => finish({ reason: 'end', acked }));
     });
+  }
+
+  /** Register the workflow's definition, waiting for a server that is not up yet. */
+  async register() {
+    let backoff = this.backoffMs;
+    for (;;) {
+      const client = new Client(this.server, { namespace: this.namespace });
+      try {
+        await client.registerWorkflow(this.definition);
+        return;
+      } catch (error) {
+        if (error.code !== UNAVAILABLE && error.code !== DEADLINE_EXCEEDED) throw error;
+        this.log(`cannot register at ${this.server} yet (${error.details}); retrying`);
+        this.turn += 1;
+      } finally {
+        client.close();
+      }
+      if (this.stopped) return;
+      await new Promise((r) => setTimeout(r, backoff * (0.5 + Math.random() / 2)));
+      backoff = Math.min(backoff * 2, this.maxBackoffMs);
+    }
   }
 
   /** A new stream is the current one: say hello, granting the slots running nothing (duty 6). */

@@ -55,7 +55,9 @@ class WorkerServiceServicer:
         The stream ends with a status only for the stream as a whole:
         INVALID_ARGUMENT (first message without hello, hello after the first message, a message that
         does not parse), FAILED_PRECONDITION (unsupported protocol version), NOT_FOUND (hello offers
-        a node that no registered workflow has), RESOURCE_EXHAUSTED (credit above
+        a node that no registered workflow has, or a definition hash the server does not know: a
+        server on a fresh store, say; register what you serve again and say hello again, once per
+        refusal), RESOURCE_EXHAUSTED (credit above
         HelloAck.max_credit, or a message over the size limit), ABORTED (the session's lease ended:
         reconnect for a new session; results of the old one are refused), UNAVAILABLE (the server is
         shutting down or lost etcd: reconnect, to any replica, with backoff).
