@@ -26,7 +26,7 @@ from floxide_grpc import PROTOCOL_VERSION, __version__, codec
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import FloxideError
 from floxide_grpc.graph import Graph
-from floxide_grpc.records import RunInfo, RunStatus
+from floxide_grpc.records import RunInfo, RunStatus, WorkerInfo
 from floxide_grpc.runner import LocalRunner
 from floxide_grpc.workflow import Workflow
 
@@ -82,6 +82,7 @@ def _print_run(run: RunInfo) -> None:
     for name, value in (
         ("run", run.run_id),
         ("workflow", run.workflow),
+        ("definition", run.definition_hash),
         ("status", run.status.value),
         ("input", json.dumps(run.input)),
         ("output", json.dumps(run.output) if run.status is RunStatus.COMPLETED else ""),
@@ -185,20 +186,70 @@ def runs(
 
 @app.command()
 def status(ctx: typer.Context, run_id: str) -> None:
-    """Show one run, its parent if it is a child run, and its child runs."""
+    """Show one run: its definition, its parent or children, and what no worker serves."""
 
-    async def both(client: OrchestratorClient) -> tuple[RunInfo, list[RunInfo]]:
+    async def gather(client: OrchestratorClient) -> tuple[RunInfo, list[RunInfo], list[str]]:
         run = await client.get_run(run_id)
         found, _ = await client.list_runs(parent_run_id=run_id, page_size=1000)
-        return run, found
+        unserved: list[str] = []
+        if not run.status.finished:
+            pending = await client.work_items(run_id, pending_only=True)
+            workers = await client.workers()
+            unserved = sorted(
+                {item.node for item in pending if not _served(run, item.node, workers)}
+            )
+        return run, found, unserved
 
-    run, children = _remote(ctx, both)
+    run, children, unserved = _remote(ctx, gather)
     _print_run(run)
+    for name in unserved:
+        console.print(
+            f"[yellow]waiting: node {name!r} of definition {run.definition_hash} is served by "
+            "no connected worker[/]",
+            highlight=False,
+        )
     if children:
         table = Table("child run", "of item", "workflow", "status", title="child runs")
         for child in children:
             table.add_row(child.run_id, child.parent_item_id, child.workflow, child.status.value)
         console.print(table)
+
+
+def _served(run: RunInfo, node_name: str, workers: list[WorkerInfo]) -> bool:
+    """Whether a connected worker serves a node of the run's definition."""
+    return any(
+        (workflow, served) == (run.workflow, node_name) and hash_ in ("", run.definition_hash)
+        for worker in workers
+        for workflow, served, hash_ in worker.nodes
+    )
+
+
+workflows_app = typer.Typer(
+    help="Registered workflows and their definitions.", no_args_is_help=True
+)
+app.add_typer(workflows_app, name="workflows")
+
+
+@workflows_app.command("list")
+def workflows_list(ctx: typer.Context) -> None:
+    """Every registered definition: which is current, when registered, which workers serve it."""
+    table = Table("workflow", "definition", "current", "registered", "served by")
+    for found in _remote(ctx, lambda c: c.workflow_versions()):
+        table.add_row(
+            found.name,
+            found.definition_hash,
+            "current" if found.current else "",
+            str(found.registered_at or ""),
+            ", ".join(found.served_by),
+        )
+    console.print(table)
+
+
+@workflows_app.command("promote")
+def workflows_promote(ctx: typer.Context, name: str, definition_hash: str) -> None:
+    """Make a registered definition NAME's current one again (new runs start on it)."""
+    found = _remote(ctx, lambda c: c.promote_workflow(name, definition_hash))
+    typer.echo(f"{found.name}: {found.definition_hash} is current")
 
 
 def _progress(run: RunInfo, metrics: Any) -> Table:

@@ -32,7 +32,15 @@ from floxide_grpc._proto.floxide.v1 import (
     workflow_pb2,
 )
 from floxide_grpc.errors import RunCancelled, RunFailed, RunTimedOut
-from floxide_grpc.records import ErrorInfo, ItemInfo, RunInfo, RunMetrics, RunStatus, WorkerInfo
+from floxide_grpc.records import (
+    ErrorInfo,
+    ItemInfo,
+    RunInfo,
+    RunMetrics,
+    RunStatus,
+    WorkerInfo,
+    WorkflowInfo,
+)
 from floxide_grpc.status import error_from_status
 from floxide_grpc.workflow import Workflow
 
@@ -150,6 +158,32 @@ class OrchestratorClient:
             token = response.next_page_token
             if not token:
                 return found
+
+    async def workflow_versions(self) -> list[WorkflowInfo]:
+        """Every registered definition of every workflow: which is current, who serves it."""
+        found: list[WorkflowInfo] = []
+        token = ""
+        while True:
+            response = await self._call(
+                self._stub.ListWorkflows,
+                pb.ListWorkflowsRequest(
+                    namespace=self.namespace, page_token=token, all_versions=True
+                ),
+            )
+            found += [WorkflowInfo.from_proto(w) for w in response.workflows]
+            token = response.next_page_token
+            if not token:
+                return found
+
+    async def promote_workflow(self, name: str, definition_hash: str) -> WorkflowInfo:
+        """Make a registered definition its workflow's current one again."""
+        response = await self._call(
+            self._stub.PromoteWorkflow,
+            pb.PromoteWorkflowRequest(
+                namespace=self.namespace, name=name, definition_hash=definition_hash
+            ),
+        )
+        return WorkflowInfo.from_proto(response.workflow)
 
     # -- runs ------------------------------------------------------------------------------
 

@@ -29,9 +29,7 @@ def is_name(value: str) -> bool:
     return bool(_NAME.match(value))
 
 
-def check_name(
-    what: str, value: str, error: type[FloxideError] = InvalidArgument
-) -> str:
+def check_name(what: str, value: str, error: type[FloxideError] = InvalidArgument) -> str:
     """``value`` if it keeps the rule for names.
 
     Raises:

@@ -53,7 +53,6 @@ I = TypeVar("I")  # noqa: E741 - the conventional name of an input type
 O = TypeVar("O")  # noqa: E741 - the conventional name of an output type
 
 
-
 class NodeKind(enum.Enum):
     """What a node is (``floxide.v1.NodeKind``)."""
 

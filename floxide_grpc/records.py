@@ -8,7 +8,7 @@ import enum
 import json
 from typing import Any
 
-from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, workflow_pb2
 
 __all__ = ["ErrorInfo", "ItemInfo", "RunInfo", "RunMetrics", "RunStatus", "WorkerInfo"]
 
@@ -168,6 +168,33 @@ class ItemInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class WorkflowInfo:
+    """A registered definition of a workflow.
+
+    Attributes:
+        current: Whether runs that name no hash start on it.
+        served_by: The connected workers serving a node of it.
+    """
+
+    name: str
+    definition_hash: str
+    current: bool
+    registered_at: datetime.datetime | None
+    served_by: tuple[str, ...] = ()
+
+    @classmethod
+    def from_proto(cls, record: workflow_pb2.RegisteredWorkflow) -> WorkflowInfo:
+        """Read a ``floxide.v1.RegisteredWorkflow``."""
+        return cls(
+            name=record.name,
+            definition_hash=record.definition_hash,
+            current=record.current,
+            registered_at=_time(record.registered_at, record.HasField("registered_at")),
+            served_by=tuple(record.served_by),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class WorkerInfo:
     """A worker session: a connected one, or one that ended (liveness ``dead``).
 
@@ -187,6 +214,8 @@ class WorkerInfo:
     in_flight: int
     last_heartbeat: datetime.datetime | None
     ended_at: datetime.datetime | None = None
+    nodes: tuple[tuple[str, str, str], ...] = ()
+    """The nodes it serves: (workflow, node, definition hash; "" for every definition)."""
 
     @classmethod
     def from_proto(cls, record: records_pb2.WorkerRecord) -> WorkerInfo:
@@ -204,4 +233,5 @@ class WorkerInfo:
             in_flight=len(record.current_items),
             last_heartbeat=_time(record.last_heartbeat, record.HasField("last_heartbeat")),
             ended_at=_time(record.ended_at, record.HasField("ended_at")),
+            nodes=tuple((n.workflow, n.node, n.definition_hash) for n in record.nodes),
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
 
 import grpc
@@ -22,12 +22,13 @@ from floxide_grpc._proto.floxide.v1 import (
     orchestrator_service_pb2_grpc,
     records_pb2,
     work_item_pb2,
+    workflow_pb2,
 )
 from floxide_grpc.errors import Unavailable
 from floxide_server.sessions import Sessions
 from floxide_server.store import Store, settling
 from floxide_server.store.keys import Keys
-from floxide_server.store.payloads import check_name, namespace_of
+from floxide_server.store.payloads import check_name, namespace_of, page_of
 from floxide_server.store.records import FINISHED
 from floxide_server.tasks import first_done
 from floxide_server.watch import RESYNC, Watches
@@ -70,11 +71,30 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
     async def ListWorkflows(
         self, request: pb.ListWorkflowsRequest, context: Context
     ) -> pb.ListWorkflowsResponse:
-        """Workflows by name with their current hash."""
-        found, token = await self.workflows.list_workflows(
-            namespace_of(request.namespace), request.page_size, request.page_token
-        )
+        """Workflows by name: each current definition (or every one), and who serves it."""
+        namespace = namespace_of(request.namespace)
+        if request.all_versions:
+            found, token = page_of(
+                await self.workflows.versions(namespace), request.page_size, request.page_token
+            )
+        else:
+            found, token = await self.workflows.list_workflows(
+                namespace, request.page_size, request.page_token
+            )
+        workers = await self.sessions.list(namespace)
+        for record in found:
+            definition = await self.workflows.get(namespace, record.definition_hash)
+            record.served_by.extend(_served_by(workers, record, definition.graph.nodes))
         return pb.ListWorkflowsResponse(workflows=found, next_page_token=token)
+
+    async def PromoteWorkflow(
+        self, request: pb.PromoteWorkflowRequest, context: Context
+    ) -> pb.PromoteWorkflowResponse:
+        """Make a registered definition its workflow's current one (an operator's action)."""
+        record, previous = await self.workflows.promote(
+            namespace_of(request.namespace), request.name, request.definition_hash
+        )
+        return pb.PromoteWorkflowResponse(workflow=record, previous_hash=previous)
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         """Start a run (idempotent by key)."""
@@ -224,6 +244,24 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         if run.status in FINISHED:
             await settling.settle(self.store.kv, keys, run.run_id, self.store.limits.max_txn_ops)
         return run
+
+
+def _served_by(
+    workers: Sequence[records_pb2.WorkerRecord],
+    record: workflow_pb2.RegisteredWorkflow,
+    nodes: Collection[str],
+) -> list[str]:
+    """The connected workers serving a node of a definition (by its hash, or naming none)."""
+    return sorted(
+        {
+            worker.worker_id
+            for worker in workers
+            for served in worker.nodes
+            if served.workflow == record.name
+            and served.node in nodes
+            and served.definition_hash in ("", record.definition_hash)
+        }
+    )
 
 
 def _json(value: object) -> work_item_pb2.Payload:

@@ -87,6 +87,11 @@ class Keys:
         """A registered definition."""
         return self.prefix + b"wf/def/" + _b(definition_hash)
 
+    @property
+    def workflow_defs(self) -> bytes:
+        """Prefix of every registered definition."""
+        return self.prefix + b"wf/def/"
+
     def workflow_current(self, name: str) -> bytes:
         """The hash new runs of ``name`` use."""
         return self.prefix + b"wf/cur/" + _b(name)

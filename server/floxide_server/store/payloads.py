@@ -11,7 +11,8 @@ import dataclasses
 import functools
 import json
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import jsonschema
 
@@ -19,12 +20,15 @@ from floxide_grpc import names
 from floxide_grpc._proto.floxide.v1 import work_item_pb2
 from floxide_grpc.errors import InvalidArgument, InvalidPayload, ResourceExhausted
 
+T = TypeVar("T")
+
 __all__ = [
     "Limits",
     "check_name",
     "decode_page_token",
     "encode_page_token",
     "namespace_of",
+    "page_of",
     "page_size",
     "parse_json",
     "validate",
@@ -73,6 +77,17 @@ def check_name(what: str, value: str) -> str:
     if not _ID.match(value):
         raise InvalidArgument(f"{what} {value!r} is missing or malformed")
     return value
+
+
+def page_of(items: Sequence[T], size: int, token: str) -> tuple[list[T], str]:
+    """A page of a list read whole, and the next page's token ("" on the last)."""
+    size = page_size(size)
+    try:
+        offset = int(decode_page_token(token) or 0)
+    except ValueError as exc:
+        raise InvalidArgument(f"page_token {token!r} is malformed") from exc
+    page = list(items[offset : offset + size])
+    return page, encode_page_token(str(offset + size)) if offset + size < len(items) else ""
 
 
 def _reject_constant(name: str) -> Any:

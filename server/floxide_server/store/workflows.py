@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+import typing
 
 from floxide_grpc import names
 from floxide_grpc._proto.floxide.v1 import workflow_pb2
@@ -17,9 +19,11 @@ from floxide_grpc.errors import (
 from floxide_grpc.graph import Graph
 from floxide_server.store import payloads
 from floxide_server.store.keys import Keys
-from floxide_server.store.kv import KV, Compare, Put, Txn
+from floxide_server.store.kv import KV, Compare, Get, KeyValue, Put, Txn
 
 __all__ = ["Definition", "WorkflowStore"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +103,11 @@ class WorkflowStore:
     async def register(
         self, namespace: str, definition: workflow_pb2.WorkflowDefinition
     ) -> tuple[str, bool]:
-        """Validate and store a definition (and its subworkflows); make it the name's current.
+        """Validate and store a definition (and the workflows nested in it).
+
+        A new hash becomes its name's current definition, and is logged; a hash already
+        registered changes nothing (only a new hash or :meth:`promote` changes which is
+        current), but is made current if its name has none.
 
         Returns:
             The content hash, and whether this hash was new.
@@ -118,19 +126,31 @@ class WorkflowStore:
             )
             record.registered_at.FromMilliseconds(int(time.time() * 1000))
             def_key = keys.workflow_def(child_hash)
-            result = await self.kv.txn(
-                Txn(
-                    [Compare.missing(def_key)],
-                    [
-                        Put(def_key, record.SerializeToString()),
-                        Put(keys.workflow_current(child.name), child_hash.encode()),
-                    ],
-                    [Put(keys.workflow_current(child.name), child_hash.encode())],
-                )
+            current_key = keys.workflow_current(child.name)
+            txn = Txn(
+                [Compare.missing(def_key)],
+                [
+                    Get(current_key, name="previous"),
+                    Put(def_key, record.SerializeToString()),
+                    Put(current_key, child_hash.encode()),
+                ],
+                # Known: which is current stays, unless the name has none at all.
+                [Txn([Compare.missing(current_key)], [Put(current_key, child_hash.encode())])],
             )
+            result = await self.kv.txn(txn)
+            if result.succeeded:
+                read = typing.cast(list[KeyValue], txn.named(result).get("previous", []))
+                previous = read[0].value.decode() if read else ""
+                log.info(
+                    "workflow %r of %r: new definition %s is current (was %s)",
+                    child.name,
+                    namespace,
+                    child_hash,
+                    previous or "none",
+                )
             if child is definition:
                 created = result.succeeded
-            self._current.pop(keys.workflow_current(child.name), None)
+            self._current.pop(current_key, None)
         await self.kv.txn(Txn([Compare.missing(keys.index)], [Put(keys.index, b"")]))
         self._cache[(namespace, parsed.hash)] = parsed
         return parsed.hash, created
@@ -169,9 +189,7 @@ class WorkflowStore:
         """
         keys = Keys(namespace)
         if not definition_hash:
-            current = await self.kv.get(
-                keys.workflow_current(names.check_name("workflow", name))
-            )
+            current = await self.kv.get(keys.workflow_current(names.check_name("workflow", name)))
             if current is None:
                 raise WorkflowNotFound(
                     f"workflow {name!r} is not registered in namespace {namespace!r}"
@@ -203,6 +221,53 @@ class WorkflowStore:
         self._cache[(namespace, definition_hash)] = parsed
         return parsed
 
+    async def promote(
+        self, namespace: str, name: str, definition_hash: str
+    ) -> tuple[workflow_pb2.RegisteredWorkflow, str]:
+        """Make a registered definition its workflow's current one again (logged).
+
+        Returns:
+            The definition (without it), and the hash that was current before ("" if none).
+
+        Raises:
+            WorkflowNotFound: no such workflow or hash, or a hash of another workflow.
+        """
+        keys = Keys(namespace)
+        record = await self.record(namespace, names.check_name("workflow", name), definition_hash)
+        current_key = keys.workflow_current(name)
+        txn = Txn(
+            [], [Get(current_key, name="previous"), Put(current_key, definition_hash.encode())]
+        )
+        result = await self.kv.txn(txn)
+        read = typing.cast(list[KeyValue], txn.named(result).get("previous", []))
+        previous = read[0].value.decode() if read else ""
+        self._current.pop(current_key, None)
+        log.warning(
+            "workflow %r of %r: definition %s promoted to current by request (was %s)",
+            name,
+            namespace,
+            definition_hash,
+            previous or "none",
+        )
+        record.ClearField("definition")
+        record.current = True
+        return record, previous
+
+    async def versions(self, namespace: str) -> list[workflow_pb2.RegisteredWorkflow]:
+        """Every registered definition of the namespace, by name then registration (no body)."""
+        keys = Keys(namespace)
+        found, _ = await self.kv.range(keys.workflow_defs)
+        currents, _ = await self.kv.range(keys.workflows)
+        current = {kv.key[len(keys.workflows) :].decode(): kv.value.decode() for kv in currents}
+        records = []
+        for kv in found:
+            record = workflow_pb2.RegisteredWorkflow.FromString(kv.value)
+            record.ClearField("definition")
+            record.current = current.get(record.name) == record.definition_hash
+            records.append(record)
+        records.sort(key=lambda r: (r.name, r.registered_at.ToMilliseconds(), r.definition_hash))
+        return records
+
     async def list_workflows(
         self, namespace: str, size: int, token: str
     ) -> tuple[list[workflow_pb2.RegisteredWorkflow], str]:
@@ -217,7 +282,7 @@ class WorkflowStore:
             name = kv.key[len(keys.workflows) :].decode()
             record = await self.kv.get(keys.workflow_def(kv.value.decode()))
             entry = workflow_pb2.RegisteredWorkflow(
-                namespace=namespace, name=name, definition_hash=kv.value.decode()
+                namespace=namespace, name=name, definition_hash=kv.value.decode(), current=True
             )
             if record is not None:
                 entry.registered_at.CopyFrom(

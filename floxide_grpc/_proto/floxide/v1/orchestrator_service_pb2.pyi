@@ -139,22 +139,26 @@ class ListWorkflowsRequest(_message.Message):
     NAMESPACE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ALL_VERSIONS_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """The namespace ("" means "default")."""
     page_size: _builtins.int
     """The most entries to return; 0 means 100, more than 1000 means 1000."""
     page_token: _builtins.str
     """The next_page_token of the previous page; empty for the first page."""
+    all_versions: _builtins.bool
+    """Lists every registered definition of each workflow, not only its current one."""
     def __init__(
         self,
         *,
         namespace: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        all_versions: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_versions", b"all_versions", "namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -172,7 +176,9 @@ class ListWorkflowsResponse(_message.Message):
     """Pass as page_token for the next page; empty on the last page."""
     @_builtins.property
     def workflows(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.RegisteredWorkflow]:
-        """The workflows, by name, each with its current hash and without its definition."""
+        """The workflows, by name (and, with all_versions, oldest registration first within a name),
+        without their definitions.
+        """
 
     def __init__(
         self,
@@ -187,6 +193,64 @@ class ListWorkflowsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWorkflowsResponse: _TypeAlias = ListWorkflowsResponse  # noqa: Y015
+
+@_typing.final
+class PromoteWorkflowRequest(_message.Message):
+    """Request of PromoteWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DEFINITION_HASH_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """The namespace ("" means "default")."""
+    name: _builtins.str
+    """The workflow."""
+    definition_hash: _builtins.str
+    """The registered definition to make current."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        definition_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_hash", b"definition_hash", "name", b"name", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteWorkflowRequest: _TypeAlias = PromoteWorkflowRequest  # noqa: Y015
+
+@_typing.final
+class PromoteWorkflowResponse(_message.Message):
+    """Response of PromoteWorkflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    PREVIOUS_HASH_FIELD_NUMBER: _builtins.int
+    previous_hash: _builtins.str
+    """The hash that was current before ("" if none was)."""
+    @_builtins.property
+    def workflow(self) -> _workflow_pb2.RegisteredWorkflow:
+        """The definition, current now (without its definition)."""
+
+    def __init__(
+        self,
+        *,
+        workflow: _workflow_pb2.RegisteredWorkflow | None = ...,
+        previous_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_hash", b"previous_hash", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteWorkflowResponse: _TypeAlias = PromoteWorkflowResponse  # noqa: Y015
 
 @_typing.final
 class StartRunRequest(_message.Message):

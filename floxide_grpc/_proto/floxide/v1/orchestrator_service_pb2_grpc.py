@@ -53,6 +53,11 @@ class OrchestratorServiceStub:
                 request_serializer=floxide_dot_v1_dot_orchestrator__service__pb2.ListWorkflowsRequest.SerializeToString,
                 response_deserializer=floxide_dot_v1_dot_orchestrator__service__pb2.ListWorkflowsResponse.FromString,
                 _registered_method=True)
+        self.PromoteWorkflow = channel.unary_unary(
+                '/floxide.v1.OrchestratorService/PromoteWorkflow',
+                request_serializer=floxide_dot_v1_dot_orchestrator__service__pb2.PromoteWorkflowRequest.SerializeToString,
+                response_deserializer=floxide_dot_v1_dot_orchestrator__service__pb2.PromoteWorkflowResponse.FromString,
+                _registered_method=True)
         self.StartRun = channel.unary_unary(
                 '/floxide.v1.OrchestratorService/StartRun',
                 request_serializer=floxide_dot_v1_dot_orchestrator__service__pb2.StartRunRequest.SerializeToString,
@@ -128,9 +133,11 @@ class OrchestratorServiceServicer:
     """
 
     def RegisterWorkflow(self, request, context):
-        """Validates a workflow definition and stores it by its content hash; it becomes the workflow's
-        current definition. Idempotent: the same definition returns the same hash with created=false.
-        Errors: INVALID_ARGUMENT (malformed definition, naming the node at fault),
+        """Validates a workflow definition and stores it by its content hash (the workflows nested in
+        it too). A new hash becomes the workflow's current definition (the server logs it); a hash
+        already registered changes nothing, and never which is current (only a new hash or
+        PromoteWorkflow does). Idempotent: the same definition returns the same hash with
+        created=false. Errors: INVALID_ARGUMENT (malformed definition, naming the node at fault),
         RESOURCE_EXHAUSTED (definition too large).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -145,7 +152,18 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkflows(self, request, context):
-        """Lists the namespace's workflows with their current definition hash, by name.
+        """Lists the namespace's workflows by name: each current definition, or with all_versions every
+        registered one; each says whether it is current, when it was registered and which
+        connected workers serve it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteWorkflow(self, request, context):
+        """Makes a registered definition its workflow's current one again: an operator's action, logged
+        by the server. Runs already started keep their definition. Errors: NOT_FOUND (unknown
+        workflow or hash, or a hash of another workflow).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -270,6 +288,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListWorkflows,
                     request_deserializer=floxide_dot_v1_dot_orchestrator__service__pb2.ListWorkflowsRequest.FromString,
                     response_serializer=floxide_dot_v1_dot_orchestrator__service__pb2.ListWorkflowsResponse.SerializeToString,
+            ),
+            'PromoteWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteWorkflow,
+                    request_deserializer=floxide_dot_v1_dot_orchestrator__service__pb2.PromoteWorkflowRequest.FromString,
+                    response_serializer=floxide_dot_v1_dot_orchestrator__service__pb2.PromoteWorkflowResponse.SerializeToString,
             ),
             'StartRun': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRun,
@@ -422,6 +445,33 @@ class OrchestratorService:
             '/floxide.v1.OrchestratorService/ListWorkflows',
             floxide_dot_v1_dot_orchestrator__service__pb2.ListWorkflowsRequest.SerializeToString,
             floxide_dot_v1_dot_orchestrator__service__pb2.ListWorkflowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/floxide.v1.OrchestratorService/PromoteWorkflow',
+            floxide_dot_v1_dot_orchestrator__service__pb2.PromoteWorkflowRequest.SerializeToString,
+            floxide_dot_v1_dot_orchestrator__service__pb2.PromoteWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

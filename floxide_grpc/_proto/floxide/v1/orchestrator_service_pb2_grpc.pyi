@@ -38,15 +38,25 @@ class OrchestratorServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrchestratorServiceAsyncStub: ...
     RegisterWorkflow: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.RegisterWorkflowRequest, _orchestrator_service_pb2.RegisterWorkflowResponse]
-    """Validates a workflow definition and stores it by its content hash; it becomes the workflow's
-    current definition. Idempotent: the same definition returns the same hash with created=false.
-    Errors: INVALID_ARGUMENT (malformed definition, naming the node at fault),
+    """Validates a workflow definition and stores it by its content hash (the workflows nested in
+    it too). A new hash becomes the workflow's current definition (the server logs it); a hash
+    already registered changes nothing, and never which is current (only a new hash or
+    PromoteWorkflow does). Idempotent: the same definition returns the same hash with
+    created=false. Errors: INVALID_ARGUMENT (malformed definition, naming the node at fault),
     RESOURCE_EXHAUSTED (definition too large).
     """
     GetWorkflow: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetWorkflowRequest, _orchestrator_service_pb2.GetWorkflowResponse]
     """Returns a registered definition. Errors: NOT_FOUND (unknown workflow or hash)."""
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListWorkflowsRequest, _orchestrator_service_pb2.ListWorkflowsResponse]
-    """Lists the namespace's workflows with their current definition hash, by name."""
+    """Lists the namespace's workflows by name: each current definition, or with all_versions every
+    registered one; each says whether it is current, when it was registered and which
+    connected workers serve it.
+    """
+    PromoteWorkflow: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PromoteWorkflowRequest, _orchestrator_service_pb2.PromoteWorkflowResponse]
+    """Makes a registered definition its workflow's current one again: an operator's action, logged
+    by the server. Runs already started keep their definition. Errors: NOT_FOUND (unknown
+    workflow or hash, or a hash of another workflow).
+    """
     StartRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartRunRequest, _orchestrator_service_pb2.StartRunResponse]
     """Starts a run. With an idempotency key, the same key, workflow and input return the existing
     run with created=false. Errors: NOT_FOUND (unknown workflow or hash), INVALID_ARGUMENT (input
@@ -100,15 +110,25 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterWorkflow: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.RegisterWorkflowRequest, _orchestrator_service_pb2.RegisterWorkflowResponse]  # type: ignore[assignment]
-    """Validates a workflow definition and stores it by its content hash; it becomes the workflow's
-    current definition. Idempotent: the same definition returns the same hash with created=false.
-    Errors: INVALID_ARGUMENT (malformed definition, naming the node at fault),
+    """Validates a workflow definition and stores it by its content hash (the workflows nested in
+    it too). A new hash becomes the workflow's current definition (the server logs it); a hash
+    already registered changes nothing, and never which is current (only a new hash or
+    PromoteWorkflow does). Idempotent: the same definition returns the same hash with
+    created=false. Errors: INVALID_ARGUMENT (malformed definition, naming the node at fault),
     RESOURCE_EXHAUSTED (definition too large).
     """
     GetWorkflow: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetWorkflowRequest, _orchestrator_service_pb2.GetWorkflowResponse]  # type: ignore[assignment]
     """Returns a registered definition. Errors: NOT_FOUND (unknown workflow or hash)."""
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListWorkflowsRequest, _orchestrator_service_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
-    """Lists the namespace's workflows with their current definition hash, by name."""
+    """Lists the namespace's workflows by name: each current definition, or with all_versions every
+    registered one; each says whether it is current, when it was registered and which
+    connected workers serve it.
+    """
+    PromoteWorkflow: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PromoteWorkflowRequest, _orchestrator_service_pb2.PromoteWorkflowResponse]  # type: ignore[assignment]
+    """Makes a registered definition its workflow's current one again: an operator's action, logged
+    by the server. Runs already started keep their definition. Errors: NOT_FOUND (unknown
+    workflow or hash, or a hash of another workflow).
+    """
     StartRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartRunRequest, _orchestrator_service_pb2.StartRunResponse]  # type: ignore[assignment]
     """Starts a run. With an idempotency key, the same key, workflow and input return the existing
     run with created=false. Errors: NOT_FOUND (unknown workflow or hash), INVALID_ARGUMENT (input
@@ -165,9 +185,11 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.RegisterWorkflowRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.RegisterWorkflowResponse, _abc.Awaitable[_orchestrator_service_pb2.RegisterWorkflowResponse]]:
-        """Validates a workflow definition and stores it by its content hash; it becomes the workflow's
-        current definition. Idempotent: the same definition returns the same hash with created=false.
-        Errors: INVALID_ARGUMENT (malformed definition, naming the node at fault),
+        """Validates a workflow definition and stores it by its content hash (the workflows nested in
+        it too). A new hash becomes the workflow's current definition (the server logs it); a hash
+        already registered changes nothing, and never which is current (only a new hash or
+        PromoteWorkflow does). Idempotent: the same definition returns the same hash with
+        created=false. Errors: INVALID_ARGUMENT (malformed definition, naming the node at fault),
         RESOURCE_EXHAUSTED (definition too large).
         """
 
@@ -185,7 +207,21 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.ListWorkflowsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.ListWorkflowsResponse, _abc.Awaitable[_orchestrator_service_pb2.ListWorkflowsResponse]]:
-        """Lists the namespace's workflows with their current definition hash, by name."""
+        """Lists the namespace's workflows by name: each current definition, or with all_versions every
+        registered one; each says whether it is current, when it was registered and which
+        connected workers serve it.
+        """
+
+    @_abc_1.abstractmethod
+    def PromoteWorkflow(
+        self,
+        request: _orchestrator_service_pb2.PromoteWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.PromoteWorkflowResponse, _abc.Awaitable[_orchestrator_service_pb2.PromoteWorkflowResponse]]:
+        """Makes a registered definition its workflow's current one again: an operator's action, logged
+        by the server. Runs already started keep their definition. Errors: NOT_FOUND (unknown
+        workflow or hash, or a hash of another workflow).
+        """
 
     @_abc_1.abstractmethod
     def StartRun(

@@ -398,12 +398,18 @@ class RegisteredWorkflow(_message.Message):
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     DEFINITION_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    SERVED_BY_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """The namespace it is registered in ("" means "default")."""
     definition_hash: _builtins.str
     """The definition's content hash, computed by the server."""
     name: _builtins.str
     """The workflow's name (the same as definition.name, and present in list responses)."""
+    current: _builtins.bool
+    """Whether this is the workflow's current definition, which StartRun uses when it names no
+    hash. Set in ListWorkflows and PromoteWorkflow responses.
+    """
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp:
         """When this hash was first registered."""
@@ -411,6 +417,13 @@ class RegisteredWorkflow(_message.Message):
     @_builtins.property
     def definition(self) -> Global___WorkflowDefinition:
         """The definition. Omitted in list responses."""
+
+    @_builtins.property
+    def served_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The connected workers (their worker ids) that serve a node of this definition: naming its
+        hash, or naming none (a ServedNode with no hash serves every registered definition of its
+        workflow that has the node). Set in ListWorkflows responses.
+        """
 
     def __init__(
         self,
@@ -420,10 +433,12 @@ class RegisteredWorkflow(_message.Message):
         registered_at: _timestamp_pb2.Timestamp | None = ...,
         definition: Global___WorkflowDefinition | None = ...,
         name: _builtins.str = ...,
+        current: _builtins.bool = ...,
+        served_by: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_hash", b"definition_hash", "name", b"name", "namespace", b"namespace", "registered_at", b"registered_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "definition", b"definition", "definition_hash", b"definition_hash", "name", b"name", "namespace", b"namespace", "registered_at", b"registered_at", "served_by", b"served_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
