@@ -26,7 +26,7 @@ KEY_RULE = "1 to 256 bytes of UTF-8 without control characters"
 
 def is_name(value: str) -> bool:
     """Whether ``value`` keeps the rule for names."""
-    return bool(_NAME.match(value))
+    return bool(_NAME.fullmatch(value))  # "$" would let a final newline in
 
 
 def check_name(what: str, value: str, error: type[FloxideError] = InvalidArgument) -> str:

@@ -38,7 +38,7 @@ def check_run_id(run_id: str) -> str:
     Raises:
         InvalidArgument: naming the id.
     """
-    if not _RUN_ID.match(run_id) or run_id in (".", ".."):
+    if not _RUN_ID.fullmatch(run_id) or run_id in (".", ".."):
         raise InvalidArgument(f"run id {run_id!r}: use 1 to 128 letters, digits, '_', '-' and '.'")
     return run_id
 

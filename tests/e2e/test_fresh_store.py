@@ -83,6 +83,14 @@ async def test_python_and_node_workers_register_again_on_a_fresh_store(tmp_path:
             "status": "shipped",
         }
         assert await completes(target, namespace, "js_greeting", "two") == "hello, two"
+        # Again, the server draining its streams this time (they end cleanly, not broken).
+        stop_server(server, signal.SIGTERM)
+        server, _ = start_server(*FLAGS, "--port", str(port), ready_file=ready)
+        assert await completes(target, namespace, "js_greeting", "three") == "hello, three"
+        assert await completes(target, namespace, "order_chain", order) == {
+            "order_id": 3,
+            "status": "shipped",
+        }
         assert all(w.poll() is None for w in workers), "a worker stopped"
         assert "registering the workflows again" in logs["python"].read_text()
         assert "registering js_greeting again" in logs["node"].read_text()

@@ -64,7 +64,7 @@ async def refused(call: Any, field: str, rule: str) -> None:
     assert field in details and rule in details, details
 
 
-@pytest.mark.parametrize("bad", ["a:b", "a b", "ñ", "x" * 129, "a/b"])
+@pytest.mark.parametrize("bad", ["a:b", "a b", "ñ", "x" * 129, "a/b", "single\n"])
 async def test_a_name_outside_the_rule_is_refused_naming_the_field(
     stack: Stack,
     stubs: tuple[Any, Any],

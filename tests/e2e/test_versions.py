@@ -18,7 +18,7 @@ from floxide_worker import Worker, WorkerConfig
 from floxide_grpc import Workflow, node
 from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2 as pb
 from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2_grpc
-from floxide_grpc.errors import NotFound
+from floxide_grpc.errors import InvalidArgument, NotFound
 from tests.conftest import Stack
 from tests.e2e.test_cli import floxide
 
@@ -80,6 +80,8 @@ async def test_an_older_definition_is_current_again_only_when_promoted(
         assert done.output == 7
     with pytest.raises(NotFound):
         await stack.client.promote_workflow("invoices", "sha256:" + "0" * 64)
+    with pytest.raises(InvalidArgument, match="definition_hash is required"):
+        await stack.client.promote_workflow("invoices", "")
     with pytest.raises(NotFound, match="not of workflow 'invoices'"):
         await stack.client.promote_workflow("invoices", other)
     current = {

@@ -249,6 +249,8 @@ async def test_a_result_whose_token_or_fields_are_not_its_claims_is_refused_and_
         forged(f"{lease}:{nonce}:1:{run_id}:nothing", item_id="nothing"),  # names no item
         forged(f"{lease}:{nonce}:1:{uuid.uuid4()}:{item_id}", run_id="x"),  # names no run
         forged(f"ffff:{nonce}:1:{run_id}:{item_id}"),  # another session's
+        forged(f"0x{lease}:{nonce}:1:{run_id}:{item_id}"),  # its own, spelt otherwise
+        forged(f"{lease.upper()}:{nonce}:01:{run_id}:{item_id}"),
         forged("not-a-token"),
         forged(""),
     ]

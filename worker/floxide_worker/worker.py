@@ -297,6 +297,7 @@ class Worker:
                 await self._serve()
                 backoff = self.config.reconnect_backoff.total_seconds()
                 self._turn += 1  # the server ended the stream (draining): try the next one
+                reregistered = reregistered and not self._acked
             except grpc.aio.AioRpcError as exc:
                 if self._acked:
                     reregistered = False

@@ -104,8 +104,10 @@ class ClaimToken:
             parsed = cls(int(lease, 16), nonce, int(attempt), run_id, item_id)
         except ValueError:
             parsed = None
-        if parsed is None or not (
-            _NONCE.match(parsed.nonce) and parsed.attempt > 0 and run_id and item_id
+        if (
+            parsed is None
+            or not (_NONCE.fullmatch(parsed.nonce) and parsed.attempt > 0 and run_id and item_id)
+            or str(parsed) != token  # one spelling only: "0x1f" or " 1" name no claim
         ):
             raise ClaimLost(f"claim token {token[:200]!r} is malformed: it names no claim")
         return parsed

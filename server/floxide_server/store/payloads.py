@@ -74,7 +74,7 @@ def check_name(what: str, value: str) -> str:
     Raises:
         InvalidArgument: naming ``what``.
     """
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise InvalidArgument(f"{what} {value!r} is missing or malformed")
     return value
 

@@ -12,6 +12,7 @@ from floxide_grpc._proto.floxide.v1 import workflow_pb2
 from floxide_grpc.context import ContextSchema
 from floxide_grpc.errors import (
     FloxideError,
+    InvalidArgument,
     InvalidDefinition,
     ResourceExhausted,
     WorkflowNotFound,
@@ -230,9 +231,14 @@ class WorkflowStore:
             The definition (without it), and the hash that was current before ("" if none).
 
         Raises:
+            InvalidArgument: no hash given.
             WorkflowNotFound: no such workflow or hash, or a hash of another workflow.
         """
         keys = Keys(namespace)
+        if not definition_hash:
+            raise InvalidArgument(
+                "definition_hash is required: the registered definition to promote"
+            )
         record = await self.record(namespace, names.check_name("workflow", name), definition_hash)
         current_key = keys.workflow_current(name)
         txn = Txn(

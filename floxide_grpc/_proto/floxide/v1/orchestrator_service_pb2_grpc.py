@@ -162,8 +162,8 @@ class OrchestratorServiceServicer:
 
     def PromoteWorkflow(self, request, context):
         """Makes a registered definition its workflow's current one again: an operator's action, logged
-        by the server. Runs already started keep their definition. Errors: NOT_FOUND (unknown
-        workflow or hash, or a hash of another workflow).
+        by the server. Runs already started keep their definition. Errors: INVALID_ARGUMENT (no
+        hash), NOT_FOUND (unknown workflow or hash, or a hash of another workflow).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

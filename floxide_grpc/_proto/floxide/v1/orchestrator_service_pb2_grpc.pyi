@@ -54,8 +54,8 @@ class OrchestratorServiceStub:
     """
     PromoteWorkflow: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PromoteWorkflowRequest, _orchestrator_service_pb2.PromoteWorkflowResponse]
     """Makes a registered definition its workflow's current one again: an operator's action, logged
-    by the server. Runs already started keep their definition. Errors: NOT_FOUND (unknown
-    workflow or hash, or a hash of another workflow).
+    by the server. Runs already started keep their definition. Errors: INVALID_ARGUMENT (no
+    hash), NOT_FOUND (unknown workflow or hash, or a hash of another workflow).
     """
     StartRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartRunRequest, _orchestrator_service_pb2.StartRunResponse]
     """Starts a run. With an idempotency key, the same key, workflow and input return the existing
@@ -126,8 +126,8 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """
     PromoteWorkflow: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PromoteWorkflowRequest, _orchestrator_service_pb2.PromoteWorkflowResponse]  # type: ignore[assignment]
     """Makes a registered definition its workflow's current one again: an operator's action, logged
-    by the server. Runs already started keep their definition. Errors: NOT_FOUND (unknown
-    workflow or hash, or a hash of another workflow).
+    by the server. Runs already started keep their definition. Errors: INVALID_ARGUMENT (no
+    hash), NOT_FOUND (unknown workflow or hash, or a hash of another workflow).
     """
     StartRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.StartRunRequest, _orchestrator_service_pb2.StartRunResponse]  # type: ignore[assignment]
     """Starts a run. With an idempotency key, the same key, workflow and input return the existing
@@ -219,8 +219,8 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.PromoteWorkflowResponse, _abc.Awaitable[_orchestrator_service_pb2.PromoteWorkflowResponse]]:
         """Makes a registered definition its workflow's current one again: an operator's action, logged
-        by the server. Runs already started keep their definition. Errors: NOT_FOUND (unknown
-        workflow or hash, or a hash of another workflow).
+        by the server. Runs already started keep their definition. Errors: INVALID_ARGUMENT (no
+        hash), NOT_FOUND (unknown workflow or hash, or a hash of another workflow).
         """
 
     @_abc_1.abstractmethod
