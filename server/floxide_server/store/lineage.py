@@ -9,8 +9,10 @@ reads that takes (:meth:`Lineage.plan`, :meth:`Lineage.readied`) and the rest of
   fallback apply), guarded by the item (still IN_PROGRESS for this very child) and the
   parent's record. A parent ended so resolves its own parent's item in the same Txn, up the
   tree. A resolution whose guards fail fails the whole Txn, which is retried from fresh reads.
-- **Cancelling a child** cancels its ancestors in the same Txn (:meth:`Lineage.ancestors`);
-  their settling cancels their other children (:mod:`.settling`).
+- **A child that ended unseen** (its parent was failed then, as a resume requeues) is taken
+  once the parent runs (:meth:`Lineage.catch_up`: the resume, and the stuck reconciler).
+- **Cancelling a child** cancels its ancestors whose item waits for it, in the same Txn
+  (:meth:`Lineage.ancestors`); their settling cancels their other children (:mod:`.settling`).
 - **A wide fan-out** of nested workflows is expanded with each chunk's children started from
   the context as that chunk's Txn sees it (:meth:`Lineage.expand`).
 """
