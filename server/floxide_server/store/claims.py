@@ -476,14 +476,8 @@ class Claims:
                 *planned.guards,
             ]
             writes = [Delete(claim_key), *planned.writes, *new_items(keys, planned.new_items)]
-            parent = None
-            if planned.ended is not None and planned.ended.HasField("parent"):
-                # A child run this failure ends fails its parent's item in the same Txn.
-                left = max(self.limits.max_txn_ops - len(writes) - 2, 0)
-                parent = await self.lineage.resolve(planned.ended, basis.now_ms, left)
-                if parent is not None:
-                    guards.extend(parent.guards)
-                    writes.extend(parent.writes)
+            # A child run this failure ends fails its parent's item in the same Txn.
+            parent = await self.lineage.join(planned.ended, basis.now_ms, guards, writes)
             result = await self.kv.txn(Txn(guards, writes))
             self.groups.remember(planned.groups, 0)
             if not result.succeeded:

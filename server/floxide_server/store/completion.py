@@ -270,21 +270,18 @@ class Completions:
         Txn nested in a branch-ending step does so in its own writes. Returns both.
         """
         keys = basis.keys
-        parent = None
-        if plan.ended is not None and plan.ended.HasField("parent"):
-            parent = await self.lineage.resolve(plan.ended, basis.now_ms, self._left(writes))
-            if parent is not None:
-                guards.extend(parent.guards)
-                writes.extend(parent.writes)
+        parent = await self.lineage.join(plan.ended, basis.now_ms, guards, writes)
         stuck_parent = None
         if plan.ends_branch and await self._maybe_last(keys, claim):
             # Fails the run in the same Txn if no other item is live then.
             nodes = await stuck.ended_at(self.kv, keys, claim.run_id)
             stuck_txn, failed_run = planning.stuck(basis, nodes)
-            if failed_run.HasField("parent"):
-                stuck_parent = await self.lineage.resolve(
-                    failed_run, basis.now_ms, self._left(writes)
-                )
+            # In the nested Txn's own compares and writes: made apart, then nested.
+            stuck_guards: list[Compare] = []
+            stuck_writes: list[Request] = list(writes)
+            stuck_parent = await self.lineage.join(
+                failed_run, basis.now_ms, stuck_guards, stuck_writes
+            )
             writes.append(nest(stuck_txn, stuck_parent))
         return parent, stuck_parent
 
@@ -314,10 +311,6 @@ class Completions:
             await self.lineage.after(stuck_parent, result.revision)
         else:
             self.lineage.forget(stuck_parent)
-
-    def _left(self, writes: Sequence[Request]) -> int:
-        """The Txn operations a parent's step may take beside ``writes``."""
-        return max(self.limits.max_txn_ops - len(writes) - 2, 0)
 
     async def _maybe_last(self, keys: Keys, claim: ClaimToken) -> bool:
         """Whether at most one other item of the run is live.

@@ -112,6 +112,27 @@ class Lineage:
         ]
         return guards, writes
 
+    async def join(
+        self,
+        ended: records_pb2.RunRecord | None,
+        now: int,
+        guards: list[Compare],
+        writes: list[Request],
+    ) -> Resolution | None:
+        """Add to an ending Txn (``guards``, ``writes``) its run's parent item step, if any.
+
+        ``ended``: the run as the Txn ends it. The step may take what ``writes`` leaves of
+        etcd's operations. Returns the resolution, for :meth:`after` or :meth:`forget`.
+        """
+        if ended is None or not ended.HasField("parent"):
+            return None
+        left = max(self.limits.max_txn_ops - len(writes) - 2, 0)
+        resolution = await self.resolve(ended, now, left)
+        if resolution is not None:
+            guards.extend(resolution.guards)
+            writes.extend(resolution.writes)
+        return resolution
+
     async def nested(self, keys: Keys, item: work_item_pb2.WorkItem) -> bool:
         """Whether an item runs a nested workflow (it starts a child run when made ready)."""
         definition = await self.workflows.get(keys.namespace, item.definition_hash)

@@ -103,12 +103,7 @@ async def fail_stuck(
                 Compare.value_is(keys.status(run.run_id), status_name(RUNNING)),
                 Compare.none_in(keys.live(run.run_id), prefix_end(keys.live(run.run_id))),
             ]
-            parent = None
-            if lineage is not None and run.HasField("parent"):
-                parent = await lineage.resolve(run, now_ms, max_txn_ops - len(writes) - 2)
-                if parent is not None:
-                    guards.extend(parent.guards)
-                    writes.extend(parent.writes)
+            parent = await lineage.join(run, now_ms, guards, writes) if lineage else None
             result = await kv.txn(Txn(guards, writes))
             if result.succeeded:
                 failed += 1

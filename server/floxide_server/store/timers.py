@@ -161,12 +161,7 @@ async def time_out(
     ]
     now = now_ms()
     writes = settling.ending(keys, run, TIMED_OUT, now, error)  # the timer deleted too
-    parent = None
-    if lineage is not None and run.HasField("parent"):
-        parent = await lineage.resolve(run, now, max_txn_ops - len(writes) - 2)
-        if parent is not None:
-            guards.extend(parent.guards)
-            writes.extend(parent.writes)
+    parent = await lineage.join(run, now, guards, writes) if lineage else None
     result = await kv.txn(Txn(guards, writes))
     if result.succeeded:
         log.info("run %s of %r timed out", run_id, keys.namespace)
