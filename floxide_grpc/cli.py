@@ -28,6 +28,7 @@ from floxide_grpc.errors import FloxideError
 from floxide_grpc.graph import Graph
 from floxide_grpc.records import RunInfo, RunStatus, WorkerInfo
 from floxide_grpc.runner import LocalRunner
+from floxide_grpc.tls import CaOption, CertOption, KeyOption, NameOption, Tls, TlsOption
 from floxide_grpc.workflow import Workflow
 
 T = TypeVar("T")
@@ -46,6 +47,7 @@ app = typer.Typer(
 class _Target:
     server: str
     namespace: str
+    tls: Tls | None = None
 
 
 @app.callback()
@@ -57,9 +59,20 @@ def _root(
     namespace: Annotated[
         str, typer.Option(envvar="FLOXIDE_NAMESPACE", help="The namespace.")
     ] = "default",
+    tls: TlsOption = False,
+    tls_ca: CaOption = None,
+    tls_cert: CertOption = None,
+    tls_key: KeyOption = None,
+    tls_server_name: NameOption = None,
 ) -> None:
     """Run and inspect floxide-grpc workflows."""
-    ctx.obj = _Target(server, namespace)
+    try:
+        chosen = Tls.of(
+            ca=tls_ca, cert=tls_cert, key=tls_key, server_name=tls_server_name, enabled=tls
+        )
+    except FloxideError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    ctx.obj = _Target(server, namespace, chosen)
 
 
 def _remote(ctx: typer.Context, call: Callable[[OrchestratorClient], Awaitable[T]]) -> T:
@@ -67,7 +80,9 @@ def _remote(ctx: typer.Context, call: Callable[[OrchestratorClient], Awaitable[T
     target: _Target = ctx.obj
 
     async def go() -> T:
-        async with OrchestratorClient(target.server, namespace=target.namespace) as client:
+        async with OrchestratorClient(
+            target.server, namespace=target.namespace, tls=target.tls
+        ) as client:
             return await call(client)
 
     try:
@@ -399,6 +414,40 @@ def graph(
     typer.echo(drawn.to_dot() if format is GraphFormat.DOT else drawn.to_mermaid(), nl=False)
 
 
+@app.command()
+def certs(
+    directory: Annotated[Path, typer.Argument(help="Where to write the PEM files.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host", help="A DNS name or IP address the server is reached by (repeatable)."
+        ),
+    ] = None,
+) -> None:
+    """Make a development CA, a server certificate and a client certificate (for mTLS).
+
+    The server's names are localhost, 127.0.0.1 and ::1, plus each --host. For machines of
+    your own: in production, certificates come from your organisation's CA.
+    """
+    from floxide_grpc.certs import make_authority  # noqa: PLC0415 - cryptography, only here
+
+    hosts = ["localhost", "127.0.0.1", "::1", *(host or [])]
+    authority = make_authority(directory)
+    server = authority.issue("floxide server", hosts=hosts)
+    client = authority.issue("floxide client", client=True)
+    typer.echo(f"CA:     {authority.cert} (key {authority.key})")
+    typer.echo(f"server: {server.cert} (key {server.key}) for {', '.join(hosts)}")
+    typer.echo(f"client: {client.cert} (key {client.key})")
+    typer.echo(
+        f"serve:  floxide-server --tls-cert {server.cert} --tls-key {server.key} "
+        f"[--tls-client-ca {authority.cert}]"
+    )
+    typer.echo(
+        f"reach:  FLOXIDE_TLS_CA={authority.cert} [FLOXIDE_TLS_CERT={client.cert} "
+        f"FLOXIDE_TLS_KEY={client.key}] floxide runs"
+    )
+
+
 DEV_TARGET = "examples/order_chain.py"
 DEV_INPUT = '{"id": 1, "amount": 25.0, "card": "visa"}'
 
@@ -412,6 +461,12 @@ def dev(
     workers: Annotated[int, typer.Option(help="How many worker processes.")] = 2,
     slots: Annotated[int, typer.Option(help="Slots of each worker.")] = 2,
     timeout: Annotated[float, typer.Option(help="Seconds the whole run may take.")] = 120.0,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls", help="Over TLS, client certificates required (a development CA of its own)."
+        ),
+    ] = False,
 ) -> None:
     """Run the whole stack here, end to end, then stop it.
 
@@ -427,7 +482,7 @@ def dev(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     try:
-        output = asyncio.run(_dev(target, workflow, value, workers, slots, timeout))
+        output = asyncio.run(_dev(target, workflow, value, workers, slots, timeout, tls=tls))
     except (FloxideError, TimeoutError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc
@@ -435,7 +490,14 @@ def dev(
 
 
 async def _dev(
-    target: str, workflow: Workflow, value: Any, workers: int, slots: int, timeout: float
+    target: str,
+    workflow: Workflow,
+    value: Any,
+    workers: int,
+    slots: int,
+    timeout: float,
+    *,
+    tls: bool = False,
 ) -> Any:
     import signal  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
@@ -444,6 +506,7 @@ async def _dev(
     processes: list[asyncio.subprocess.Process] = []
     with tempfile.TemporaryDirectory(prefix="floxide-dev-") as tmp:
         ready = Path(tmp) / "server"
+        serving, reaching, client_tls = _dev_tls(Path(tmp) / "certs") if tls else ([], [], None)
         try:
             async with asyncio.timeout(timeout):
                 processes.append(
@@ -455,6 +518,7 @@ async def _dev(
                         str(ready),
                         "--log-level",
                         "warning",
+                        *serving,
                     )
                 )
                 while not (ready.exists() and ready.read_text().endswith("\n")):
@@ -462,7 +526,10 @@ async def _dev(
                         raise RuntimeError("floxide-server exited before serving")
                     await asyncio.sleep(0.05)
                 server = ready.read_text().strip()
-                console.print(f"[dim]server on {server} (embedded etcd)[/]", highlight=False)
+                transport = "mTLS" if tls else "plain text"
+                console.print(
+                    f"[dim]server on {server} ({transport}, embedded etcd)[/]", highlight=False
+                )
                 for n in range(workers):
                     processes.append(
                         await asyncio.create_subprocess_exec(
@@ -476,9 +543,10 @@ async def _dev(
                             f"dev-worker-{n + 1}",
                             "--log-level",
                             "warning",
+                            *reaching,
                         )
                     )
-                async with OrchestratorClient(server) as client:
+                async with OrchestratorClient(server, tls=client_tls) as client:
                     while len(await client.workers()) < workers:
                         if any(p.returncode is not None for p in processes):
                             raise RuntimeError("a worker exited before connecting")
@@ -507,6 +575,20 @@ async def _dev(
                 except TimeoutError:
                     process.kill()
                     await process.wait()
+
+
+def _dev_tls(directory: Path) -> tuple[list[str], list[str], Tls]:
+    """A development CA for ``floxide dev --tls``: the server's flags, workers', the client's."""
+    from floxide_grpc.certs import make_authority  # noqa: PLC0415 - cryptography, only here
+
+    authority = make_authority(directory)
+    server = authority.issue("floxide dev server", hosts=["localhost", "127.0.0.1"])
+    client = authority.issue("floxide dev client", client=True)
+    serving = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
+    serving += ["--tls-client-ca", str(authority.cert)]
+    reaching = ["--tls-ca", str(authority.cert), "--tls-cert", str(client.cert)]
+    reaching += ["--tls-key", str(client.key)]
+    return serving, reaching, Tls(ca=authority.cert, cert=client.cert, key=client.key)
 
 
 def main() -> None:

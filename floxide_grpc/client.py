@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -42,6 +42,7 @@ from floxide_grpc.records import (
     WorkflowInfo,
 )
 from floxide_grpc.status import error_from_status
+from floxide_grpc.tls import Tls, open_channel
 from floxide_grpc.workflow import Workflow
 
 __all__ = ["OrchestratorClient", "SyncOrchestratorClient"]
@@ -61,6 +62,9 @@ class OrchestratorClient:
         namespace: The namespace of every call.
         timeout: The deadline of one call, in seconds.
         retries: How many times a call failing with UNAVAILABLE is tried again.
+        tls: TLS to the server; ``None``: plain text. (:meth:`Tls.of
+            <floxide_grpc.tls.Tls.of>` reads the ``FLOXIDE_TLS_*`` environment.) The files are
+            read again when a call finds the server unreachable after they changed.
     """
 
     def __init__(
@@ -70,20 +74,39 @@ class OrchestratorClient:
         namespace: str = "default",
         timeout: float = 10.0,
         retries: int = 5,
+        tls: Tls | None = None,
     ) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout = timeout
         self.retries = retries
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
+        self.tls = tls
+        self._connect()
+        # Each call looks up the current stub: a rotated certificate makes a new channel.
+        self._stub = cast(
+            "orchestrator_service_pb2_grpc.OrchestratorServiceAsyncStub", _Current(self)
+        )
+
+    def _connect(self) -> None:
+        """A channel and its stub, with the TLS files as they are now."""
+        self._stamp = self.tls.stamp() if self.tls is not None else ()
+        self._channel = open_channel(
+            self.target,
+            self.tls,
+            [
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ],
         )
-        self._stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(self._channel)
+        self._current = orchestrator_service_pb2_grpc.OrchestratorServiceStub(self._channel)
+
+    async def _reconnect_if_rotated(self) -> None:
+        """A new channel if the TLS files changed (a channel keeps its first certificates)."""
+        if self.tls is not None and self.tls.changed(self._stamp):
+            old = self._channel
+            self._connect()
+            await old.close()
 
     async def close(self) -> None:
         """Close the channel. Idempotent."""
@@ -118,6 +141,7 @@ class OrchestratorClient:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in again or attempt == self.retries:
                     raise error_from_status(exc) from exc
+            await self._reconnect_if_rotated()
             await asyncio.sleep(pause * random.uniform(0.5, 1.0))
             pause = min(pause * 2, 2.0)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -458,3 +482,16 @@ class SyncOrchestratorClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _Current:
+    """The client's stub as of each call (its channel is replaced when certificates rotate)."""
+
+    def __init__(self, client: OrchestratorClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return getattr(self._client._current, name)(*args, **kwargs)
+
+        return call

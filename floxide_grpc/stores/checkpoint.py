@@ -19,6 +19,7 @@ import grpc
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, store_service_pb2, store_service_pb2_grpc
 from floxide_grpc.errors import InvalidArgument
 from floxide_grpc.status import error_from_status
+from floxide_grpc.tls import Tls, open_channel
 
 __all__ = [
     "CheckpointStore",
@@ -115,12 +116,20 @@ class RemoteCheckpointStore:
     """Checkpoints on a floxide-grpc server (its ``CheckpointStoreService``, kept in etcd).
 
     Lets a local run outlive its machine: resume it anywhere that reaches the server.
+    ``tls``: TLS to the server (``None``: plain text).
     """
 
-    def __init__(self, target: str, *, namespace: str = "default", timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        namespace: str = "default",
+        timeout: float = 10.0,
+        tls: Tls | None = None,
+    ) -> None:
         self.namespace = namespace
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = open_channel(target, tls)
         self._stub = store_service_pb2_grpc.CheckpointStoreServiceStub(self._channel)
 
     async def save(self, run_id: str, checkpoint: Checkpoint) -> None:

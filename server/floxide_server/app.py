@@ -44,6 +44,7 @@ from floxide_server.store.kv import KV, KVUnavailable
 from floxide_server.store.payloads import Limits
 from floxide_server.store_services import add_store_services
 from floxide_server.tasks import Ready, first_error, started
+from floxide_server.tls import ServerTls
 from floxide_server.watch import Watches
 from floxide_server.worker_service import WorkerService, add_worker_service
 
@@ -77,6 +78,7 @@ class ServerConfig:
         namespace_retention: Retention periods of particular namespaces.
         election_ttl: The elected replica's lease TTL (a dead one is followed within it);
             the sessions' lease TTL by default.
+        tls: TLS on the port (and mTLS); ``None``: plain text.
     """
 
     host: str = "127.0.0.1"
@@ -91,6 +93,7 @@ class ServerConfig:
     reconcile_interval: timedelta = timedelta(seconds=30)
     namespace_retention: Mapping[str, timedelta] = dataclasses.field(default_factory=dict)
     election_ttl: timedelta | None = None
+    tls: ServerTls | None = None
 
 
 class Server:
@@ -194,7 +197,11 @@ class Server:
         server = self._grpc_server()
         # The asyncio health servicer starts out SERVING: say NOT_SERVING before anyone asks.
         await self._set_health(serving=False)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, self.config.tls.credentials())
         if not self.port:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await server.start()
@@ -213,10 +220,11 @@ class Server:
                 await self._check_health()
                 parts.append(tasks.create_task(self._watch_health()))
                 log.info(
-                    "floxide server %s listening on %s:%d",
+                    "floxide server %s listening on %s:%d (%s)",
                     self.config.server_id,
                     self.config.host,
                     self.port,
+                    _transport(self.config.tls),
                 )
                 ready.set_result(self.port)
                 await self.stopping.wait()
@@ -298,3 +306,9 @@ class Server:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _transport(tls: ServerTls | None) -> str:
+    if tls is None:
+        return "plain text"
+    return "TLS, client certificates required" if tls.client_ca is not None else "TLS"

@@ -10,11 +10,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
+import grpc
 import typer
 
 from floxide_grpc import __version__
 from floxide_grpc import loop as event_loop
 from floxide_grpc.errors import FloxideError
+from floxide_grpc.tls import Tls
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV, crash_safe
@@ -22,6 +24,7 @@ from floxide_server.sessions import SessionConfig
 from floxide_server.store.kv import KVUnavailable
 from floxide_server.store.payloads import Limits
 from floxide_server.tasks import first_done
+from floxide_server.tls import ServerTls, is_loopback
 
 app = typer.Typer(name="floxide-server", add_completion=False)
 log = logging.getLogger("floxide_server")
@@ -37,13 +40,15 @@ async def serve(
     etcd_retry: float = 10.0,
     *,
     embedded: bool = False,
+    etcd_tls: Tls | None = None,
+    etcd_auth: tuple[str, str] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully.
 
     Raises:
         Exception: the failure that stopped the server (a server-wide task failed).
     """
-    kv = EtcdKV(endpoints, retry_for=etcd_retry)
+    kv = EtcdKV(endpoints, retry_for=etcd_retry, tls=etcd_tls, auth=etcd_auth)
     server = Server(kv, config)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -68,9 +73,35 @@ async def serve(
             await kv.close()
 
 
+def _check_transport(
+    host: str, cert: Path | None, key: Path | None, client_ca: Path | None, *, insecure: bool
+) -> None:
+    """Refuse TLS options that do not go together, and plain text off loopback unless asked."""
+    if (cert is None) != (key is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together")
+    if client_ca is not None and cert is None:
+        raise typer.BadParameter("--tls-client-ca needs --tls-cert and --tls-key (TLS first)")
+    if cert is None and not is_loopback(host) and not insecure:
+        raise typer.BadParameter(
+            f"serving {host} in plain text: give --tls-cert and --tls-key, or --insecure to do "
+            "so on purpose",
+            param_hint="--host",
+        )
+
+
+def _etcd_tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
+    if (cert is None) != (key is None):
+        raise typer.BadParameter("--etcd-cert and --etcd-key go together")
+    return Tls(ca=ca, cert=cert, key=key) if ca or cert else None
+
+
 async def _check_version(kv: EtcdKV) -> None:
     """Warn, loudly, of an etcd that can lose applied writes when a member crashes."""
-    version = await kv.version()
+    try:
+        version = await kv.version()
+    except grpc.aio.AioRpcError as exc:  # a user without the right to ask, say
+        log.info("etcd's version is unknown (%s)", exc.details())
+        return
     log.info("etcd %s", version)
     if not crash_safe(version):
         log.warning(
@@ -129,6 +160,50 @@ def run(
     max_run_timeout_days: Annotated[
         float, typer.Option(min=0.001, help="The longest run timeout a start may ask for, in days.")
     ] = 365.0,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLOXIDE_SERVER_TLS_CERT",
+            help="PEM certificate (chain) of the port: TLS. Reloaded when it changes.",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(envvar="FLOXIDE_SERVER_TLS_KEY", help="PEM private key of --tls-cert."),
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FLOXIDE_SERVER_TLS_CLIENT_CA",
+            help="PEM CA that signs clients' certificates: every client must present one (mTLS).",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", help="Serve plain text on an address other than loopback, on purpose."
+        ),
+    ] = False,
+    etcd_ca: Annotated[
+        Path | None, typer.Option(envvar="FLOXIDE_ETCD_CA", help="PEM CA of etcd: TLS to etcd.")
+    ] = None,
+    etcd_cert: Annotated[
+        Path | None,
+        typer.Option(envvar="FLOXIDE_ETCD_CERT", help="PEM client certificate for etcd."),
+    ] = None,
+    etcd_key: Annotated[
+        Path | None, typer.Option(envvar="FLOXIDE_ETCD_KEY", help="PEM key of --etcd-cert.")
+    ] = None,
+    etcd_user: Annotated[
+        str, typer.Option(envvar="FLOXIDE_ETCD_USER", help="etcd user, if etcd's auth is on.")
+    ] = "",
+    etcd_password: Annotated[
+        str,
+        typer.Option(
+            envvar="FLOXIDE_ETCD_PASSWORD",
+            help="Its password (the variable keeps it out of the process list).",
+        ),
+    ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
@@ -136,6 +211,10 @@ def run(
     if version:
         typer.echo(f"floxide-server {__version__}")
         return
+    _check_transport(host, tls_cert, tls_key, tls_client_ca, insecure=insecure)
+    etcd_tls = _etcd_tls(etcd_ca, etcd_cert, etcd_key)
+    if etcd_password and not etcd_user:
+        raise typer.BadParameter("--etcd-password needs --etcd-user")
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -163,9 +242,16 @@ def run(
         retention=timedelta(days=retention_days),
         reconcile_interval=timedelta(seconds=reconcile_interval),
         namespace_retention=by_namespace,
+        tls=ServerTls(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None,
     )
     if server_id:
         config = dataclasses.replace(config, server_id=server_id)
+    if tls_cert is None and not is_loopback(host):
+        log.warning(
+            "INSECURE: serving %s in plain text (--insecure): anyone on the network can read "
+            "and change this server's traffic",
+            host,
+        )
     embedded: EmbeddedEtcd | None = None
     endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
     if not endpoints:
@@ -183,6 +269,8 @@ def run(
                 timedelta(seconds=grace),
                 etcd_retry,
                 embedded=embedded is not None,
+                etcd_tls=etcd_tls,
+                etcd_auth=(etcd_user, etcd_password) if etcd_user else None,
             )
         )
     except FloxideError as exc:  # refused to start: etcd's storage format is another one

@@ -39,6 +39,8 @@ from typing import Any, TypeVar
 import grpc
 from aetcd import rpc
 
+from floxide_grpc.errors import FloxideError
+from floxide_grpc.tls import Tls, open_channel
 from floxide_server.group_commit import GroupCommit
 from floxide_server.store.kv import (
     Compacted,
@@ -116,6 +118,13 @@ def _kv(message: Any) -> KeyValue:
     )
 
 
+def _token_refused(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether etcd refused the call's auth token (expired, or from before a restart)."""
+    return exc.code() == grpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in (
+        exc.details() or ""
+    )
+
+
 def crash_safe(version: str) -> bool:
     """Whether an etcd version keeps every applied write when a member crashes.
 
@@ -139,16 +148,28 @@ class EtcdKV:
         timeout: The deadline of one RPC, in seconds.
         retry_for: How long an operation keeps trying other endpoints before it raises
             :class:`KVUnavailable`.
+        tls: TLS to etcd (its CA; a client certificate for a cluster that requires one).
+        auth: etcd's user and password, for a cluster with auth enabled.
     """
 
     def __init__(
-        self, endpoints: Sequence[str], *, timeout: float = 5.0, retry_for: float = 10.0
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float = 5.0,
+        retry_for: float = 10.0,
+        tls: Tls | None = None,
+        auth: tuple[str, str] | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
         self.timeout = timeout
         self.retry_for = retry_for
+        self.tls = tls
+        self.auth = auth
+        self._metadata: tuple[tuple[str, str], ...] = LEADER
+        self._authenticating: asyncio.Task[None] | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._current = 0
         self._spent: list[bytes] = []  # tokens whose outcome is read: deleted with the next request
@@ -163,9 +184,10 @@ class EtcdKV:
         endpoint = self.endpoints[self._current % len(self.endpoints)]
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
+            channel = open_channel(
                 endpoint,
-                options=[
+                self.tls,
+                [
                     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                     ("grpc.keepalive_time_ms", 10_000),
                     ("grpc.keepalive_timeout_ms", 5_000),
@@ -198,8 +220,18 @@ class EtcdKV:
         if endpoint == self.endpoints[self._current % len(self.endpoints)]:
             self._current += 1
 
-    async def _call(self, make: Callable[[grpc.aio.Channel], Coroutine[Any, Any, T]]) -> T:
-        """Call on the current endpoint, moving to the next on a retryable failure."""
+    async def _call(
+        self,
+        make: Callable[[grpc.aio.Channel], Coroutine[Any, Any, T]],
+        *,
+        authenticated: bool = True,
+    ) -> T:
+        """Call on the current endpoint, moving to the next on a retryable failure.
+
+        With :attr:`auth`, a token is got first, and again when etcd refuses it.
+        """
+        if authenticated:
+            await self._token()
         deadline = time.monotonic() + self.retry_for
         pause = 0.05
         while True:
@@ -213,6 +245,9 @@ class EtcdKV:
             except grpc.aio.AioRpcError as exc:
                 if self._closed:
                     raise KVUnavailable(f"closed: {exc.details()}") from exc
+                if _token_refused(exc) and self.auth is not None and authenticated:
+                    await self.authenticate()  # expired (idle): a new one, and the call again
+                    continue
                 if exc.code() not in _RETRYABLE:
                     raise
                 past = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -231,7 +266,7 @@ class EtcdKV:
         """The key, or ``None`` (a linearizable read)."""
         response = await self._call(
             lambda ch: rpc.KVStub(ch).Range(
-                rpc.RangeRequest(key=key), timeout=self.timeout, metadata=LEADER
+                rpc.RangeRequest(key=key), timeout=self.timeout, metadata=self._metadata
             )
         )
         return _kv(response.kvs[0]) if response.kvs else None
@@ -255,7 +290,7 @@ class EtcdKV:
             sort_target=rpc.RangeRequest.KEY,
         )
         response = await self._call(
-            lambda ch: rpc.KVStub(ch).Range(request, timeout=self.timeout, metadata=LEADER)
+            lambda ch: rpc.KVStub(ch).Range(request, timeout=self.timeout, metadata=self._metadata)
         )
         return [_kv(kv) for kv in response.kvs], response.header.revision
 
@@ -322,7 +357,9 @@ class EtcdKV:
         while True:
             try:
                 response = await self._call(
-                    lambda ch: rpc.KVStub(ch).Txn(request, timeout=self.timeout, metadata=LEADER)
+                    lambda ch: rpc.KVStub(ch).Txn(
+                        request, timeout=self.timeout, metadata=self._metadata
+                    )
                 )
             except grpc.aio.AioRpcError as exc:
                 # A refusal is "not applied" unless an attempt before it may have been: then
@@ -365,7 +402,9 @@ class EtcdKV:
     async def _delete_range(
         self, request: rpc.DeleteRangeRequest, channel: grpc.aio.Channel
     ) -> rpc.DeleteRangeResponse:
-        return await rpc.KVStub(channel).DeleteRange(request, timeout=self.timeout, metadata=LEADER)
+        return await rpc.KVStub(channel).DeleteRange(
+            request, timeout=self.timeout, metadata=self._metadata
+        )
 
     # -- leases --------------------------------------------------------------------------------
 
@@ -373,7 +412,7 @@ class EtcdKV:
         """Grant a lease of ``ttl`` seconds."""
         response = await self._call(
             lambda ch: rpc.LeaseStub(ch).LeaseGrant(
-                rpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout, metadata=LEADER
+                rpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout, metadata=self._metadata
             )
         )
         return int(response.ID)
@@ -382,7 +421,9 @@ class EtcdKV:
         """Renew a lease once; its TTL, or 0 when it has ended."""
 
         async def once(channel: grpc.aio.Channel) -> int:
-            call = rpc.LeaseStub(channel).LeaseKeepAlive(timeout=self.timeout, metadata=LEADER)
+            call = rpc.LeaseStub(channel).LeaseKeepAlive(
+                timeout=self.timeout, metadata=self._metadata
+            )
             try:
                 await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
                 response = await call.read()
@@ -399,7 +440,7 @@ class EtcdKV:
         try:
             await self._call(
                 lambda ch: rpc.LeaseStub(ch).LeaseRevoke(
-                    rpc.LeaseRevokeRequest(ID=lease), timeout=self.timeout, metadata=LEADER
+                    rpc.LeaseRevokeRequest(ID=lease), timeout=self.timeout, metadata=self._metadata
                 )
             )
         except grpc.aio.AioRpcError as exc:
@@ -413,7 +454,7 @@ class EtcdKV:
         """
         response = await self._call(
             lambda ch: rpc.LeaseStub(ch).LeaseTimeToLive(
-                rpc.LeaseTimeToLiveRequest(ID=lease), timeout=self.timeout, metadata=LEADER
+                rpc.LeaseTimeToLiveRequest(ID=lease), timeout=self.timeout, metadata=self._metadata
             )
         )
         return None if response.TTL < 0 else int(response.TTL)
@@ -429,8 +470,9 @@ class EtcdKV:
         next_revision = start_revision
         pause = 0.05
         while True:
+            await self._token()
             channel = self._channel()
-            call = rpc.WatchStub(channel).Watch(metadata=LEADER)
+            call = rpc.WatchStub(channel).Watch(metadata=self._metadata)
             try:
                 await call.write(
                     rpc.WatchRequest(
@@ -449,6 +491,8 @@ class EtcdKV:
                     if response.compact_revision:
                         raise Compacted(response.compact_revision)
                     if response.canceled:
+                        if "auth token" in response.cancel_reason and self.auth is not None:
+                            await self.authenticate()  # refused at its creation: again
                         raise KVUnavailable(f"watch canceled: {response.cancel_reason}")
                     pause = 0.05
                     for event in response.events:
@@ -462,6 +506,8 @@ class EtcdKV:
                     raise  # the watch was cancelled, not its channel closed
                 if self._closed:
                     return
+                if isinstance(exc, grpc.aio.AioRpcError) and _token_refused(exc) and self.auth:
+                    await self.authenticate()
                 log.info("etcd watch on %r broke (%s); resuming at %d", prefix, exc, next_revision)
                 self._fail_over(channel)
                 await asyncio.sleep(pause)
@@ -478,12 +524,47 @@ class EtcdKV:
         except grpc.aio.AioRpcError as exc:
             raise KVUnavailable(str(exc.details())) from exc
 
+    async def authenticate(self) -> None:
+        """Get a token for :attr:`auth`, sent with every call from now on.
+
+        etcd's simple tokens expire when idle, so a refused token calls this again. Concurrent
+        callers share one Authenticate.
+
+        Raises:
+            FloxideError: etcd refused the user or password (not retried).
+        """
+        if self.auth is None:
+            return
+        if self._authenticating is None or self._authenticating.done():
+            self._authenticating = asyncio.ensure_future(self._authenticate(*self.auth))
+        await asyncio.shield(self._authenticating)
+
+    async def _token(self) -> None:
+        """Authenticate unless a token is held (or no auth is configured)."""
+        if self.auth is not None and len(self._metadata) == len(LEADER):
+            await self.authenticate()
+
+    async def _authenticate(self, user: str, password: str) -> None:
+        async def once(channel: grpc.aio.Channel) -> str:
+            request = rpc.AuthenticateRequest(name=user, password=password)
+            reply = await rpc.AuthStub(channel).Authenticate(request, timeout=self.timeout)
+            return str(reply.token)
+
+        try:
+            token = await self._call(once, authenticated=False)
+        except grpc.aio.AioRpcError as exc:
+            raise FloxideError(f"etcd refused user {user!r}: {exc.details()}") from exc
+        self._metadata = (*LEADER, ("token", token))
+        log.info("authenticated to etcd as %r", user)
+
     async def version(self) -> str:
         """The etcd version of the member that answers (its Status)."""
 
         async def once(channel: grpc.aio.Channel) -> str:
             stub = rpc.MaintenanceStub(channel)
-            status = await stub.Status(rpc.StatusRequest(), timeout=self.timeout)
+            status = await stub.Status(
+                rpc.StatusRequest(), timeout=self.timeout, metadata=self._metadata
+            )
             return str(status.version)
 
         return await self._call(once)

@@ -124,7 +124,7 @@ class Cluster(Faults):
         endpoints = ",".join(self.members[member].endpoint for member in order)
         replica.process, _ = start_server(
             "--etcd", endpoints, "--host", replica.host.address, "--port", str(SERVER_PORT),
-            "--server-id", name, *flags,
+            "--server-id", name, "--insecure", *flags,  # plain text, between hosts of its own
             ready_file=str(self.tmp / f"ready-{name}"), prefix=replica.host.command([]),
         )  # fmt: skip
         return replica

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from typing import Annotated
@@ -14,6 +15,7 @@ from floxide_grpc import __version__
 from floxide_grpc import loop as event_loop
 from floxide_grpc.errors import FloxideError
 from floxide_grpc.loading import load_workflows
+from floxide_grpc.tls import CaOption, CertOption, KeyOption, NameOption, Tls, TlsOption
 from floxide_worker.worker import Worker, WorkerConfig
 
 app = typer.Typer(name="floxide-worker", add_completion=False)
@@ -83,6 +85,11 @@ def run(
     ] = "default",
     slots: Annotated[int, typer.Option(help="How many items to run at once.")] = 8,
     worker_id: Annotated[str, typer.Option(help="This worker's name.")] = "",
+    tls: TlsOption = False,
+    tls_ca: CaOption = None,
+    tls_cert: CertOption = None,
+    tls_key: KeyOption = None,
+    tls_server_name: NameOption = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
@@ -98,12 +105,15 @@ def run(
         raise typer.Exit(code=2)
     try:
         workflows = [w for target in targets for w in load_workflows(target)]
+        chosen = Tls.of(
+            ca=tls_ca, cert=tls_cert, key=tls_key, server_name=tls_server_name, enabled=tls
+        )
     except FloxideError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
-    config = WorkerConfig(server=server, namespace=namespace, slots=slots)
+    config = WorkerConfig(server=server, namespace=namespace, slots=slots, tls=chosen)
     if worker_id:
-        config = WorkerConfig(server=server, namespace=namespace, slots=slots, worker_id=worker_id)
+        config = dataclasses.replace(config, worker_id=worker_id)
     try:
         event_loop.run(serve(Worker(workflows, config)))
     except Exception as exc:  # run() failed: one line says why (and --log-level debug, where)

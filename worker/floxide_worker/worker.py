@@ -61,6 +61,7 @@ from floxide_grpc.errors import FloxideError, StatusCode
 from floxide_grpc.execute import AttemptFailed, attempt
 from floxide_grpc.graph import Graph
 from floxide_grpc.node import NodeKind
+from floxide_grpc.tls import Tls, open_channel
 from floxide_grpc.workflow import Workflow
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -88,6 +89,8 @@ class WorkerConfig:
         drain_grace: How long ``shutdown()`` waits for held items.
         nodes: Serve only these nodes (by name); empty serves every node of the workflows.
             Nodes implemented in another language are left to its workers.
+        tls: TLS to the server; ``None``: plain text. Its files are read at each connection,
+            so a rotated client certificate is taken at the next reconnect.
     """
 
     server: str
@@ -100,6 +103,7 @@ class WorkerConfig:
     max_backoff: timedelta = timedelta(seconds=5)
     drain_grace: timedelta = timedelta(seconds=30)
     nodes: frozenset[str] = frozenset()
+    tls: Tls | None = None
 
 
 @dataclasses.dataclass
@@ -407,7 +411,9 @@ class Worker:
     # -- registration --------------------------------------------------------------------------
 
     async def _register(self) -> None:
-        async with OrchestratorClient(self._server, namespace=self.config.namespace) as client:
+        async with OrchestratorClient(
+            self._server, namespace=self.config.namespace, tls=self.config.tls
+        ) as client:
             for index, workflow in enumerate(self.workflows):
                 if index in self._registered:
                     continue
@@ -444,9 +450,10 @@ class Worker:
     async def _serve(self) -> None:
         stream = _Stream()
         self._stream = stream
-        channel = grpc.aio.insecure_channel(
+        channel = open_channel(
             self._server,
-            options=[
+            self.config.tls,
+            [
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
