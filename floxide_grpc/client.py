@@ -31,7 +31,7 @@ from floxide_grpc._proto.floxide.v1 import (
     work_item_pb2,
     workflow_pb2,
 )
-from floxide_grpc.errors import RunCancelled, RunFailed, RunTimedOut
+from floxide_grpc.errors import RunCancelled, RunFailed, RunTimedOut, Unavailable
 from floxide_grpc.records import (
     ErrorInfo,
     ItemInfo,
@@ -42,7 +42,7 @@ from floxide_grpc.records import (
     WorkflowInfo,
 )
 from floxide_grpc.status import error_from_status
-from floxide_grpc.tls import Tls, open_channel
+from floxide_grpc.tls import Tls, explain, open_channel
 from floxide_grpc.workflow import Workflow
 
 __all__ = ["OrchestratorClient", "SyncOrchestratorClient"]
@@ -140,6 +140,9 @@ class OrchestratorClient:
                 return await method(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in again or attempt == self.retries:
+                    hint = explain(exc.details() or "", self.target, self.tls)
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE and hint is not None:
+                        raise Unavailable(hint) from exc
                     raise error_from_status(exc) from exc
             await self._reconnect_if_rotated()
             await asyncio.sleep(pause * random.uniform(0.5, 1.0))

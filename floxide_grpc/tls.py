@@ -31,6 +31,7 @@ __all__ = [
     "NameOption",
     "Tls",
     "TlsOption",
+    "explain",
     "open_channel",
 ]
 
@@ -125,6 +126,33 @@ def open_channel(
     if tls is None:
         return grpc.aio.insecure_channel(target, options=list(options))
     return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+
+
+def explain(details: str, target: str, tls: Tls | None) -> str | None:
+    """What a person can do about a connection that failed on TLS; ``None``: not a TLS failure.
+
+    ``details``: gRPC's message for an UNAVAILABLE call (it names OpenSSL's reason).
+    """
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        trusted = f"the CA in {tls.ca}" if tls is not None and tls.ca else "the system's roots"
+        return (
+            f"TLS to {target}: the server's certificate is not signed by {trusted}, or does not "
+            "name the address you gave (--tls-ca or FLOXIDE_TLS_CA, --tls-server-name)"
+            f" [{details}]"
+        )
+    if tls is None and ("Socket closed" in details or "Connection reset" in details):
+        return (
+            f"{target} closed the connection: if it serves TLS, give --tls-ca (or "
+            f"FLOXIDE_TLS_CA), or --tls for a certificate of a public CA [{details}]"
+        )
+    closed = "Socket closed" in details or "Connection reset" in details
+    if tls is not None and (closed or "handshake failed" in details.lower()):
+        certificate = "this client's" if tls.cert else "none (--tls-cert and --tls-key)"
+        return (
+            f"TLS to {target} failed: the server may require a client certificate signed by "
+            f"its CA (this client presents {certificate}), or it does not serve TLS [{details}]"
+        )
+    return None
 
 
 def _read(path: Path | None) -> bytes | None:

@@ -101,6 +101,10 @@ class EmbeddedEtcd:
         host: The address to listen on and advertise.
         prefix: A command etcd runs under (``ip netns exec NS``: a host of a test's own).
         binary: The etcd executable; default :func:`etcd_binary`.
+        tls: etcd's certificate, its key and the CA its clients' certificates must chain to:
+            clients speak TLS and present a certificate (health is then served in plain text
+            on a port of its own, ``metrics_port``).
+        args: More of etcd's flags (``--auth-token-ttl=1``, say).
     """
 
     data_dir: Path | None = None
@@ -112,6 +116,9 @@ class EmbeddedEtcd:
     host: str = "127.0.0.1"
     prefix: tuple[str, ...] = ()
     binary: Path | None = None
+    tls: tuple[Path, Path, Path] | None = None
+    args: tuple[str, ...] = ()
+    metrics_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     _owned_dir: str | None = None
 
@@ -143,8 +150,19 @@ class EmbeddedEtcd:
             client_port, peer_port = free_ports(2)  # two at once: never the same port twice
             self.client_port = self.client_port or client_port
             self.peer_port = self.peer_port or peer_port
-        client = f"http://{self.host}:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
         peer = f"http://{self.host}:{self.peer_port}"
+        secured: list[str] = []
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            self.metrics_port = self.metrics_port or free_port()
+            secured = [
+                f"--cert-file={cert}",
+                f"--key-file={key}",
+                "--client-cert-auth",
+                f"--trusted-ca-file={ca}",
+                f"--listen-metrics-urls=http://{self.host}:{self.metrics_port}",
+            ]
         self.process = subprocess.Popen(
             [
                 *self.prefix,
@@ -162,6 +180,8 @@ class EmbeddedEtcd:
                 "--auto-compaction-mode=periodic",
                 f"--auto-compaction-retention={self.compaction}",
                 "--log-level=error",
+                *secured,
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -177,7 +197,8 @@ class EmbeddedEtcd:
             RuntimeError: the process exited or the deadline passed.
         """
         deadline = time.monotonic() + timeout
-        url = f"http://{self.endpoint}/health"
+        port = self.metrics_port if self.tls is not None else self.client_port
+        url = f"http://{self.host}:{port}/health"
         while True:
             if self.process is not None and self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
