@@ -2,13 +2,14 @@
 
 TLS, mTLS with a good client certificate, none, and one from another CA; a client that trusts
 another CA; a certificate rotated while a worker's stream stays open; plain text refused off
-loopback unless asked for.
+loopback unless asked for; the Node.js client and worker over mTLS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import subprocess
@@ -29,7 +30,8 @@ from floxide_grpc import Unavailable, Workflow, node
 from floxide_grpc.certs import Authority, Issued, make_authority
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
-from floxide_grpc.tls import Tls
+from floxide_grpc.tls import ENV, Tls
+from tests.e2e.test_polyglot import NODE_DIR, node_binary
 from tests.helpers import eventually, serving
 
 pytestmark = pytest.mark.timeout(120)
@@ -204,3 +206,19 @@ def test_a_certificate_without_its_key_is_refused(pki: Pki) -> None:
     refused = _server_says("--tls-cert", str(pki.server.cert), "--etcd", "127.0.0.1:1")
     assert refused.returncode == 2
     assert "--tls-key" in refused.stderr
+
+
+async def test_the_nodejs_client_and_worker_run_over_mtls(mtls_server: str, pki: Pki) -> None:
+    env = {
+        **os.environ,
+        ENV["ca"]: str(pki.ca.cert),
+        ENV["cert"]: str(pki.client.cert),
+        ENV["key"]: str(pki.client.key),
+    }
+    namespace = f"tls-{uuid.uuid4().hex[:8]}"
+    command = [node_binary(), "examples/client_run.js", mtls_server, namespace, '"tls"']
+    done = await asyncio.to_thread(
+        subprocess.run, command, cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == '"hello, tls"'

@@ -5,7 +5,7 @@
 // FLOXIDE_GATE=DIR announces each attempt in DIR/started-PID and waits for DIR/release.
 const fs = require('node:fs');
 const path = require('node:path');
-const { Worker } = require('../src');
+const { Worker, tlsFromEnv } = require('../src');
 
 const [server, namespace] = process.argv.slice(2);
 const gate = process.env.FLOXIDE_GATE;
@@ -19,7 +19,9 @@ async function square(x) {
   return x * x;
 }
 
-const worker = new Worker({ server, namespace, workflow: 'mixed', nodes: { js_square: square }, slots: 2 });
+const worker = new Worker({
+  server, namespace, workflow: 'mixed', nodes: { js_square: square }, slots: 2, tls: tlsFromEnv(),
+});
 process.on('SIGTERM', () => worker.shutdown());
 worker.run().then(
   () => process.exit(0),

@@ -1,19 +1,21 @@
 'use strict';
 // The orchestrator client: register workflows, start runs and wait for them.
 const crypto = require('node:crypto');
-const { floxide, toPayload, fromPayload, grpc } = require('./proto');
+const { floxide, toPayload, fromPayload } = require('./proto');
+const { credentials, channelOptions } = require('./tls');
 
 const FINISHED = new Set(['RUN_STATUS_COMPLETED', 'RUN_STATUS_FAILED', 'RUN_STATUS_CANCELLED']);
 
 class Client {
   /**
    * @param {string} target host:port of a server
-   * @param {{namespace?: string, timeoutMs?: number}} options
+   * @param {{namespace?: string, timeoutMs?: number, tls?: object}} options `tls`: {ca, cert,
+   *   key, serverName} (file paths; `tlsFromEnv()` reads them from FLOXIDE_TLS_*); none: plain text
    */
-  constructor(target, { namespace = 'default', timeoutMs = 10000 } = {}) {
+  constructor(target, { namespace = 'default', timeoutMs = 10000, tls } = {}) {
     this.namespace = namespace;
     this.timeoutMs = timeoutMs;
-    this.stub = new (floxide().OrchestratorService)(target, grpc.credentials.createInsecure());
+    this.stub = new (floxide().OrchestratorService)(target, credentials(tls), channelOptions(tls));
   }
 
   call(method, request) {

@@ -3,5 +3,6 @@
 const { Client } = require('./client');
 const { Worker, PROTOCOL_VERSION } = require('./worker');
 const { floxide, toPayload, fromPayload } = require('./proto');
+const { tlsFromEnv } = require('./tls');
 
-module.exports = { Client, Worker, PROTOCOL_VERSION, floxide, toPayload, fromPayload };
+module.exports = { Client, Worker, PROTOCOL_VERSION, floxide, toPayload, fromPayload, tlsFromEnv };

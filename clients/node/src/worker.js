@@ -13,7 +13,8 @@
 // current session the worker holds (running, or reported and not yet acknowledged), so that the
 // server may release a claim whose assignment never arrived.
 const os = require('node:os');
-const { floxide, toPayload, fromPayload, grpc } = require('./proto');
+const { floxide, toPayload, fromPayload } = require('./proto');
+const { credentials, channelOptions } = require('./tls');
 
 const { Client } = require('./client');
 
@@ -38,10 +39,12 @@ class Worker {
    *   like the proto): registered before the first hello, and again once whenever a hello is
    *   refused NOT_FOUND (a server on a fresh store); without it, the workflow must be registered
    *   by someone else, and such a refusal stops the worker
+   * @param {object} [options.tls] {ca, cert, key, serverName}: TLS to the server, its files read at
+   *   each connection (`tlsFromEnv()` reads them from FLOXIDE_TLS_*); none: plain text
    */
   constructor({
     server, workflow, nodes, namespace = 'default', slots = 4, workerId, backoffMs = 100, maxBackoffMs = 5000,
-    definition,
+    definition, tls,
   }) {
     this.servers = String(server).split(',').map((s) => s.trim()).filter(Boolean);
     if (this.servers.length === 0) throw new Error('no server given (host:port[,host:port...])');
@@ -54,6 +57,7 @@ class Worker {
     this.backoffMs = backoffMs;
     this.maxBackoffMs = maxBackoffMs;
     this.definition = definition;
+    this.tls = tls;
     this.held = new Map(); // claim token -> {session, abort}, while its node runs
     this.unacked = new Map(); // claim token -> {result, session, stream}, until its ack
     this.draining = false;
@@ -97,10 +101,17 @@ class Worker {
   /** One connection: hello, then assignments, results and heartbeats until it ends. */
   serveOnce() {
     return new Promise((resolve) => {
-      const stub = new (floxide().WorkerService)(this.server, grpc.credentials.createInsecure(), {
-        'grpc.keepalive_time_ms': 30000,
-        'grpc.keepalive_timeout_ms': 10000,
-      });
+      let stub;
+      try {
+        stub = new (floxide().WorkerService)(this.server, credentials(this.tls), {
+          'grpc.keepalive_time_ms': 30000,
+          'grpc.keepalive_timeout_ms': 10000,
+          ...channelOptions(this.tls),
+        });
+      } catch (error) { // a TLS file that cannot be read: said, and tried again at the next connection
+        resolve({ reason: `TLS: ${error.message}` });
+        return;
+      }
       const stream = stub.Connect();
       let heartbeat = null;
       let settled = false;
@@ -137,7 +148,7 @@ class Worker {
   async register() {
     let backoff = this.backoffMs;
     for (;;) {
-      const client = new Client(this.server, { namespace: this.namespace });
+      const client = new Client(this.server, { namespace: this.namespace, tls: this.tls });
       try {
         await client.registerWorkflow(this.definition);
         return;
