@@ -8,7 +8,10 @@ repetitions) and a table shaped like the peer scripts': steps/s, latency p50/p95
 result at the client), CPU ms per executed step of server, etcd, workers and client, how busy
 the machine was, and the peak RSS of each group.
 
-    python bench/run.py [--only W1,W3] [--reps 3] [--replicas 2] [--profile DIR]
+    python bench/run.py [--only W1,W3] [--reps 3] [--replicas 2] [--profile DIR] [--tls]
+
+``--tls`` runs the servers on TLS (a development CA of the run's own), the workers and the
+client trusting it.
 
 ``--profile DIR`` samples the servers and workers with py-spy during the timed repetitions
 (collapsed stacks in DIR, one file per process) and prints each group's top functions by own
@@ -33,8 +36,10 @@ from typing import Any
 
 import psutil
 
+from floxide_grpc.certs import make_authority
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
+from floxide_grpc.tls import Tls
 
 HERE = Path(__file__).parent
 GROUPS = ("server", "etcd", "workers", "client")
@@ -62,6 +67,8 @@ class Stack:
         replicas: int,
         workflows: str = str(HERE / "workloads.py"),
         workers: int = 2,
+        *,
+        tls: bool = False,
     ) -> None:
         self.slots = slots
         self.replicas = replicas
@@ -71,6 +78,15 @@ class Stack:
         self.processes: dict[str, list[asyncio.subprocess.Process]] = {"server": [], "workers": []}
         self.targets: list[str] = []
         self.etcd_process: Any = None
+        self.tls: Tls | None = None  # the workers' and clients', with --tls
+        self._serving: tuple[str, ...] = ()
+        self._reaching: tuple[str, ...] = ()
+        if tls:  # a development CA of its own: the server's certificate, trusted by the rest
+            authority = make_authority(Path(self.tmp.name) / "pki")
+            served = authority.issue("bench server", hosts=["127.0.0.1"])
+            self.tls = Tls(ca=authority.cert)
+            self._serving = ("--tls-cert", str(served.cert), "--tls-key", str(served.key))
+            self._reaching = ("--tls-ca", str(authority.cert))
 
     async def __aenter__(self) -> Stack:
         bin_dir = Path(sys.executable).parent
@@ -85,6 +101,7 @@ class Stack:
             process = await asyncio.create_subprocess_exec(
                 str(bin_dir / "floxide-server"),
                 *("--port", "0", "--ready-file", str(ready), "--log-level", "warning", *etcd_args),
+                *self._serving,
             )
             self.processes["server"].append(process)
             while not (ready.exists() and ready.read_text().endswith("\n")):
@@ -99,9 +116,10 @@ class Stack:
                     self.workflows,
                     *("--server", self.targets[n % self.replicas], "--slots", str(self.slots)),
                     *("--worker-id", f"bench-{n}", "--log-level", "warning"),
+                    *self._reaching,
                 )
             )
-        async with OrchestratorClient(self.targets[0]) as client:
+        async with OrchestratorClient(self.targets[0], tls=self.tls) as client:
             while len(await client.workers()) < self.workers:
                 await asyncio.sleep(0.05)
         return self
@@ -264,12 +282,12 @@ def top_functions(files: list[Path], n: int = 12) -> list[tuple[float, str]]:
 
 
 async def run_workload(
-    name: str, reps: int, replicas: int, profile_dir: Path | None = None
+    name: str, reps: int, replicas: int, profile_dir: Path | None = None, *, tls: bool = False
 ) -> dict[str, Any]:
     _, slots, warm = PLAN[name]
     async with (
-        Stack(slots, replicas) as stack,
-        OrchestratorClient(stack.targets[0], timeout=60) as client,
+        Stack(slots, replicas, tls=tls) as stack,
+        OrchestratorClient(stack.targets[0], timeout=60, tls=stack.tls) as client,
     ):
         await WORKLOADS[name](client, warm)
         spies = await profile(name, stack.groups(), profile_dir) if profile_dir else []
@@ -340,10 +358,12 @@ def print_table(results: dict[str, dict[str, Any]], reps: int) -> None:
             print(f"{'':<10} fraction of the ideal 3200 steps/s: {_fmt(s, 'fraction_of_ideal', 2)}")
 
 
-async def main(names: list[str], reps: int, replicas: int, profile_dir: Path | None) -> None:
+async def main(
+    names: list[str], reps: int, replicas: int, profile_dir: Path | None, *, tls: bool = False
+) -> None:
     results = {}
     for name in names:
-        results[name] = await run_workload(name, reps, replicas, profile_dir)
+        results[name] = await run_workload(name, reps, replicas, profile_dir, tls=tls)
         print(json.dumps({"system": "floxide-grpc", "workload": name, **results[name]}), flush=True)
         if profile_dir is not None:
             for group in ("server", "workers"):
@@ -362,9 +382,10 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1, help="servers on one etcd")
     parser.add_argument("--profile", type=Path, help="sample servers and workers with py-spy")
+    parser.add_argument("--tls", action="store_true", help="servers, workers and client over TLS")
     args = parser.parse_args()
     chosen = [n.strip().upper() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in PLAN]
     if unknown:
         parser.error(f"unknown workloads {unknown}; choose from {list(PLAN)}")
-    asyncio.run(main(chosen, args.reps, args.replicas, args.profile))
+    asyncio.run(main(chosen, args.reps, args.replicas, args.profile, tls=args.tls))
