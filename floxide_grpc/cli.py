@@ -1,7 +1,8 @@
 """The ``floxide`` command: run workflows locally, and start, follow and control runs on a server.
 
-Server commands take ``--server host:port`` (or ``FLOXIDE_SERVER``) and ``--namespace`` (or
-``FLOXIDE_NAMESPACE``); their errors are printed as ``error: ...`` with exit code 1.
+Server commands take ``--server host:port`` (or ``FLOXIDE_SERVER``), ``--namespace`` (or
+``FLOXIDE_NAMESPACE``) and the TLS options of :mod:`floxide_grpc.tls` (``--tls-ca`` and the
+rest, or ``FLOXIDE_TLS_*``); their errors are printed as ``error: ...`` with exit code 1.
 """
 
 from __future__ import annotations

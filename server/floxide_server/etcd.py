@@ -119,9 +119,15 @@ def _kv(message: Any) -> KeyValue:
 
 
 def _token_refused(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether etcd refused the call's auth token (expired, or from before a restart)."""
-    return exc.code() == grpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in (
-        exc.details() or ""
+    """Whether etcd refused the call's token (expired, from before a restart, or outdated).
+
+    The call was not applied: etcd checks a token before it proposes the request.
+    """
+    details = exc.details() or ""
+    return (
+        exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        or "invalid auth token" in details
+        or "revision of auth store is old" in details  # users or roles changed since
     )
 
 
@@ -234,6 +240,7 @@ class EtcdKV:
             await self._token()
         deadline = time.monotonic() + self.retry_for
         pause = 0.05
+        renewed = False  # a token got again for this call: refused again, the call fails
         while True:
             channel = self._channel()
             try:
@@ -245,8 +252,9 @@ class EtcdKV:
             except grpc.aio.AioRpcError as exc:
                 if self._closed:
                     raise KVUnavailable(f"closed: {exc.details()}") from exc
-                if _token_refused(exc) and self.auth is not None and authenticated:
+                if _token_refused(exc) and self.auth is not None and authenticated and not renewed:
                     await self.authenticate()  # expired (idle): a new one, and the call again
+                    renewed = True
                     continue
                 if exc.code() not in _RETRYABLE:
                     raise

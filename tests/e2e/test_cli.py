@@ -146,6 +146,13 @@ def test_floxide_dev_runs_the_whole_stack_end_to_end(run: Runner) -> None:
     assert "2 workers connected" in result.stdout
 
 
+def test_floxide_dev_tls_runs_the_whole_stack_over_mtls(run: Runner) -> None:
+    result = run(FLOXIDE, "dev", "--tls", timeout=180)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.splitlines()[-1] == '{"order_id": 1, "status": "shipped"}'
+    assert "mTLS" in result.stdout
+
+
 NESTING = Workflow("nesting", start=subworkflow(TRIPLE, name="inner_triple"))
 
 

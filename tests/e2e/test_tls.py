@@ -222,3 +222,38 @@ async def test_the_nodejs_client_and_worker_run_over_mtls(mtls_server: str, pki:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == '"hello, tls"'
+
+
+def _floxide(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).parent / "floxide"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, env=env)
+
+
+def test_floxide_certs_makes_a_ca_a_server_and_a_client_certificate(tmp_path: Path) -> None:
+    made = _floxide("certs", str(tmp_path), "--host", "10.1.2.3", "--host", "floxide.internal")
+    assert made.returncode == 0, made.stderr
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} >= {
+        "10.1.2.3",
+        "127.0.0.1",
+    }
+    assert set(names.get_values_for_type(x509.DNSName)) == {"localhost", "floxide.internal"}
+    client = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())
+    usage = client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    client.verify_directly_issued_by(ca)
+    assert (tmp_path / "ca-key.pem").stat().st_mode & 0o077 == 0  # the CA's key: its owner's
+
+
+async def test_the_cli_reaches_a_tls_server_with_its_ca_and_says_what_is_missing_without(
+    tls_server: str, pki: Pki
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOXIDE_TLS")}
+    plain = await asyncio.to_thread(_floxide, "--server", tls_server, "workers", env=env)
+    assert plain.returncode == 1 and "--tls-ca" in plain.stderr, plain.stderr
+    with_ca = {**env, ENV["ca"]: str(pki.ca.cert)}
+    done = await asyncio.to_thread(_floxide, "--server", tls_server, "workers", env=with_ca)
+    assert done.returncode == 0, done.stderr

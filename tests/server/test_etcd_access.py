@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from floxide_grpc.certs import make_authority
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from floxide_grpc.tls import Tls
-from tests.helpers import serving
+from tests.helpers import serving, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -151,3 +152,35 @@ async def test_a_wrong_etcd_password_is_refused_clearly(auth_etcd: EmbeddedEtcd)
             await kv.get(b"/floxide/v1/ping")
     finally:
         await kv.close()
+
+
+async def test_floxide_server_takes_etcds_tls_and_user_from_flags_and_the_environment(
+    tls_etcd: tuple[EmbeddedEtcd, Tls], tmp_path: Path
+) -> None:
+    member, tls = tls_etcd
+    flags = ("--etcd-ca", str(tls.ca), "--etcd-cert", str(tls.cert), "--etcd-key", str(tls.key))
+    process, target = start_server(
+        "--etcd", member.endpoint, *flags, ready_file=str(tmp_path / "ready")
+    )
+    try:
+        async with OrchestratorClient(target, retries=5) as client:
+            assert await client.workers() == []  # it reads etcd: TLS with its certificate
+    finally:
+        stop_server(process, signal.SIGTERM)
+
+
+async def test_floxide_server_authenticates_to_etcd_with_the_password_from_the_environment(
+    auth_etcd: EmbeddedEtcd, tmp_path: Path
+) -> None:
+    process, target = start_server(
+        "--etcd", auth_etcd.endpoint, "--etcd-user", "floxide",
+        ready_file=str(tmp_path / "ready"), env={"FLOXIDE_ETCD_PASSWORD": "floxide-secret"},
+    )  # fmt: skip
+    try:
+        async with OrchestratorClient(target, retries=5) as client:
+            assert await client.workers() == []
+        log = await asyncio.to_thread((tmp_path / "ready.log").read_text)
+        assert "authenticated to etcd as 'floxide'" in log
+        assert "floxide-secret" not in log
+    finally:
+        stop_server(process, signal.SIGTERM)
