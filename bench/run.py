@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import os
+import secrets
 import signal
 import statistics
 import sys
@@ -89,6 +90,10 @@ class Stack:
             self._reaching = ("--tls-ca", str(authority.cert))
 
     async def __aenter__(self) -> Stack:
+        # One admin token for the servers (stored at start), their workers and this process's
+        # clients (which read FLOXIDE_TOKEN), as floxide dev makes one.
+        token = os.environ.setdefault("FLOXIDE_TOKEN", "fxt_bench-" + secrets.token_urlsafe(32))
+        os.environ.setdefault("FLOXIDE_ADMIN_TOKEN", token)
         bin_dir = Path(sys.executable).parent
         etcd_args: tuple[str, ...] = ()
         if self.replicas > 1:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import enum
 import importlib
 import importlib.util
 import json
+import os
+import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,7 +30,7 @@ from floxide_grpc import PROTOCOL_VERSION, __version__, codec
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import FloxideError
 from floxide_grpc.graph import Graph
-from floxide_grpc.records import RunInfo, RunStatus, WorkerInfo
+from floxide_grpc.records import Role, RunInfo, RunStatus, WorkerInfo
 from floxide_grpc.runner import LocalRunner
 from floxide_grpc.tls import CaOption, CertOption, KeyOption, NameOption, Tls, TlsOption
 from floxide_grpc.workflow import Workflow
@@ -266,6 +269,61 @@ def workflows_promote(ctx: typer.Context, name: str, definition_hash: str) -> No
     """Make a registered definition NAME's current one again (new runs start on it)."""
     found = _remote(ctx, lambda c: c.promote_workflow(name, definition_hash))
     typer.echo(f"{found.name}: {found.definition_hash} is current")
+
+
+token_app = typer.Typer(help="Tokens: who may call the server, as what (an admin's).")
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A name for people: 'ci', 'billing workers'.")],
+    role: Annotated[Role, typer.Option(help="What it may do.")],
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(help="A namespace it may act in (repeatable; an admin's: every one)."),
+    ] = None,
+    expires: Annotated[
+        datetime.datetime | None,
+        typer.Option(help="When it stops working (ISO 8601; UTC unless it says)."),
+    ] = None,
+) -> None:
+    """Make a token and print it, once: the server keeps only its hash."""
+    if expires is not None and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=datetime.UTC)
+    token, info = _remote(
+        ctx, lambda c: c.create_token(name, role, allow or (), expires_at=expires)
+    )
+    typer.echo(token)
+    scope = ", ".join(info.namespaces) or "every namespace"
+    typer.echo(f"# token {info.id} ({info.role.value}, {scope}): shown once, keep it", err=True)
+
+
+@token_app.command("list")
+def token_list(ctx: typer.Context) -> None:
+    """The tokens in force (never their secrets)."""
+    table = Table("id", "name", "role", "namespaces", "created", "expires")
+    for info in _remote(ctx, lambda c: c.tokens()):
+        table.add_row(
+            info.id,
+            info.name,
+            info.role.value,
+            ", ".join(info.namespaces) or "*",
+            str(info.created_at or ""),
+            str(info.expires_at or "never"),
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(ctx: typer.Context, token_id: str) -> None:
+    """Revoke a token by id: its calls are refused, its open worker streams end."""
+    found = _remote(ctx, lambda c: c.revoke_token(token_id))
+    if not found:
+        typer.echo(f"error: no token in force has the id {token_id}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"revoked {token_id}")
 
 
 def _progress(run: RunInfo, metrics: Any) -> Table:
@@ -508,6 +566,8 @@ async def _dev(
     with tempfile.TemporaryDirectory(prefix="floxide-dev-") as tmp:
         ready = Path(tmp) / "server"
         serving, reaching, client_tls = _dev_tls(Path(tmp) / "certs") if tls else ([], [], None)
+        token = "fxt_dev-" + secrets.token_urlsafe(32)  # this stack's admin token, for all
+        env = {**os.environ, "FLOXIDE_ADMIN_TOKEN": token, "FLOXIDE_TOKEN": token}
         try:
             async with asyncio.timeout(timeout):
                 processes.append(
@@ -520,6 +580,7 @@ async def _dev(
                         "--log-level",
                         "warning",
                         *serving,
+                        env=env,
                     )
                 )
                 while not (ready.exists() and ready.read_text().endswith("\n")):
@@ -545,9 +606,10 @@ async def _dev(
                             "--log-level",
                             "warning",
                             *reaching,
+                            env=env,
                         )
                     )
-                async with OrchestratorClient(server, tls=client_tls) as client:
+                async with OrchestratorClient(server, tls=client_tls, token=token) as client:
                     while len(await client.workers()) < workers:
                         if any(p.returncode is not None for p in processes):
                             raise RuntimeError("a worker exited before connecting")

@@ -15,7 +15,7 @@ import json
 import random
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -23,21 +23,28 @@ import grpc
 
 from floxide_grpc import codec
 from floxide_grpc._proto.floxide.v1 import (
-    orchestrator_service_pb2 as pb,
+    admin_service_pb2 as admin_pb,
 )
 from floxide_grpc._proto.floxide.v1 import (
+    admin_service_pb2_grpc,
     orchestrator_service_pb2_grpc,
     records_pb2,
     work_item_pb2,
     workflow_pb2,
 )
+from floxide_grpc._proto.floxide.v1 import (
+    orchestrator_service_pb2 as pb,
+)
+from floxide_grpc.auth import bearer, token_from_env
 from floxide_grpc.errors import RunCancelled, RunFailed, RunTimedOut, Unavailable
 from floxide_grpc.records import (
     ErrorInfo,
     ItemInfo,
+    Role,
     RunInfo,
     RunMetrics,
     RunStatus,
+    TokenInfo,
     WorkerInfo,
     WorkflowInfo,
 )
@@ -65,6 +72,7 @@ class OrchestratorClient:
         tls: TLS to the server; ``None``: plain text. (:meth:`Tls.of
             <floxide_grpc.tls.Tls.of>` reads the ``FLOXIDE_TLS_*`` environment.) The files are
             read again when a call finds the server unreachable after they changed.
+        token: The bearer token of every call; ``None``: ``FLOXIDE_TOKEN``, and ``""``: none.
     """
 
     def __init__(
@@ -75,8 +83,10 @@ class OrchestratorClient:
         timeout: float = 10.0,
         retries: int = 5,
         tls: Tls | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
+        self._metadata = bearer(token_from_env() if token is None else token)
         self.namespace = namespace
         self.timeout = timeout
         self.retries = retries
@@ -84,7 +94,10 @@ class OrchestratorClient:
         self._connect()
         # Each call looks up the current stub: a rotated certificate makes a new channel.
         self._stub = cast(
-            "orchestrator_service_pb2_grpc.OrchestratorServiceAsyncStub", _Current(self)
+            "orchestrator_service_pb2_grpc.OrchestratorServiceAsyncStub", _Current(self, "_current")
+        )
+        self._admin = cast(
+            "admin_service_pb2_grpc.AdminServiceAsyncStub", _Current(self, "_admin_current")
         )
 
     def _connect(self) -> None:
@@ -100,6 +113,7 @@ class OrchestratorClient:
             ],
         )
         self._current = orchestrator_service_pb2_grpc.OrchestratorServiceStub(self._channel)
+        self._admin_current = admin_service_pb2_grpc.AdminServiceStub(self._channel)
 
     async def _reconnect_if_rotated(self) -> None:
         """A new channel if the TLS files changed (a channel keeps its first certificates)."""
@@ -137,7 +151,7 @@ class OrchestratorClient:
         pause = 0.1
         for attempt in range(self.retries + 1):
             try:
-                return await method(request, timeout=self.timeout)
+                return await method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in again or attempt == self.retries:
                     hint = explain(exc.details() or "", self.target, self.tls)
@@ -359,6 +373,39 @@ class OrchestratorClient:
             if not token:
                 return found
 
+    # -- tokens (an admin's) -----------------------------------------------------------------
+
+    async def create_token(
+        self,
+        name: str,
+        role: Role | str,
+        namespaces: Sequence[str] = (),
+        *,
+        expires_at: datetime.datetime | None = None,
+    ) -> tuple[str, TokenInfo]:
+        """Make a token: the token itself (shown this once) and what the server keeps of it."""
+        request = admin_pb.CreateTokenRequest(
+            name=name,
+            role=admin_pb.Role.ValueType(Role(role).to_proto()),
+            namespaces=list(namespaces),
+        )
+        if expires_at is not None:
+            request.expires_at.FromDatetime(expires_at)
+        response = await self._call(self._admin.CreateToken, request)
+        return response.token, TokenInfo.from_proto(response.info)
+
+    async def tokens(self) -> list[TokenInfo]:
+        """Every token in force, without secrets."""
+        response = await self._call(self._admin.ListTokens, admin_pb.ListTokensRequest())
+        return [TokenInfo.from_proto(t) for t in response.tokens]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Revoke a token by id; whether one was in force."""
+        response = await self._call(
+            self._admin.RevokeToken, admin_pb.RevokeTokenRequest(id=token_id)
+        )
+        return bool(response.found)
+
     async def workers(self, *, include_dead: bool = False) -> list[WorkerInfo]:
         """The namespace's live worker sessions.
 
@@ -382,7 +429,8 @@ class OrchestratorClient:
         last: RunStatus | None = None
         while True:
             call = self._stub.WaitForCompletion(
-                pb.WaitForCompletionRequest(namespace=self.namespace, run_id=run_id)
+                pb.WaitForCompletionRequest(namespace=self.namespace, run_id=run_id),
+                metadata=self._metadata,
             )
             try:
                 async for response in call:
@@ -488,13 +536,14 @@ class SyncOrchestratorClient:
 
 
 class _Current:
-    """The client's stub as of each call (its channel is replaced when certificates rotate)."""
+    """A stub of the client's as of each call (its channel is replaced when certificates rotate)."""
 
-    def __init__(self, client: OrchestratorClient) -> None:
+    def __init__(self, client: OrchestratorClient, stub: str) -> None:
         self._client = client
+        self._stub = stub
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            return getattr(self._client._current, name)(*args, **kwargs)
+            return getattr(getattr(self._client, self._stub), name)(*args, **kwargs)
 
         return call

@@ -20,6 +20,8 @@ mapping in the client translate them (domain code never imports grpc)::
     ├── AlreadyExists                 ALREADY_EXISTS (idempotency key reused, result applied)
     ├── ResourceExhausted             RESOURCE_EXHAUSTED (over a size limit)
     ├── Unavailable                   UNAVAILABLE  (etcd unreachable; retry with backoff)
+    ├── Unauthenticated               UNAUTHENTICATED (no token, or a wrong, expired or revoked one)
+    ├── PermissionDenied              PERMISSION_DENIED (the token's role or namespaces forbid it)
     ├── SessionEnded                  ABORTED      (a worker session's lease ended: reconnect)
     ├── RunFailed                     ABORTED      (an item failed for good with no fallback)
     ├── RunCancelled                  CANCELLED
@@ -44,12 +46,14 @@ __all__ = [
     "NodeNotFound",
     "NotFound",
     "NotStarted",
+    "PermissionDenied",
     "ResourceExhausted",
     "RunCancelled",
     "RunFailed",
     "RunStuck",
     "SessionEnded",
     "StatusCode",
+    "Unauthenticated",
     "Unavailable",
     "WorkflowNotFound",
 ]
@@ -73,6 +77,8 @@ class StatusCode(enum.IntEnum):
     UNIMPLEMENTED = 12
     INTERNAL = 13
     UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
 
 class FloxideError(Exception):
@@ -151,6 +157,18 @@ class Unavailable(FloxideError):
     """Raised when the server cannot reach etcd (or is shutting down): retry with backoff."""
 
     code = StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(FloxideError):
+    """Raised when a call carries no token, or one that is wrong, expired or revoked."""
+
+    code = StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(FloxideError):
+    """Raised when a token's role or namespaces do not allow a call."""
+
+    code = StatusCode.PERMISSION_DENIED
 
 
 class SessionEnded(FloxideError):

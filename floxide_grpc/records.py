@@ -8,9 +8,23 @@ import enum
 import json
 from typing import Any
 
-from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, workflow_pb2
+from floxide_grpc._proto.floxide.v1 import (
+    admin_service_pb2,
+    records_pb2,
+    work_item_pb2,
+    workflow_pb2,
+)
 
-__all__ = ["ErrorInfo", "ItemInfo", "RunInfo", "RunMetrics", "RunStatus", "WorkerInfo"]
+__all__ = [
+    "ErrorInfo",
+    "ItemInfo",
+    "Role",
+    "RunInfo",
+    "RunMetrics",
+    "RunStatus",
+    "TokenInfo",
+    "WorkerInfo",
+]
 
 
 class RunStatus(enum.StrEnum):
@@ -234,4 +248,53 @@ class WorkerInfo:
             last_heartbeat=_time(record.last_heartbeat, record.HasField("last_heartbeat")),
             ended_at=_time(record.ended_at, record.HasField("ended_at")),
             nodes=tuple((n.workflow, n.node, n.definition_hash) for n in record.nodes),
+        )
+
+
+class Role(enum.StrEnum):
+    """What a token may do (docs/protocol.md, "Tokens and roles")."""
+
+    READER = "reader"
+    CLIENT = "client"
+    OPERATOR = "operator"
+    WORKER = "worker"
+    ADMIN = "admin"
+
+    def to_proto(self) -> int:
+        """The ``floxide.v1.Role`` value."""
+        return int(admin_service_pb2.Role.Value(f"ROLE_{self.name}"))
+
+    @classmethod
+    def from_proto(cls, value: int) -> Role:
+        """Read a ``floxide.v1.Role`` value."""
+        return cls[admin_service_pb2.Role.Name(value).removeprefix("ROLE_")]  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenInfo:
+    """A token in force, without its secret.
+
+    Attributes:
+        id: Its public id (what audit lines and ``revoke_token`` name).
+        namespaces: The namespaces it may name; empty for an admin (every one).
+        expires_at: When it stops working; ``None``: never.
+    """
+
+    id: str
+    name: str
+    role: Role
+    namespaces: tuple[str, ...]
+    created_at: datetime.datetime | None
+    expires_at: datetime.datetime | None = None
+
+    @classmethod
+    def from_proto(cls, info: admin_service_pb2.TokenInfo) -> TokenInfo:
+        """Read a ``floxide.v1.TokenInfo``."""
+        return cls(
+            id=info.id,
+            name=info.name,
+            role=Role.from_proto(info.role),
+            namespaces=tuple(info.namespaces),
+            created_at=_time(info.created_at, info.HasField("created_at")),
+            expires_at=_time(info.expires_at, info.HasField("expires_at")),
         )

@@ -10,8 +10,10 @@ from floxide_grpc.errors import (
     FloxideError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     StatusCode,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -24,6 +26,8 @@ _ERRORS: dict[StatusCode, type[FloxideError]] = {
     StatusCode.ALREADY_EXISTS: AlreadyExists,
     StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     StatusCode.UNAVAILABLE: Unavailable,
+    StatusCode.UNAUTHENTICATED: Unauthenticated,
+    StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 import grpc
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, store_service_pb2, store_service_pb2_grpc
+from floxide_grpc.auth import bearer, token_from_env
 from floxide_grpc.errors import InvalidArgument
 from floxide_grpc.status import error_from_status
 from floxide_grpc.tls import Tls, open_channel
@@ -116,7 +117,8 @@ class RemoteCheckpointStore:
     """Checkpoints on a floxide-grpc server (its ``CheckpointStoreService``, kept in etcd).
 
     Lets a local run outlive its machine: resume it anywhere that reaches the server.
-    ``tls``: TLS to the server (``None``: plain text).
+    ``tls``: TLS to the server (``None``: plain text); ``token``: the bearer token
+    (``None``: ``FLOXIDE_TOKEN``).
     """
 
     def __init__(
@@ -126,8 +128,10 @@ class RemoteCheckpointStore:
         namespace: str = "default",
         timeout: float = 10.0,
         tls: Tls | None = None,
+        token: str | None = None,
     ) -> None:
         self.namespace = namespace
+        self._metadata = bearer(token_from_env() if token is None else token)
         self.timeout = timeout
         self._channel = open_channel(target, tls)
         self._stub = store_service_pb2_grpc.CheckpointStoreServiceStub(self._channel)
@@ -139,7 +143,9 @@ class RemoteCheckpointStore:
         copy.namespace, copy.run_id = self.namespace, check_run_id(run_id)
         try:
             await self._stub.SaveCheckpoint(
-                store_service_pb2.SaveCheckpointRequest(checkpoint=copy), timeout=self.timeout
+                store_service_pb2.SaveCheckpointRequest(checkpoint=copy),
+                timeout=self.timeout,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_status(exc) from exc
@@ -150,7 +156,9 @@ class RemoteCheckpointStore:
             namespace=self.namespace, run_id=check_run_id(run_id)
         )
         try:
-            response = await self._stub.LoadCheckpoint(request, timeout=self.timeout)
+            response = await self._stub.LoadCheckpoint(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
@@ -27,11 +28,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from floxide_grpc._proto.floxide.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     orchestrator_service_pb2,
     orchestrator_service_pb2_grpc,
     store_service_pb2,
     worker_service_pb2,
 )
+from floxide_server.admin_service import AdminService
+from floxide_server.auth import AuthInterceptor
 from floxide_server.dispatch import Dispatcher
 from floxide_server.election import MAINTENANCE, Election
 from floxide_server.errors import ErrorInterceptor
@@ -45,6 +50,7 @@ from floxide_server.store.payloads import Limits
 from floxide_server.store_services import add_store_services
 from floxide_server.tasks import Ready, first_error, started
 from floxide_server.tls import ServerTls
+from floxide_server.tokens import Tokens
 from floxide_server.watch import Watches
 from floxide_server.worker_service import WorkerService, add_worker_service
 
@@ -56,6 +62,7 @@ SERVICE_NAMES = (
     *(s.full_name for s in orchestrator_service_pb2.DESCRIPTOR.services_by_name.values()),
     *(s.full_name for s in worker_service_pb2.DESCRIPTOR.services_by_name.values()),
     *(s.full_name for s in store_service_pb2.DESCRIPTOR.services_by_name.values()),
+    *(s.full_name for s in admin_service_pb2.DESCRIPTOR.services_by_name.values()),
 )
 """The floxide.v1 services this server serves (health reports each, reflection lists them)."""
 
@@ -79,6 +86,9 @@ class ServerConfig:
         election_ttl: The elected replica's lease TTL (a dead one is followed within it);
             the sessions' lease TTL by default.
         tls: TLS on the port (and mTLS); ``None``: plain text.
+        auth: Whether calls need a bearer token (:mod:`.auth`); off only for development.
+        admin_token: An admin token to store at start if missing; default ``FLOXIDE_ADMIN_TOKEN``.
+            Without one, a store where no token was ever made gets one, printed once.
     """
 
     host: str = "127.0.0.1"
@@ -94,6 +104,10 @@ class ServerConfig:
     namespace_retention: Mapping[str, timedelta] = dataclasses.field(default_factory=dict)
     election_ttl: timedelta | None = None
     tls: ServerTls | None = None
+    auth: bool = True
+    admin_token: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get("FLOXIDE_ADMIN_TOKEN") or None
+    )
 
 
 class Server:
@@ -105,6 +119,9 @@ class Server:
         self.store = Store.open(kv, self.config.limits)
         self.workflows = self.store.workflows
         self.watches = Watches(kv)
+        self.tokens = (
+            Tokens(kv, self.watches, self.config.admin_token) if self.config.auth else None
+        )
         self.sessions = Sessions(
             kv,
             self.workflows,
@@ -121,6 +138,7 @@ class Server:
             self.config.limits,
             self.config.sessions,
             self.config.server_id,
+            self.tokens,
         )
         self.election = Election(
             kv,
@@ -157,7 +175,14 @@ class Server:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if self.tokens is not None:  # inside the errors' interceptor: its refusals become statuses
+            interceptors.append(AuthInterceptor(self.tokens))
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        if self.tokens is not None:
+            admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+                AdminService(self.tokens), server
+            )
         orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
             OrchestratorService(self.store, self.sessions, self.watches, self.stopping), server
         )
@@ -211,6 +236,7 @@ class Server:
                     (await started(tasks, part))[1]
                     for part in (
                         self.watches.run,
+                        *([self.tokens.run] if self.tokens is not None else []),
                         self.dispatcher.run,
                         self.sessions.deadlines.run,
                         self.maintenance.run,

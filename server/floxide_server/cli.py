@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 from datetime import timedelta
 from pathlib import Path
@@ -87,6 +88,30 @@ def _check_transport(
             "so on purpose",
             param_hint="--host",
         )
+
+
+def _check_auth(auth: str, host: str) -> bool:
+    """Whether calls need tokens: ``--auth off`` only on loopback, and said loudly."""
+    if auth not in ("on", "off"):
+        raise typer.BadParameter("--auth is on or off")
+    if auth == "off" and not is_loopback(host):
+        raise typer.BadParameter(f"--auth off serves {host} to anyone: loopback only")
+    if auth == "off":
+        log.warning("AUTH OFF: any caller of %s may do anything, in every namespace", host)
+    return auth == "on"
+
+
+def _admin_token(path: Path | None) -> str | None:
+    """The operator's admin token: from ``path``, else ``FLOXIDE_ADMIN_TOKEN``."""
+    if path is None:
+        return os.environ.get("FLOXIDE_ADMIN_TOKEN") or None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc.strerror}") from exc
+    if len(token) < 32:
+        raise typer.BadParameter(f"the admin token in {path} is shorter than 32 characters")
+    return token
 
 
 def _etcd_tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
@@ -184,6 +209,20 @@ def run(
             "--insecure", help="Serve plain text on an address other than loopback, on purpose."
         ),
     ] = False,
+    auth: Annotated[
+        str,
+        typer.Option(
+            help="on: every call needs a bearer token (the default); off: none does "
+            "(loopback only, for development).",
+        ),
+    ] = "on",
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file holding an admin token to store at start if missing (else "
+            "FLOXIDE_ADMIN_TOKEN; else, on a store where none was ever made, one is printed).",
+        ),
+    ] = None,
     etcd_ca: Annotated[
         Path | None, typer.Option(envvar="FLOXIDE_ETCD_CA", help="PEM CA of etcd: TLS to etcd.")
     ] = None,
@@ -211,13 +250,15 @@ def run(
     if version:
         typer.echo(f"floxide-server {__version__}")
         return
-    _check_transport(host, tls_cert, tls_key, tls_client_ca, insecure=insecure)
-    etcd_tls = _etcd_tls(etcd_ca, etcd_cert, etcd_key)
-    if etcd_password and not etcd_user:
-        raise typer.BadParameter("--etcd-password needs --etcd-user")
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _check_transport(host, tls_cert, tls_key, tls_client_ca, insecure=insecure)
+    auth_on = _check_auth(auth, host)
+    admin_token = _admin_token(admin_token_file)
+    etcd_tls = _etcd_tls(etcd_ca, etcd_cert, etcd_key)
+    if etcd_password and not etcd_user:
+        raise typer.BadParameter("--etcd-password needs --etcd-user")
     sessions = SessionConfig(
         lease_ttl=timedelta(seconds=lease_ttl),
         heartbeat_interval=timedelta(seconds=heartbeat),
@@ -243,6 +284,8 @@ def run(
         reconcile_interval=timedelta(seconds=reconcile_interval),
         namespace_retention=by_namespace,
         tls=ServerTls(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None,
+        auth=auth_on,
+        admin_token=admin_token,
     )
     if server_id:
         config = dataclasses.replace(config, server_id=server_id)

@@ -26,9 +26,12 @@ from floxide_grpc.errors import (
     ClaimLost,
     FloxideError,
     InvalidArgument,
+    PermissionDenied,
     StatusCode,
+    Unauthenticated,
     Unavailable,
 )
+from floxide_server.auth import current
 from floxide_server.dispatch import Dispatcher
 from floxide_server.ready import Queued
 from floxide_server.sessions import Session, SessionConfig, Sessions
@@ -38,6 +41,7 @@ from floxide_server.store.completion import MAX_CHAIN, Sticky
 from floxide_server.store.kv import KVUnavailable
 from floxide_server.store.payloads import Limits
 from floxide_server.tasks import first_done, first_error
+from floxide_server.tokens import Principal, Tokens
 
 __all__ = ["WorkerService", "add_worker_service"]
 
@@ -69,6 +73,7 @@ class WorkerService:
         limits: Limits,
         config: SessionConfig,
         server_id: str,
+        tokens: Tokens | None = None,
     ) -> None:
         self.store = store
         self.sessions = sessions
@@ -76,6 +81,7 @@ class WorkerService:
         self.limits = limits
         self.config = config
         self.server_id = server_id
+        self.tokens = tokens
 
     async def Connect(
         self,
@@ -95,12 +101,15 @@ class WorkerService:
             raise InvalidArgument("no hello within the hello timeout") from exc
         if first is None or not first.HasField("hello"):
             raise InvalidArgument("the first message of a worker stream must be a hello")
+        principal = current()
+        if principal is not None and not principal.may_name(first.hello.namespace):
+            raise PermissionDenied(f"the token may not serve namespace {first.hello.namespace!r}")
         session = await self.sessions.open(first.hello)
         try:
             self.dispatcher.add(session)
             yield ConnectResponse(hello_ack=self._ack(session))
             closing = asyncio.Event()
-            serving = asyncio.create_task(self._serve(session, first, requests, closing))
+            serving = asyncio.create_task(self._serve(session, first, requests, closing, principal))
             try:
                 async for response in _outgoing(session, serving):
                     yield response
@@ -118,8 +127,11 @@ class WorkerService:
         first: ConnectRequest,
         requests: AsyncIterator[ConnectRequest | None],
         closing: asyncio.Event,
+        principal: Principal | None = None,
     ) -> None:
         """Read the stream and keep the session's lease until the stream ends or ``closing``.
+
+        The stream ends UNAUTHENTICATED when its token (``principal``'s) is revoked or expires.
 
         The reader and the lease keeper are one task group: a fault of either ends both, and
         is raised here. Results are applied in a group of their own, which that does not cut
@@ -142,8 +154,10 @@ class WorkerService:
                     self._take(session, apply, first, skip_hello=True)
                     reader = stream.create_task(self._read(session, apply, requests))
                     keeper = stream.create_task(self.sessions.keep(session))
+                    revoked = stream.create_task(self._until_revoked(principal))
                     await first_done([reader, asyncio.ensure_future(closing.wait())])
                     keeper.cancel()
+                    revoked.cancel()
             except BaseExceptionGroup as group:
                 fault = first_error(group)
             if applying:
@@ -152,6 +166,14 @@ class WorkerService:
                     task.cancel()
         if fault is not None:
             raise fault
+
+    async def _until_revoked(self, principal: Principal | None) -> None:
+        """Raise once the stream's token is revoked or expires (never, with auth off)."""
+        if principal is None or self.tokens is None:
+            await asyncio.Future()
+            return
+        await self.tokens.ended(principal)
+        raise Unauthenticated(f"the token {principal.token_id} was revoked or has expired")
 
     def _ack(self, session: Session) -> worker_service_pb2.HelloAck:
         ack = worker_service_pb2.HelloAck(

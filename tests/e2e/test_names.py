@@ -27,6 +27,7 @@ from floxide_grpc._proto.floxide.v1 import (
     workflow_pb2,
 )
 from tests.conftest import Stack
+from tests.helpers.channels import authorized_channel
 
 
 @node
@@ -49,7 +50,7 @@ def js(value: object) -> work_item_pb2.Payload:
 async def stubs(
     stack: Stack,
 ) -> AsyncIterator[tuple[Any, Any]]:
-    async with grpc.aio.insecure_channel(stack.target) as channel:
+    async with authorized_channel(stack.target) as channel:
         yield (
             orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel),
             store_service_pb2_grpc.WorkQueueServiceStub(channel),

@@ -19,6 +19,7 @@ from floxide_grpc import Unavailable, Workflow, node
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from tests.helpers import eventually, start_server, stop_server
+from tests.helpers.channels import authorized_channel
 from tests.helpers.etcd import crash_safe_etcd
 
 
@@ -31,7 +32,7 @@ FLOW = Workflow("adder", start=add_one)
 
 
 async def health_of(target: str) -> int:
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with authorized_channel(target) as channel:
         try:
             response = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=2
@@ -49,7 +50,7 @@ async def test_server_with_no_etcd_serves_on_an_embedded_one(tmp_path: Path) -> 
     process, target = start_server(ready_file=str(tmp_path / "ready"))
     try:
         assert await health_of(target) == health_pb2.HealthCheckResponse.SERVING
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with authorized_channel(target) as channel:
             call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
             await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
             listed = await call.read()

@@ -10,7 +10,6 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
 from floxide_server.store.keys import NAMESPACES, Keys
@@ -26,6 +25,7 @@ from floxide_grpc._proto.floxide.v1 import (
 )
 from floxide_grpc.client import OrchestratorClient
 from tests.helpers import start_server, stop_server
+from tests.helpers.channels import authorized_channel
 
 LEFT_PENDING = (
     "Task was destroyed but it is pending",
@@ -84,7 +84,7 @@ async def test_no_task_is_left_pending_when_clients_end_early_or_at_shutdown(
         async with OrchestratorClient(target, retries=0) as client:
             await client.register_workflow(FLOW)
             run, _ = await client.start_run("slow", 1)  # no worker: it stays running
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with authorized_channel(target) as channel:
             # A client that stops waiting for a run after its first answer.
             wait = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel).WaitForCompletion(
                 orchestrator_service_pb2.WaitForCompletionRequest(run_id=run.run_id)
@@ -109,7 +109,7 @@ async def test_no_task_is_left_pending_when_clients_end_early_or_at_shutdown(
             assert isinstance(answer, worker_service_pb2.ConnectResponse)
             assert answer.hello_ack.session_id
             stream.cancel()
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with authorized_channel(target) as channel:
             # A wait still open when the server shuts down.
             open_wait = orchestrator_service_pb2_grpc.OrchestratorServiceStub(
                 channel

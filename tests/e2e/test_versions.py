@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import grpc
 import pytest
 from floxide_worker import Worker, WorkerConfig
 
@@ -21,6 +20,7 @@ from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2_grpc
 from floxide_grpc.errors import InvalidArgument, NotFound
 from tests.conftest import Stack
 from tests.e2e.test_cli import floxide
+from tests.helpers.channels import authorized_channel
 
 
 @node
@@ -64,7 +64,7 @@ async def test_an_older_definition_is_current_again_only_when_promoted(
         assert listed[v1].served_by == (worker.config.worker_id,)
         assert listed[v2].served_by == ()
         caplog.set_level(logging.INFO, logger="floxide_server.store.workflows")
-        async with grpc.aio.insecure_channel(stack.target) as channel:
+        async with authorized_channel(stack.target) as channel:
             stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
             promoted = await stub.PromoteWorkflow(
                 pb.PromoteWorkflowRequest(

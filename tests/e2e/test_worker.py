@@ -36,6 +36,7 @@ from floxide_grpc._proto.floxide.v1 import (
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from tests.helpers import eventually, serving
+from tests.helpers.channels import authorized_channel
 from tests.helpers.worker_stream import Raw, hello, result_of
 
 
@@ -402,7 +403,7 @@ async def test_garbage_ends_its_stream_only_and_changes_nothing(cluster: Cluster
     streams go on (each stream's tasks are in a task group of its own)."""
     await cluster.client.register_workflow(ECHO)
     async with cluster.worker(ECHO) as worker:  # a stream open before the fault, and after
-        channel = grpc.aio.insecure_channel(cluster.target)
+        channel = authorized_channel(cluster.target)
         call = channel.stream_stream(
             "/floxide.v1.WorkerService/Connect",
             request_serializer=lambda raw_bytes: raw_bytes,

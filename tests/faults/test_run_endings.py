@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from floxide_server.embedded import EmbeddedEtcd
 from floxide_server.etcd import EtcdKV
@@ -38,6 +37,7 @@ from floxide_grpc.errors import FailedPrecondition, FloxideError
 from floxide_grpc.records import RunStatus
 from tests.faults.harness import Faults
 from tests.helpers import TcpProxy, eventually, stop_server
+from tests.helpers.channels import authorized_channel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,7 +135,7 @@ class Endings:
 
     async def metrics(self, run_id: str) -> records_pb2.RunMetrics:
         """GetRunMetrics as the server answers it (the SDK's RunMetrics has no ``cancelled``)."""
-        async with grpc.aio.insecure_channel(self.faults.target) as channel:
+        async with authorized_channel(self.faults.target) as channel:
             stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
             response = await stub.GetRunMetrics(
                 orchestrator_service_pb2.GetRunMetricsRequest(

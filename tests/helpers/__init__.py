@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from floxide_server.etcd import EtcdKV
 from tests.helpers.ports import FreePortFactory, free_port
 
 __all__ = [
+    "ADMIN_TOKEN",
     "FreePortFactory",
     "TcpProxy",
     "eventually",
@@ -32,6 +34,13 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+ADMIN_TOKEN = "fxt_tests-" + secrets.token_urlsafe(32)
+"""The admin token of this test session, as ``floxide dev`` makes one: every server the tests
+start stores it (``FLOXIDE_ADMIN_TOKEN``), and every client and worker calls with it
+(``FLOXIDE_TOKEN``), in this process and in the processes it starts. Tests of tokens and roles
+make tokens of their own."""
+os.environ["FLOXIDE_ADMIN_TOKEN"] = os.environ["FLOXIDE_TOKEN"] = ADMIN_TOKEN
 
 
 async def eventually(
@@ -171,13 +180,14 @@ def start_server(
     timeout: float = 60.0,
     env: Mapping[str, str] | None = None,
     prefix: Sequence[str] = (),
+    unset: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``floxide-server`` as a process on a free port; return it and its address once ready.
 
     Its log goes to ``{ready_file}.log`` (a pipe nobody reads could fill up and block it). Its
-    environment is the test's, with ``env`` added; ``prefix`` is a command it runs under (``ip
-    netns exec NS``: on a host of the test's). The caller stops it (``stop_server``); if it
-    never gets ready, it is killed and reaped here.
+    environment is the test's, with ``env`` added and ``unset`` removed; ``prefix`` is a
+    command it runs under (``ip netns exec NS``: on a host of the test's). The caller stops it
+    (``stop_server``); if it never gets ready, it is killed and reaped here.
 
     Raises:
         AssertionError: it exited, or was not ready within ``timeout`` seconds.
@@ -196,7 +206,7 @@ def start_server(
                 ready_file,
                 *args,
             ],
-            env={**os.environ, **(env or {})},
+            env={k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset},
             stdout=sink,
             stderr=subprocess.STDOUT,
         )

@@ -16,6 +16,7 @@ from floxide_grpc._proto.floxide.v1 import (
     worker_service_pb2,
     worker_service_pb2_grpc,
 )
+from tests.helpers.channels import authorized_channel
 
 __all__ = ["Raw", "hello", "result_of"]
 
@@ -38,7 +39,7 @@ class Raw:
     """A hand-driven worker stream."""
 
     def __init__(self, target: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+        self.channel = authorized_channel(target)
         self.call = worker_service_pb2_grpc.WorkerServiceStub(self.channel).Connect()
         self._writing = asyncio.Lock()
 

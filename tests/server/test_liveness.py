@@ -29,6 +29,7 @@ from floxide_grpc._proto.floxide.v1 import (
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus, WorkerInfo
 from tests.helpers import eventually
+from tests.helpers.channels import authorized_channel
 from tests.helpers.worker_stream import Raw, hello
 
 TTL = 6.0
@@ -211,7 +212,7 @@ async def test_an_end_unseen_is_stamped_by_the_sweep_and_a_removed_record_stays_
     await server.kv.txn(Txn([], [Put(keys.worker(lease), record.SerializeToString())]))
     await server.kv.revoke(lease)
     request = orchestrator_service_pb2.ListWorkersRequest(namespace=namespace, include_dead=True)
-    async with grpc.aio.insecure_channel(target(server)) as channel:
+    async with authorized_channel(target(server)) as channel:
         stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
         [unstamped] = (await stub.ListWorkers(request)).workers
         assert unstamped.liveness == records_pb2.LIVENESS_STATUS_DEAD
@@ -234,8 +235,8 @@ async def test_current_items_are_the_claims_held_as_any_replica_reads_them(
     config = WorkerConfig(server=target(first), namespace=namespace, slots=2)
     async with (
         Worker([GATED], config),
-        grpc.aio.insecure_channel(target(first)) as one,
-        grpc.aio.insecure_channel(target(second)) as other,
+        authorized_channel(target(first)) as one,
+        authorized_channel(target(second)) as other,
         OrchestratorClient(target(second), namespace=namespace) as client,
     ):
         [listed] = await eventually(client.workers)

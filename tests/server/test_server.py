@@ -38,6 +38,7 @@ from floxide_grpc._proto.floxide.v1 import (
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from tests.conftest import Stack, run_to_completion
+from tests.helpers.channels import authorized_channel
 
 
 @dataclass
@@ -109,7 +110,7 @@ async def test_bad_starts_get_clear_statuses_and_change_nothing(stack: Stack) ->
 
 
 async def test_an_oversized_grpc_message_is_refused(stack: Stack) -> None:
-    channel = grpc.aio.insecure_channel(stack.target)
+    channel = authorized_channel(stack.target)
     stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
     huge = work_item_pb2.Payload(
         encoding=work_item_pb2.ENCODING_JSON, data=b'"' + b"x" * 100_000 + b'"'
@@ -190,7 +191,7 @@ async def test_malformed_requests_are_invalid_argument(stack: Stack) -> None:
 
 
 async def test_health_is_serving_and_reflection_lists_the_services(stack: Stack) -> None:
-    channel = grpc.aio.insecure_channel(stack.target)
+    channel = authorized_channel(stack.target)
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", *SERVICE_NAMES):
         response = await health.Check(health_pb2.HealthCheckRequest(service=service))
@@ -212,7 +213,7 @@ async def test_health_is_serving_and_reflection_lists_the_services(stack: Stack)
 async def test_shutdown_ends_waits_with_unavailable(stack: Stack) -> None:
     await stack.client.register_workflow(FLOW)
     run, _ = await stack.client.start_run("doubler", 1)
-    channel = grpc.aio.insecure_channel(stack.target)
+    channel = authorized_channel(stack.target)
     stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
     call = stub.WaitForCompletion(
         pb.WaitForCompletionRequest(namespace=stack.namespace, run_id=run.run_id)
@@ -229,7 +230,7 @@ async def test_shutdown_ends_waits_with_unavailable(stack: Stack) -> None:
 async def test_pending_work_and_errors_of_a_failed_attempt(stack: Stack) -> None:
     await stack.client.register_workflow(FLOW)
     run, _ = await stack.client.start_run("doubler", 1)
-    channel = grpc.aio.insecure_channel(stack.target)
+    channel = authorized_channel(stack.target)
     stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
     pending = await stub.ListPendingWork(
         pb.ListPendingWorkRequest(namespace=stack.namespace, run_id=run.run_id)

@@ -32,6 +32,7 @@ from floxide_grpc._proto.floxide.v1 import store_service_pb2 as pb
 from floxide_grpc.stores import RemoteCheckpointStore
 from tests.conftest import Stack, run_to_completion
 from tests.helpers import eventually
+from tests.helpers.channels import authorized_channel
 from tests.helpers.worker_stream import Raw, hello
 
 Payload = work_item_pb2.Payload
@@ -70,7 +71,7 @@ class Stubs:
 
 @pytest.fixture
 async def stubs(stack: Stack) -> AsyncIterator[Stubs]:
-    channel = grpc.aio.insecure_channel(stack.target)
+    channel = authorized_channel(stack.target)
     yield Stubs(channel)
     await channel.close()
 

@@ -56,11 +56,13 @@ from floxide_grpc._proto.floxide.v1 import (
     worker_service_pb2,
     worker_service_pb2_grpc,
 )
+from floxide_grpc.auth import bearer, token_from_env
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import FloxideError, StatusCode
 from floxide_grpc.execute import AttemptFailed, attempt
 from floxide_grpc.graph import Graph
 from floxide_grpc.node import NodeKind
+from floxide_grpc.status import error_from_status
 from floxide_grpc.tls import Tls, open_channel
 from floxide_grpc.workflow import Workflow
 
@@ -91,6 +93,8 @@ class WorkerConfig:
             Nodes implemented in another language are left to its workers.
         tls: TLS to the server; ``None``: plain text. Its files are read at each connection,
             so a rotated client certificate is taken at the next reconnect.
+        token: The bearer token it calls with; ``None``: ``FLOXIDE_TOKEN``. Refused
+            (UNAUTHENTICATED or PERMISSION_DENIED), the worker stops with the reason.
     """
 
     server: str
@@ -104,6 +108,7 @@ class WorkerConfig:
     drain_grace: timedelta = timedelta(seconds=30)
     nodes: frozenset[str] = frozenset()
     tls: Tls | None = None
+    token: str | None = None
 
 
 @dataclasses.dataclass
@@ -215,6 +220,7 @@ class Worker:
             raise ValueError("a worker needs at least one slot")
         self.workflows = list(workflows)
         self.config = config
+        self._token = token_from_env() if config.token is None else config.token
         self._servers = [s.strip() for s in config.server.split(",") if s.strip()]
         if not self._servers:
             raise ValueError("WorkerConfig.server names no server (host:port[,host:port...])")
@@ -315,6 +321,11 @@ class Worker:
                     self._registered.clear()
                     await self._register_all()
                     continue
+                if exc.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):  # its token, revoked or not allowed: no answer will change without a new one
+                    raise error_from_status(exc) from exc
                 refused = exc.code() in (
                     grpc.StatusCode.NOT_FOUND,
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -412,7 +423,7 @@ class Worker:
 
     async def _register(self) -> None:
         async with OrchestratorClient(
-            self._server, namespace=self.config.namespace, tls=self.config.tls
+            self._server, namespace=self.config.namespace, tls=self.config.tls, token=self._token
         ) as client:
             for index, workflow in enumerate(self.workflows):
                 if index in self._registered:
@@ -474,7 +485,9 @@ class Worker:
         )
         stream.outbox.put_nowait(ConnectRequest(hello=hello))
         self._acked = False
-        call = worker_service_pb2_grpc.WorkerServiceStub(channel).Connect(stream.requests())
+        call = worker_service_pb2_grpc.WorkerServiceStub(channel).Connect(
+            stream.requests(), metadata=bearer(self._token)
+        )
         try:
             read = await call.read()
             if read is grpc.aio.EOF:

@@ -3,25 +3,28 @@
 const crypto = require('node:crypto');
 const { floxide, toPayload, fromPayload } = require('./proto');
 const { credentials, channelOptions } = require('./tls');
+const { tokenFromEnv, metadataOf } = require('./auth');
 
 const FINISHED = new Set(['RUN_STATUS_COMPLETED', 'RUN_STATUS_FAILED', 'RUN_STATUS_CANCELLED']);
 
 class Client {
   /**
    * @param {string} target host:port of a server
-   * @param {{namespace?: string, timeoutMs?: number, tls?: object}} options `tls`: {ca, cert,
-   *   key, serverName} (file paths; `tlsFromEnv()` reads them from FLOXIDE_TLS_*); none: plain text
+   * @param {{namespace?: string, timeoutMs?: number, tls?: object, token?: string}} options
+   *   `tls`: {ca, cert, key, serverName} (file paths; `tlsFromEnv()` reads them from
+   *   FLOXIDE_TLS_*), none: plain text; `token`: the bearer token, FLOXIDE_TOKEN by default
    */
-  constructor(target, { namespace = 'default', timeoutMs = 10000, tls } = {}) {
+  constructor(target, { namespace = 'default', timeoutMs = 10000, tls, token = tokenFromEnv() } = {}) {
     this.namespace = namespace;
     this.timeoutMs = timeoutMs;
+    this.metadata = metadataOf(token);
     this.stub = new (floxide().OrchestratorService)(target, credentials(tls), channelOptions(tls));
   }
 
   call(method, request) {
     return new Promise((resolve, reject) => {
       const deadline = new Date(Date.now() + this.timeoutMs);
-      this.stub[method]({ namespace: this.namespace, ...request }, { deadline }, (error, response) =>
+      this.stub[method]({ namespace: this.namespace, ...request }, this.metadata, { deadline }, (error, response) =>
         error ? reject(error) : resolve(response));
     });
   }
@@ -46,6 +49,7 @@ class Client {
     return new Promise((resolve, reject) => {
       const call = this.stub.WaitForCompletion(
         { namespace: this.namespace, run_id: runId },
+        this.metadata,
         { deadline: new Date(Date.now() + timeoutMs) },
       );
       let last = null;

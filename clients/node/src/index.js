@@ -4,5 +4,6 @@ const { Client } = require('./client');
 const { Worker, PROTOCOL_VERSION } = require('./worker');
 const { floxide, toPayload, fromPayload } = require('./proto');
 const { tlsFromEnv } = require('./tls');
+const { tokenFromEnv } = require('./auth');
 
-module.exports = { Client, Worker, PROTOCOL_VERSION, floxide, toPayload, fromPayload, tlsFromEnv };
+module.exports = { Client, Worker, PROTOCOL_VERSION, floxide, toPayload, fromPayload, tlsFromEnv, tokenFromEnv };

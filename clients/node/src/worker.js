@@ -15,6 +15,7 @@
 const os = require('node:os');
 const { floxide, toPayload, fromPayload } = require('./proto');
 const { credentials, channelOptions } = require('./tls');
+const { tokenFromEnv, metadataOf } = require('./auth');
 
 const { Client } = require('./client');
 
@@ -41,10 +42,12 @@ class Worker {
    *   by someone else, and such a refusal stops the worker
    * @param {object} [options.tls] {ca, cert, key, serverName}: TLS to the server, its files read at
    *   each connection (`tlsFromEnv()` reads them from FLOXIDE_TLS_*); none: plain text
+   * @param {string} [options.token] the bearer token, FLOXIDE_TOKEN by default; refused
+   *   (UNAUTHENTICATED or PERMISSION_DENIED), the worker stops with the reason
    */
   constructor({
     server, workflow, nodes, namespace = 'default', slots = 4, workerId, backoffMs = 100, maxBackoffMs = 5000,
-    definition, tls,
+    definition, tls, token = tokenFromEnv(),
   }) {
     this.servers = String(server).split(',').map((s) => s.trim()).filter(Boolean);
     if (this.servers.length === 0) throw new Error('no server given (host:port[,host:port...])');
@@ -58,6 +61,7 @@ class Worker {
     this.maxBackoffMs = maxBackoffMs;
     this.definition = definition;
     this.tls = tls;
+    this.token = token;
     this.held = new Map(); // claim token -> {session, abort}, while its node runs
     this.unacked = new Map(); // claim token -> {result, session, stream}, until its ack
     this.draining = false;
@@ -112,7 +116,7 @@ class Worker {
         resolve({ reason: `TLS: ${error.message}` });
         return;
       }
-      const stream = stub.Connect();
+      const stream = stub.Connect(metadataOf(this.token));
       let heartbeat = null;
       let settled = false;
       const finish = (outcome) => {
@@ -136,7 +140,9 @@ class Worker {
       let acked = false;
       stream.on('data', (response) => { if (response.hello_ack) acked = true; });
       stream.on('error', (error) => {
-        const fatal = [5, 9, 3].includes(error.code) && this.held.size === 0; // NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT
+        // NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT with nothing held; UNAUTHENTICATED and
+        // PERMISSION_DENIED always (its token: no retry changes the answer).
+        const fatal = ([5, 9, 3].includes(error.code) && this.held.size === 0) || [16, 7].includes(error.code);
         const notFound = error.code === NOT_FOUND && !acked;
         finish({ reason: `${error.code} ${error.details}`, fatal, error, acked, notFound });
       });
@@ -148,7 +154,7 @@ class Worker {
   async register() {
     let backoff = this.backoffMs;
     for (;;) {
-      const client = new Client(this.server, { namespace: this.namespace, tls: this.tls });
+      const client = new Client(this.server, { namespace: this.namespace, tls: this.tls, token: this.token });
       try {
         await client.registerWorkflow(this.definition);
         return;

@@ -22,20 +22,23 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from floxide_grpc._proto.floxide.v1 import admin_service_pb2 as floxide_dot_v1_dot_admin__service__pb2
 from floxide_grpc._proto.floxide.v1 import work_item_pb2 as floxide_dot_v1_dot_work__item__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n floxide/storage/v1/storage.proto\x12\x12\x66loxide.storage.v1\x1a\x1a\x66loxide/v1/work_item.proto\"}\n\x17\x43ontextOperationsRecord\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x30\n\noperations\x18\x06 \x03(\x0b\x32\x1c.floxide.v1.ContextOperation\"Y\n\x0f\x45xpansionRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12#\n\x05items\x18\x06 \x03(\x0b\x32\x14.floxide.v1.WorkItem\"d\n\x0bTimerRecord\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x04item\x18\x02 \x01(\x0b\x32\x14.floxide.v1.WorkItem\x12\x10\n\x08\x64\x65lay_ms\x18\x03 \x01(\x04\x12\x0f\n\x07seen_at\x18\x04 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n floxide/storage/v1/storage.proto\x12\x12\x66loxide.storage.v1\x1a\x1e\x66loxide/v1/admin_service.proto\x1a\x1a\x66loxide/v1/work_item.proto\"}\n\x17\x43ontextOperationsRecord\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x30\n\noperations\x18\x06 \x03(\x0b\x32\x1c.floxide.v1.ContextOperation\"Y\n\x0f\x45xpansionRecord\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12#\n\x05items\x18\x06 \x03(\x0b\x32\x14.floxide.v1.WorkItem\"d\n\x0bTimerRecord\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x04item\x18\x02 \x01(\x0b\x32\x14.floxide.v1.WorkItem\x12\x10\n\x08\x64\x65lay_ms\x18\x03 \x01(\x04\x12\x0f\n\x07seen_at\x18\x04 \x01(\x04\"I\n\x0bTokenRecord\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.floxide.v1.TokenInfo\x12\x15\n\rsecret_sha256\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'floxide_server._proto.floxide.storage.v1.storage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONTEXTOPERATIONSRECORD']._serialized_start=84
-  _globals['_CONTEXTOPERATIONSRECORD']._serialized_end=209
-  _globals['_EXPANSIONRECORD']._serialized_start=211
-  _globals['_EXPANSIONRECORD']._serialized_end=300
-  _globals['_TIMERRECORD']._serialized_start=302
-  _globals['_TIMERRECORD']._serialized_end=402
+  _globals['_CONTEXTOPERATIONSRECORD']._serialized_start=116
+  _globals['_CONTEXTOPERATIONSRECORD']._serialized_end=241
+  _globals['_EXPANSIONRECORD']._serialized_start=243
+  _globals['_EXPANSIONRECORD']._serialized_end=332
+  _globals['_TIMERRECORD']._serialized_start=334
+  _globals['_TIMERRECORD']._serialized_end=434
+  _globals['_TOKENRECORD']._serialized_start=436
+  _globals['_TOKENRECORD']._serialized_end=509
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ format 1 stored then reads the same now.
 """
 
 from collections import abc as _abc
+from floxide_grpc._proto.floxide.v1 import admin_service_pb2 as _admin_service_pb2
 from floxide_grpc._proto.floxide.v1 import work_item_pb2 as _work_item_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -145,3 +146,33 @@ class TimerRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TimerRecord: _TypeAlias = TimerRecord  # noqa: Y015
+
+@_typing.final
+class TokenRecord(_message.Message):
+    """A bearer token in force, at /floxide/v1/tokens/{id}: its public part and the SHA-256 of its
+    secret (a token is 256 random bits, so a fast hash is enough: nothing to guess from it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    SECRET_SHA256_FIELD_NUMBER: _builtins.int
+    secret_sha256: _builtins.bytes
+    """SHA-256 of the whole token string."""
+    @_builtins.property
+    def info(self) -> _admin_service_pb2.TokenInfo:
+        """What the server shows of it."""
+
+    def __init__(
+        self,
+        *,
+        info: _admin_service_pb2.TokenInfo | None = ...,
+        secret_sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "secret_sha256", b"secret_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenRecord: _TypeAlias = TokenRecord  # noqa: Y015
