@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -153,15 +153,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     def _streaming(
-        self, method: str, token: str | None, behavior: Callable[..., AsyncIterator[Any]]
+        self, method: str, token: str | None, behavior: Callable[..., AsyncGenerator[Any, None]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
             with _audited(method, request) as who:
                 # A stream of requests names its namespace later (the worker's hello).
                 principal = await self._admit(method, token, request, who)
                 _principal.set(principal)  # this call's own task: nothing else sees it
-                async for response in behavior(request, context):
-                    yield response
+                # Closed here, not left to the garbage collector, when the call is cancelled.
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
 
         return wrapper
 

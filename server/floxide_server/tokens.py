@@ -23,7 +23,7 @@ import sys
 import time
 
 from floxide_grpc._proto.floxide.v1 import admin_service_pb2 as pb
-from floxide_grpc.errors import InvalidArgument, Unauthenticated
+from floxide_grpc.errors import InvalidArgument, Unauthenticated, Unavailable
 from floxide_grpc.names import check_name
 from floxide_server._proto.floxide.storage.v1 import storage_pb2
 from floxide_server.store.kv import KV, Compare, Delete, Put, Txn
@@ -39,6 +39,8 @@ PREFIX = b"/floxide/v1/tokens/"
 INITIALISED = b"/floxide/v1/auth/initialised"
 """Put by the Txn that made the first admin token: no replica prints another."""
 TOKEN_BYTES = 32
+LOAD_WAIT = 5.0
+"""Seconds a call waits for a starting replica's tokens before UNAVAILABLE."""
 
 
 def token_id(token: str) -> str:
@@ -150,7 +152,11 @@ class Tokens:
         """
         if not token:
             raise Unauthenticated("no token: send 'authorization: Bearer <token>'")
-        await self._loaded.wait()
+        if not self._loaded.is_set():
+            try:
+                await asyncio.wait_for(self._loaded.wait(), LOAD_WAIT)
+            except TimeoutError:
+                raise Unavailable("the server has not loaded its tokens yet: retry") from None
         found = self._by_id.get(token_id(token))
         digest = hashlib.sha256(token.encode()).digest()
         if found is None or not hmac.compare_digest(found[1], digest):

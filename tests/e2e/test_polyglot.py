@@ -222,7 +222,9 @@ def _get_run_by_reflection(target: str, namespace: str, run_id: str) -> dict[str
             response_deserializer=response_class.FromString,
         )
         request = json_format.ParseDict({"namespace": namespace, "runId": run_id}, request_class())
-        return json_format.MessageToDict(call(request, timeout=10))
+        token = os.environ["FLOXIDE_TOKEN"]  # what docs/protocol.md says a client sends
+        metadata = (("authorization", f"Bearer {token}"),)
+        return json_format.MessageToDict(call(request, timeout=10, metadata=metadata))
     finally:
         channel.close()
 
