@@ -24,7 +24,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
+from rich.table import Column, Table
 
 from floxide_grpc import PROTOCOL_VERSION, __version__, codec
 from floxide_grpc.client import OrchestratorClient
@@ -303,17 +303,22 @@ def token_create(
 @token_app.command("list")
 def token_list(ctx: typer.Context) -> None:
     """The tokens in force (never their secrets)."""
-    table = Table("id", "name", "role", "namespaces", "created", "expires")
+    table = Table("name", "role", "namespaces", "created", "expires")
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=16))  # whole: revoke takes it
     for info in _remote(ctx, lambda c: c.tokens()):
         table.add_row(
             info.id,
             info.name,
             info.role.value,
             ", ".join(info.namespaces) or "*",
-            str(info.created_at or ""),
-            str(info.expires_at or "never"),
+            _minute(info.created_at),
+            _minute(info.expires_at) if info.expires_at else "never",
         )
     console.print(table)
+
+
+def _minute(when: datetime.datetime | None) -> str:
+    return when.strftime("%Y-%m-%d %H:%M UTC") if when else ""
 
 
 @token_app.command("revoke")

@@ -102,6 +102,7 @@ class Tokens:
         self.admin_token = admin_token
         self._by_id: dict[str, tuple[Principal, bytes]] = {}
         self._ended: dict[str, asyncio.Event] = {}
+        self._changed: dict[str, int] = {}  # id -> the revision of the change last applied
         self._loaded = asyncio.Event()
 
     # -- the replica's copy --------------------------------------------------------------------
@@ -118,25 +119,41 @@ class Tokens:
                 if event is RESYNC:
                     await self._load()
                 elif event.deleted:
-                    self._forget(event.kv.key[len(PREFIX) :].decode())
+                    id_ = event.kv.key[len(PREFIX) :].decode()
+                    self._forget(id_, event.kv.mod_revision)
                 else:
-                    self._remember(storage_pb2.TokenRecord.FromString(event.kv.value))
+                    record = storage_pb2.TokenRecord.FromString(event.kv.value)
+                    self._remember(record, event.kv.mod_revision)
         finally:
             subscription.close()
 
     async def _load(self) -> None:
-        found, _ = await self.kv.range(PREFIX)
-        records = [storage_pb2.TokenRecord.FromString(kv.value) for kv in found]
-        for gone in set(self._by_id) - {r.info.id for r in records}:
-            self._forget(gone)
-        for record in records:
-            self._remember(record)
+        found, revision = await self.kv.range(PREFIX)
+        records = {storage_pb2.TokenRecord.FromString(kv.value).info.id: kv for kv in found}
+        for gone in set(self._by_id) - set(records):
+            self._forget(gone, revision)
+        for kv in records.values():
+            self._remember(storage_pb2.TokenRecord.FromString(kv.value), kv.mod_revision)
         self._loaded.set()
 
-    def _remember(self, record: storage_pb2.TokenRecord) -> None:
-        self._by_id[record.info.id] = (Principal.of(record.info), record.secret_sha256)
+    def _newer(self, id_: str, revision: int) -> bool:
+        """Whether a change of ``revision`` is newer than what this copy has of the token.
 
-    def _forget(self, id_: str) -> None:
+        This replica's own writes are applied at once, and its watch tells of them again later:
+        an older event must not undo a newer change (a revoked token seen again as made).
+        """
+        if revision <= self._changed.get(id_, 0):
+            return False
+        self._changed[id_] = revision
+        return True
+
+    def _remember(self, record: storage_pb2.TokenRecord, revision: int) -> None:
+        if self._newer(record.info.id, revision):
+            self._by_id[record.info.id] = (Principal.of(record.info), record.secret_sha256)
+
+    def _forget(self, id_: str, revision: int) -> None:
+        if not self._newer(id_, revision):
+            return
         self._by_id.pop(id_, None)
         ended = self._ended.pop(id_, None)
         if ended is not None:
@@ -220,6 +237,8 @@ class Tokens:
         result = await self.kv.txn(
             Txn([Compare.exists(PREFIX + id_.encode())], [Delete(PREFIX + id_.encode())])
         )
+        if result.succeeded:
+            self._forget(id_, result.revision)  # at once here; elsewhere when their watch says
         return result.succeeded
 
     async def _put(
@@ -249,6 +268,7 @@ class Tokens:
         )
         if not result.succeeded:
             raise InvalidArgument("that token exists already")
+        self._remember(record, result.revision)  # at once here; elsewhere when watched
         return info
 
     async def _bootstrap(self) -> None:

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from floxide_server.store import queue
 
-from floxide_grpc import Workflow, node, subworkflow
+from floxide_grpc import Unauthenticated, Workflow, node, subworkflow
+from floxide_grpc.client import OrchestratorClient
 from tests.conftest import Runner, Stack, run_to_completion
 from tests.helpers import eventually, finish
 
@@ -172,3 +174,23 @@ async def test_status_shows_a_runs_child_runs_and_a_child_its_parent(stack: Stac
     assert run.run_id in out and child.run_id in out
     code, out, _ = await floxide(stack, "runs", "--parent", run.run_id)
     assert run.run_id not in out and child.run_id in out
+
+
+async def test_token_commands_create_list_and_revoke(stack: Stack) -> None:
+    code, out, err = await floxide(
+        stack, "token", "create", "ci", "--role", "client", "--allow", stack.namespace
+    )
+    assert code == 0, err
+    token = out.strip()
+    [made] = [t for t in await stack.client.tokens() if t.name == "ci"]
+    assert f"token {made.id} (client, {stack.namespace})" in err
+    code, out, _ = await floxide(stack, "token", "list")
+    assert code == 0 and made.id in out and token not in out
+    async with OrchestratorClient(stack.target, namespace=stack.namespace, token=token) as ci:
+        assert await ci.list_runs() == ([], "")
+        code, out, _ = await floxide(stack, "token", "revoke", made.id)
+        assert code == 0 and f"revoked {made.id}" in out
+        with pytest.raises(Unauthenticated):
+            await ci.list_runs()
+    code, _, err = await floxide(stack, "token", "revoke", made.id)
+    assert code == 1 and "no token in force" in err
