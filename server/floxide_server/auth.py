@@ -134,8 +134,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 f"a {role_name(principal.role)} token may not call {method.rsplit('/', 1)[1]}"
             )
         namespace = getattr(request, "namespace", None)
-        if isinstance(namespace, str) and not principal.may_name(namespace):
-            raise PermissionDenied(f"the token may not act in namespace {namespace!r}")
+        if isinstance(namespace, str) and not principal.may_name(namespace or "default"):
+            raise PermissionDenied(f"the token may not act in namespace {namespace or 'default'!r}")
         return principal
 
     def _unary(

@@ -102,8 +102,9 @@ class WorkerService:
         if first is None or not first.HasField("hello"):
             raise InvalidArgument("the first message of a worker stream must be a hello")
         principal = current()
-        if principal is not None and not principal.may_name(first.hello.namespace):
-            raise PermissionDenied(f"the token may not serve namespace {first.hello.namespace!r}")
+        namespace = first.hello.namespace or "default"  # as every request spells it
+        if principal is not None and not principal.may_name(namespace):
+            raise PermissionDenied(f"the token may not serve namespace {namespace!r}")
         session = await self.sessions.open(first.hello)
         try:
             self.dispatcher.add(session)

@@ -311,3 +311,9 @@ async def test_auth_the_nodejs_client_and_worker_call_with_a_token(stack: Stack)
     assert done.returncode == 0 and done.stdout.strip() == '"hello, t"', done.stderr
     refused = await node_run("fxt_wrong")
     assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr.upper()
+
+
+async def test_auth_an_empty_namespace_is_the_default_namespace(stack: Stack) -> None:
+    token, _ = await stack.client.create_token("default reader", "reader", ["default"])
+    async with OrchestratorClient(stack.target, namespace="", token=token, retries=0) as client:
+        await client.list_runs()  # "" names "default", as everywhere else
