@@ -90,6 +90,25 @@ def _check_transport(
         )
 
 
+def _limits(given: list[str], **fixed: int) -> Limits:
+    """The limits, with each ``NAME=VALUE`` of ``--limit`` (a field of :class:`Limits`)."""
+    fields = {f.name: f.type for f in dataclasses.fields(Limits)}
+    chosen: dict[str, float | int] = {}
+    for entry in given:
+        name, _, value = entry.partition("=")
+        if name not in fields or name in fixed or name == "max_txn_ops":
+            known = ", ".join(n for n in fields if n not in fixed and n != "max_txn_ops")
+            raise typer.BadParameter(f"--limit {entry!r}: no such limit (limits: {known})")
+        try:
+            number = float(value) if "float" in str(fields[name]) else int(value)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--limit {entry!r}: {value!r} is not a number") from exc
+        if number < 0:
+            raise typer.BadParameter(f"--limit {entry!r}: a limit is 0 or more")
+        chosen[name] = number
+    return Limits(**fixed, **chosen)  # type: ignore[arg-type]
+
+
 def _check_auth(auth: str, host: str) -> bool:
     """Whether calls need tokens: ``--auth off`` only on loopback, and said loudly."""
     if auth not in ("on", "off"):
@@ -243,6 +262,13 @@ def run(
             help="Its password (the variable keeps it out of the process list).",
         ),
     ] = "",
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VALUE: another value for one of the limits (docs/protocol.md's table), "
+            "e.g. max_runs_in_flight=5000 (repeatable).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
@@ -264,7 +290,8 @@ def run(
         heartbeat_interval=timedelta(seconds=heartbeat),
         deadline_grace=timedelta(seconds=deadline_grace),
     )
-    limits = Limits(
+    limits = _limits(
+        limit or [],
         default_node_timeout_ms=round((default_node_timeout or 0) * 1000),
         max_run_timeout_ms=round(max_run_timeout_days * 86_400_000),
     )

@@ -302,6 +302,14 @@ class EtcdKV:
         )
         return [_kv(kv) for kv in response.kvs], response.header.revision
 
+    async def count(self, prefix: bytes) -> int:
+        """How many keys are under ``prefix`` (a count-only range: etcd sends no key)."""
+        request = rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix), count_only=True)
+        response = await self._call(
+            lambda ch: rpc.KVStub(ch).Range(request, timeout=self.timeout, metadata=self._metadata)
+        )
+        return int(response.count)
+
     # -- transactions --------------------------------------------------------------------------
 
     async def txn(self, txn: Txn) -> TxnResult:

@@ -25,6 +25,8 @@ from floxide_grpc._proto.floxide.v1 import (
     workflow_pb2,
 )
 from floxide_grpc.errors import Unavailable
+from floxide_server.auth import current
+from floxide_server.rates import Buckets
 from floxide_server.sessions import Sessions
 from floxide_server.store import Store, settling
 from floxide_server.store.keys import Keys
@@ -49,6 +51,7 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
         self.sessions = sessions
         self.watches = watches
         self.stopping = stopping
+        self.starts = Buckets(store.limits.max_starts_per_second)
 
     async def RegisterWorkflow(
         self, request: pb.RegisterWorkflowRequest, context: Context
@@ -98,6 +101,9 @@ class OrchestratorService(orchestrator_service_pb2_grpc.OrchestratorServiceServi
 
     async def StartRun(self, request: pb.StartRunRequest, context: Context) -> pb.StartRunResponse:
         """Start a run (idempotent by key)."""
+        principal = current()
+        if principal is not None:
+            self.starts.take(principal.token_id, f"the token {principal.token_id}'s start rate")
         run, created = await self.store.lifecycle.start(
             namespace_of(request.namespace),
             names.check_name("workflow", request.workflow),

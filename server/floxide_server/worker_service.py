@@ -11,9 +11,10 @@ Results are acknowledged in-band; only faults of the stream as a whole end it wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -33,6 +34,7 @@ from floxide_grpc.errors import (
 )
 from floxide_server.auth import current
 from floxide_server.dispatch import Dispatcher
+from floxide_server.rates import Counts
 from floxide_server.ready import Queued
 from floxide_server.sessions import Session, SessionConfig, Sessions
 from floxide_server.store import Store
@@ -82,6 +84,7 @@ class WorkerService:
         self.config = config
         self.server_id = server_id
         self.tokens = tokens
+        self.streams = Counts(limits.max_streams_per_token)
 
     async def Connect(
         self,
@@ -105,6 +108,23 @@ class WorkerService:
         namespace = first.hello.namespace or "default"  # as every request spells it
         if principal is not None and not principal.may_name(namespace):
             raise PermissionDenied(f"the token may not serve namespace {namespace!r}")
+        holder = principal.token_id if principal is not None else ""
+        self.streams.open(holder, f"the token {holder or '(none: auth off)'}'s worker streams")
+        try:
+            session = self._session(first, requests, principal)
+            async with contextlib.aclosing(session) as responses:  # closed now, not by the GC
+                async for response in responses:
+                    yield response
+        finally:
+            self.streams.close(holder)
+
+    async def _session(
+        self,
+        first: ConnectRequest,
+        requests: AsyncIterator[ConnectRequest | None],
+        principal: Principal | None,
+    ) -> AsyncGenerator[ConnectResponse, None]:
+        """The session of a stream whose hello was admitted: opened, served, closed."""
         session = await self.sessions.open(first.hello)
         try:
             self.dispatcher.add(session)

@@ -332,7 +332,7 @@ class Worker:
                     grpc.StatusCode.INVALID_ARGUMENT,
                 ) or (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not self._acked)
                 if refused and not self._held:  # retrying will not change the answer
-                    raise
+                    raise error_from_status(exc) from exc
                 log.warning(
                     "stream to %s broke (%s: %s); reconnecting",
                     self._server,
@@ -591,7 +591,7 @@ class Worker:
         )
         result.started_at.GetCurrentTime()
         try:
-            workflow = self._by_hash[item.definition_hash]
+            workflow = self._serves(item)
             context = json.loads(assignment.context.data) if assignment.context.data else {}
             timeout = None
             if assignment.HasField("timeout"):
@@ -621,6 +621,28 @@ class Worker:
             )
         result.finished_at.GetCurrentTime()
         self._report(held, result)
+
+    def _serves(self, item: work_item_pb2.WorkItem) -> Workflow:
+        """The workflow of an item this worker serves: code it imported, never the wire's.
+
+        Raises:
+            AttemptFailed: the assignment names a definition or node it does not serve.
+        """
+        workflow = self._by_hash.get(item.definition_hash)
+        served = workflow is not None and item.node in workflow.nodes
+        if served and workflow is not None:  # the server runs a nested workflow, never a worker
+            served = workflow.spec(item.node).kind is not NodeKind.SUBWORKFLOW
+        if served and self.config.nodes:
+            served = item.node in self.config.nodes
+        if not served or workflow is None:
+            raise AttemptFailed(
+                work_item_pb2.NodeError(
+                    kind=work_item_pb2.ERROR_KIND_GENERIC,
+                    message=f"this worker does not serve node {item.node!r} of definition "
+                    f"{item.definition_hash!r}: refused, not run",
+                )
+            )
+        return workflow
 
     def _report(self, held: _Held, result: worker_service_pb2.StepResult) -> None:
         del self._held[held.assignment.claim_token]

@@ -142,7 +142,9 @@ class Worker {
       stream.on('error', (error) => {
         // NOT_FOUND, FAILED_PRECONDITION, INVALID_ARGUMENT with nothing held; UNAUTHENTICATED and
         // PERMISSION_DENIED always (its token: no retry changes the answer).
-        const fatal = ([5, 9, 3].includes(error.code) && this.held.size === 0) || [16, 7].includes(error.code);
+        // RESOURCE_EXHAUSTED before the hello's ack: over a limit of the server's, likewise.
+        const fatal = ([5, 9, 3].includes(error.code) && this.held.size === 0)
+          || [16, 7].includes(error.code) || (error.code === 8 && !acked);
         const notFound = error.code === NOT_FOUND && !acked;
         finish({ reason: `${error.code} ${error.details}`, fatal, error, acked, notFound });
       });

@@ -36,6 +36,7 @@ floxide.storage.v1 (``proto/floxide/storage/v1``), which only the storage format
 | ``queue/{run}/{item}`` | WorkItem (no input) | ready to dispatch; deleted by the claim |
 | ``expand/{run}/{item}`` | ExpansionRecord | a fan-out wider than one Txn, expanding |
 | ``settle/{run}`` | status name | a finished run whose leftovers are being settled |
+| ``running/{run}`` | empty | a run StartRun started, running or paused: counted for the quota |
 | ``timer/{run}/{item}`` | TimerRecord | a durable retry: a delay, never a due time |
 | ``timer/{run}`` | TimerRecord | the run's timeout, likewise |
 | ``timer-clock`` | decimal ms | the timer clock, advanced and written by the elected replica |
@@ -146,6 +147,10 @@ class Keys:
     def group_outputs(self, run_id: str, group_id: str) -> bytes:
         """Prefix of a group's arrivals, in index order."""
         return self.group(run_id, group_id) + b"/out/"
+
+    def running(self, run_id: str = "") -> bytes:
+        """A run started by StartRun and not ended (or the prefix of all): the quota's count."""
+        return self.prefix + b"running/" + _b(run_id)
 
     def live(self, run_id: str, item_id: str = "") -> bytes:
         """An item still to be done (or the prefix of a run's)."""

@@ -263,6 +263,9 @@ class KV(Protocol):
     ) -> tuple[list[KeyValue], int]:
         """Keys under ``prefix`` in key order (from ``start``, at most ``limit``); the revision."""
 
+    async def count(self, prefix: bytes) -> int:
+        """How many keys are under ``prefix`` (counted by the store: no key is sent)."""
+
     async def txn(self, txn: Txn) -> TxnResult:
         """Run a guarded transaction atomically."""
 
@@ -334,6 +337,11 @@ class MemoryKV:
         if limit:
             keys = keys[:limit]
         return [self._data[k] for k in keys], self._revision
+
+    async def count(self, prefix: bytes) -> int:
+        """How many keys are under ``prefix``."""
+        self._expire()
+        return len(self._under(prefix))
 
     def _under(self, prefix: bytes) -> list[bytes]:
         low = bisect.bisect_left(self._keys, prefix)

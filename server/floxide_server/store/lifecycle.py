@@ -99,6 +99,7 @@ class RunLifecycle:
                 f"{format_seconds(self.limits.max_run_timeout_ms / 1000)}; "
                 f"got {format_seconds(run_timeout_ms / 1000)}"
             )
+        await self._within_quota(keys, idempotency_key)
         for _ in range(ATTEMPTS_ON_CONFLICT):
             current = 0
             if not definition_hash:
@@ -172,6 +173,7 @@ class RunLifecycle:
         writes: list[Request] = [
             Put(keys.run_info(run_id), run.SerializeToString()),
             Put(keys.status(run_id), status_name(RUNNING)),
+            Put(keys.running(run_id), b""),
             Put(keys.context_init(run_id), context_bytes),
             *children.readied(
                 keys,
@@ -282,6 +284,7 @@ class RunLifecycle:
                     [
                         Put(keys.run_info(run_id), run.SerializeToString()),
                         Put(keys.status(run_id), status_name(status)),
+                        *_counted(keys, run, status),
                         *extra,
                         *writes,
                     ],
@@ -290,6 +293,26 @@ class RunLifecycle:
             if result.succeeded:
                 return run
         raise FailedPrecondition(f"run {run_id!r} is changing too fast to {verb}; try again")
+
+    async def _within_quota(self, keys: Keys, idempotency_key: str) -> None:
+        """Refuse a start over the namespace's quota of runs in flight (read before writing).
+
+        A count of the running-run index, not a counter every start and end rewrites: starts
+        at the same instant may pass it together, by as many as are in flight. A start an
+        idempotency key already made is not refused: it starts nothing.
+
+        Raises:
+            ResourceExhausted: the namespace has its quota of runs running or paused.
+        """
+        quota = self.limits.max_runs_in_flight
+        if not quota or await self.kv.count(keys.running()) < quota:
+            return
+        if idempotency_key and await self.kv.get(keys.idempotency(idempotency_key)) is not None:
+            return
+        raise ResourceExhausted(
+            f"namespace {keys.namespace!r} has {quota} runs in flight, its quota "
+            "(max_runs_in_flight): wait for some to end"
+        )
 
     async def cancel(self, namespace: str, run_id: str, reason: str) -> records_pb2.RunRecord:
         """Cancel a running, paused or failed run: nothing of it is dispatched again.
@@ -553,3 +576,12 @@ def _requeued(found: KeyValue) -> records_pb2.WorkItemState:
         state.ClearField(field)
     stamp(state, "updated_at", now_ms())
     return state
+
+
+def _counted(keys: Keys, run: records_pb2.RunRecord, status: int) -> list[Request]:
+    """A started run's place in the quota's index as its status changes (a child has none)."""
+    if run.HasField("parent") or status == PAUSED:
+        return []
+    if status == RUNNING:
+        return [Put(keys.running(run.run_id), b"")]
+    return [Delete(keys.running(run.run_id))]

@@ -46,6 +46,14 @@ class Limits:
         max_payload_bytes: The largest payload (input, output, context operation value).
         max_context_bytes: The largest context, as JSON.
         max_definition_bytes: The largest workflow definition, encoded.
+        max_definition_nodes: The most nodes of one definition (each nested one counted apart).
+        max_definition_edges: The most edges of one definition.
+        max_schema_bytes: The largest JSON Schema of a node's input, output or context field.
+        max_fanout: The most branches one NextAll may open.
+        max_runs_in_flight: The most runs StartRun started that run or are paused, per
+            namespace (0: no quota); child runs are not counted.
+        max_streams_per_token: The most worker streams one token holds open on a replica.
+        max_starts_per_second: The most StartRun calls per second of one token on a replica.
         max_txn_ops: etcd's ``--max-txn-ops``.
         default_node_timeout_ms: The timeout of a node that declares none (0: none).
         max_run_timeout_ms: The longest run timeout a start may ask for.
@@ -54,6 +62,13 @@ class Limits:
     max_payload_bytes: int = 256 * 1024
     max_context_bytes: int = 1024 * 1024
     max_definition_bytes: int = 1024 * 1024
+    max_definition_nodes: int = 1000
+    max_definition_edges: int = 10_000
+    max_schema_bytes: int = 64 * 1024
+    max_fanout: int = 10_000
+    max_runs_in_flight: int = 100_000
+    max_streams_per_token: int = 256
+    max_starts_per_second: float = 1000.0
     max_txn_ops: int = 128
     default_node_timeout_ms: int = 0
     max_run_timeout_ms: int = 365 * 24 * 3600 * 1000

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
 from floxide_grpc.context import Operation, apply
 from floxide_grpc.durations import format_seconds
-from floxide_grpc.errors import FloxideError
+from floxide_grpc.errors import FloxideError, ResourceExhausted
 from floxide_grpc.retry import RetryPolicy
 from floxide_grpc.routing import Step, route, route_failure
 from floxide_grpc.transition import ErrorKind
@@ -237,6 +237,11 @@ def _route_success(
         else []
     )
     where = f"node {node.name!r} output"
+    if len(outputs) > basis.limits.max_fanout:
+        raise ResourceExhausted(
+            f"node {node.name!r}: a fan-out of {len(outputs)} branches is over the limit of "
+            f"{basis.limits.max_fanout}"
+        )
     for output in outputs:
         payloads.validate(payloads.parse_json(output, limit, where), node.output_schema, where)
     for operation in operations:

@@ -101,6 +101,7 @@ def ending(
         Put(keys.run_info(run.run_id), run.SerializeToString()),
         Put(keys.status(run.run_id), status_name(status)),
         Delete(keys.queue(run.run_id, ""), prefix=True),
+        Delete(keys.running(run.run_id)),  # no longer counted for the namespace's quota
     ]
     if status in FINAL:  # its run timeout is moot (a failed run's still runs: it may resume)
         writes.append(Delete(keys.timer(run.run_id)))

@@ -56,6 +56,32 @@ class Definition:
         return found
 
 
+def _check_counts(definition: workflow_pb2.WorkflowDefinition, limits: payloads.Limits) -> None:
+    """Refuse a definition (or a nested one) with too many nodes or edges, or a huge schema."""
+    name = definition.name
+    for what, count, most in (
+        ("nodes", len(definition.nodes), limits.max_definition_nodes),
+        ("edges", len(definition.edges), limits.max_definition_edges),
+    ):
+        if count > most:
+            raise ResourceExhausted(
+                f"workflow {name!r}: {count} {what} is over the limit of {most}"
+            )
+    schemas = [
+        (f"node {n.name!r} {which} schema", schema)
+        for n in definition.nodes
+        for which, schema in (("input", n.input_schema), ("output", n.output_schema))
+    ] + [(f"context field {f.name!r} schema", f.schema) for f in definition.context_fields]
+    for where, schema in schemas:
+        if len(schema.encode()) > limits.max_schema_bytes:
+            raise ResourceExhausted(
+                f"workflow {name!r}: {where} of {len(schema.encode())} bytes is over the limit "
+                f"of {limits.max_schema_bytes}"
+            )
+    for nested in definition.subworkflows:
+        _check_counts(nested, limits)
+
+
 def _check(definition: workflow_pb2.WorkflowDefinition, limits: payloads.Limits) -> Definition:
     """Validate a definition from any language; raises InvalidDefinition naming the fault."""
     size = definition.ByteSize()
@@ -64,6 +90,7 @@ def _check(definition: workflow_pb2.WorkflowDefinition, limits: payloads.Limits)
             f"workflow {definition.name!r}: definition of {size} bytes is over the limit of "
             f"{limits.max_definition_bytes}"
         )
+    _check_counts(definition, limits)
     graph = Graph(definition)
     graph.validate()
     for node in definition.nodes:
