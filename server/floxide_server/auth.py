@@ -133,9 +133,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise PermissionDenied(
                 f"a {role_name(principal.role)} token may not call {method.rsplit('/', 1)[1]}"
             )
-        namespace = getattr(request, "namespace", None)
-        if isinstance(namespace, str) and not principal.may_name(namespace or "default"):
-            raise PermissionDenied(f"the token may not act in namespace {namespace or 'default'!r}")
+        for namespace in _namespaces(request):
+            if not principal.may_name(namespace):
+                raise PermissionDenied(f"the token may not act in namespace {namespace!r}")
         return principal
 
     def _unary(
@@ -206,6 +206,26 @@ def _audited(method: str, request: Any) -> Iterator[_Who]:
                 "audit %s", " ".join(f"{k}={v or '-'}" for k, v in fields.items()),
                 extra={"audit": fields},
             )  # fmt: skip
+
+
+def _namespaces(request: Any) -> set[str]:
+    """Every namespace a request names: its own field, and its messages' (a checkpoint's).
+
+    ``""`` names ``"default"``, as everywhere. A stream of requests names none here (the
+    worker stream names its namespace in its hello, checked there).
+    """
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None:
+        return set()
+    found = set()
+    if "namespace" in descriptor.fields_by_name:
+        found.add(request.namespace)
+    for field in descriptor.fields:
+        kind = field.message_type
+        named = kind is not None and "namespace" in kind.fields_by_name
+        if named and not field.is_repeated and request.HasField(field.name):
+            found.add(getattr(request, field.name).namespace)
+    return {name or "default" for name in found}
 
 
 def _bearer(metadata: Any) -> str | None:

@@ -317,3 +317,19 @@ async def test_auth_an_empty_namespace_is_the_default_namespace(stack: Stack) ->
     token, _ = await stack.client.create_token("default reader", "reader", ["default"])
     async with OrchestratorClient(stack.target, namespace="", token=token, retries=0) as client:
         await client.list_runs()  # "" names "default", as everywhere else
+
+
+async def test_auth_a_checkpoint_names_its_namespace_inside_and_is_checked_there(
+    stack: Stack,
+) -> None:
+    """Found by the fuzzer: SaveCheckpoint names its namespace in the checkpoint itself."""
+    from floxide_grpc._proto.floxide.v1 import checkpoint_pb2  # noqa: PLC0415
+
+    token, _ = await stack.client.create_token("operator of A", "operator", [stack.namespace])
+    elsewhere = f"other-{uuid.uuid4().hex[:6]}"
+    checkpoint = checkpoint_pb2.Checkpoint(namespace=elsewhere, run_id=UNKNOWN_RUN)
+    async with authorized_channel(stack.target, token) as channel:
+        stub = store_service_pb2_grpc.CheckpointStoreServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.SaveCheckpoint(store_pb.SaveCheckpointRequest(checkpoint=checkpoint))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
