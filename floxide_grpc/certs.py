@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import ipaddress
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -83,8 +84,17 @@ class Authority:
         return issued
 
 
-def make_authority(directory: Path, name: str = "floxide development CA") -> Authority:
-    """Make a new CA in ``directory`` (``ca.pem``, and ``ca-key.pem`` readable by its owner)."""
+def make_authority(
+    directory: Path, name: str = "floxide development CA", *, reuse: bool = False
+) -> Authority:
+    """Make a new CA in ``directory`` (``ca.pem``, and ``ca-key.pem`` readable by its owner).
+
+    ``reuse``: keep the CA already there, if there is one (a new CA would orphan every
+    certificate the old one signed).
+    """
+    existing = Authority(directory, name)
+    if reuse and existing.cert.exists() and existing.key.exists():
+        return existing
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
@@ -144,9 +154,17 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write ``data`` whole: a temporary file renamed over ``path`` (readers see old or new)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as sink:
-        sink.write(data)
-    tmp.replace(path)
+    """Write ``data`` whole: a new temporary file renamed over ``path`` (readers see old or new).
+
+    The temporary file is made afresh (never one already there, nor a link), readable by its
+    owner only until it says otherwise.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as sink:
+            sink.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

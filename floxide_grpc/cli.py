@@ -487,8 +487,16 @@ def certs(
             "--host", help="A DNS name or IP address the server is reached by (repeatable)."
         ),
     ] = None,
+    new_ca: Annotated[
+        bool,
+        typer.Option(
+            "--new-ca", help="Make a new CA even if DIRECTORY has one (orphans its certificates)."
+        ),
+    ] = False,
 ) -> None:
     """Make a development CA, a server certificate and a client certificate (for mTLS).
+
+    A CA already in DIRECTORY is kept (new certificates signed by it) unless --new-ca.
 
     The server's names are localhost, 127.0.0.1 and ::1, plus each --host. For machines of
     your own: in production, certificates come from your organisation's CA.
@@ -496,7 +504,7 @@ def certs(
     from floxide_grpc.certs import make_authority  # noqa: PLC0415 - cryptography, only here
 
     hosts = ["localhost", "127.0.0.1", "::1", *(host or [])]
-    authority = make_authority(directory)
+    authority = make_authority(directory, reuse=not new_ca)
     server = authority.issue("floxide server", hosts=hosts)
     client = authority.issue("floxide client", client=True)
     typer.echo(f"CA:     {authority.cert} (key {authority.key})")
@@ -513,6 +521,7 @@ def certs(
 
 
 DEV_TARGET = "examples/order_chain.py"
+_TLS_VARIABLES = ("FLOXIDE_TLS", "FLOXIDE_SERVER_TLS")
 DEV_INPUT = '{"id": 1, "amount": 25.0, "card": "visa"}'
 
 
@@ -572,7 +581,11 @@ async def _dev(
         ready = Path(tmp) / "server"
         serving, reaching, client_tls = _dev_tls(Path(tmp) / "certs") if tls else ([], [], None)
         token = "fxt_dev-" + secrets.token_urlsafe(32)  # this stack's admin token, for all
-        env = {**os.environ, "FLOXIDE_ADMIN_TOKEN": token, "FLOXIDE_TOKEN": token}
+        env = {  # this stack's own: not the TLS settings of the shell it runs in
+            **{k: v for k, v in os.environ.items() if not k.startswith(_TLS_VARIABLES)},
+            "FLOXIDE_ADMIN_TOKEN": token,
+            "FLOXIDE_TOKEN": token,
+        }
         try:
             async with asyncio.timeout(timeout):
                 processes.append(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import random
 import threading
 import uuid
@@ -36,7 +37,13 @@ from floxide_grpc._proto.floxide.v1 import (
     orchestrator_service_pb2 as pb,
 )
 from floxide_grpc.auth import bearer, token_from_env
-from floxide_grpc.errors import RunCancelled, RunFailed, RunTimedOut, Unavailable
+from floxide_grpc.errors import (
+    FloxideError,
+    RunCancelled,
+    RunFailed,
+    RunTimedOut,
+    Unavailable,
+)
 from floxide_grpc.records import (
     ErrorInfo,
     ItemInfo,
@@ -53,6 +60,8 @@ from floxide_grpc.tls import Tls, explain, open_channel
 from floxide_grpc.workflow import Workflow
 
 __all__ = ["OrchestratorClient", "SyncOrchestratorClient"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -91,6 +100,7 @@ class OrchestratorClient:
         self.timeout = timeout
         self.retries = retries
         self.tls = tls
+        self._retired: list[grpc.aio.Channel] = []
         self._connect()
         # Each call looks up the current stub: a rotated certificate makes a new channel.
         self._stub = cast(
@@ -115,16 +125,26 @@ class OrchestratorClient:
         self._current = orchestrator_service_pb2_grpc.OrchestratorServiceStub(self._channel)
         self._admin_current = admin_service_pb2_grpc.AdminServiceStub(self._channel)
 
-    async def _reconnect_if_rotated(self) -> None:
-        """A new channel if the TLS files changed (a channel keeps its first certificates)."""
-        if self.tls is not None and self.tls.changed(self._stamp):
-            old = self._channel
+    def _reconnect_if_rotated(self) -> None:
+        """A new channel if the TLS files changed (a channel keeps its first certificates).
+
+        The old one is kept open for the calls still on it (a watch, another task's call),
+        and closed with the client. Files caught unreadable (mid-rotation) keep it in use.
+        """
+        if self.tls is None or not self.tls.changed(self._stamp):
+            return
+        old = self._channel
+        try:
             self._connect()
-            await old.close()
+        except FloxideError as exc:
+            log.warning("TLS files changed but cannot be read yet (%s): kept the old ones", exc)
+            return
+        self._retired.append(old)
 
     async def close(self) -> None:
-        """Close the channel. Idempotent."""
-        await self._channel.close()
+        """Close the channels. Idempotent."""
+        for channel in [*self._retired, self._channel]:
+            await channel.close()
 
     async def __aenter__(self) -> OrchestratorClient:
         return self
@@ -158,7 +178,7 @@ class OrchestratorClient:
                     if exc.code() == grpc.StatusCode.UNAVAILABLE and hint is not None:
                         raise Unavailable(hint) from exc
                     raise error_from_status(exc) from exc
-            await self._reconnect_if_rotated()
+            self._reconnect_if_rotated()
             await asyncio.sleep(pause * random.uniform(0.5, 1.0))
             pause = min(pause * 2, 2.0)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -445,6 +465,7 @@ class OrchestratorClient:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
                     raise error_from_status(exc) from exc
                 failures += 1
+                self._reconnect_if_rotated()
                 await asyncio.sleep(0.1 * 2**failures)
 
     async def wait_for_completion(self, run_id: str, timeout: float | None = None) -> RunInfo:

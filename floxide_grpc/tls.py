@@ -5,9 +5,11 @@ time a channel is made: a worker makes one per connection, a client again when a
 server unreachable after its files changed (:meth:`Tls.changed`). A rotated certificate is
 taken at the next reconnect, without a restart.
 
-The same settings come from flags or from the environment, for every Python program of the
-project (``FLOXIDE_TLS_CA``, ``FLOXIDE_TLS_CERT``, ``FLOXIDE_TLS_KEY``,
-``FLOXIDE_TLS_SERVER_NAME``; ``FLOXIDE_TLS=1`` alone: TLS trusting the system's roots).
+The commands (``floxide``, ``floxide-worker``) take the settings as flags or from the
+environment (``FLOXIDE_TLS_CA``, ``FLOXIDE_TLS_CERT``, ``FLOXIDE_TLS_KEY``,
+``FLOXIDE_TLS_SERVER_NAME``; ``FLOXIDE_TLS=1`` alone: TLS trusting the system's roots). The
+Python classes take a :class:`Tls` and default to plain text; :meth:`Tls.of` reads the
+environment for them.
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ def explain(details: str, target: str, tls: Tls | None) -> str | None:
 
     ``details``: gRPC's message for an UNAVAILABLE call (it names OpenSSL's reason).
     """
+    if "Hostname Verification" in details or "Peer name" in details:
+        return (
+            f"TLS to {target}: the server's certificate does not name the address you gave; "
+            "dial a name it carries, or give --tls-server-name (FLOXIDE_TLS_SERVER_NAME)"
+            f" [{details}]"
+        )
     if "CERTIFICATE_VERIFY_FAILED" in details:
         trusted = f"the CA in {tls.ca}" if tls is not None and tls.ca else "the system's roots"
         return (

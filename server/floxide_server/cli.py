@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import signal
+import ssl
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -82,6 +83,15 @@ def _check_transport(
         raise typer.BadParameter("--tls-cert and --tls-key go together")
     if client_ca is not None and cert is None:
         raise typer.BadParameter("--tls-client-ca needs --tls-cert and --tls-key (TLS first)")
+    if cert is not None and key is not None:
+        try:
+            ServerTls(cert, key, client_ca).check()
+        except (OSError, ssl.SSLError) as exc:
+            raise typer.BadParameter(
+                f"the TLS files do not load ({exc}): --tls-cert must be a PEM certificate "
+                "(chain), --tls-key its key, --tls-client-ca a PEM CA",
+                param_hint="--tls-cert",
+            ) from exc
     if cert is None and not is_loopback(host) and not insecure:
         raise typer.BadParameter(
             f"serving {host} in plain text: give --tls-cert and --tls-key, or --insecure to do "
@@ -118,6 +128,16 @@ def _check_auth(auth: str, host: str) -> bool:
     if auth == "off":
         log.warning("AUTH OFF: any caller of %s may do anything, in every namespace", host)
     return auth == "on"
+
+
+def _secret(path: Path | None, variable: str) -> str:
+    """A secret from a file, else from an environment variable ("" if neither)."""
+    if path is None:
+        return os.environ.get(variable, "")
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _admin_token(path: Path | None) -> str | None:
@@ -255,13 +275,13 @@ def run(
     etcd_user: Annotated[
         str, typer.Option(envvar="FLOXIDE_ETCD_USER", help="etcd user, if etcd's auth is on.")
     ] = "",
-    etcd_password: Annotated[
-        str,
+    etcd_password_file: Annotated[
+        Path | None,
         typer.Option(
-            envvar="FLOXIDE_ETCD_PASSWORD",
-            help="Its password (the variable keeps it out of the process list).",
+            help="A file holding the etcd user's password (else FLOXIDE_ETCD_PASSWORD; never a "
+            "flag, which the process list would show).",
         ),
-    ] = "",
+    ] = None,
     limit: Annotated[
         list[str] | None,
         typer.Option(
@@ -283,8 +303,9 @@ def run(
     auth_on = _check_auth(auth, host)
     admin_token = _admin_token(admin_token_file)
     etcd_tls = _etcd_tls(etcd_ca, etcd_cert, etcd_key)
+    etcd_password = _secret(etcd_password_file, "FLOXIDE_ETCD_PASSWORD")
     if etcd_password and not etcd_user:
-        raise typer.BadParameter("--etcd-password needs --etcd-user")
+        raise typer.BadParameter("an etcd password needs --etcd-user")
     sessions = SessionConfig(
         lease_ttl=timedelta(seconds=lease_ttl),
         heartbeat_interval=timedelta(seconds=heartbeat),

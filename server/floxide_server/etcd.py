@@ -123,11 +123,14 @@ def _token_refused(exc: grpc.aio.AioRpcError) -> bool:
 
     The call was not applied: etcd checks a token before it proposes the request.
     """
-    details = exc.details() or ""
+    return exc.code() == grpc.StatusCode.UNAUTHENTICATED or _refusal(exc.details() or "")
+
+
+def _refusal(text: str) -> bool:
+    """Whether etcd's message (an error's, or a canceled watch's reason) refuses a token."""
     return (
-        exc.code() == grpc.StatusCode.UNAUTHENTICATED
-        or "invalid auth token" in details
-        or "revision of auth store is old" in details  # users or roles changed since
+        "invalid auth token" in text
+        or "revision of auth store is old" in text  # users or roles changed since
     )
 
 
@@ -175,6 +178,7 @@ class EtcdKV:
         self.tls = tls
         self.auth = auth
         self._metadata: tuple[tuple[str, str], ...] = LEADER
+        self._auth_token: str | None = None  # the token sent with every call, with auth
         self._authenticating: asyncio.Task[None] | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._current = 0
@@ -243,6 +247,7 @@ class EtcdKV:
         renewed = False  # a token got again for this call: refused again, the call fails
         while True:
             channel = self._channel()
+            sent = self._auth_token
             try:
                 return await make(channel)
             except asyncio.CancelledError:
@@ -253,7 +258,7 @@ class EtcdKV:
                 if self._closed:
                     raise KVUnavailable(f"closed: {exc.details()}") from exc
                 if _token_refused(exc) and self.auth is not None and authenticated and not renewed:
-                    await self.authenticate()  # expired (idle): a new one, and the call again
+                    await self.authenticate(refused=sent)  # expired: a new one, the call again
                     renewed = True
                     continue
                 if exc.code() not in _RETRYABLE:
@@ -488,6 +493,7 @@ class EtcdKV:
         while True:
             await self._token()
             channel = self._channel()
+            sent = self._auth_token
             call = rpc.WatchStub(channel).Watch(metadata=self._metadata)
             try:
                 await call.write(
@@ -506,9 +512,7 @@ class EtcdKV:
                 while response is not grpc.aio.EOF:
                     if response.compact_revision:
                         raise Compacted(response.compact_revision)
-                    if response.canceled:
-                        if "auth token" in response.cancel_reason and self.auth is not None:
-                            await self.authenticate()  # refused at its creation: again
+                    if response.canceled:  # a refused token too: a new one below, then again
                         raise KVUnavailable(f"watch canceled: {response.cancel_reason}")
                     pause = 0.05
                     for event in response.events:
@@ -522,14 +526,28 @@ class EtcdKV:
                     raise  # the watch was cancelled, not its channel closed
                 if self._closed:
                     return
-                if isinstance(exc, grpc.aio.AioRpcError) and _token_refused(exc) and self.auth:
-                    await self.authenticate()
+                await self._reauthenticate_watch(prefix, exc, sent)
                 log.info("etcd watch on %r broke (%s); resuming at %d", prefix, exc, next_revision)
                 self._fail_over(channel)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
             finally:
                 call.cancel()
+
+    async def _reauthenticate_watch(
+        self, prefix: bytes, exc: BaseException, sent: str | None
+    ) -> None:
+        """A new token for a watch whose token was refused (it resumes after a pause anyway)."""
+        if isinstance(exc, grpc.aio.AioRpcError):
+            refused = _token_refused(exc)
+        else:  # a canceled watch says why in its reason
+            refused = _refusal(str(exc))
+        if self.auth is None or not refused:
+            return
+        try:
+            await self.authenticate(refused=sent)
+        except (KVUnavailable, FloxideError) as failed:
+            log.warning("etcd watch on %r: cannot authenticate (%s)", prefix, failed)
 
     # -- health --------------------------------------------------------------------------------
 
@@ -540,24 +558,28 @@ class EtcdKV:
         except grpc.aio.AioRpcError as exc:
             raise KVUnavailable(str(exc.details())) from exc
 
-    async def authenticate(self) -> None:
+    async def authenticate(self, *, refused: str | None = None) -> None:
         """Get a token for :attr:`auth`, sent with every call from now on.
 
-        etcd's simple tokens expire when idle, so a refused token calls this again. Concurrent
-        callers share one Authenticate.
+        etcd's simple tokens expire when idle, so a refused token calls this again: ``refused``
+        names it, and a token another call already replaced is not replaced again (a restart
+        of etcd refuses every call in flight at once). Concurrent callers share one
+        Authenticate.
 
         Raises:
             FloxideError: etcd refused the user or password (not retried).
         """
         if self.auth is None:
             return
+        if refused is not None and refused != self._auth_token:
+            return  # already replaced by another call's refusal
         if self._authenticating is None or self._authenticating.done():
             self._authenticating = asyncio.ensure_future(self._authenticate(*self.auth))
         await asyncio.shield(self._authenticating)
 
     async def _token(self) -> None:
         """Authenticate unless a token is held (or no auth is configured)."""
-        if self.auth is not None and len(self._metadata) == len(LEADER):
+        if self.auth is not None and self._auth_token is None:
             await self.authenticate()
 
     async def _authenticate(self, user: str, password: str) -> None:
@@ -570,6 +592,7 @@ class EtcdKV:
             token = await self._call(once, authenticated=False)
         except grpc.aio.AioRpcError as exc:
             raise FloxideError(f"etcd refused user {user!r}: {exc.details()}") from exc
+        self._auth_token = token
         self._metadata = (*LEADER, ("token", token))
         log.info("authenticated to etcd as %r", user)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import ssl
 import threading
 from pathlib import Path
 
@@ -36,8 +37,24 @@ class ServerTls:
     cert: Path
     key: Path
     client_ca: Path | None = None
-    _stamp: tuple[float, ...] = ()
-    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _stamp: tuple[tuple[int, int, int], ...] = dataclasses.field(
+        default=(), init=False, repr=False, compare=False
+    )
+    _lock: threading.Lock = dataclasses.field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+
+    def check(self) -> None:
+        """Load the files as TLS would, to refuse a bad pair before anything starts.
+
+        Raises:
+            OSError: a file cannot be read.
+            ssl.SSLError: the key does not match the certificate, or a file is not PEM.
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.load_verify_locations(self.client_ca)
 
     def credentials(self) -> grpc.ServerCredentials:
         """Credentials that reload the files when they change (read now, once, to fail early).
@@ -47,8 +64,8 @@ class ServerTls:
             ValueError: the files do not hold a certificate and its key.
         """
         with self._lock:
+            self._stamp = self._stamps()  # before reading: a change meanwhile is seen next time
             initial = self._configuration()
-            self._stamp = self._stamps()
         return grpc.dynamic_ssl_server_credentials(
             initial,
             self.fetch,  # type: ignore[arg-type]  # None (no change) is what gRPC expects too
@@ -62,10 +79,10 @@ class ServerTls:
         configuration; the next connection tries again.
         """
         with self._lock:
-            stamp = self._stamps()
-            if stamp == self._stamp:
-                return None
             try:
+                stamp = self._stamps()
+                if stamp == self._stamp:
+                    return None
                 configuration = self._configuration()
             except (OSError, ValueError) as exc:
                 log.warning(
@@ -83,9 +100,10 @@ class ServerTls:
         roots = self.client_ca.read_bytes() if self.client_ca is not None else None
         return grpc.ssl_server_certificate_configuration([(key, chain)], roots)
 
-    def _stamps(self) -> tuple[float, ...]:
-        paths = (self.cert, self.key, self.client_ca)
-        return tuple(p.stat().st_mtime_ns if p is not None else 0 for p in paths)
+    def _stamps(self) -> tuple[tuple[int, int, int], ...]:
+        """Each file's change time, size and inode: a file renamed over it changes them."""
+        stats = [p.stat() if p is not None else None for p in (self.cert, self.key, self.client_ca)]
+        return tuple((s.st_mtime_ns, s.st_size, s.st_ino) if s else (0, 0, 0) for s in stats)
 
 
 def is_loopback(host: str) -> bool:

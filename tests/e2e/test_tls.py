@@ -23,7 +23,7 @@ import pytest
 from cryptography import x509
 from floxide_server.app import ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
-from floxide_server.tls import ServerTls
+from floxide_server.tls import ServerTls, is_loopback
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Unavailable, Workflow, node
@@ -124,7 +124,7 @@ async def test_a_client_that_trusts_another_ca_is_refused_with_a_clear_message(
     tls_server: str, pki: Pki
 ) -> None:
     error = await _refused(tls_server, pki.tls(ca=pki.other))
-    assert "TLS" in str(error) and "certificate" in str(error), str(error)
+    assert "TLS" in str(error) and "--tls-ca" in str(error), str(error)
 
 
 async def test_a_plain_text_client_of_a_tls_port_is_refused(tls_server: str) -> None:
@@ -257,3 +257,66 @@ async def test_the_cli_reaches_a_tls_server_with_its_ca_and_says_what_is_missing
     with_ca = {**env, ENV["ca"]: str(pki.ca.cert)}
     done = await asyncio.to_thread(_floxide, "--server", tls_server, "workers", env=with_ca)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_certificate_and_a_key_that_do_not_match_are_refused_at_start(pki: Pki) -> None:
+    refused = _server_says(
+        "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.client.key),
+        "--etcd", "127.0.0.1:1",
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "TLS files do not load" in refused.stderr
+
+
+async def test_a_server_name_the_certificate_does_not_carry_says_which_option(
+    tls_server: str, pki: Pki
+) -> None:
+    wrong = Tls(ca=pki.ca.cert, server_name="not-in-the-certificate.example")
+    error = await _refused(tls_server, wrong)
+    assert "--tls-server-name" in str(error), str(error)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("::1", True), ("[::1]", True), ("localhost", True),
+     ("127.0.0.2", True), ("0.0.0.0", False), ("::", False), ("[::]", False),
+     ("LOCALHOST", False), ("example.com", False), ("10.0.0.5", False)],
+)  # fmt: skip
+def test_plain_text_is_the_default_only_on_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+async def test_a_client_whose_files_rotate_keeps_its_open_watch(
+    tls_server: str, pki: Pki, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca.cert.read_bytes())
+    namespace = f"tls-{uuid.uuid4().hex[:8]}"
+    async with OrchestratorClient(
+        tls_server, namespace=namespace, tls=Tls(ca=ca), retries=5
+    ) as client:
+        await client.register_workflow(FLOW)
+        run, _ = await client.start_run("tls_double", 4)
+        watch = client.watch_run(run.run_id)
+        first = await anext(watch)  # the watch is open, on the first channel
+        assert first.status is RunStatus.RUNNING
+        os.utime(ca, (ca.stat().st_atime, ca.stat().st_mtime + 10))  # rotated (same CA)
+        client._reconnect_if_rotated()  # what a call that met UNAVAILABLE does
+        assert len(client._retired) == 1
+        config = WorkerConfig(server=tls_server, namespace=namespace, tls=pki.tls())
+        async with Worker([FLOW], config):
+            final = [update async for update in watch][-1]  # the old channel saw the end
+        assert final.output == 8
+        assert await client.workers() == []  # the new channel serves calls
+
+
+def test_floxide_certs_keeps_its_ca_unless_asked_for_a_new_one(tmp_path: Path) -> None:
+    assert _floxide("certs", str(tmp_path)).returncode == 0
+    first = (tmp_path / "ca.pem").read_bytes()
+    assert _floxide("certs", str(tmp_path), "--host", "10.9.9.9").returncode == 0
+    assert (tmp_path / "ca.pem").read_bytes() == first  # the same CA signed the new ones
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(x509.load_pem_x509_certificate(first))
+    assert _floxide("certs", str(tmp_path), "--new-ca").returncode == 0
+    assert (tmp_path / "ca.pem").read_bytes() != first
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind

@@ -58,7 +58,7 @@ from floxide_grpc._proto.floxide.v1 import (
 )
 from floxide_grpc.auth import bearer, token_from_env
 from floxide_grpc.client import OrchestratorClient
-from floxide_grpc.errors import FloxideError, StatusCode
+from floxide_grpc.errors import FloxideError, InvalidArgument, StatusCode
 from floxide_grpc.execute import AttemptFailed, attempt
 from floxide_grpc.graph import Graph
 from floxide_grpc.node import NodeKind
@@ -221,6 +221,7 @@ class Worker:
         self.workflows = list(workflows)
         self.config = config
         self._token = token_from_env() if config.token is None else config.token
+        self._served_once = False  # a stream was acknowledged once: its TLS files were good
         self._servers = [s.strip() for s in config.server.split(",") if s.strip()]
         if not self._servers:
             raise ValueError("WorkerConfig.server names no server (host:port[,host:port...])")
@@ -459,18 +460,24 @@ class Worker:
     # -- one connection ------------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        try:
+            channel = open_channel(
+                self._server,
+                self.config.tls,
+                [
+                    ("grpc.keepalive_time_ms", 30_000),
+                    ("grpc.keepalive_timeout_ms", 10_000),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ],
+            )
+        except InvalidArgument as exc:  # a TLS file unreadable: mid-rotation, once it served
+            if not self._served_once:
+                raise
+            log.warning("cannot read the TLS files (%s); trying again", exc)
+            return
         stream = _Stream()
         self._stream = stream
-        channel = open_channel(
-            self._server,
-            self.config.tls,
-            [
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ],
-        )
         # Only running items take slots from the new session: a result waiting for its
         # acknowledgement is of an earlier session, whose claims this one never holds.
         free = 0 if self._draining.is_set() else max(self.config.slots - len(self._held), 0)
@@ -497,6 +504,7 @@ class Worker:
                 raise ConnectionError("the server did not acknowledge hello")
             stream.session_id = first.hello_ack.session_id
             self._acked = True
+            self._served_once = True
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
             stream.heartbeat = (
