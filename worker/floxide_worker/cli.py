@@ -118,9 +118,9 @@ def run(
         event_loop.run(serve(Worker(workflows, config)))
     except Exception as exc:  # run() failed: one line says why (and --log-level debug, where)
         log.debug("the worker stopped on an error", exc_info=exc)
-        if isinstance(exc, FloxideError):
-            message = str(exc)
-        elif isinstance(exc, grpc.aio.AioRpcError):  # the server refused this worker's hello
+        if isinstance(exc, FloxideError):  # the server refused it: a registration, a hello
+            message = f"the server refused this worker: {exc}"
+        elif isinstance(exc, grpc.aio.AioRpcError):
             message = f"the server refused this worker: {exc.details()}"
         else:
             message = f"the worker stopped: {_describe(exc)}"
