@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -49,6 +50,11 @@ from floxide_server.store.workflows import Definition, WorkflowStore
 
 __all__ = ["RunLifecycle"]
 
+QUOTA_FRESH = 1.0
+"""Seconds a count of a namespace's runs in flight is used again, far below its quota."""
+QUOTA_FAR = 0.9
+"""Below this share of the quota a recent count suffices; nearer, every start counts again."""
+
 ATTEMPTS_ON_CONFLICT = 16
 """Txns a control call tries before it gives up on a record that keeps moving."""
 
@@ -69,6 +75,7 @@ class RunLifecycle:
         self.reads = reads
         self.limits = limits
         self.lineage = lineage
+        self._counted: dict[str, tuple[int, float]] = {}  # namespace -> (runs in flight, when)
 
     async def start(
         self,
@@ -298,14 +305,25 @@ class RunLifecycle:
         """Refuse a start over the namespace's quota of runs in flight (read before writing).
 
         A count of the running-run index, not a counter every start and end rewrites: starts
-        at the same instant may pass it together, by as many as are in flight. A start an
-        idempotency key already made is not refused: it starts nothing.
+        at the same instant may pass it together, by as many as are in flight. Far below the
+        quota (under :data:`QUOTA_FAR` of it), a count read less than :data:`QUOTA_FRESH` ago
+        is used again, plus this replica's starts since: a start costs no read then. A start
+        an idempotency key already made is not refused: it starts nothing.
 
         Raises:
             ResourceExhausted: the namespace has its quota of runs running or paused.
         """
         quota = self.limits.max_runs_in_flight
-        if not quota or await self.kv.count(keys.running()) < quota:
+        if not quota:
+            return
+        count, when = self._counted.get(keys.namespace, (quota, 0.0))
+        now = time.monotonic()
+        if now - when < QUOTA_FRESH and count + 1 < quota * QUOTA_FAR:
+            self._counted[keys.namespace] = (count + 1, when)  # far below it: no read
+            return
+        count = await self.kv.count(keys.running())
+        self._counted[keys.namespace] = (count + 1, now)
+        if count < quota:
             return
         if idempotency_key and await self.kv.get(keys.idempotency(idempotency_key)) is not None:
             return
