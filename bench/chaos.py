@@ -58,6 +58,9 @@ from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2  # noqa: E
 from floxide_grpc.client import OrchestratorClient  # noqa: E402
 from floxide_grpc.records import RunInfo, RunStatus  # noqa: E402
 from tests.faults.cluster import Cluster  # noqa: E402
+
+# tests.helpers makes the admin token of this process and of those it starts (FLOXIDE_TOKEN,
+# FLOXIDE_ADMIN_TOKEN), as the test session does.
 from tests.helpers import stop_server  # noqa: E402
 from tests.helpers.etcd import crash_safe_etcd  # noqa: E402
 from tests.helpers.hosts import Hosts, require  # noqa: E402

@@ -92,8 +92,8 @@ class Stack:
     async def __aenter__(self) -> Stack:
         # One admin token for the servers (stored at start), their workers and this process's
         # clients (which read FLOXIDE_TOKEN), as floxide dev makes one.
-        token = os.environ.setdefault("FLOXIDE_TOKEN", "fxt_bench-" + secrets.token_urlsafe(32))
-        os.environ.setdefault("FLOXIDE_ADMIN_TOKEN", token)
+        token = "fxt_bench-" + secrets.token_urlsafe(32)  # never a token of the user's shell
+        os.environ["FLOXIDE_TOKEN"] = os.environ["FLOXIDE_ADMIN_TOKEN"] = token
         bin_dir = Path(sys.executable).parent
         etcd_args: tuple[str, ...] = ()
         if self.replicas > 1:

@@ -158,7 +158,12 @@ class OrchestratorClient:
         await self.close()
 
     async def _call(
-        self, method: Callable[..., Awaitable[T]], request: Any, *, idempotent: bool = False
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        *,
+        idempotent: bool = False,
+        retries: int | None = None,
     ) -> T:
         """Call with a deadline: again on UNAVAILABLE, and on DEADLINE_EXCEEDED if ``idempotent``.
 
@@ -169,11 +174,12 @@ class OrchestratorClient:
         if idempotent:
             again.add(grpc.StatusCode.DEADLINE_EXCEEDED)
         pause = 0.1
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             try:
                 return await method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in again or attempt == self.retries:
+                if exc.code() not in again or attempt == retries:
                     hint = explain(exc.details() or "", self.target, self.tls)
                     if exc.code() == grpc.StatusCode.UNAVAILABLE and hint is not None:
                         raise Unavailable(hint) from exc
@@ -411,7 +417,8 @@ class OrchestratorClient:
         )
         if expires_at is not None:
             request.expires_at.FromDatetime(expires_at)
-        response = await self._call(self._admin.CreateToken, request)
+        # Not sent again on UNAVAILABLE: a lost reply would leave a token nobody saw.
+        response = await self._call(self._admin.CreateToken, request, retries=0)
         return response.token, TokenInfo.from_proto(response.info)
 
     async def tokens(self) -> list[TokenInfo]:

@@ -13,6 +13,7 @@ token is revoked or expires.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -23,7 +24,8 @@ import grpc
 
 from floxide_grpc._proto.floxide.v1 import admin_service_pb2 as pb
 from floxide_grpc.auth import HEADER
-from floxide_grpc.errors import FloxideError, PermissionDenied
+from floxide_grpc.errors import FloxideError, PermissionDenied, Unauthenticated
+from floxide_grpc.names import is_name
 from floxide_server.store.kv import KVUnavailable
 from floxide_server.tokens import Principal, Tokens
 
@@ -77,6 +79,8 @@ ALLOWED: dict[int, frozenset[str]] = {
 }
 """The methods each role may call; an admin may call every method (PromoteWorkflow and the
 AdminService are an admin's only)."""
+
+CONNECT = "/floxide.v1.WorkerService/Connect"
 
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "floxide_principal", default=None
@@ -160,12 +164,36 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 # A stream of requests names its namespace later (the worker's hello).
                 principal = await self._admit(method, token, request, who)
                 _principal.set(principal)  # this call's own task: nothing else sees it
-                # Closed here, not left to the garbage collector, when the call is cancelled.
-                async with contextlib.aclosing(behavior(request, context)) as responses:
-                    async for response in responses:
-                        yield response
+                ended = self._ending(principal, method)
+                try:
+                    # Closed here, not left to the garbage collector, when it is cancelled.
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:
+                            yield response
+                except asyncio.CancelledError:
+                    if ended is not None and ended.done() and not ended.cancelled():
+                        raise Unauthenticated(
+                            f"the token {principal.token_id} was revoked or has expired"
+                        ) from None
+                    raise
+                finally:
+                    if ended is not None:
+                        ended.cancel()
 
         return wrapper
+
+    def _ending(self, principal: Principal, method: str) -> asyncio.Future[None] | None:
+        """End this call's stream when its token is revoked or expires.
+
+        Not the worker stream's: it ends itself, closing its session in order.
+        """
+        if method == CONNECT:
+            return None
+        call = asyncio.current_task()
+        ended = asyncio.ensure_future(self.tokens.ended(principal))
+        if call is not None:
+            ended.add_done_callback(lambda done: None if done.cancelled() else call.cancel())
+        return ended
 
 
 class _Who:
@@ -188,18 +216,23 @@ def _audited(method: str, request: Any) -> Iterator[_Who]:
     except KVUnavailable:
         outcome = "UNAVAILABLE"
         raise
+    except asyncio.CancelledError:
+        outcome = "CANCELLED"
+        raise
     except BaseException:
         outcome = "INTERNAL"
         raise
     finally:
         if method not in READS:
-            namespace = getattr(request, "namespace", "")
+            named = sorted(_namespaces(request))
+            # A name the request made up is not written as it came: no line can be forged.
+            namespace = ",".join(n if is_name(n) else "(invalid)" for n in named)
             principal = who.principal
             fields = {
                 "token": principal.token_id if principal else "-",
                 "role": role_name(principal.role) if principal else "-",
                 "method": method.rsplit("/", 1)[1],
-                "namespace": namespace if isinstance(namespace, str) else "",
+                "namespace": namespace,
                 "outcome": outcome,
             }
             audit_log.info(
@@ -208,24 +241,27 @@ def _audited(method: str, request: Any) -> Iterator[_Who]:
             )  # fmt: skip
 
 
-def _namespaces(request: Any) -> set[str]:
-    """Every namespace a request names: its own field, and its messages' (a checkpoint's).
+def _namespaces(request: Any, depth: int = 0) -> set[str]:
+    """Every namespace a request names: its own, and its messages' (a checkpoint's, its items').
 
     ``""`` names ``"default"``, as everywhere. A stream of requests names none here (the
     worker stream names its namespace in its hello, checked there).
     """
     descriptor = getattr(request, "DESCRIPTOR", None)
-    if descriptor is None:
+    if descriptor is None or depth > 3:
         return set()
     found = set()
     if "namespace" in descriptor.fields_by_name:
-        found.add(request.namespace)
+        found.add(request.namespace or "default")
     for field in descriptor.fields:
-        kind = field.message_type
-        named = kind is not None and "namespace" in kind.fields_by_name
-        if named and not field.is_repeated and request.HasField(field.name):
-            found.add(getattr(request, field.name).namespace)
-    return {name or "default" for name in found}
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        if field.is_repeated:
+            for each in getattr(request, field.name):
+                found |= _namespaces(each, depth + 1)
+        elif request.HasField(field.name):
+            found |= _namespaces(getattr(request, field.name), depth + 1)
+    return found
 
 
 def _bearer(metadata: Any) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import signal
 import ssl
@@ -113,8 +114,8 @@ def _limits(given: list[str], **fixed: int) -> Limits:
             number = float(value) if "float" in str(fields[name]) else int(value)
         except ValueError as exc:
             raise typer.BadParameter(f"--limit {entry!r}: {value!r} is not a number") from exc
-        if number < 0:
-            raise typer.BadParameter(f"--limit {entry!r}: a limit is 0 or more")
+        if not math.isfinite(number) or number < 0:
+            raise typer.BadParameter(f"--limit {entry!r}: a limit is a finite number, 0 or more")
         chosen[name] = number
     return Limits(**fixed, **chosen)  # type: ignore[arg-type]
 

@@ -38,6 +38,7 @@ from floxide_server.sessions import Sessions
 from floxide_server.store import fanout, settling, stuck
 from floxide_server.store.keys import NAMESPACES, Keys
 from floxide_server.store.kv import KV, MAX_TXN_OPS, KVUnavailable
+from floxide_server.store.lifecycle import prune_counted
 from floxide_server.store.lineage import Lineage
 from floxide_server.store.records import now_ms
 from floxide_server.store.retention import remove_ended_sessions, remove_finished
@@ -154,12 +155,14 @@ class Maintenance:
             await self._fail_stuck(namespace)
 
     async def _fail_stuck(self, namespace: str) -> None:
+        counted = b""  # where the next page of the quota's index starts
         while True:
             failed = await stuck.fail_stuck(
                 self.kv, namespace, now_ms(), self.max_txn_ops, self.lineage
             )
             if failed:
                 log.warning("reconcile failed %d stuck runs of %r", failed, namespace)
+            counted = await prune_counted(self.kv, Keys(namespace), counted)
             await asyncio.sleep(self.stuck_every)
 
     async def _timers(self, namespace: str) -> None:

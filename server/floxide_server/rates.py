@@ -17,7 +17,7 @@ __all__ = ["Buckets", "Counts"]
 
 
 class Buckets:
-    """A token bucket per key: ``rate`` per second, up to a second's worth at once."""
+    """A token bucket per key: ``rate`` per second, up to a second's worth at once (at least 1)."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
@@ -33,8 +33,9 @@ class Buckets:
         if self.rate <= 0:
             return
         now = self.clock()
-        tokens, when = self._level.get(key, (self.rate, now))
-        tokens = min(self.rate, tokens + (now - when) * self.rate)
+        most = max(self.rate, 1.0)
+        tokens, when = self._level.get(key, (most, now))
+        tokens = min(most, tokens + (now - when) * self.rate)
         if tokens < 1:
             self._level[key] = (tokens, now)
             raise ResourceExhausted(f"{what} is over its limit of {self.rate:g} per second")

@@ -39,6 +39,8 @@ PREFIX = b"/floxide/v1/tokens/"
 INITIALISED = b"/floxide/v1/auth/initialised"
 """Put by the Txn that made the first admin token: no replica prints another."""
 TOKEN_BYTES = 32
+MIN_GIVEN = 32
+"""The fewest characters of an admin token the operator gives (a guessable one is refused)."""
 LOAD_WAIT = 5.0
 """Seconds a call waits for a starting replica's tokens before UNAVAILABLE."""
 
@@ -97,6 +99,11 @@ class Tokens:
     """
 
     def __init__(self, kv: KV, watches: Watches, admin_token: str | None = None) -> None:
+        if admin_token is not None and len(admin_token) < MIN_GIVEN:
+            raise InvalidArgument(
+                f"the given admin token is shorter than {MIN_GIVEN} characters: make one with, "
+                "say, `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
         self.kv = kv
         self.watches = watches
         self.admin_token = admin_token

@@ -109,14 +109,16 @@ class WorkerService:
         if principal is not None and not principal.may_name(namespace):
             raise PermissionDenied(f"the token may not serve namespace {namespace!r}")
         holder = principal.token_id if principal is not None else ""
-        self.streams.open(holder, f"the token {holder or '(none: auth off)'}'s worker streams")
+        if holder:  # with auth off, no token to count them by
+            self.streams.open(holder, f"the token {holder}'s worker streams")
         try:
             session = self._session(first, requests, principal)
             async with contextlib.aclosing(session) as responses:  # closed now, not by the GC
                 async for response in responses:
                     yield response
         finally:
-            self.streams.close(holder)
+            if holder:
+                self.streams.close(holder)
 
     async def _session(
         self,

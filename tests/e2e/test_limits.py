@@ -15,6 +15,9 @@ import grpc
 import pytest
 from floxide_server.app import Server, ServerConfig
 from floxide_server.embedded import EmbeddedEtcd
+from floxide_server.store.keys import Keys
+from floxide_server.store.kv import Put, Txn
+from floxide_server.store.lifecycle import prune_counted
 from floxide_server.store.payloads import Limits
 from floxide_worker import Worker, WorkerConfig
 
@@ -230,3 +233,20 @@ async def test_limit_no_code_from_the_wire_an_unknown_node_is_refused_not_run() 
     assert result.transition.WhichOneof("outcome") == "abort"
     assert "does not serve node 'os_system'" in result.transition.abort.message
     assert worker.executions == 0  # refused before anything ran
+
+
+async def test_limit_quota_index_drops_runs_an_older_replica_ended(
+    small: tuple[Server, OrchestratorClient],
+) -> None:
+    server, client = small
+    await client.register_workflow(HELD)
+    kept, _ = await client.start_run("limit_held", 1)
+    ended, _ = await client.start_run("limit_held", 2)
+    keys = Keys(client.namespace)
+    # As a replica of an older version ends a run: its status moves, its index entry stays.
+    await server.kv.txn(Txn([], [Put(keys.status(ended.run_id), b"COMPLETED")]))
+    await server.kv.txn(Txn([], [Put(keys.running("gone-run"), b"")]))  # a run removed since
+    assert await server.kv.count(keys.running()) == 3
+    assert await prune_counted(server.kv, keys) == b""  # one page: back to the start next
+    found, _ = await server.kv.range(keys.running())
+    assert [kv.key for kv in found] == [keys.running(kept.run_id)]

@@ -48,7 +48,10 @@ from floxide_server.store.records import (
 )
 from floxide_server.store.workflows import Definition, WorkflowStore
 
-__all__ = ["RunLifecycle"]
+__all__ = [
+    "RunLifecycle",
+    "prune_counted",
+]
 
 QUOTA_FRESH = 1.0
 """Seconds a count of a namespace's runs in flight is used again, far below its quota."""
@@ -603,3 +606,25 @@ def _counted(keys: Keys, run: records_pb2.RunRecord, status: int) -> list[Reques
     if status == RUNNING:
         return [Put(keys.running(run.run_id), b"")]
     return [Delete(keys.running(run.run_id))]
+
+
+async def prune_counted(kv: KV, keys: Keys, after: bytes = b"", page: int = 200) -> bytes:
+    """Drop, from one page of the quota's index, runs no longer running or paused.
+
+    Every ending Txn drops its run itself; this catches what it cannot: a run ended by a
+    replica of an older version (a rolling upgrade). Each drop is guarded by the status it
+    saw. Returns where the next page starts (``b""``: from the beginning again).
+    """
+    found, _ = await kv.range(keys.running(), start=after or None, limit=page)
+    for entry in found:
+        run_id = entry.key[len(keys.running()) :].decode()
+        status = await kv.get(keys.status(run_id))
+        if status is not None and status.value in (status_name(RUNNING), status_name(PAUSED)):
+            continue
+        seen = (
+            Compare.missing(keys.status(run_id))
+            if status is None
+            else Compare.modified_at(status.key, status.mod_revision)
+        )
+        await kv.txn(Txn([seen], [Delete(entry.key)]))
+    return found[-1].key + b"\0" if len(found) == page else b""

@@ -29,6 +29,7 @@ __all__ = [
     "encode_page_token",
     "namespace_of",
     "page_of",
+    "page_offset",
     "page_size",
     "parse_json",
     "validate",
@@ -94,13 +95,25 @@ def check_name(what: str, value: str) -> str:
     return value
 
 
-def page_of(items: Sequence[T], size: int, token: str) -> tuple[list[T], str]:
-    """A page of a list read whole, and the next page's token ("" on the last)."""
-    size = page_size(size)
+def page_offset(token: str) -> int:
+    """The offset a page token of an offset-paged list holds (0 for the first page).
+
+    Raises:
+        InvalidArgument: a token this server did not make (the fuzzer's, say).
+    """
     try:
         offset = int(decode_page_token(token) or 0)
     except ValueError as exc:
         raise InvalidArgument(f"page_token {token!r} is malformed") from exc
+    if offset < 0:
+        raise InvalidArgument(f"page_token {token!r} is malformed")
+    return offset
+
+
+def page_of(items: Sequence[T], size: int, token: str) -> tuple[list[T], str]:
+    """A page of a list read whole, and the next page's token ("" on the last)."""
+    size = page_size(size)
+    offset = page_offset(token)
     page = list(items[offset : offset + size])
     return page, encode_page_token(str(offset + size)) if offset + size < len(items) else ""
 

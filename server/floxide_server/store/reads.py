@@ -130,7 +130,7 @@ class RunReads:
         records = [records_pb2.RunRecord.FromString(kv.value) for kv in found if kv is not None]
         records = [r for r in records if wanted(r)]
         records.sort(key=lambda r: (r.created_at.ToMilliseconds(), r.run_id), reverse=True)
-        offset = int(payloads.decode_page_token(token) or 0)
+        offset = payloads.page_offset(token)
         page = records[offset : offset + size]
         more = offset + size < len(records)
         return page, payloads.encode_page_token(str(offset + size)) if more else ""
@@ -191,7 +191,7 @@ class RunReads:
             key=lambda r: (r.occurred_at.ToMilliseconds(), r.item_id, r.attempt),
         )
         size = payloads.page_size(size)
-        offset = int(payloads.decode_page_token(token) or 0)
+        offset = payloads.page_offset(token)
         page = records[offset : offset + size]
         more = offset + size < len(records)
         return page, payloads.encode_page_token(str(offset + size)) if more else ""

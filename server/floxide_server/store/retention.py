@@ -68,6 +68,7 @@ async def _remove(kv: KV, keys: Keys, record: KeyValue, run: records_pb2.RunReco
         Delete(keys.expansion(run.run_id, ""), prefix=True),
         Delete(keys.settle(run.run_id)),
         Delete(keys.timer(run.run_id), prefix=True),
+        Delete(keys.running(run.run_id)),
     ]
     if run.idempotency_key:
         deletes.append(Delete(keys.idempotency(run.idempotency_key)))

@@ -161,7 +161,7 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PromoteWorkflow(self, request, context):
-        """Makes a registered definition its workflow's current one again: an operator's action, logged
+        """Makes a registered definition its workflow's current one again: an admin's action, logged
         by the server. Runs already started keep their definition. Errors: INVALID_ARGUMENT (no
         hash), NOT_FOUND (unknown workflow or hash, or a hash of another workflow).
         """

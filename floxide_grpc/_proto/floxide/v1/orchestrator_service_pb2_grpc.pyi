@@ -53,7 +53,7 @@ class OrchestratorServiceStub:
     connected workers serve it.
     """
     PromoteWorkflow: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PromoteWorkflowRequest, _orchestrator_service_pb2.PromoteWorkflowResponse]
-    """Makes a registered definition its workflow's current one again: an operator's action, logged
+    """Makes a registered definition its workflow's current one again: an admin's action, logged
     by the server. Runs already started keep their definition. Errors: INVALID_ARGUMENT (no
     hash), NOT_FOUND (unknown workflow or hash, or a hash of another workflow).
     """
@@ -125,7 +125,7 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     connected workers serve it.
     """
     PromoteWorkflow: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.PromoteWorkflowRequest, _orchestrator_service_pb2.PromoteWorkflowResponse]  # type: ignore[assignment]
-    """Makes a registered definition its workflow's current one again: an operator's action, logged
+    """Makes a registered definition its workflow's current one again: an admin's action, logged
     by the server. Runs already started keep their definition. Errors: INVALID_ARGUMENT (no
     hash), NOT_FOUND (unknown workflow or hash, or a hash of another workflow).
     """
@@ -218,7 +218,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.PromoteWorkflowRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.PromoteWorkflowResponse, _abc.Awaitable[_orchestrator_service_pb2.PromoteWorkflowResponse]]:
-        """Makes a registered definition its workflow's current one again: an operator's action, logged
+        """Makes a registered definition its workflow's current one again: an admin's action, logged
         by the server. Runs already started keep their definition. Errors: INVALID_ARGUMENT (no
         hash), NOT_FOUND (unknown workflow or hash, or a hash of another workflow).
         """
