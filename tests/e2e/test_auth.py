@@ -347,3 +347,19 @@ async def test_auth_revoking_a_token_ends_its_open_watch(stack: Stack) -> None:
         assert await stack.client.revoke_token(info.id)
         with pytest.raises(Unauthenticated, match="revoked"):
             await asyncio.wait_for(anext(watch), 5)
+
+
+async def test_auth_an_audit_line_cannot_be_forged_through_a_namespace(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="floxide_server.audit")
+    forged = "x\nfloxide_server.audit: audit token=0000 role=admin method=CreateToken outcome=OK"
+    async with OrchestratorClient(stack.target, namespace=forged, token="", retries=0) as nobody:
+        with pytest.raises(Unauthenticated):
+            await nobody.start_run("auth_note", 1)
+    [line] = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "floxide_server.audit" and "method=StartRun" in r.getMessage()
+    ]
+    assert "\n" not in line and "namespace=(invalid)" in line and "outcome=UNAUTHENTICATED" in line
