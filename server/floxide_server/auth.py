@@ -137,7 +137,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise PermissionDenied(
                 f"a {role_name(principal.role)} token may not call {method.rsplit('/', 1)[1]}"
             )
-        for namespace in _namespaces(request):
+        for namespace in who.namespaces:
             if not principal.may_name(namespace):
                 raise PermissionDenied(f"the token may not act in namespace {namespace!r}")
         return principal
@@ -197,13 +197,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 class _Who:
-    principal: Principal | None = None
+    """A call as its audit line tells it: who made it (once known), and where."""
+
+    def __init__(self, namespaces: set[str]) -> None:
+        self.namespaces = namespaces
+        self.principal: Principal | None = None
 
 
 @contextlib.contextmanager
 def _audited(method: str, request: Any) -> Iterator[_Who]:
     """One audit line for a call that changes something: who, what, where, the outcome."""
-    who = _Who()
+    who = _Who(_namespaces(request))  # read once: for the check and for the line
     outcome = "OK"
     try:
         yield who
@@ -224,7 +228,7 @@ def _audited(method: str, request: Any) -> Iterator[_Who]:
         raise
     finally:
         if method not in READS:
-            named = sorted(_namespaces(request))
+            named = sorted(who.namespaces)
             # A name the request made up is not written as it came: no line can be forged.
             namespace = ",".join(n if is_name(n) else "(invalid)" for n in named)
             principal = who.principal

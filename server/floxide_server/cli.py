@@ -143,15 +143,10 @@ def _secret(path: Path | None, variable: str) -> str:
 
 def _admin_token(path: Path | None) -> str | None:
     """The operator's admin token: from ``path``, else ``FLOXIDE_ADMIN_TOKEN``."""
-    if path is None:
-        return os.environ.get("FLOXIDE_ADMIN_TOKEN") or None
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise typer.BadParameter(f"cannot read {path}: {exc.strerror}") from exc
-    if len(token) < 32:
+    token = _secret(path, "FLOXIDE_ADMIN_TOKEN")
+    if path is not None and len(token) < 32:
         raise typer.BadParameter(f"the admin token in {path} is shorter than 32 characters")
-    return token
+    return token or None
 
 
 def _etcd_tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:

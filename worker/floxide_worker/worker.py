@@ -453,9 +453,16 @@ class Worker:
             )
             for definition_hash, workflow in self._by_hash.items()
             for name in workflow.nodes
-            if (not self.config.nodes or name in self.config.nodes)
-            and workflow.spec(name).kind is not NodeKind.SUBWORKFLOW  # the server runs those
+            if self._runs(workflow, name)
         ]
+
+    def _runs(self, workflow: Workflow, name: str) -> bool:
+        """Whether this worker runs a node of a workflow it imported.
+
+        One its ``nodes`` keep, and not a nested workflow (the server runs those as child runs).
+        """
+        kept = not self.config.nodes or name in self.config.nodes
+        return kept and workflow.spec(name).kind is not NodeKind.SUBWORKFLOW
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -637,12 +644,11 @@ class Worker:
             AttemptFailed: the assignment names a definition or node it does not serve.
         """
         workflow = self._by_hash.get(item.definition_hash)
-        served = workflow is not None and item.node in workflow.nodes
-        if served and workflow is not None:  # the server runs a nested workflow, never a worker
-            served = workflow.spec(item.node).kind is not NodeKind.SUBWORKFLOW
-        if served and self.config.nodes:
-            served = item.node in self.config.nodes
-        if not served or workflow is None:
+        if (
+            workflow is None
+            or item.node not in workflow.nodes
+            or not self._runs(workflow, item.node)
+        ):
             raise AttemptFailed(
                 work_item_pb2.NodeError(
                     kind=work_item_pb2.ERROR_KIND_GENERIC,
