@@ -39,6 +39,8 @@ T = TypeVar("T")
 console = Console()
 DEFAULT_SERVER = "127.0.0.1:50051"
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(
     name="floxide",
     help="Run and inspect floxide-grpc workflows.",

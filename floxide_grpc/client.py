@@ -36,6 +36,7 @@ from floxide_grpc._proto.floxide.v1 import (
 from floxide_grpc._proto.floxide.v1 import (
     orchestrator_service_pb2 as pb,
 )
+from floxide_grpc._status import error_from_rpc
 from floxide_grpc.auth import bearer, token_from_env
 from floxide_grpc.errors import (
     FloxideError,
@@ -55,7 +56,6 @@ from floxide_grpc.records import (
     WorkerInfo,
     WorkflowInfo,
 )
-from floxide_grpc.status import error_from_status
 from floxide_grpc.tls import Tls, explain, open_channel
 from floxide_grpc.workflow import Workflow
 
@@ -183,7 +183,7 @@ class OrchestratorClient:
                     hint = explain(exc.details() or "", self.target, self.tls)
                     if exc.code() == grpc.StatusCode.UNAVAILABLE and hint is not None:
                         raise Unavailable(hint) from exc
-                    raise error_from_status(exc) from exc
+                    raise error_from_rpc(exc) from exc
             self._reconnect_if_rotated()
             await asyncio.sleep(pause * random.uniform(0.5, 1.0))
             pause = min(pause * 2, 2.0)
@@ -470,7 +470,7 @@ class OrchestratorClient:
                         return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.retries:
-                    raise error_from_status(exc) from exc
+                    raise error_from_rpc(exc) from exc
                 failures += 1
                 self._reconnect_if_rotated()
                 await asyncio.sleep(0.1 * 2**failures)
@@ -509,11 +509,20 @@ class OrchestratorClient:
         final = await self.wait_for_completion(started.run_id, timeout)
         if final.status is RunStatus.COMPLETED:
             return final.output
+        run_id = final.run_id
         if final.status is RunStatus.CANCELLED:
-            raise RunCancelled(f"run {final.run_id} was cancelled: {final.error}")
+            raise RunCancelled(f"run {run_id!r} was cancelled: {final.error}", run_id=run_id)
         if final.status is RunStatus.TIMED_OUT:
-            raise RunTimedOut(f"run {final.run_id} timed out: {final.error}")
-        raise RunFailed(f"run {final.run_id} failed: {final.error}", node="", kind="", attempts=0)
+            raise RunTimedOut(f"run {run_id!r} timed out: {final.error}", run_id=run_id)
+        where = f"node {final.failed_node!r} attempt {final.failed_attempts}: "
+        raise RunFailed(
+            f"run {run_id!r} failed: {where * bool(final.failed_node)}{final.error}",
+            node=final.failed_node,
+            kind=final.error_kind,
+            attempts=final.failed_attempts,
+            details=final.error_details,
+            run_id=run_id,
+        )
 
 
 class SyncOrchestratorClient:

@@ -88,6 +88,16 @@ class RunInfo:
     """For a child run (a nested workflow's): its parent run."""
     parent_item_id: str = ""
     """For a child run: the parent's item it runs."""
+    error_kind: str = ""
+    """The kind of the error that ended the run (``"GENERIC"``, ``"TIMEOUT"``, ``"STUCK"``, ...)."""
+    error_details: str = ""
+    """Its detail: the failed node's stack trace, say."""
+    failed_node: str = ""
+    """For a run failed by an item that failed for good: the item's node."""
+    failed_item_id: str = ""
+    """That item."""
+    failed_attempts: int = 0
+    """How many attempts that item used."""
 
     @classmethod
     def from_proto(cls, record: records_pb2.RunRecord) -> RunInfo:
@@ -108,6 +118,15 @@ class RunInfo:
             ),
             parent_run_id=record.parent.run_id,
             parent_item_id=record.parent.item_id,
+            error_kind=(
+                work_item_pb2.ErrorKind.Name(record.error.kind).removeprefix("ERROR_KIND_")
+                if record.HasField("error")
+                else ""
+            ),
+            error_details=record.error.details,
+            failed_node=record.failed_item.node,
+            failed_item_id=record.failed_item.item_id,
+            failed_attempts=record.failed_item.attempts,
         )
 
 

@@ -275,6 +275,8 @@ class LocalRunner:
             node=item.node,
             kind=kind,
             attempts=item.attempt,
+            details=error.details,
+            run_id=run.state.run_id,
         ) from failure.__cause__
 
     def _record(self, item: WorkItem, error: NodeError) -> None:

@@ -17,9 +17,9 @@ from typing import Protocol
 import grpc
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, store_service_pb2, store_service_pb2_grpc
+from floxide_grpc._status import error_from_rpc
 from floxide_grpc.auth import bearer, token_from_env
 from floxide_grpc.errors import InvalidArgument
-from floxide_grpc.status import error_from_status
 from floxide_grpc.tls import Tls, open_channel
 
 __all__ = [
@@ -148,7 +148,7 @@ class RemoteCheckpointStore:
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            raise error_from_status(exc) from exc
+            raise error_from_rpc(exc) from exc
 
     async def load(self, run_id: str) -> Checkpoint | None:
         """The latest checkpoint of ``run_id``, or ``None``."""
@@ -162,7 +162,7 @@ class RemoteCheckpointStore:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            raise error_from_status(exc) from exc
+            raise error_from_rpc(exc) from exc
         return response.checkpoint
 
     async def close(self) -> None:

@@ -29,6 +29,8 @@ from floxide_server.store.payloads import Limits
 from floxide_server.tasks import first_done
 from floxide_server.tls import ServerTls, is_loopback
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(name="floxide-server", add_completion=False)
 log = logging.getLogger("floxide_server")
 

@@ -1,9 +1,10 @@
 """One interceptor maps the domain's errors to gRPC statuses, as etcd's ``v3rpc/util.go`` does.
 
 Domain code raises :class:`~floxide_grpc.errors.FloxideError` subclasses, each carrying its
-status code, and never imports grpc. Here they become statuses with their message; the store
-being unreachable becomes UNAVAILABLE; anything else is INTERNAL, logged with its traceback, and
-its details are not sent to the caller.
+status code and reason, and never imports grpc. Here they become statuses with their message and
+the ``google.rpc.ErrorInfo`` trailer that names their class (:mod:`floxide_grpc._status`); the
+store being unreachable becomes UNAVAILABLE; anything else is INTERNAL, logged with its traceback,
+and its details are not sent to the caller.
 """
 
 from __future__ import annotations
@@ -15,30 +16,31 @@ from typing import Any
 
 import grpc
 
-from floxide_grpc.errors import FloxideError
+from floxide_grpc._status import trailing_metadata
+from floxide_grpc.errors import FloxideError, Unavailable
 from floxide_server.store.kv import KVUnavailable
 
-__all__ = ["ErrorInterceptor", "status_of"]
+__all__ = ["ErrorInterceptor", "error_of"]
 
 log = logging.getLogger(__name__)
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and message a failed call returns."""
+def error_of(exc: BaseException) -> FloxideError:
+    """The error a failed call reports."""
     if isinstance(exc, FloxideError):
-        return _BY_VALUE[exc.code.value], str(exc)
+        return exc
     if isinstance(exc, KVUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"the store is unavailable: {exc}"
+        return Unavailable(f"the store is unavailable: {exc}")
     log.exception("internal error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
+    return FloxideError("internal error (logged by the server)")
 
 
 _BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
 async def _abort(context: Any, exc: BaseException) -> None:
-    code, message = status_of(exc)
-    await context.abort(code, message)
+    error = error_of(exc)
+    await context.abort(_BY_VALUE[error.code.value], str(error), trailing_metadata(error))
 
 
 def _unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -295,7 +295,7 @@ class WorkerService:
         held = result.claim_token in session.held
         refused = _refused(result, session.lease)
         if refused:  # nothing changes: a claim held stays held, for a result that names it
-            ack.code, ack.message = StatusCode.FAILED_PRECONDITION, refused
+            ack.code, ack.message, ack.reason = ClaimLost.code, refused, ClaimLost.reason
             return ack, None, 0, False
         snapshot = session.snapshots.get(result.claim_token)
         sticky = None
@@ -320,14 +320,17 @@ class WorkerService:
                 )
             except (KVUnavailable, Unavailable) as exc:
                 ack.code, ack.message = StatusCode.UNAVAILABLE, f"not applied, send it again: {exc}"
+                ack.reason = Unavailable.reason
                 return ack, None, 0, False  # still held, and so is its slot
             except FloxideError as exc:  # ClaimLost, AlreadyExists, InvalidArgument and others
-                ack.code, ack.message = exc.code, str(exc)
+                ack.code, ack.message, ack.reason = exc.code, str(exc), exc.reason
             except Exception:  # one bad result must not end the stream of the others
                 log.exception("result of %s could not be applied", result.item_id)
                 ack.code, ack.message = StatusCode.INTERNAL, "internal error (logged by the server)"
+                ack.reason = FloxideError.reason
             else:
                 ack.code, ack.message = completion.code, completion.message
+                ack.reason = completion.reason
                 if completion.claim is not None:  # the result's slot goes to the successor
                     assignment = session.assign(completion.claim)
                     revision = completion.claim.revision

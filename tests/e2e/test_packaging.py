@@ -101,62 +101,6 @@ def test_console_scripts_are_installed(
     assert result.stdout.strip() == expected
 
 
-PUBLIC_API = [
-    "PROTOCOL_VERSION",
-    "Abort",
-    "AlreadyCompleted",
-    "AlreadyExists",
-    "Backoff",
-    "CheckpointStore",
-    "ClaimLost",
-    "ContextError",
-    "ErrorKind",
-    "FailedPrecondition",
-    "FileCheckpointStore",
-    "FloxideError",
-    "Graph",
-    "Hold",
-    "InMemoryCheckpointStore",
-    "InvalidArgument",
-    "InvalidDefinition",
-    "InvalidPayload",
-    "InvalidTransition",
-    "LocalRunner",
-    "Merge",
-    "Next",
-    "NextAll",
-    "Node",
-    "NodeContext",
-    "NodeNotFound",
-    "NotFound",
-    "NotStarted",
-    "PermissionDenied",
-    "ResourceExhausted",
-    "RetryPolicy",
-    "RunCancelled",
-    "RunFailed",
-    "RunStuck",
-    "RunTimedOut",
-    "StatusCode",
-    "Transition",
-    "Unauthenticated",
-    "Unavailable",
-    "Workflow",
-    "WorkflowNotFound",
-    "__version__",
-    "batch",
-    "node",
-    "split",
-    "subworkflow",
-]
-
-
-def test_public_api_is_pinned() -> None:
-    assert floxide_grpc.__all__ == PUBLIC_API
-    for name in PUBLIC_API:
-        assert hasattr(floxide_grpc, name), name
-
-
 def test_public_modules_declare_all() -> None:
     import importlib  # noqa: PLC0415
     import pkgutil  # noqa: PLC0415

@@ -19,7 +19,9 @@ from floxide_server.store.completion import MAX_CHAIN
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import (
+    AlreadyExists,
     Backoff,
+    ClaimLost,
     Merge,
     Next,
     NextAll,
@@ -210,13 +212,13 @@ async def test_results_are_fenced_in_band(cluster: Cluster, raw: Raw) -> None:
     forged.claim_token = "ffff:1:1:" + assignment.item.run_id + ":" + assignment.item.item_id
     await raw.send(result_of(forged, 5))
     [refused] = await raw.acks()
-    assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert (refused.code, refused.reason) == (ClaimLost.code, "CLAIM_LOST")
     await raw.send(result_of(assignment, 5))
     [applied] = await raw.acks()
-    assert applied.code == 0
+    assert (applied.code, applied.reason) == (0, "")
     await raw.send(result_of(assignment, 5))
     [again] = await raw.acks()
-    assert again.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert (again.code, again.reason) == (AlreadyExists.code, "ALREADY_EXISTS")
     done = await cluster.client.wait_for_completion(run.run_id, 10)
     assert done.status is RunStatus.COMPLETED and done.output == 5
 

@@ -10,6 +10,7 @@ nobody saw), in a worker process's stderr or in this process's loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -330,15 +331,21 @@ async def register_any(
     return orchestrator_service_pb2.RegisterWorkflowResponse(definition_hash="h")
 
 
-async def hang_up(
-    requests: AsyncIterator[worker_service_pb2.ConnectRequest], context: Any
-) -> AsyncIterator[worker_service_pb2.ConnectResponse]:
-    return  # the stream ends at once, with OK: before any hello is acknowledged
-    yield
+def hangs_up(*, refuse: bool = False) -> tuple[grpc.aio.Server, list[int]]:
+    """A server that registers any workflow, then ends each worker stream before its hello:
+    with OK (the stream closed), or ``refuse``-ing it with PERMISSION_DENIED. Also the count of
+    streams it ended."""
+    ended: list[int] = []
 
+    async def hang_up(
+        requests: AsyncIterator[worker_service_pb2.ConnectRequest], context: Any
+    ) -> AsyncIterator[worker_service_pb2.ConnectResponse]:
+        ended.append(1)
+        if refuse:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no such token here")
+        return
+        yield
 
-def hangs_up() -> grpc.aio.Server:
-    """A server that registers any workflow, then ends each worker stream before its hello."""
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
         [
@@ -364,14 +371,35 @@ def hangs_up() -> grpc.aio.Server:
             ),
         ]
     )
-    return server
+    return server, ended
+
+
+async def test_a_worker_reconnects_when_a_stream_closes_before_its_hello_is_acknowledged() -> None:
+    server, ended = hangs_up()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    fast = timedelta(milliseconds=10)
+    worker = Worker([ECHO], WorkerConfig(server=f"127.0.0.1:{port}", reconnect_backoff=fast))
+    try:
+        running = asyncio.create_task(worker.run())
+
+        async def reconnected() -> bool:
+            assert not running.done(), running
+            return len(ended) >= 3
+
+        await eventually(reconnected, within=30)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await server.stop(None)
 
 
 @pytest.mark.parametrize("level", ["info", "debug"])
 async def test_a_worker_process_whose_run_fails_exits_1_with_one_line_unless_debugging(
     tmp_path: Path, level: str
 ) -> None:
-    server = hangs_up()
+    server, _ = hangs_up(refuse=True)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -388,8 +416,7 @@ async def test_a_worker_process_whose_run_fails_exits_1_with_one_line_unless_deb
     assert worker.returncode == 1
     stderr = harness.stderr
     assert stderr.splitlines()[-1] == (
-        "error: the worker stopped: ConnectionError: "
-        "the server closed the stream before acknowledging hello"
+        "error: the server refused this worker: no such token here"
     )
     assert ("Traceback" in stderr) is (level == "debug"), stderr[-4000:]
     assert_nothing_left_behind(stderr)

@@ -18,6 +18,8 @@ from floxide_grpc.loading import load_workflows
 from floxide_grpc.tls import CaOption, CertOption, KeyOption, NameOption, Tls, TlsOption
 from floxide_worker.worker import Worker, WorkerConfig
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(name="floxide-worker", add_completion=False)
 log = logging.getLogger("floxide_worker")
 

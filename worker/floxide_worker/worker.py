@@ -56,13 +56,23 @@ from floxide_grpc._proto.floxide.v1 import (
     worker_service_pb2,
     worker_service_pb2_grpc,
 )
+from floxide_grpc._status import error_from_rpc
 from floxide_grpc.auth import bearer, token_from_env
 from floxide_grpc.client import OrchestratorClient
-from floxide_grpc.errors import FloxideError, InvalidArgument, StatusCode
+from floxide_grpc.errors import (
+    FailedPrecondition,
+    FloxideError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    StatusCode,
+    Unauthenticated,
+    Unavailable,
+)
 from floxide_grpc.execute import AttemptFailed, attempt
 from floxide_grpc.graph import Graph
 from floxide_grpc.node import NodeKind
-from floxide_grpc.status import error_from_status
 from floxide_grpc.tls import Tls, open_channel
 from floxide_grpc.workflow import Workflow
 
@@ -255,9 +265,8 @@ class Worker:
         session ends), where ``shutdown()`` finishes and reports them first.
 
         Raises:
-            grpc.aio.AioRpcError: The server refused this worker (its hello) while it held
-                nothing; retrying would not change the answer.
-            ConnectionError: The server ended a stream before acknowledging its hello.
+            FloxideError: The server refused this worker (its token, a registration, its
+                hello) while it held nothing; retrying would not change the answer.
         """
         ended = self._ended = asyncio.Event()
         try:
@@ -309,36 +318,31 @@ class Worker:
                 backoff = self.config.reconnect_backoff.total_seconds()
                 self._turn += 1  # the server ended the stream (draining): try the next one
                 reregistered = reregistered and not self._acked
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, ConnectionError) as exc:
+                error = (
+                    error_from_rpc(exc)
+                    if isinstance(exc, grpc.aio.AioRpcError)
+                    else Unavailable(str(exc))  # any other failure of the connection: again
+                )
                 if self._acked:
                     reregistered = False
-                if exc.code() == grpc.StatusCode.NOT_FOUND and not self._acked and not reregistered:
+                if isinstance(error, NotFound) and not self._acked and not reregistered:
                     # A server on a fresh store knows none of our definitions: register them
                     # again and say hello again, once per refusal.
-                    log.warning(
-                        "hello refused (%s): registering the workflows again", exc.details()
-                    )
+                    log.warning("hello refused (%s): registering the workflows again", error)
                     reregistered = True
                     self._registered.clear()
                     await self._register_all()
                     continue
-                if exc.code() in (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                ):  # its token, revoked or not allowed: no answer will change without a new one
-                    raise error_from_status(exc) from exc
-                refused = exc.code() in (
-                    grpc.StatusCode.NOT_FOUND,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                ) or (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not self._acked)
+                if isinstance(error, Unauthenticated | PermissionDenied):
+                    raise error from exc  # no answer will change without another token
+                refused = isinstance(error, NotFound | FailedPrecondition | InvalidArgument) or (
+                    isinstance(error, ResourceExhausted) and not self._acked
+                )
                 if refused and not self._held:  # retrying will not change the answer
-                    raise error_from_status(exc) from exc
+                    raise error from exc
                 log.warning(
-                    "stream to %s broke (%s: %s); reconnecting",
-                    self._server,
-                    exc.code().name,
-                    exc.details(),
+                    "stream to %s broke (%s: %s); reconnecting", self._server, error.reason, error
                 )
                 self._turn += 1  # to the next server, if it was given several
             if self._stopped.is_set() or (

@@ -5,5 +5,6 @@ const { Worker, PROTOCOL_VERSION } = require('./worker');
 const { floxide, toPayload, fromPayload } = require('./proto');
 const { tlsFromEnv } = require('./tls');
 const { tokenFromEnv } = require('./auth');
+const { floxideError } = require('./errors');
 
-module.exports = { Client, Worker, PROTOCOL_VERSION, floxide, toPayload, fromPayload, tlsFromEnv, tokenFromEnv };
+module.exports = { Client, Worker, PROTOCOL_VERSION, floxide, toPayload, fromPayload, tlsFromEnv, tokenFromEnv, floxideError };

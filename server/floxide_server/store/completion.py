@@ -88,6 +88,7 @@ class Completion:
     code: int = 0
     message: str = ""
     claim: Claim | None = None
+    reason: str = ""
 
 
 class Completions:
@@ -250,7 +251,7 @@ class Completions:
             await self._why_not(keys, claim)
             return None, False
         await self._ended(keys, plan, claim, txn, result, parents)
-        completion = Completion(plan.code, plan.message)
+        completion = Completion(plan.code, plan.message, reason=plan.reason)
         if handover is None:
             return completion, False
         next_claim = await self.claims.handed_over(keys, handover, txn, result)

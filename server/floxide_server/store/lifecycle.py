@@ -18,6 +18,7 @@ from floxide_grpc import names
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, workflow_pb2
 from floxide_grpc.durations import format_seconds
 from floxide_grpc.errors import (
+    AlreadyCompleted,
     AlreadyExists,
     ContextError,
     FailedPrecondition,
@@ -25,7 +26,9 @@ from floxide_grpc.errors import (
     InvalidPayload,
     NodeNotFound,
     NotFound,
+    NotStarted,
     ResourceExhausted,
+    RunNotFound,
     WorkflowNotFound,
 )
 from floxide_grpc.graph import Graph
@@ -36,6 +39,7 @@ from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request,
 from floxide_server.store.lineage import Lineage
 from floxide_server.store.reads import RunReads
 from floxide_server.store.records import (
+    FINAL,
     FINISHED,
     PAUSED,
     RUNNING,
@@ -269,7 +273,9 @@ class RunLifecycle:
         for _ in range(ATTEMPTS_ON_CONFLICT):
             found = await self.kv.get(keys.run_info(payloads.check_name("run id", run_id)))
             if found is None:
-                raise NotFound(f"run {run_id!r} not found in namespace {namespace!r}")
+                raise RunNotFound(
+                    f"run {run_id!r} not found in namespace {namespace!r}", run_id=run_id
+                )
             run = records_pb2.RunRecord.FromString(found.value)
             if run.status == status and status == PAUSED:
                 return run  # pausing a paused run changes nothing
@@ -287,6 +293,7 @@ class RunLifecycle:
                 run.error.CopyFrom(error)
             elif status == RUNNING:
                 run.ClearField("error")
+                run.ClearField("failed_item")
             guards, writes = await also(run) if also is not None else ([], [])
             result = await self.kv.txn(
                 Txn(
@@ -342,7 +349,7 @@ class RunLifecycle:
         ancestors are cancelled in the same Txn.
 
         Raises:
-            NotFound: no such run.
+            RunNotFound: no such run.
             FailedPrecondition: the run already completed or was cancelled.
         """
         keys = Keys(namespace)
@@ -389,12 +396,21 @@ class RunLifecycle:
         items that failed start new child runs.
 
         Raises:
-            NotFound: no such run.
-            FailedPrecondition: the run is running, completed or cancelled, or failed as stuck,
-                or is a child whose failure its parent took.
+            NotStarted: no such run.
+            AlreadyCompleted: the run completed, was cancelled or timed out.
+            FailedPrecondition: the run is running, or failed as stuck, or is a child whose
+                failure its parent took.
         """
         keys = Keys(namespace)
-        found = await self.reads.get(namespace, run_id)
+        try:
+            found = await self.reads.get(namespace, run_id)
+        except RunNotFound as exc:
+            raise NotStarted(f"cannot resume: {exc}", run_id=run_id) from None
+        if found.status in FINAL:
+            state = RunStatus.Name(found.status).removeprefix("RUN_STATUS_").lower()
+            raise AlreadyCompleted(
+                f"cannot resume run {run_id!r}: it is already {state}", run_id=run_id
+            )
         failed = found.status == records_pb2.RUN_STATUS_FAILED
         if failed and found.error.kind == work_item_pb2.ERROR_KIND_STUCK:
             raise FailedPrecondition(

@@ -117,6 +117,7 @@ class Plan:
     new_items: list[work_item_pb2.WorkItem] = dataclasses.field(default_factory=list)
     code: int = 0
     message: str = ""
+    reason: str = ""
     ends_run: int = 0
     settle: bool = False
     retry_in_ms: int | None = None
@@ -151,7 +152,7 @@ def plan_result(
         step = _route_success(basis, item, transition, operations)
     except FloxideError as exc:  # a result that breaks its contract is a failed attempt
         kind = work_item_pb2.ERROR_KIND_INVALID_OUTPUT
-        plan.code, plan.message = exc.code.value, str(exc)
+        plan.code, plan.message, plan.reason = exc.code.value, str(exc), exc.reason
         _plan_failure(basis, run, state, work_item_pb2.NodeError(kind=kind, message=str(exc)), plan)
         return plan
     state.status = records_pb2.ITEM_STATUS_COMPLETED
@@ -366,6 +367,9 @@ def _plan_failure(
     if fallback is not None:
         _plan_step(basis, run, item, fallback, plan)
         return
+    run.failed_item.CopyFrom(
+        records_pb2.FailedItem(item_id=item.item_id, node=item.node, attempts=state.attempts)
+    )
     _end_run(basis, run, records_pb2.RUN_STATUS_FAILED, plan, error)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
-from floxide_grpc.errors import InvalidArgument, NotFound
+from floxide_grpc.errors import InvalidArgument, NotFound, RunNotFound
 from floxide_server.store import payloads
 from floxide_server.store.contexts import fold
 from floxide_server.store.keys import Keys
@@ -47,11 +47,11 @@ class RunReads:
         """A run's record.
 
         Raises:
-            NotFound: no such run.
+            RunNotFound: no such run.
         """
         found = await self.kv.get(Keys(namespace).run_info(payloads.check_name("run id", run_id)))
         if found is None:
-            raise NotFound(f"run {run_id!r} not found in namespace {namespace!r}")
+            raise RunNotFound(f"run {run_id!r} not found in namespace {namespace!r}", run_id=run_id)
         return records_pb2.RunRecord.FromString(found.value)
 
     async def list_runs(

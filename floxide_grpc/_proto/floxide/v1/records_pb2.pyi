@@ -209,6 +209,7 @@ class RunRecord(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PARENT_FIELD_NUMBER: _builtins.int
     RUN_TIMEOUT_FIELD_NUMBER: _builtins.int
+    FAILED_ITEM_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """The run's namespace ("default" when started with "")."""
     run_id: _builtins.str
@@ -259,6 +260,13 @@ class RunRecord(_message.Message):
         RUN_STATUS_TIMED_OUT.
         """
 
+    @_builtins.property
+    def failed_item(self) -> Global___FailedItem:
+        """For a run that failed because an item failed for good with no fallback: that item, whose
+        last attempt's error is `error`. Unset for any other ending (a stuck run, a cancel, a
+        timeout), and cleared when the run is resumed.
+        """
+
     def __init__(
         self,
         *,
@@ -276,14 +284,45 @@ class RunRecord(_message.Message):
         idempotency_key: _builtins.str = ...,
         parent: _work_item_pb2.ItemRef | None = ...,
         run_timeout: _duration_pb2.Duration | None = ...,
+        failed_item: Global___FailedItem | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "input", b"input", "output", b"output", "parent", b"parent", "run_timeout", b"run_timeout", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "failed_item", b"failed_item", "finished_at", b"finished_at", "input", b"input", "output", b"output", "parent", b"parent", "run_timeout", b"run_timeout", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "definition_hash", b"definition_hash", "error", b"error", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "input", b"input", "namespace", b"namespace", "output", b"output", "parent", b"parent", "run_id", b"run_id", "run_timeout", b"run_timeout", "status", b"status", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "definition_hash", b"definition_hash", "error", b"error", "failed_item", b"failed_item", "finished_at", b"finished_at", "idempotency_key", b"idempotency_key", "input", b"input", "namespace", b"namespace", "output", b"output", "parent", b"parent", "run_id", b"run_id", "run_timeout", b"run_timeout", "status", b"status", "updated_at", b"updated_at", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunRecord: _TypeAlias = RunRecord  # noqa: Y015
+
+@_typing.final
+class FailedItem(_message.Message):
+    """The item whose failure failed its run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    """The item."""
+    node: _builtins.str
+    """Its node."""
+    attempts: _builtins.int
+    """How many attempts it used."""
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        node: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "item_id", b"item_id", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailedItem: _TypeAlias = FailedItem  # noqa: Y015
 
 @_typing.final
 class RunMetrics(_message.Message):

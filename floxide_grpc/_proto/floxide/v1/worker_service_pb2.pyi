@@ -439,6 +439,7 @@ class ResultAck(_message.Message):
     CLAIM_TOKEN_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     claim_token: _builtins.str
     """The result's claim_token."""
     code: _builtins.int
@@ -454,16 +455,21 @@ class ResultAck(_message.Message):
     """
     message: _builtins.str
     """Why, for people, when code is not 0."""
+    reason: _builtins.str
+    """When code is not 0: the error's stable reason, as in the google.rpc.ErrorInfo of a failed
+    call (docs/protocol.md lists them), for example "CLAIM_LOST".
+    """
     def __init__(
         self,
         *,
         claim_token: _builtins.str = ...,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token", "code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token", "code", b"code", "message", b"message", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
