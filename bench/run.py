@@ -37,7 +37,7 @@ from typing import Any
 
 import psutil
 
-from floxide_grpc.certs import make_authority
+from floxide_grpc._certs import make_authority
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from floxide_grpc.tls import Tls

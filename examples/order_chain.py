@@ -96,7 +96,7 @@ async def main() -> None:
         receipt = await runner.run(order)
         print(f"order {order.id}: {receipt.status}")
         print(f"  trail: {runner.context['trail']}")
-        print(f"  failed attempts: {[(e.node, e.attempt, e.error.message) for e in runner.errors]}")
+        print(f"  failed attempts: {[(e.node, e.attempt, e.message) for e in runner.errors]}")
 
 
 if __name__ == "__main__":

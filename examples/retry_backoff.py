@@ -43,7 +43,7 @@ async def main() -> None:
     print(await runner.run("https://example.test/data"))
     elapsed = time.monotonic() - started
     for error in runner.errors:
-        print(f"attempt {error.attempt} failed: {error.error.message}")
+        print(f"attempt {error.attempt} failed: {error.message}")
     print(f"waited at least {sum(waits):.0f} ms: {elapsed * 1000 >= sum(waits)}")
 
 

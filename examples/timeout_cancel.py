@@ -52,7 +52,7 @@ waiting = Workflow("cancellable", start=wait_forever)
 async def main() -> None:
     runner = LocalRunner(lookup)
     print(await runner.run("user:1"))
-    print(f"errors: {[(e.node, e.error.message) for e in runner.errors]}")
+    print(f"errors: {[(e.node, e.message) for e in runner.errors]}")
 
     canceller = LocalRunner(waiting)
     run = asyncio.create_task(canceller.run("job"))

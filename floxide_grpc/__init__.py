@@ -1,12 +1,14 @@
 """floxide-grpc: distributed workflows over gRPC, with etcd as the only state.
 
-The SDK shared by the orchestrator server and the workers, and a local runner for development
-and tests. The wire contracts live in ``proto/floxide/v1``; their generated code, in
-``floxide_grpc._proto``, is private: this package's API speaks Python types.
+The SDK shared by the orchestrator server and the workers: workflows and nodes, a local runner
+for development and tests, and the client of a server. Everything public is here; modules
+whose names start with ``_`` are shared by the server and the worker and are not API. The wire
+contracts live in ``proto/floxide/v1``; their generated code, in ``floxide_grpc._proto``, is
+private: this package's API speaks Python types.
 """
 
-from importlib.metadata import version as _version
-
+from floxide_grpc._version import PROTOCOL_VERSION, __version__
+from floxide_grpc.client import OrchestratorClient, SyncOrchestratorClient
 from floxide_grpc.context import Merge, NodeContext
 from floxide_grpc.errors import (
     AlreadyCompleted,
@@ -35,12 +37,28 @@ from floxide_grpc.errors import (
     Unavailable,
     WorkflowNotFound,
 )
-from floxide_grpc.graph import Graph
 from floxide_grpc.helpers import batch, split
 from floxide_grpc.node import Node, node, subworkflow
+from floxide_grpc.records import (
+    ErrorInfo,
+    ItemInfo,
+    Role,
+    RunInfo,
+    RunMetrics,
+    RunStatus,
+    TokenInfo,
+    WorkerInfo,
+    WorkflowInfo,
+)
 from floxide_grpc.retry import Backoff, RetryPolicy
 from floxide_grpc.runner import LocalRunner
-from floxide_grpc.stores import CheckpointStore, FileCheckpointStore, InMemoryCheckpointStore
+from floxide_grpc.stores import (
+    CheckpointStore,
+    FileCheckpointStore,
+    InMemoryCheckpointStore,
+    RemoteCheckpointStore,
+)
+from floxide_grpc.tls import Tls
 from floxide_grpc.transition import Abort, ErrorKind, Hold, Next, NextAll, Transition
 from floxide_grpc.workflow import Workflow
 
@@ -53,17 +71,18 @@ __all__ = [
     "CheckpointStore",
     "ClaimLost",
     "ContextError",
+    "ErrorInfo",
     "ErrorKind",
     "FailedPrecondition",
     "FileCheckpointStore",
     "FloxideError",
-    "Graph",
     "Hold",
     "InMemoryCheckpointStore",
     "InvalidArgument",
     "InvalidDefinition",
     "InvalidPayload",
     "InvalidTransition",
+    "ItemInfo",
     "LocalRunner",
     "Merge",
     "Next",
@@ -73,20 +92,31 @@ __all__ = [
     "NodeNotFound",
     "NotFound",
     "NotStarted",
+    "OrchestratorClient",
     "PermissionDenied",
+    "RemoteCheckpointStore",
     "ResourceExhausted",
     "RetryPolicy",
+    "Role",
     "RunCancelled",
     "RunFailed",
+    "RunInfo",
+    "RunMetrics",
     "RunNotFound",
+    "RunStatus",
     "RunStuck",
     "RunTimedOut",
     "SessionEnded",
     "StatusCode",
+    "SyncOrchestratorClient",
+    "Tls",
+    "TokenInfo",
     "Transition",
     "Unauthenticated",
     "Unavailable",
+    "WorkerInfo",
     "Workflow",
+    "WorkflowInfo",
     "WorkflowNotFound",
     "__version__",
     "batch",
@@ -94,9 +124,3 @@ __all__ = [
     "split",
     "subworkflow",
 ]
-
-__version__: str = _version("floxide-grpc")
-"""The installed distribution's version."""
-
-PROTOCOL_VERSION: int = 1
-"""The worker-stream protocol version this SDK speaks (``Hello.protocol_version``)."""

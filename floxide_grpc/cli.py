@@ -22,14 +22,17 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from google.protobuf import json_format
 from rich.console import Console
 from rich.live import Live
 from rich.table import Column, Table
 
-from floxide_grpc import PROTOCOL_VERSION, __version__, codec
+from floxide_grpc import _codec as codec
+from floxide_grpc._graph import Graph
+from floxide_grpc._proto.floxide.v1 import workflow_pb2
+from floxide_grpc._version import PROTOCOL_VERSION, __version__
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import FloxideError
-from floxide_grpc.graph import Graph
 from floxide_grpc.records import Role, RunInfo, RunStatus, WorkerInfo
 from floxide_grpc.runner import LocalRunner
 from floxide_grpc.tls import CaOption, CertOption, KeyOption, NameOption, Tls, TlsOption
@@ -471,12 +474,13 @@ def graph(
     """Print a workflow's graph as Mermaid or Graphviz DOT."""
     if target.endswith(".py") or ":" in target:
         try:
-            drawn = load_workflow(target).graph()
+            drawn = Graph(load_workflow(target).definition())
         except FloxideError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=1) from exc
     else:
-        drawn = Graph(_remote(ctx, lambda c: c.get_workflow(target)).definition)
+        found = _remote(ctx, lambda c: c.get_workflow(target)).definition or {}
+        drawn = Graph(json_format.ParseDict(found, workflow_pb2.WorkflowDefinition()))
     typer.echo(drawn.to_dot() if format is GraphFormat.DOT else drawn.to_mermaid(), nl=False)
 
 
@@ -503,7 +507,7 @@ def certs(
     The server's names are localhost, 127.0.0.1 and ::1, plus each --host. For machines of
     your own: in production, certificates come from your organisation's CA.
     """
-    from floxide_grpc.certs import make_authority  # noqa: PLC0415 - cryptography, only here
+    from floxide_grpc._certs import make_authority  # noqa: PLC0415 - cryptography, only here
 
     hosts = ["localhost", "127.0.0.1", "::1", *(host or [])]
     authority = make_authority(directory, reuse=not new_ca)
@@ -548,7 +552,7 @@ def dev(
     An embedded etcd and a server, worker processes serving the workflow, and one run of it;
     prints the run's output.
     """
-    from floxide_grpc.loading import load_workflows  # noqa: PLC0415
+    from floxide_grpc._loading import load_workflows  # noqa: PLC0415
 
     try:
         workflow = load_workflows(target)[0]
@@ -662,7 +666,7 @@ async def _dev(
 
 def _dev_tls(directory: Path) -> tuple[list[str], list[str], Tls]:
     """A development CA for ``floxide dev --tls``: the server's flags, workers', the client's."""
-    from floxide_grpc.certs import make_authority  # noqa: PLC0415 - cryptography, only here
+    from floxide_grpc._certs import make_authority  # noqa: PLC0415 - cryptography, only here
 
     authority = make_authority(directory)
     server = authority.issue("floxide dev server", hosts=["localhost", "127.0.0.1"])

@@ -22,7 +22,8 @@ from typing import Any, TypeVar, cast
 
 import grpc
 
-from floxide_grpc import codec
+from floxide_grpc import _codec as codec
+from floxide_grpc._auth import bearer, token_from_env
 from floxide_grpc._proto.floxide.v1 import (
     admin_service_pb2 as admin_pb,
 )
@@ -31,13 +32,11 @@ from floxide_grpc._proto.floxide.v1 import (
     orchestrator_service_pb2_grpc,
     records_pb2,
     work_item_pb2,
-    workflow_pb2,
 )
 from floxide_grpc._proto.floxide.v1 import (
     orchestrator_service_pb2 as pb,
 )
 from floxide_grpc._status import error_from_rpc
-from floxide_grpc.auth import bearer, token_from_env
 from floxide_grpc.errors import (
     FloxideError,
     RunCancelled,
@@ -191,26 +190,23 @@ class OrchestratorClient:
 
     # -- workflows -------------------------------------------------------------------------
 
-    async def register_workflow(self, workflow: Workflow | workflow_pb2.WorkflowDefinition) -> str:
+    async def register_workflow(self, workflow: Workflow) -> str:
         """Register a workflow (idempotent); returns its definition hash."""
-        definition = workflow.definition() if isinstance(workflow, Workflow) else workflow
         response = await self._call(
             self._stub.RegisterWorkflow,
-            pb.RegisterWorkflowRequest(namespace=self.namespace, definition=definition),
+            pb.RegisterWorkflowRequest(namespace=self.namespace, definition=workflow.definition()),
         )
         return response.definition_hash
 
-    async def get_workflow(
-        self, name: str, definition_hash: str = ""
-    ) -> workflow_pb2.RegisteredWorkflow:
-        """A registered definition (the current one of ``name`` unless a hash is given)."""
+    async def get_workflow(self, name: str, definition_hash: str = "") -> WorkflowInfo:
+        """A registered definition with its definition: the current one, or ``definition_hash``."""
         response = await self._call(
             self._stub.GetWorkflow,
             pb.GetWorkflowRequest(
                 namespace=self.namespace, name=name, definition_hash=definition_hash
             ),
         )
-        return response.workflow
+        return WorkflowInfo.from_proto(response.workflow)
 
     async def list_workflows(self) -> list[tuple[str, str]]:
         """Every workflow's name and current hash."""

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from floxide_grpc import codec
+from floxide_grpc import _codec as codec
 from floxide_grpc._proto.floxide.v1 import work_item_pb2, workflow_pb2
 from floxide_grpc.errors import ContextError, InvalidDefinition, InvalidPayload
 

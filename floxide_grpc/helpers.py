@@ -8,7 +8,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from floxide_grpc import codec
+from floxide_grpc import _codec as codec
 from floxide_grpc.context import NodeContext
 from floxide_grpc.node import NodeSpec, as_spec
 from floxide_grpc.transition import Abort, Hold, Next, NextAll

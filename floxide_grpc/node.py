@@ -37,10 +37,10 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from floxide_grpc import codec
+from floxide_grpc import _codec as codec
+from floxide_grpc._names import check_name
 from floxide_grpc.context import NodeContext
 from floxide_grpc.errors import InvalidDefinition
-from floxide_grpc.names import check_name
 from floxide_grpc.retry import RetryPolicy
 from floxide_grpc.transition import Abort, Hold, Next, NextAll
 

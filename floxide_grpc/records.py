@@ -8,6 +8,8 @@ import enum
 import json
 from typing import Any
 
+from google.protobuf import json_format
+
 from floxide_grpc._proto.floxide.v1 import (
     admin_service_pb2,
     records_pb2,
@@ -161,6 +163,10 @@ class ErrorInfo:
     kind: str
     message: str
     occurred_at: datetime.datetime | None
+    details: str = ""
+    """Further detail, such as the node's stack trace."""
+    worker_id: str = ""
+    """The worker that ran the attempt; empty when none did."""
 
     @classmethod
     def from_proto(cls, record: records_pb2.ErrorRecord) -> ErrorInfo:
@@ -172,6 +178,8 @@ class ErrorInfo:
             kind=work_item_pb2.ErrorKind.Name(record.error.kind).removeprefix("ERROR_KIND_"),
             message=record.error.message,
             occurred_at=_time(record.occurred_at, record.HasField("occurred_at")),
+            details=record.error.details,
+            worker_id=record.worker_id,
         )
 
 
@@ -214,16 +222,24 @@ class WorkflowInfo:
     current: bool
     registered_at: datetime.datetime | None
     served_by: tuple[str, ...] = ()
+    definition: dict[str, Any] | None = None
+    """The ``floxide.v1.WorkflowDefinition`` in protobuf's JSON mapping (the proto's field
+    names), as any language reads it; ``None`` in lists."""
 
     @classmethod
     def from_proto(cls, record: workflow_pb2.RegisteredWorkflow) -> WorkflowInfo:
         """Read a ``floxide.v1.RegisteredWorkflow``."""
         return cls(
-            name=record.name,
+            name=record.name or record.definition.name,
             definition_hash=record.definition_hash,
             current=record.current,
             registered_at=_time(record.registered_at, record.HasField("registered_at")),
             served_by=tuple(record.served_by),
+            definition=(
+                json_format.MessageToDict(record.definition, preserving_proto_field_name=True)
+                if record.HasField("definition")
+                else None
+            ),
         )
 
 

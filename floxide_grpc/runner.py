@@ -1,7 +1,7 @@
 """The local runner: a workflow run to completion in this process.
 
 floxide's ``run``, ``run_with_checkpoint`` and ``resume``. Items run one at a time in queue
-order, so a run is deterministic; the same :mod:`~floxide_grpc.routing` as the server decides what
+order, so a run is deterministic; the same :mod:`~floxide_grpc._routing` as the server decides what
 comes next, and the same :func:`~floxide_grpc.context.apply` merges the context. With a checkpoint
 store, the whole state (context, pending items, half-arrived joins, attempt counts) is saved after
 every step, *before* the next step starts: a process killed at any instant resumes from the last
@@ -19,15 +19,18 @@ import contextlib
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from floxide_grpc import codec
+from floxide_grpc import _codec as codec
+from floxide_grpc._children import child_run_id, outcome
+from floxide_grpc._execute import AttemptFailed, attempt, node_error
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import (
     checkpoint_pb2,
     records_pb2,
     work_item_pb2,
 )
-from floxide_grpc.children import child_run_id, outcome
+from floxide_grpc._routing import Step, arrive, route, route_failure, start_item
 from floxide_grpc.context import Operation, apply
 from floxide_grpc.errors import (
     AlreadyCompleted,
@@ -38,13 +41,13 @@ from floxide_grpc.errors import (
     RunFailed,
     RunStuck,
 )
-from floxide_grpc.execute import AttemptFailed, attempt, node_error
-from floxide_grpc.graph import Graph
 from floxide_grpc.node import NodeSpec
-from floxide_grpc.routing import Step, arrive, route, route_failure, start_item
-from floxide_grpc.stores.checkpoint import CheckpointStore, check_run_id
+from floxide_grpc.records import ErrorInfo
+from floxide_grpc.stores.checkpoint import CheckpointStore, check_run_id, checkpoint_of
 from floxide_grpc.transition import ErrorKind
-from floxide_grpc.workflow import Workflow
+
+if TYPE_CHECKING:
+    from floxide_grpc.workflow import Workflow
 
 __all__ = ["LocalRunner"]
 
@@ -63,7 +66,6 @@ class LocalRunner:
         namespace: The namespace recorded in checkpoints.
 
     Attributes:
-        errors: Every failed attempt of the last run, in order.
         context: The context of the last run as it ended (a dict).
     """
 
@@ -71,7 +73,7 @@ class LocalRunner:
         self.workflow = workflow
         self.namespace = namespace
         self.graph = Graph(workflow.definition())
-        self.errors: list[records_pb2.ErrorRecord] = []
+        self._errors: list[records_pb2.ErrorRecord] = []
         self.context: dict[str, Any] = {}
         self._cancel = asyncio.Event()
 
@@ -125,9 +127,9 @@ class LocalRunner:
         self._here()
         saved = await store.load(run_id)
         if saved is not None:
-            return await self._continue(saved, store)
+            return await self._continue(checkpoint_of(saved), store)
         state = self._new(run_id, input, context)
-        await store.save(run_id, state)
+        await store.save(run_id, state.SerializeToString())
         return await self._drive(state, store)
 
     async def resume(self, store: CheckpointStore, run_id: str) -> Any:
@@ -143,8 +145,8 @@ class LocalRunner:
         self._here()
         saved = await store.load(check_run_id(run_id))
         if saved is None:
-            raise NotStarted(f"run {run_id!r} has no checkpoint")
-        return await self._continue(saved, store)
+            raise NotStarted(f"run {run_id!r} has no checkpoint", run_id=run_id)
+        return await self._continue(checkpoint_of(saved), store)
 
     async def _continue(self, saved: Checkpoint, store: CheckpointStore) -> Any:
         if saved.status in (records_pb2.RUN_STATUS_COMPLETED, records_pb2.RUN_STATUS_CANCELLED):
@@ -193,7 +195,7 @@ class LocalRunner:
 
     async def _drive(self, state: Checkpoint, store: CheckpointStore | None) -> Any:
         """Run items until the run completes, fails or is cancelled; save after every step."""
-        self.errors = []
+        self._errors = []
         run = _RunState(state, store)
         self.context = run.context
         while run.pending:
@@ -289,12 +291,17 @@ class LocalRunner:
             error=error,
         )
         record.occurred_at.GetCurrentTime()
-        self.errors.append(record)
+        self._errors.append(record)
+
+    @property
+    def errors(self) -> list[ErrorInfo]:
+        """Every failed attempt of the last run, in order."""
+        return [ErrorInfo.from_proto(record) for record in self._errors]
 
     async def _attempt(
         self, item: WorkItem, context: Mapping[str, Any]
     ) -> tuple[work_item_pb2.Transition, list[Operation]]:
-        """Run one attempt of an item (see :func:`floxide_grpc.execute.attempt`).
+        """Run one attempt of an item (see :func:`floxide_grpc._execute.attempt`).
 
         Raises:
             AttemptFailed: the attempt failed.
@@ -318,7 +325,7 @@ class LocalRunner:
     async def _run_subworkflow(
         self, spec: NodeSpec, item: WorkItem, value: Any, parent: Mapping[str, Any]
     ) -> Any:
-        """Run one attempt of a subworkflow node as a child run (see :mod:`~floxide_grpc.children`).
+        """Run one attempt of a subworkflow node as a child run (:mod:`floxide_grpc._children`).
 
         It starts from a copy of this run's context and keeps its own; its failure is a failed
         attempt of the node; cancelling this run cancels it.
@@ -333,7 +340,7 @@ class LocalRunner:
         try:
             return await child._drive(state, None)
         except (RunFailed, RunStuck) as exc:
-            last = child.errors[-1].error if isinstance(exc, RunFailed) and child.errors else None
+            last = child._errors[-1].error if isinstance(exc, RunFailed) and child._errors else None
             record = records_pb2.RunRecord(
                 run_id=run_id,
                 workflow=spec.subworkflow.name,
@@ -378,7 +385,7 @@ class _RunState:
         state.context.CopyFrom(codec.to_payload(self.context, where="context"))
         state.updated_at.GetCurrentTime()
         if self.store is not None:
-            await self.store.save(state.run_id, state)
+            await self.store.save(state.run_id, state.SerializeToString())
 
     async def finish(
         self,

@@ -23,13 +23,14 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from floxide_grpc import codec
+from floxide_grpc import _codec as codec
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import workflow_pb2
 from floxide_grpc.context import ContextSchema
 from floxide_grpc.errors import InvalidDefinition, NodeNotFound
-from floxide_grpc.graph import Graph
 from floxide_grpc.node import NodeKind, NodeSpec, as_spec
 from floxide_grpc.retry import RetryPolicy
+from floxide_grpc.runner import LocalRunner
 
 if TYPE_CHECKING:
     from floxide_grpc.stores import CheckpointStore
@@ -209,17 +210,13 @@ class Workflow:
         copy.CopyFrom(self._definition)  # callers may change theirs; the cached one stays valid
         return copy
 
-    def graph(self) -> Graph:
-        """The validated definition as a :class:`Graph`."""
-        return Graph(self.definition())
-
     def to_dot(self) -> str:
         """The workflow in Graphviz DOT."""
-        return self.graph().to_dot()
+        return Graph(self.definition()).to_dot()
 
     def to_mermaid(self) -> str:
         """The workflow as a Mermaid flowchart."""
-        return self.graph().to_mermaid()
+        return Graph(self.definition()).to_mermaid()
 
     def _build(self) -> workflow_pb2.WorkflowDefinition:
         routes: dict[str, list[str]] = {}
@@ -311,8 +308,6 @@ class Workflow:
 
     async def run(self, input: Any, *, context: Mapping[str, Any] | None = None) -> Any:
         """Run to completion in this process and return the output (see :mod:`runner`)."""
-        from floxide_grpc.runner import LocalRunner  # noqa: PLC0415 - the runner imports us
-
         return await LocalRunner(self).run(input, context=context)
 
     async def run_with_checkpoint(
@@ -324,14 +319,10 @@ class Workflow:
         context: Mapping[str, Any] | None = None,
     ) -> Any:
         """Run with a checkpoint per step; see :meth:`LocalRunner.run_with_checkpoint`."""
-        from floxide_grpc.runner import LocalRunner  # noqa: PLC0415
-
         return await LocalRunner(self).run_with_checkpoint(input, store, run_id, context=context)
 
     async def resume(self, store: CheckpointStore, run_id: str) -> Any:
         """Continue a checkpointed run; see :meth:`LocalRunner.resume`."""
-        from floxide_grpc.runner import LocalRunner  # noqa: PLC0415
-
         return await LocalRunner(self).resume(store, run_id)
 
 

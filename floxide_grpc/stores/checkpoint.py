@@ -1,6 +1,8 @@
 """Checkpoint stores: save and load the state of a local run, keyed by run id.
 
-floxide's ``CheckpointStore`` trait, async. The file store writes atomically (a temporary file in
+floxide's ``CheckpointStore`` trait, async. A checkpoint is opaque bytes to a store (the
+serialized ``floxide.v1.Checkpoint``), so a store of one's own (Redis, S3, a database) is two
+methods over bytes. The file store writes atomically (a temporary file in
 the same directory, fsync, rename, fsync of the directory), so a process killed at any instant
 leaves either the previous checkpoint or the new one, never a torn file.
 """
@@ -15,10 +17,11 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from floxide_grpc._auth import bearer, token_from_env
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, store_service_pb2, store_service_pb2_grpc
 from floxide_grpc._status import error_from_rpc
-from floxide_grpc.auth import bearer, token_from_env
 from floxide_grpc.errors import InvalidArgument
 from floxide_grpc.tls import Tls, open_channel
 
@@ -29,9 +32,19 @@ __all__ = [
     "RemoteCheckpointStore",
 ]
 
-Checkpoint = checkpoint_pb2.Checkpoint
-
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def checkpoint_of(data: bytes) -> checkpoint_pb2.Checkpoint:
+    """The ``floxide.v1.Checkpoint`` that a store's bytes hold.
+
+    Raises:
+        InvalidArgument: they hold none.
+    """
+    try:
+        return checkpoint_pb2.Checkpoint.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(f"not a checkpoint: {exc}") from None
 
 
 def check_run_id(run_id: str) -> str:
@@ -46,12 +59,12 @@ def check_run_id(run_id: str) -> str:
 
 
 class CheckpointStore(Protocol):
-    """Where a local run's checkpoints live."""
+    """Where a local run's checkpoints live: bytes by run id."""
 
-    async def save(self, run_id: str, checkpoint: Checkpoint) -> None:
+    async def save(self, run_id: str, checkpoint: bytes) -> None:
         """Store ``checkpoint`` as the latest of ``run_id``, replacing any earlier one."""
 
-    async def load(self, run_id: str) -> Checkpoint | None:
+    async def load(self, run_id: str) -> bytes | None:
         """The latest checkpoint of ``run_id``, or ``None`` if there is none."""
 
 
@@ -61,14 +74,13 @@ class InMemoryCheckpointStore:
     def __init__(self) -> None:
         self._data: dict[str, bytes] = {}
 
-    async def save(self, run_id: str, checkpoint: Checkpoint) -> None:
-        """Store a copy of ``checkpoint``."""
-        self._data[check_run_id(run_id)] = checkpoint.SerializeToString()
+    async def save(self, run_id: str, checkpoint: bytes) -> None:
+        """Store ``checkpoint``."""
+        self._data[check_run_id(run_id)] = bytes(checkpoint)
 
-    async def load(self, run_id: str) -> Checkpoint | None:
-        """A copy of the latest checkpoint, or ``None``."""
-        data = self._data.get(check_run_id(run_id))
-        return None if data is None else Checkpoint.FromString(data)
+    async def load(self, run_id: str) -> bytes | None:
+        """The latest checkpoint, or ``None``."""
+        return self._data.get(check_run_id(run_id))
 
 
 class FileCheckpointStore:
@@ -81,18 +93,16 @@ class FileCheckpointStore:
         """The file holding ``run_id``'s checkpoint."""
         return self.directory / f"{check_run_id(run_id)}.checkpoint"
 
-    async def save(self, run_id: str, checkpoint: Checkpoint) -> None:
+    async def save(self, run_id: str, checkpoint: bytes) -> None:
         """Write the checkpoint durably: temp file, fsync, rename, fsync the directory."""
-        await asyncio.to_thread(self._write, self.path(run_id), checkpoint.SerializeToString())
+        await asyncio.to_thread(self._write, self.path(run_id), checkpoint)
 
-    async def load(self, run_id: str) -> Checkpoint | None:
+    async def load(self, run_id: str) -> bytes | None:
         """Read the checkpoint, or ``None`` if the run has none."""
-        path = self.path(run_id)
         try:
-            data = await asyncio.to_thread(path.read_bytes)
+            return await asyncio.to_thread(self.path(run_id).read_bytes)
         except FileNotFoundError:
             return None
-        return Checkpoint.FromString(data)
 
     def _write(self, path: Path, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -136,10 +146,13 @@ class RemoteCheckpointStore:
         self._channel = open_channel(target, tls)
         self._stub = store_service_pb2_grpc.CheckpointStoreServiceStub(self._channel)
 
-    async def save(self, run_id: str, checkpoint: Checkpoint) -> None:
-        """Store ``checkpoint`` as the latest of ``run_id``."""
-        copy = Checkpoint()
-        copy.CopyFrom(checkpoint)
+    async def save(self, run_id: str, checkpoint: bytes) -> None:
+        """Store ``checkpoint`` as the latest of ``run_id``.
+
+        Raises:
+            InvalidArgument: the bytes are not a ``floxide.v1.Checkpoint``.
+        """
+        copy = checkpoint_of(checkpoint)
         copy.namespace, copy.run_id = self.namespace, check_run_id(run_id)
         try:
             await self._stub.SaveCheckpoint(
@@ -150,7 +163,7 @@ class RemoteCheckpointStore:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
 
-    async def load(self, run_id: str) -> Checkpoint | None:
+    async def load(self, run_id: str) -> bytes | None:
         """The latest checkpoint of ``run_id``, or ``None``."""
         request = store_service_pb2.LoadCheckpointRequest(
             namespace=self.namespace, run_id=check_run_id(run_id)
@@ -163,7 +176,7 @@ class RemoteCheckpointStore:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise error_from_rpc(exc) from exc
-        return response.checkpoint
+        return bytes(response.checkpoint.SerializeToString())
 
     async def close(self) -> None:
         """Close the channel."""

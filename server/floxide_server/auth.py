@@ -22,10 +22,10 @@ from typing import Any
 
 import grpc
 
+from floxide_grpc._auth import HEADER
+from floxide_grpc._names import is_name
 from floxide_grpc._proto.floxide.v1 import admin_service_pb2 as pb
-from floxide_grpc.auth import HEADER
 from floxide_grpc.errors import FloxideError, PermissionDenied, Unauthenticated
-from floxide_grpc.names import is_name
 from floxide_server.store.kv import KVUnavailable
 from floxide_server.tokens import Principal, Tokens
 

@@ -16,8 +16,8 @@ from typing import Annotated
 import grpc
 import typer
 
-from floxide_grpc import __version__
-from floxide_grpc import loop as event_loop
+from floxide_grpc import _loop as event_loop
+from floxide_grpc._version import __version__
 from floxide_grpc.errors import FloxideError
 from floxide_grpc.tls import Tls
 from floxide_server.app import Server, ServerConfig

@@ -25,8 +25,8 @@ import typing
 from collections.abc import Callable
 from datetime import timedelta
 
+from floxide_grpc._durations import format_seconds
 from floxide_grpc._proto.floxide.v1 import worker_service_pb2
-from floxide_grpc.durations import format_seconds
 from floxide_server.store.claims import Claims, ClaimToken
 from floxide_server.store.kv import KVUnavailable
 from floxide_server.tasks import Ready

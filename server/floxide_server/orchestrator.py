@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from floxide_grpc import names
+from floxide_grpc import _names as names
 from floxide_grpc._proto.floxide.v1 import (
     orchestrator_service_pb2 as pb,
 )

@@ -36,8 +36,8 @@ from datetime import timedelta
 
 import grpc
 
-from floxide_grpc import PROTOCOL_VERSION
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, worker_service_pb2
+from floxide_grpc._version import PROTOCOL_VERSION
 from floxide_grpc.errors import (
     ClaimLost,
     FailedPrecondition,

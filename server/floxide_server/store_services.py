@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from floxide_grpc import names
+from floxide_grpc import _names as names
 from floxide_grpc._proto.floxide.v1 import (
     checkpoint_pb2,
     records_pb2,
@@ -21,9 +21,9 @@ from floxide_grpc._proto.floxide.v1 import (
     work_item_pb2,
 )
 from floxide_grpc._proto.floxide.v1 import store_service_pb2 as pb
+from floxide_grpc._routing import derive_id
 from floxide_grpc.context import Operation, apply
 from floxide_grpc.errors import FailedPrecondition, NotFound, ResourceExhausted
-from floxide_grpc.routing import derive_id
 from floxide_server.sessions import Sessions
 from floxide_server.store import Store, contexts
 from floxide_server.store.keys import Keys

@@ -22,9 +22,9 @@ import secrets
 import sys
 import time
 
+from floxide_grpc._names import check_name
 from floxide_grpc._proto.floxide.v1 import admin_service_pb2 as pb
 from floxide_grpc.errors import InvalidArgument, Unauthenticated, Unavailable
-from floxide_grpc.names import check_name
 from floxide_server._proto.floxide.storage.v1 import storage_pb2
 from floxide_server.store.kv import KV, Compare, Delete, Put, Txn
 from floxide_server.store.records import now_ms

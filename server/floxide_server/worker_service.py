@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from floxide_grpc import PROTOCOL_VERSION
 from floxide_grpc._proto.floxide.v1 import worker_service_pb2
+from floxide_grpc._version import PROTOCOL_VERSION
 from floxide_grpc.errors import (
     ClaimLost,
     FloxideError,

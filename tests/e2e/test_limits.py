@@ -32,6 +32,7 @@ from floxide_grpc._proto.floxide.v1 import (
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from tests.helpers import eventually, serving
+from tests.helpers.channels import register_definition
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,7 +115,7 @@ async def test_limit_on_a_definitions_nodes_edges_and_schemas(
     with pytest.raises(
         ResourceExhausted, match=r"input schema of \d+ bytes is over the limit of 2000"
     ):
-        await client.register_workflow(definition)
+        await register_definition(client.target, client.namespace, definition)
     assert await client.list_workflows() == []  # nothing was written
 
 

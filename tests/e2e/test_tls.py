@@ -27,7 +27,7 @@ from floxide_server.tls import ServerTls, is_loopback
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import Unavailable, Workflow, node
-from floxide_grpc.certs import Authority, Issued, make_authority
+from floxide_grpc._certs import Authority, Issued, make_authority
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from floxide_grpc.tls import ENV, Tls

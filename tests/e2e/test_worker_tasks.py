@@ -415,8 +415,6 @@ async def test_a_worker_process_whose_run_fails_exits_1_with_one_line_unless_deb
         await server.stop(None)
     assert worker.returncode == 1
     stderr = harness.stderr
-    assert stderr.splitlines()[-1] == (
-        "error: the server refused this worker: no such token here"
-    )
+    assert stderr.splitlines()[-1] == ("error: the server refused this worker: no such token here")
     assert ("Traceback" in stderr) is (level == "debug"), stderr[-4000:]
     assert_nothing_left_behind(stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from floxide_grpc.certs import make_authority
+from floxide_grpc._certs import make_authority
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from floxide_grpc.tls import ENV, Tls

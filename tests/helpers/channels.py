@@ -7,19 +7,40 @@ from typing import Any
 
 import grpc
 
-from floxide_grpc.auth import bearer
+from floxide_grpc._auth import bearer
+from floxide_grpc._proto.floxide.v1 import orchestrator_service_pb2, orchestrator_service_pb2_grpc
+from floxide_grpc._proto.floxide.v1.workflow_pb2 import WorkflowDefinition
+from floxide_grpc._status import error_from_rpc
 
-__all__ = ["authorized_channel"]
+__all__ = ["authorized_channel", "register_definition"]
 
 
 def authorized_channel(target: str, token: str | None = None) -> grpc.aio.Channel:
     """A plain-text channel whose every call carries ``token`` (default: ``FLOXIDE_TOKEN``)."""
-    from floxide_grpc.auth import token_from_env  # noqa: PLC0415
+    from floxide_grpc._auth import token_from_env  # noqa: PLC0415
 
     header = bearer(token if token is not None else token_from_env())
     return grpc.aio.insecure_channel(
         target, interceptors=[_UnaryUnary(header), _UnaryStream(header), _StreamStream(header)]
     )
+
+
+async def register_definition(target: str, namespace: str, definition: WorkflowDefinition) -> str:
+    """Register a definition made by hand (the client takes only a ``Workflow``); its hash.
+
+    Raises:
+        FloxideError: as the client would.
+    """
+    async with authorized_channel(target) as channel:
+        stub = orchestrator_service_pb2_grpc.OrchestratorServiceStub(channel)
+        request = orchestrator_service_pb2.RegisterWorkflowRequest(
+            namespace=namespace, definition=definition
+        )
+        try:
+            response = await stub.RegisterWorkflow(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from exc
+    return response.definition_hash
 
 
 class _Adding:

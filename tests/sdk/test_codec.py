@@ -9,7 +9,8 @@ import msgspec
 import pydantic
 import pytest
 
-from floxide_grpc import InvalidPayload, codec
+from floxide_grpc import InvalidPayload
+from floxide_grpc import _codec as codec
 from floxide_grpc._proto.floxide.v1 import work_item_pb2
 
 

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from floxide_grpc import Backoff, ErrorKind, InvalidDefinition, RetryPolicy
+from floxide_grpc._durations import format_seconds
 from floxide_grpc._proto.floxide.v1 import workflow_pb2
-from floxide_grpc.durations import format_seconds
 
 MS = timedelta(milliseconds=1)
 

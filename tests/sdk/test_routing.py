@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from floxide_grpc import Graph, InvalidTransition, NextAll, Workflow, node
+from floxide_grpc import InvalidTransition, NextAll, Workflow, node
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import work_item_pb2
-from floxide_grpc.routing import arrive, join_input, route, route_failure, start_item
+from floxide_grpc._routing import arrive, join_input, route, route_failure, start_item
 
 Payload = work_item_pb2.Payload
 Transition = work_item_pb2.Transition

@@ -35,7 +35,8 @@ from floxide_grpc import (
     split,
     subworkflow,
 )
-from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc._proto.floxide.v1 import records_pb2
+from floxide_grpc.stores.checkpoint import checkpoint_of
 
 
 def run(coro: Any) -> Any:
@@ -182,7 +183,7 @@ def test_an_output_with_nan_fails_the_attempt_as_invalid_output() -> None:
     ) as caught:
         run(runner.run(1))
     assert caught.value.kind == "INVALID_OUTPUT"
-    assert runner.errors[0].error.kind == work_item_pb2.ERROR_KIND_INVALID_OUTPUT
+    assert runner.errors[0].kind == "INVALID_OUTPUT"
 
 
 def test_an_output_not_matching_its_type_fails_the_attempt() -> None:
@@ -225,7 +226,7 @@ def test_a_payload_that_is_not_json_fails_its_item() -> None:
     flow = Workflow("bytes", start=inc).edge(inc, to_text)
     checkpoint = LocalRunner(flow)._new("r1", 1, None)
     checkpoint.pending[0].input.data = b"{broken"
-    run(store.save("r1", checkpoint))
+    run(store.save("r1", checkpoint.SerializeToString()))
     with pytest.raises(RunFailed, match="node 'inc' input: not valid JSON"):
         run(flow.resume(store, "r1"))
 
@@ -235,10 +236,10 @@ def test_a_checkpoint_naming_an_unknown_node_is_refused() -> None:
     flow = Workflow("known", start=inc)
     checkpoint = LocalRunner(flow)._new("r1", 1, None)
     checkpoint.pending[0].node = "ghost"
-    run(store.save("r1", checkpoint))
+    run(store.save("r1", checkpoint.SerializeToString()))
     with pytest.raises(NodeNotFound, match="workflow 'known' has no node 'ghost'"):
         run(flow.resume(store, "r1"))
-    assert run(store.load("r1")) == checkpoint
+    assert run(store.load("r1")) == checkpoint.SerializeToString()
 
 
 def test_resume_semantics_follow_floxide() -> None:
@@ -267,7 +268,7 @@ def test_a_failed_run_resumes_with_its_attempt_count_kept() -> None:
     flow = Workflow("flaky", start=flaky)
     with pytest.raises(RunFailed):
         run(flow.run_with_checkpoint(5, store, "r1"))
-    saved = run(store.load("r1"))
+    saved = checkpoint_of(run(store.load("r1")))
     assert saved.status == records_pb2.RUN_STATUS_FAILED and saved.pending[0].attempt == 1
     assert run(flow.resume(store, "r1")) == 5
     assert calls == [1, 2]
@@ -318,7 +319,7 @@ def test_file_store_replaces_checkpoints_atomically(tmp_path: Path) -> None:
     store = FileCheckpointStore(tmp_path / "checkpoints")
     flow = Workflow("files", start=inc).edge(inc, to_text)
     assert run(flow.run_with_checkpoint(1, store, "r1")) == "#2"
-    saved = run(store.load("r1"))
+    saved = checkpoint_of(run(store.load("r1")))
     assert saved.status == records_pb2.RUN_STATUS_COMPLETED and saved.sequence == 2
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["r1.checkpoint"]
     assert run(store.load("other")) is None
@@ -374,8 +375,8 @@ def test_a_failed_child_is_a_failed_attempt_retried_by_a_new_child_then_the_fall
     assert run(runner.run(5)) == 5
     assert len(set(runs)) == 2, "each attempt is a child run of its own"
     [failed] = runner.errors
-    assert failed.node == "nested" and "inner failure" in failed.error.message
-    assert runs[0] in failed.error.message
+    assert failed.node == "nested" and "inner failure" in failed.message
+    assert runs[0] in failed.message
     runs.clear()
     assert run(runner.run(-1)) == "rescued"
     assert [e.attempt for e in runner.errors] == [1, 2]

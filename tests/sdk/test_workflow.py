@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 
 from floxide_grpc import (
-    Graph,
     InvalidDefinition,
     NextAll,
     Node,
@@ -18,6 +17,7 @@ from floxide_grpc import (
     Workflow,
     node,
 )
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import workflow_pb2
 
 

@@ -35,8 +35,9 @@ from floxide_grpc import (
     node,
     subworkflow,
 )
+from floxide_grpc._children import child_run_id
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
-from floxide_grpc.children import child_run_id
 from tests.server.test_store import Stores, abort, fan, js, nxt
 
 RUNNING = records_pb2.RUN_STATUS_RUNNING
@@ -170,7 +171,7 @@ async def test_the_predecessors_txn_starts_the_child_and_the_childs_end_complete
         run.run_id,
         waiting.item.item_id,
     )
-    assert child.definition_hash == parent().graph().child_hash("inner")
+    assert child.definition_hash == Graph(parent().definition()).child_hash("inner")
     # The child's context is a copy of the parent's, with the step's own operation in it.
     assert await stores.store.reads.context(stores.namespace, child_id) == {
         "tags": ["parent"],

@@ -22,7 +22,7 @@ from floxide_server.etcd import EtcdKV
 from floxide_worker import Worker, WorkerConfig
 
 from floxide_grpc import FloxideError, Workflow, node
-from floxide_grpc.certs import make_authority
+from floxide_grpc._certs import make_authority
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from floxide_grpc.tls import Tls

@@ -16,11 +16,11 @@ from floxide_server.store.records import fresh_state, status_name
 from floxide_server.store.workflows import Definition
 
 from floxide_grpc import NextAll, RetryPolicy, Workflow, node
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
+from floxide_grpc._routing import route, start_item
 from floxide_grpc.context import ContextSchema
 from floxide_grpc.errors import StatusCode
-from floxide_grpc.graph import Graph
-from floxide_grpc.routing import route, start_item
 
 Transition = work_item_pb2.Transition
 KEYS = Keys("ns")

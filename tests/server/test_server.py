@@ -16,6 +16,7 @@ from floxide_server.dispatch import Dispatcher
 from floxide_server.sessions import Sessions
 from floxide_server.store.claims import Claims, ClaimToken
 from floxide_server.watch import Watches
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -38,7 +39,7 @@ from floxide_grpc._proto.floxide.v1 import (
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.records import RunStatus
 from tests.conftest import Stack, run_to_completion
-from tests.helpers.channels import authorized_channel
+from tests.helpers.channels import authorized_channel, register_definition
 
 
 @dataclass
@@ -63,8 +64,10 @@ async def test_register_get_and_list_workflows(stack: Stack) -> None:
     definition_hash = await stack.client.register_workflow(FLOW)
     assert await stack.client.register_workflow(FLOW) == definition_hash
     registered = await stack.client.get_workflow("doubler")
-    assert registered.definition_hash == definition_hash
-    assert registered.definition == FLOW.definition()
+    assert registered.definition_hash == definition_hash and registered.name == "doubler"
+    assert registered.definition == json_format.MessageToDict(
+        FLOW.definition(), preserving_proto_field_name=True
+    )
     assert await stack.client.list_workflows() == [("doubler", definition_hash)]
     with pytest.raises(NotFound, match="workflow 'nope' is not registered"):
         await stack.client.get_workflow("nope")
@@ -74,7 +77,7 @@ async def test_an_invalid_definition_is_invalid_argument_naming_the_node(stack: 
     definition = FLOW.definition()
     definition.edges[0].targets[0] = "ghost"
     with pytest.raises(InvalidArgument, match="edge from 'double' to unknown node 'ghost'"):
-        await stack.client.register_workflow(definition)
+        await register_definition(stack.target, stack.namespace, definition)
     assert await stack.client.list_workflows() == []
 
 

@@ -30,6 +30,7 @@ from floxide_grpc._proto.floxide.v1 import (
 )
 from floxide_grpc._proto.floxide.v1 import store_service_pb2 as pb
 from floxide_grpc.stores import RemoteCheckpointStore
+from floxide_grpc.stores.checkpoint import checkpoint_of
 from tests.conftest import Stack, run_to_completion
 from tests.helpers import eventually
 from tests.helpers.channels import authorized_channel
@@ -327,8 +328,8 @@ async def test_every_checkpoint_store_saves_loads_and_resumes(checkpoints: Check
     run_id = f"run-{uuid.uuid4().hex[:8]}"
     assert await checkpoints.load(run_id) is None
     assert await FLOW.run_with_checkpoint(1, checkpoints, run_id) == 20
-    saved = await checkpoints.load(run_id)
-    assert saved is not None and saved.sequence == 2 and json.loads(saved.output.data) == 20
+    saved = checkpoint_of(await checkpoints.load(run_id) or b"")
+    assert saved.sequence == 2 and json.loads(saved.output.data) == 20
     from floxide_grpc import AlreadyCompleted  # noqa: PLC0415
 
     with pytest.raises(AlreadyCompleted):

@@ -11,10 +11,10 @@ from typing import Annotated
 import grpc
 import typer
 
-from floxide_grpc import __version__
-from floxide_grpc import loop as event_loop
+from floxide_grpc import _loop as event_loop
+from floxide_grpc._loading import load_workflows
+from floxide_grpc._version import __version__
 from floxide_grpc.errors import FloxideError
-from floxide_grpc.loading import load_workflows
 from floxide_grpc.tls import CaOption, CertOption, KeyOption, NameOption, Tls, TlsOption
 from floxide_worker.worker import Worker, WorkerConfig
 

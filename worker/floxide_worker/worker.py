@@ -2,7 +2,7 @@
 
 A :class:`Worker` registers its workflows, opens ``WorkerService.Connect``, says hello with the
 nodes it serves and its slots as credit, and runs each assignment with
-:func:`floxide_grpc.execute.attempt` (async nodes on the loop, sync nodes in threads). Each
+:func:`floxide_grpc._execute.attempt` (async nodes on the loop, sync nodes in threads). Each
 result goes back with its claim token; the server's in-band acknowledgement says whether it was
 applied. Heartbeats keep the session's lease alive. When the stream breaks, the worker
 reconnects with backoff and gets a new session; what it was running goes on, and its results are
@@ -49,7 +49,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from floxide_grpc import PROTOCOL_VERSION, __version__
+from floxide_grpc._auth import bearer, token_from_env
+from floxide_grpc._execute import AttemptFailed, attempt
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import (
     records_pb2,
     work_item_pb2,
@@ -57,7 +59,7 @@ from floxide_grpc._proto.floxide.v1 import (
     worker_service_pb2_grpc,
 )
 from floxide_grpc._status import error_from_rpc
-from floxide_grpc.auth import bearer, token_from_env
+from floxide_grpc._version import PROTOCOL_VERSION, __version__
 from floxide_grpc.client import OrchestratorClient
 from floxide_grpc.errors import (
     FailedPrecondition,
@@ -70,8 +72,6 @@ from floxide_grpc.errors import (
     Unauthenticated,
     Unavailable,
 )
-from floxide_grpc.execute import AttemptFailed, attempt
-from floxide_grpc.graph import Graph
 from floxide_grpc.node import NodeKind
 from floxide_grpc.tls import Tls, open_channel
 from floxide_grpc.workflow import Workflow
@@ -444,7 +444,7 @@ class Worker:
         hash the parent's definition names, which is its content hash, computed here alike.
         """
         self._by_hash[definition_hash] = workflow
-        self._graphs[definition_hash] = graph = workflow.graph()
+        self._graphs[definition_hash] = graph = Graph(workflow.definition())
         for name in workflow.nodes:
             child = workflow.spec(name).subworkflow
             if child is not None:

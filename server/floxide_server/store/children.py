@@ -10,7 +10,7 @@ fan-out's expansion, an enqueue) writes, in its place (:func:`readied`):
   timeout (the node's timeout bounds the child as a whole), and ``run/{parent}/child/{child}``.
 
 The child's id is derived from the parent's run, the item and the attempt
-(:func:`floxide_grpc.children.child_run_id`), so a retry starts a new child and a step applied
+(:func:`floxide_grpc._children.child_run_id`), so a retry starts a new child and a step applied
 twice starts none; it is pinned to the hash its parent's definition names for it; it starts
 paused under a paused parent. Its context is a copy of the parent's as the Txn sees it: the
 caller reads it (:func:`inherited`) and guards that no operation was added since.
@@ -26,9 +26,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from floxide_grpc._children import child_run_id
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, workflow_pb2
-from floxide_grpc.children import child_run_id
-from floxide_grpc.routing import start_item
+from floxide_grpc._routing import start_item
 from floxide_server.store.contexts import fold
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Op, Put, Request, Target, prefix_end

@@ -28,8 +28,8 @@ import typing
 from collections.abc import Sequence
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
+from floxide_grpc._routing import join_input
 from floxide_grpc.errors import ClaimLost, SessionEnded
-from floxide_grpc.routing import join_input
 from floxide_server.store import contexts, fanout, planning, settling
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import (

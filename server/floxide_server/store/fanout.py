@@ -1,6 +1,6 @@
 """Fan-out and join in the store: group records, arrivals, the join item, wide expansions.
 
-A transition that makes several items opens a *group* (see :mod:`floxide_grpc.routing`). Each
+A transition that makes several items opens a *group* (see :mod:`floxide_grpc._routing`). Each
 branch that reaches the join writes its output under ``group/{g}/out/{index}`` (guarded by its
 absence, so a repeat arrives once) and rewrites the group record ``group/{g}`` with a compare on
 its revision: the one key that many steps share, and only within one group. The Txn that makes
@@ -35,7 +35,7 @@ from collections.abc import (
 from typing import Protocol, TypeVar
 
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, records_pb2, work_item_pb2
-from floxide_grpc.routing import Arrival, arrive
+from floxide_grpc._routing import Arrival, arrive
 from floxide_server._proto.floxide.storage.v1 import storage_pb2
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Op, Put, Request, Target, Txn

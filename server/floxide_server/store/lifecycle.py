@@ -14,9 +14,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from floxide_grpc import names
+from floxide_grpc import _names as names
+from floxide_grpc._durations import format_seconds
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2, workflow_pb2
-from floxide_grpc.durations import format_seconds
+from floxide_grpc._routing import derive_id, start_item
 from floxide_grpc.errors import (
     AlreadyCompleted,
     AlreadyExists,
@@ -31,8 +33,6 @@ from floxide_grpc.errors import (
     RunNotFound,
     WorkflowNotFound,
 )
-from floxide_grpc.graph import Graph
-from floxide_grpc.routing import derive_id, start_item
 from floxide_server.store import children, payloads, settling, timers
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Put, Request, Txn

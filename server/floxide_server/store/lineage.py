@@ -4,7 +4,7 @@
 reads that takes (:meth:`Lineage.plan`, :meth:`Lineage.readied`) and the rest of the link:
 
 - **A child's end** completes or fails its parent's item in the child's own ending Txn
-  (:meth:`Lineage.resolve`): the child's outcome (:func:`floxide_grpc.children.outcome`) is
+  (:meth:`Lineage.resolve`): the child's outcome (:func:`floxide_grpc._children.outcome`) is
   planned as any result of the item (:func:`.planning.plan_result`: its retry policy and its
   fallback apply), guarded by the item (still IN_PROGRESS for this very child) and the
   parent's record. A parent ended so resolves its own parent's item in the same Txn, up the
@@ -23,8 +23,8 @@ import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
+from floxide_grpc._children import outcome
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
-from floxide_grpc.children import outcome
 from floxide_server.store import children, fanout, planning, settling
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Delete, KeyValue, Request, Txn

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import jsonschema
 
-from floxide_grpc import names
+from floxide_grpc import _names as names
 from floxide_grpc._proto.floxide.v1 import work_item_pb2
 from floxide_grpc.errors import InvalidArgument, InvalidPayload, ResourceExhausted
 
@@ -79,7 +79,7 @@ def namespace_of(namespace: str) -> str:
     """The namespace a request names ("" means "default").
 
     Raises:
-        InvalidArgument: it breaks the rule for names (:mod:`floxide_grpc.names`).
+        InvalidArgument: it breaks the rule for names (:mod:`floxide_grpc._names`).
     """
     return names.check_name("namespace", namespace or "default")
 

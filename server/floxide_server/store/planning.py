@@ -6,7 +6,7 @@ state and its run as the claim saw them, the definition, the time, the group rec
 :class:`Plan` holds the guards and writes of the completing Txn and what the step decides:
 
 - **success** (``Next``, ``NextAll``, ``Hold``): the item is COMPLETED, its context operations
-  recorded, and :func:`floxide_grpc.routing.route` says what follows: new items (queued, or
+  recorded, and :func:`floxide_grpc._routing.route` says what follows: new items (queued, or
   claimed by a sticky session), arrivals at a join (:mod:`floxide_server.store.fanout`), or the
   run's output, which completes the run (the first terminal output wins, as in floxide) and
   settles its leftovers;
@@ -33,12 +33,12 @@ import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from floxide_grpc._durations import format_seconds
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
+from floxide_grpc._routing import Step, route, route_failure
 from floxide_grpc.context import Operation, apply
-from floxide_grpc.durations import format_seconds
 from floxide_grpc.errors import FloxideError, ResourceExhausted
 from floxide_grpc.retry import RetryPolicy
-from floxide_grpc.routing import Step, route, route_failure
 from floxide_grpc.transition import ErrorKind
 from floxide_server.store import children, contexts, fanout, payloads, settling, timers
 from floxide_server.store.keys import Keys

@@ -19,8 +19,8 @@ import enum
 import logging
 from typing import TYPE_CHECKING
 
+from floxide_grpc._durations import format_seconds
 from floxide_grpc._proto.floxide.v1 import records_pb2, work_item_pb2
-from floxide_grpc.durations import format_seconds
 from floxide_server._proto.floxide.storage.v1.storage_pb2 import TimerRecord
 from floxide_server.store import settling
 from floxide_server.store.keys import Keys

@@ -7,7 +7,8 @@ import logging
 import time
 import typing
 
-from floxide_grpc import names
+from floxide_grpc import _names as names
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import workflow_pb2
 from floxide_grpc.context import ContextSchema
 from floxide_grpc.errors import (
@@ -17,7 +18,6 @@ from floxide_grpc.errors import (
     ResourceExhausted,
     WorkflowNotFound,
 )
-from floxide_grpc.graph import Graph
 from floxide_server.store import payloads
 from floxide_server.store.keys import Keys
 from floxide_server.store.kv import KV, Compare, Get, KeyValue, Put, Txn

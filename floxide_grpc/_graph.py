@@ -11,9 +11,9 @@ import hashlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 
+from floxide_grpc._names import check_name
 from floxide_grpc._proto.floxide.v1 import workflow_pb2
 from floxide_grpc.errors import InvalidDefinition, NodeNotFound
-from floxide_grpc.names import check_name
 
 __all__ = ["Graph"]
 

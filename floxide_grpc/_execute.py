@@ -15,10 +15,10 @@ import traceback
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
-from floxide_grpc import codec
+from floxide_grpc import _codec as codec
+from floxide_grpc._durations import format_seconds
 from floxide_grpc._proto.floxide.v1 import work_item_pb2
 from floxide_grpc.context import ContextSchema, NodeContext, Operation
-from floxide_grpc.durations import format_seconds
 from floxide_grpc.errors import FloxideError, InvalidPayload, InvalidTransition
 from floxide_grpc.node import NodeKind, NodeSpec
 from floxide_grpc.transition import Abort, ErrorKind, Hold, Next, NextAll

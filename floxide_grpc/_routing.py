@@ -24,9 +24,9 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 
+from floxide_grpc._graph import Graph
 from floxide_grpc._proto.floxide.v1 import checkpoint_pb2, work_item_pb2, workflow_pb2
 from floxide_grpc.errors import InvalidTransition
-from floxide_grpc.graph import Graph
 
 __all__ = ["Arrival", "Step", "arrive", "join_input", "route", "route_failure", "start_item"]
 
